@@ -1,0 +1,20 @@
+"""baatt: Block Approximate Sparse Attention in JAX and Pallas."""
+
+from baatt import reference
+from baatt.api import Implementation, attention, implementations, register_implementation
+from baatt.config import SELECTORS, BAConfig
+from baatt.selection import select_blocks
+from baatt.selection.types import BlockSelection
+
+__all__ = [
+    "BAConfig",
+    "BlockSelection",
+    "Implementation",
+    "SELECTORS",
+    "attention",
+    "implementations",
+    "reference",
+    "register_implementation",
+    "select_blocks",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""``baatt.attention``: the public entry point and the registry of implementations.
+
+One dispatcher. An implementation supplies the block-sparse operator in block
+space (``layout.BlockSpace`` + selection -> out, lse) and may replace the
+estimator. ``implementation=None`` picks the first available in priority
+order and says which in the stats; an explicitly requested implementation that
+cannot run raises with the reason, never falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from baatt import layout
+from baatt.config import BAConfig
+from baatt.reference.attention import block_sparse_blocked
+from baatt.selection import select_blocks
+from baatt.selection.types import BlockSelection
+from baatt.validation import check_finite, check_qkv
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """A registered backend.
+
+    name: registry key.
+    priority: higher is tried first when ``implementation=None``.
+    unavailable: ``(q, k, v, config, interpret) -> reason or None``; a reason
+      means it cannot run these inputs here.
+    sparse: ``(space, indices, counts, *, scale, interpret) -> (out, lse)`` in
+      block space (see ``layout.BlockSpace``).
+    select: optional fast estimator ``(q, k, config, *, key_mask, interpret) -> BlockSelection``;
+      None means the reference selectors.
+    """
+
+    name: str
+    priority: int
+    unavailable: Callable[..., str | None]
+    sparse: Callable[..., tuple[jax.Array, jax.Array]]
+    select: Callable[..., BlockSelection] | None = None
+
+
+_REGISTRY: dict[str, Implementation] = {}
+
+
+def register_implementation(impl: Implementation) -> None:
+    _REGISTRY[impl.name] = impl
+
+
+def implementations() -> tuple[str, ...]:
+    """Registered names, in the order ``implementation=None`` tries them."""
+    return tuple(sorted(_REGISTRY, key=lambda n: -_REGISTRY[n].priority))
+
+
+def _reference_sparse(space, indices, counts, *, scale, interpret=False):
+    del interpret
+    return block_sparse_blocked(space, indices, counts, scale=scale)
+
+
+register_implementation(
+    Implementation(name="reference", priority=0, unavailable=lambda *a, **kw: None, sparse=_reference_sparse)
+)
+
+
+def _resolve(implementation, q, k, v, config, interpret) -> Implementation:
+    if implementation is None:
+        names, explicit = implementations(), False
+    elif isinstance(implementation, str):
+        names, explicit = (implementation,), True
+    elif isinstance(implementation, Sequence):
+        names, explicit = tuple(implementation), True
+    else:
+        raise ValueError(f"implementation must be None, a name or a sequence of names; got {implementation!r}")
+    reasons = []
+    for name in names:
+        if name not in _REGISTRY:
+            raise ValueError(f"implementation must be one of {implementations()}; got {name!r}")
+        reason = _REGISTRY[name].unavailable(q, k, v, config, interpret)
+        if reason is None:
+            return _REGISTRY[name]
+        reasons.append(f"{name}: {reason}")
+    what = "requested implementation(s) cannot run" if explicit else "no implementation can run"
+    raise ValueError(f"{what}: " + "; ".join(reasons))
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    config: BAConfig | None = None,
+    key_mask: jax.Array | None = None,
+    implementation: str | Sequence[str] | None = None,
+    return_stats: bool = False,
+    interpret: bool = False,
+    scale: float | None = None,
+) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """Block approximate sparse attention, a drop-in for ``jax.nn.dot_product_attention``.
+
+    Args:
+      q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D] (Hkv divides Hq).
+      config: ``BAConfig`` (default ``BAConfig()``: every block kept).
+      key_mask: bool [B, Lk], True = real key; padding never contributes.
+      implementation: None (best available), a name, or an ordered sequence of names.
+      return_stats: also return a dict with ``implementation``, ``density``
+        [B, Hq], ``selection`` and ``lse`` [B, Hq, Lq].
+      interpret: run Pallas kernels in interpret mode (CPU).
+      scale: logit scale, default 1/sqrt(D).
+
+    Returns:
+      out [B, Lq, Hq, D] in q's dtype, or (out, stats).
+    """
+    config = BAConfig() if config is None else config
+    if not isinstance(config, BAConfig):
+        raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
+    check_qkv(q, k, v, key_mask=key_mask)
+    check_finite(q=q, k=k, v=v)
+    impl = _resolve(implementation, q, k, v, config, interpret)
+    if impl.select is not None:
+        selection = impl.select(q, k, config, key_mask=key_mask, interpret=interpret)
+    else:
+        selection = select_blocks(q, k, config, key_mask=key_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    space = layout.to_block_space(
+        q, k, v, block_q=selection.block_q, block_k=selection.block_k,
+        key_mask=key_mask, q_perm=selection.q_perm, k_perm=selection.k_perm,
+    )
+    out_b, lse_b = impl.sparse(space, selection.indices, selection.counts, scale=scale, interpret=interpret)
+    out, lse = layout.from_block_space(out_b, lse_b, length_q=q.shape[1], q_perm=selection.q_perm)
+    if not return_stats:
+        return out
+    nk = space.num_k_blocks
+    stats = dict(implementation=impl.name, density=selection.density(nk), selection=selection, lse=lse)
+    return out, stats

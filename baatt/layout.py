@@ -1,0 +1,113 @@
+"""Block space: the permuted, padded, head-major layout every sparse operator runs in.
+
+``to_block_space`` gathers Q by ``q_perm`` and K/V by ``k_perm`` (SPEC.md
+section 4), moves heads before length and pads lengths to whole blocks; the
+validity of each key slot travels as a bool mask so that padding, ragged last
+blocks and ``key_mask`` all look the same to a kernel. ``from_block_space``
+drops the padding and scatters rows back with the inverse of ``q_perm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockSpace:
+    """Inputs of a block-sparse operator.
+
+    q: [B, Hq, Nq*block_q, D]; k, v: [B, Hkv, Nk*block_k, D];
+    kv_valid: bool [B, Hkv, Nk*block_k] (False = padding or masked key);
+    q_valid: bool [B, Nq*block_q] (False = rows added to fill the last block).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array | None
+    kv_valid: jax.Array
+    q_valid: jax.Array
+    block_q: int = dataclasses.field(metadata=dict(static=True))
+    block_k: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.q.shape[2] // self.block_q
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.k.shape[2] // self.block_k
+
+
+def _pad_length(x: jax.Array, multiple: int, axis: int, value=0) -> jax.Array:
+    n = x.shape[axis]
+    pad = -(-n // multiple) * multiple - n
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def gather_heads_major(x: jax.Array, perm: jax.Array | None) -> jax.Array:
+    """[B, L, H, D] -> [B, H, L, D], rows taken in ``perm`` order ([B, H, L]) if given."""
+    xt = jnp.swapaxes(x, 1, 2)
+    if perm is None:
+        return xt
+    return jnp.take_along_axis(xt, perm[..., None], axis=2)
+
+
+def to_block_space(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array | None,
+    *,
+    block_q: int,
+    block_k: int,
+    key_mask: jax.Array | None = None,
+    q_perm: jax.Array | None = None,
+    k_perm: jax.Array | None = None,
+) -> BlockSpace:
+    batch, length_q, _, _ = q.shape
+    _, length_k, kv_heads, _ = k.shape
+    qb = _pad_length(gather_heads_major(q, q_perm), block_q, axis=2)
+    kb = _pad_length(gather_heads_major(k, k_perm), block_k, axis=2)
+    vb = None if v is None else _pad_length(gather_heads_major(v, k_perm), block_k, axis=2)
+    if key_mask is None:
+        key_mask = jnp.ones((batch, length_k), jnp.bool_)
+    valid = jnp.broadcast_to(key_mask[:, None, :], (batch, kv_heads, length_k))
+    if k_perm is not None:
+        valid = jnp.take_along_axis(valid, k_perm, axis=2)
+    kv_valid = _pad_length(valid, block_k, axis=2, value=False)
+    q_valid = _pad_length(jnp.ones((batch, length_q), jnp.bool_), block_q, axis=1, value=False)
+    return BlockSpace(qb, kb, vb, kv_valid, q_valid, block_q, block_k)
+
+
+def from_block_space(
+    out: jax.Array, lse: jax.Array, *, length_q: int, q_perm: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """out [B, Hq, Lpad, D], lse [B, Hq, Lpad] -> out [B, Lq, Hq, D], lse [B, Hq, Lq] in positional order."""
+    out = out[:, :, :length_q]
+    lse = lse[:, :, :length_q]
+    if q_perm is not None:
+        # Inverse permutation as a scatter: row i of the sorted output goes to q_perm[i].
+        out = jnp.zeros_like(out).at[
+            jnp.arange(out.shape[0])[:, None, None], jnp.arange(out.shape[1])[None, :, None], q_perm
+        ].set(out)
+        lse = jnp.zeros_like(lse).at[
+            jnp.arange(lse.shape[0])[:, None, None], jnp.arange(lse.shape[1])[None, :, None], q_perm
+        ].set(lse)
+    return jnp.swapaxes(out, 1, 2), lse
+
+
+def head_map(q_heads: int, kv_heads: int) -> jax.Array:
+    """kv head serving each query head under GQA (grouped, like jax.nn.dot_product_attention)."""
+    return jnp.arange(q_heads) // (q_heads // kv_heads)
+
+
+def block_view(x: jax.Array, block: int) -> jax.Array:
+    """[..., N*block, ...rest] on axis 2 -> [..., N, block, ...rest]."""
+    return x.reshape(x.shape[:2] + (x.shape[2] // block, block) + x.shape[3:])

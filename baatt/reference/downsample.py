@@ -1,0 +1,198 @@
+"""Block statistics, BA-Att's pre-downsample scores, and the oracle post-downsample map.
+
+SPEC.md section 1 (oracle ``M_hat``), section 2 (pooled logits), section 4
+(norm sorting), section 5 (covariance compensation, count correction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from baatt import layout
+from baatt.config import BAConfig
+from baatt.reference.sorting import norm_sort
+from baatt.validation import check_qk
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockStats:
+    """Per-block mean, per-channel (population) variance and valid-token count.
+
+    mean, var: [B, H, N, D] float32; count: [B, H, N] float32.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+
+def block_stats(x: jax.Array, valid: jax.Array, block: int) -> BlockStats:
+    """x [B, H, N*block, D], valid bool [B, H, N*block] (or broadcastable) -> BlockStats.
+
+    Empty blocks get mean 0, var 0, count 0.
+    """
+    xb = layout.block_view(x.astype(jnp.float32), block)
+    vb = layout.block_view(jnp.broadcast_to(valid, x.shape[:3]), block)[..., None]
+    count = jnp.sum(vb, axis=-2)  # [B, H, N, 1]
+    denom = jnp.maximum(count, 1.0)
+    xz = jnp.where(vb, xb, 0.0)
+    mean = jnp.sum(xz, axis=-2) / denom
+    var = jnp.sum(jnp.where(vb, (xb - mean[..., None, :]) ** 2, 0.0), axis=-2) / denom
+    return BlockStats(mean, var, count[..., 0].astype(jnp.float32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Everything the estimator computed, in (possibly sorted) block space.
+
+    scores: [B, Hq, Nq, Nk] float32 block logits (``-inf`` for key blocks with
+    no valid key); q_perm [B, Hq, Lq] / k_perm [B, Hkv, Lk] or None;
+    q_stats / k_stats: BlockStats of the blocked Q ([B, Hq, ...]) and K ([B, Hkv, ...]).
+    """
+
+    scores: jax.Array
+    q_perm: jax.Array | None
+    k_perm: jax.Array | None
+    q_stats: BlockStats
+    k_stats: BlockStats
+
+
+def sort_permutations(q, k, config: BAConfig, key_mask=None):
+    """(q_perm, k_perm), each None when that sort is off (SPEC.md section 4)."""
+    q_perm = norm_sort(q)[0] if config.sort_q else None
+    k_perm = norm_sort(k, mask=key_mask)[0] if config.sort_k else None
+    return q_perm, k_perm
+
+
+def pooled_scores(q_stats: BlockStats, k_stats: BlockStats, config: BAConfig, head_dim: int) -> jax.Array:
+    """Block logits from pooled statistics, [B, Hq, Nq, Nk].
+
+    l_bar = Qbar.Kbar / sqrt(d)                                   (SPEC.md section 2)
+    Delta = (1/d) sum_t VarQ Kbar^2 + VarK Qbar^2 + VarQ VarK     (SPEC.md section 5)
+    score = l_bar + beta * Delta [+ log(valid keys)]              (count term: [ours])
+    """
+    hq, hkv = q_stats.mean.shape[1], k_stats.mean.shape[1]
+    hm = layout.head_map(hq, hkv)
+    km, kv, kc = (jnp.take(a, hm, axis=1) for a in (k_stats.mean, k_stats.var, k_stats.count))
+    qm, qv = q_stats.mean, q_stats.var
+    scores = jnp.einsum("bhad,bhnd->bhan", qm, km, precision=HIGHEST) / math.sqrt(head_dim)
+    if config.compensate:
+        delta = (
+            jnp.einsum("bhad,bhnd->bhan", qv, km * km, precision=HIGHEST)
+            + jnp.einsum("bhad,bhnd->bhan", qm * qm, kv, precision=HIGHEST)
+            + jnp.einsum("bhad,bhnd->bhan", qv, kv, precision=HIGHEST)
+        ) / head_dim
+        scores = scores + config.beta * delta
+    if config.count_correction:
+        scores = scores + jnp.log(jnp.maximum(kc, 1.0))[:, :, None, :]
+    return jnp.where(kc[:, :, None, :] > 0, scores, -jnp.inf)
+
+
+def estimate(q, k, config: BAConfig, *, key_mask=None) -> Estimate:
+    """Sort (optional), pool, score. The whole BA-Att estimator in one function."""
+    check_qk(q, k, key_mask=key_mask)
+    q_perm, k_perm = sort_permutations(q, k, config, key_mask)
+    space = layout.to_block_space(
+        q, k, None, block_q=config.block_q, block_k=config.block_k,
+        key_mask=key_mask, q_perm=q_perm, k_perm=k_perm,
+    )
+    q_stats = block_stats(space.q, space.q_valid[:, None, :], config.block_q)
+    k_stats = block_stats(space.k, space.kv_valid, config.block_k)
+    scores = pooled_scores(q_stats, k_stats, config, q.shape[-1])
+    return Estimate(scores, q_perm, k_perm, q_stats, k_stats)
+
+
+def pre_downsample_scores(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
+    """BA-Att block logits [B, Hq, Nq, Nk]; with sorting on, in sorted block order.
+
+    ``softmax`` over the last axis gives the pre-downsample map ``M`` (SPEC.md section 2).
+    """
+    return estimate(q, k, config, key_mask=key_mask).scores
+
+
+def _stream_logits(space: layout.BlockSpace, scale: float):
+    """Yields a function of a key-block index giving masked logits [B, Hq, Lq_pad, block_k] (float32)."""
+    hq, hkv = space.q.shape[1], space.k.shape[1]
+    group = hq // hkv
+    b, _, lq, d = space.q.shape
+    qg = space.q.astype(jnp.float32).reshape(b, hkv, group, lq, d)
+    kb = layout.block_view(space.k.astype(jnp.float32), space.block_k)  # [B, Hkv, Nk, bk, D]
+    validb = layout.block_view(space.kv_valid, space.block_k)
+
+    def logits(j):
+        kj = jnp.where(validb[:, :, j, :, None], kb[:, :, j], 0.0)
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kj, precision=HIGHEST) * scale
+        s = jnp.where(validb[:, :, j][:, :, None, None, :], s, -jnp.inf)
+        return s.reshape(b, hq, lq, -1)
+
+    return logits
+
+
+def row_logsumexp(space: layout.BlockSpace, scale: float) -> jax.Array:
+    """log-sum-exp of every query row over all valid keys, streamed over key blocks: [B, Hq, Lq_pad]."""
+    logits = _stream_logits(space, scale)
+
+    def step(carry, j):
+        m, l = carry
+        s = logits(j)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        l = l * jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe) + jnp.sum(jnp.exp(s - m_safe[..., None]), -1)
+        return (m_new, l), None
+
+    shape = space.q.shape[:3]
+    (m, l), _ = jax.lax.scan(step, (jnp.full(shape, -jnp.inf), jnp.zeros(shape)), jnp.arange(space.num_k_blocks))
+    return m + jnp.log(l)
+
+
+def post_downsample_blocked(space: layout.BlockSpace, *, scale: float) -> jax.Array:
+    """Oracle map in block space, [B, Hq, Nq, Nk], without materialising L x L.
+
+    Pass 1 streams over key blocks for each row's log-sum-exp; pass 2 streams
+    again and accumulates each row's probability mass per key block, then
+    averages rows within each query block over the real (unpadded) queries.
+    """
+    lse = row_logsumexp(space, scale)
+    logits = _stream_logits(space, scale)
+    b = space.q_valid.shape[0]
+    qv = space.q_valid.reshape(b, -1, space.block_q).astype(jnp.float32)  # [B, Nq, bq]
+    nq_real = jnp.maximum(jnp.sum(qv, axis=-1), 1.0)  # [B, Nq]
+
+    def mass(j):
+        p = jnp.sum(jnp.exp(logits(j) - lse[..., None]), axis=-1)  # [B, Hq, Lq_pad]
+        pb = layout.block_view(p, space.block_q)  # [B, Hq, Nq, bq]
+        return jnp.sum(pb * qv[:, None], axis=-1) / nq_real[:, None]
+
+    per_block = jax.lax.map(mass, jnp.arange(space.num_k_blocks))  # [Nk, B, Hq, Nq]
+    return jnp.moveaxis(per_block, 0, -1)
+
+
+def post_downsample_map(
+    q, k, *, block_size: int, key_mask=None, block_size_k: int | None = None,
+    q_perm=None, k_perm=None, scale: float | None = None,
+) -> jax.Array:
+    """The oracle ``M_hat`` [B, Hq, Nq, Nk] (SPEC.md section 1).
+
+    ``M_hat[a, b]`` is the attention mass that the queries of block ``a`` put on
+    the keys of block ``b``, averaged over the queries: each row sums to 1.
+    Blocks are positional unless ``q_perm`` / ``k_perm`` (as returned by
+    ``norm_sort``) place it in a sorted block space. Memory is linear in L.
+    """
+    check_qk(q, k, key_mask=key_mask)
+    for name, value in (("block_size", block_size), ("block_size_k", block_size_k)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    block_k = block_size if block_size_k is None else block_size_k
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    space = layout.to_block_space(
+        q, k, None, block_q=block_size, block_k=block_k, key_mask=key_mask, q_perm=q_perm, k_perm=k_perm
+    )
+    return post_downsample_blocked(space, scale=scale)

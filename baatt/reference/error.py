@@ -1,0 +1,1 @@
+"""Approximation-error metrics (SPEC.md section 3)."""

@@ -1,0 +1,36 @@
+"""Norm sorting (SPEC.md section 4): per (batch, head) permutations and inverses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def norm_sort(x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Ascending argsort of token norms over the length axis.
+
+    Args:
+      x: [B, L, H, D].
+      mask: optional bool [B, L], True = real token. Masked tokens are sorted
+        last (their blocks come at the end, so padding never splits a block of
+        real tokens).
+
+    Returns:
+      perm, inverse: int32 [B, H, L]; ``x_sorted[b, h] = x[b, perm[b, h], h]``
+      and ``inverse[b, h, perm[b, h, i]] = i``.
+    """
+    norms = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)  # [B, L, H]
+    norms = jnp.swapaxes(norms, 1, 2)  # [B, H, L]
+    if mask is not None:
+        norms = jnp.where(mask[:, None, :], norms, jnp.inf)
+    # A stable sort keeps equal norms (and all padding) in positional order.
+    perm = jnp.argsort(norms, axis=-1, stable=True).astype(jnp.int32)
+    inverse = invert_permutation(perm)
+    return perm, inverse
+
+
+def invert_permutation(perm: jax.Array) -> jax.Array:
+    """Inverse of permutations along the last axis."""
+    n = perm.shape[-1]
+    ar = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), perm.shape)
+    return jnp.put_along_axis(jnp.zeros_like(perm), perm, ar, axis=-1, inplace=False)

@@ -1,0 +1,97 @@
+"""From block scores to the compact selection, under one budget rule (SPEC.md section 6).
+
+Every selector ends here, so a comparison between selectors is like for like:
+same budget, same forced blocks, same tie handling.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from baatt.config import BAConfig
+from baatt.selection.types import BlockSelection
+
+_FORCED_BONUS = 1e30  # above any real score, still finite so ordering stays total
+
+
+def forced_blocks(
+    config: BAConfig, *, length_q: int, length_k: int, k_perm: jax.Array | None, q_heads: int
+) -> jax.Array | None:
+    """bool [B or 1, Hq, Nq, Nk] of always-kept blocks, or None when none are forced [ours].
+
+    Sink: the key block holding each sink position (after sorting, the sorted
+    block that holds it). Local: key blocks within ``local_window`` blocks of
+    the block holding each query block's centre position (positional only).
+    """
+    if not config.force_sink and not config.local_window:
+        return None
+    nq, nk = config.num_blocks(length_q, length_k)
+    bq, bk = config.block_q, config.block_k
+    forced = jnp.zeros((1, q_heads, nq, nk), jnp.bool_)
+    if config.force_sink:
+        positions = jnp.asarray([p for p in sorted(set(config.sink_positions)) if p < length_k], jnp.int32)
+        if positions.size:
+            if k_perm is None:
+                blocks = jnp.broadcast_to(positions // bk, (1, 1, positions.size))
+            else:
+                # Sorted slot of original position p is inverse[p]; only those are needed.
+                slot = jnp.argmax(k_perm[..., None] == positions, axis=-2)  # [B, Hkv, P]
+                group = q_heads // k_perm.shape[1]
+                blocks = jnp.repeat(slot // bk, group, axis=1)
+            hit = jnp.any(jax.nn.one_hot(blocks, nk, dtype=jnp.bool_), axis=-2)  # [B, H, Nk]
+            forced = forced | hit[:, :, None, :]
+    if config.local_window:
+        centre = (jnp.arange(nq) * bq + bq // 2).clip(max=length_k - 1) // bk
+        offset = jnp.arange(nk)[None, :] - centre[:, None]
+        forced = forced | (jnp.abs(offset) <= config.local_window)[None, None]
+    return forced
+
+
+def select_from_scores(
+    scores: jax.Array,
+    config: BAConfig,
+    *,
+    forced: jax.Array | None = None,
+    q_perm: jax.Array | None = None,
+    k_perm: jax.Array | None = None,
+    probs: jax.Array | None = None,
+) -> BlockSelection:
+    """Top blocks of each row of ``scores`` [B, Hq, Nq, Nk] under the config's budget.
+
+    ``scores`` are block logits (``-inf`` marks a key block with nothing to
+    attend to; it is never kept). Ranking is by score (softmax keeps it);
+    forced blocks come first. Under ``tau`` the cumulative mass uses
+    ``softmax(scores)`` unless the selector passes its own ``probs``.
+    """
+    b, h, nq, nk = scores.shape
+    kmax = config.kmax(nk)
+    scores = scores.astype(jnp.float32)
+    valid = scores > -jnp.inf
+    n_valid = jnp.sum(valid, axis=-1)
+    priority = jnp.where(valid, scores, -jnp.inf)
+    n_forced = jnp.zeros_like(n_valid)
+    if forced is not None:
+        forced = jnp.broadcast_to(forced, scores.shape) & valid
+        priority = jnp.where(forced, _FORCED_BONUS, priority)
+        n_forced = jnp.sum(forced, axis=-1)
+    top_val, top_idx = jax.lax.top_k(priority, kmax)
+    if config.tau is not None:
+        mass = jax.nn.softmax(jnp.where(valid, scores, -jnp.inf), axis=-1) if probs is None else probs
+        mass = mass / jnp.maximum(jnp.sum(mass, axis=-1, keepdims=True), 1e-30)
+        cum = jnp.cumsum(jnp.take_along_axis(mass, top_idx, axis=-1), axis=-1)
+        # Fewest blocks whose mass reaches tau; the float slack keeps tau = 1 reachable.
+        count = jnp.sum(cum < config.tau - 1e-6, axis=-1) + 1
+        count = jnp.clip(count, config.min_blocks, kmax)
+    else:
+        count = jnp.full((b, h, nq), kmax)
+    count = jnp.maximum(count, n_forced)
+    count = jnp.minimum(count, n_valid).astype(jnp.int32)
+    count = jnp.maximum(count, 1)  # only reachable for an all-empty row (all keys masked)
+    pos = jnp.arange(kmax)
+    live = pos < count[..., None]
+    kept = jnp.sort(jnp.where(live, top_idx, nk), axis=-1)
+    last = jnp.take_along_axis(kept, (count - 1)[..., None], axis=-1)
+    indices = jnp.where(live, kept, last).astype(jnp.int32)
+    del top_val
+    return BlockSelection(indices, count, q_perm, k_perm, config.block_q, config.block_k)

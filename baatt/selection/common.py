@@ -1,0 +1,36 @@
+"""Pieces every selector shares: block space, valid key blocks, and the final budget step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from baatt import layout
+from baatt.config import BAConfig
+from baatt.selection.budget import forced_blocks, select_from_scores
+from baatt.selection.types import BlockSelection
+
+
+def key_block_counts(kv_valid: jax.Array, block_k: int, q_heads: int) -> jax.Array:
+    """Valid keys per key block, broadcast to query heads: [B, Hq, Nk] float32."""
+    counts = jnp.sum(layout.block_view(kv_valid, block_k), axis=-1).astype(jnp.float32)
+    return jnp.take(counts, layout.head_map(q_heads, kv_valid.shape[1]), axis=1)
+
+
+def mask_empty(scores: jax.Array, kcount: jax.Array) -> jax.Array:
+    """-inf for key blocks with no valid key (they must never be kept)."""
+    return jnp.where(kcount[:, :, None, :] > 0, scores, -jnp.inf)
+
+
+def finish(
+    scores: jax.Array, q, k, config: BAConfig, *, q_perm=None, k_perm=None, probs=None
+) -> BlockSelection:
+    """Apply forced blocks and the budget rule to ``scores`` [B, Hq, Nq, Nk]."""
+    forced = forced_blocks(
+        config, length_q=q.shape[1], length_k=k.shape[1], k_perm=k_perm, q_heads=q.shape[2]
+    )
+    return select_from_scores(scores, config, forced=forced, q_perm=q_perm, k_perm=k_perm, probs=probs)
+
+
+def positional_space(q, k, config: BAConfig, key_mask=None) -> layout.BlockSpace:
+    return layout.to_block_space(q, k, None, block_q=config.block_q, block_k=config.block_k, key_mask=key_mask)
