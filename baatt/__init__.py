@@ -18,3 +18,5 @@ __all__ = [
     "select_blocks",
 ]
 __version__ = "0.1.0"
+
+from baatt import kernels as _kernels  # noqa: E402,F401  (registers kernel backends)

@@ -1,0 +1,3 @@
+"""Kernel backends. Importing this package registers every backend with ``baatt.api``."""
+
+from baatt.kernels import pallas_triton  # noqa: F401  (registers "pallas")

@@ -1,0 +1,1 @@
+"""Portable Pallas (Triton lowering) block-sparse attention; registers ``implementation="pallas"``."""
