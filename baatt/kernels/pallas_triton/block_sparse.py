@@ -1,0 +1,409 @@
+"""Block-sparse flash attention in portable Pallas (Triton lowering), forward and backward.
+
+Semantics: ``baatt.reference.attention.block_sparse_blocked``. Everything runs
+in block space (``baatt.layout.BlockSpace``): q [B, Hq, Nq*bq, D], k/v
+[B, Hkv, Nk*bk, D], kv_valid [B, Hkv, Nk*bk]; the selection is indices
+[B, Hq, Nq, kmax] + counts [B, Hq, Nq].
+
+Layout of the work:
+
+* forward: one program per (query tile, batch, query head); the tile is the
+  query block (or a power-of-two slice of it). The program reads its own row of
+  the selection (count, then block ids) and loops ``count`` times, loading the
+  key/value block at ``id * bk`` by a dynamic slice of the whole K/V of its kv
+  head (``h // (Hq // Hkv)``: GQA without copying K/V). Online softmax in
+  float32, base 2 (``exp2``), output + log-sum-exp (natural log).
+* backward (FA2 style): ``delta = rowsum(dO * O)`` in XLA; a dq kernel over the
+  forward list; a dk/dv kernel over the transposed list (for every key block,
+  the query blocks that selected it), one program per (key tile, batch, kv
+  head) that loops over the query heads of its GQA group, so dk/dv are summed
+  over the group without atomics and without a [B, Hq, L, D] temporary.
+* the transposed list is built on device (sort + scatter), see
+  ``transpose_selection``.
+
+NaN safety: masked keys (kv_valid False) get ``-inf`` logits through
+``jnp.where`` and their K/V rows are replaced by zeros with ``jnp.where``
+before any matrix product, so NaN/Inf stored there cannot reach the output or
+the gradients; the unused tail of an index list is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Finite start of the running max: a row that has seen only masked keys keeps
+# this value, so exp2(-inf - m) is 0, never NaN.
+_M_INIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+MIN_BLOCK, MAX_BLOCK = 16, 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Tile sizes and launch parameters (all static).
+
+    fwd_q: query rows per forward program (<= block_q, divides it).
+    dq_q: query rows per dq program; dq_k: key rows per inner step of dq.
+    dkv_k: key rows per dk/dv program; dkv_q: query rows per inner step of dk/dv.
+    None means "derive from the block sizes" (see ``resolve``).
+    """
+
+    fwd_q: int | None = None
+    fwd_warps: int | None = None
+    fwd_stages: int = 3
+    dq_q: int | None = None
+    dq_k: int | None = None
+    dkv_k: int | None = None
+    dkv_q: int | None = None
+    bwd_warps: int | None = None
+    bwd_stages: int = 2
+
+    def resolve(self, block_q: int, block_k: int, head_dim: int) -> "Tuning":
+        def pick(value, default, block):
+            v = default if value is None else value
+            v = min(v, block)
+            if block % v:
+                raise ValueError(f"tile {v} must divide block size {block}")
+            return v
+
+        fwd_q = pick(self.fwd_q, 128, block_q)
+        return Tuning(
+            fwd_q=fwd_q,
+            fwd_warps=self.fwd_warps or (8 if fwd_q * head_dim >= 128 * 128 else 4),
+            fwd_stages=self.fwd_stages,
+            dq_q=pick(self.dq_q, 64, block_q),
+            dq_k=pick(self.dq_k, 64, block_k),
+            dkv_k=pick(self.dkv_k, 64, block_k),
+            dkv_q=pick(self.dkv_q, 64, block_q),
+            bwd_warps=self.bwd_warps or 4,
+            bwd_stages=self.bwd_stages,
+        )
+
+
+DEFAULT_TUNING = Tuning()
+
+
+def _precision(dtype):
+    # float32 inputs: full IEEE products (Triton would otherwise use tf32).
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, scale, block_k, precision):
+    count = sel_ref[0]
+    q = q_ref[...]  # [tq, D]
+    tq, d = q.shape
+    qk_scale = scale * LOG2E
+
+    def body(t, carry):
+        acc, m, l = carry
+        start = pl.multiple_of(sel_ref[t + 1] * block_k, block_k)
+        rows = pl.ds(start, block_k)
+        ok = valid_ref[rows] != 0  # [bk]
+        k = k_ref[rows, :]
+        v = jnp.where(ok[:, None], v_ref[rows, :], jnp.zeros((), v_ref.dtype))
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale  # [tq, bk]
+        s = jnp.where(ok[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_new, l
+
+    init = (
+        jnp.zeros((tq, d), jnp.float32),
+        jnp.full((tq,), _M_INIT, jnp.float32),
+        jnp.zeros((tq,), jnp.float32),
+    )
+    acc, m, l = jax.lax.fori_loop(0, count, body, init)
+    has = l > 0.0
+    l_safe = jnp.where(has, l, 1.0)
+    o_ref[...] = jnp.where(has[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+
+
+def _pack_selection(indices, counts):
+    """[B, H, N, kmax] + [B, H, N] -> [B, H, N, 1 + kmax]: the count first, then the ids."""
+    return jnp.concatenate([counts[..., None].astype(jnp.int32), indices.astype(jnp.int32)], axis=-1)
+
+
+def _forward(q, k, v, valid, sel, *, scale, block_q, block_k, tuning, interpret):
+    batch, q_heads, lq, d = q.shape
+    _, kv_heads, lk, _ = k.shape
+    group = q_heads // kv_heads
+    tq = tuning.fwd_q
+    per_block = block_q // tq
+    width = sel.shape[-1]
+    kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, precision=_precision(q.dtype))
+    grid = (lq // tq, batch, q_heads)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, h, i // per_block, 0)),
+            pl.BlockSpec((None, None, tq, d), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, None, lk, d), lambda i, b, h: (b, h // group, 0, 0)),
+            pl.BlockSpec((None, None, lk, d), lambda i, b, h: (b, h // group, 0, 0)),
+            pl.BlockSpec((None, None, lk), lambda i, b, h: (b, h // group, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, tq, d), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, q_heads, lq), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.fwd_warps, num_stages=tuning.fwd_stages),
+        interpret=interpret,
+        name="baatt_block_sparse_fwd",
+    )(sel, q, k, v, valid)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, valid_ref, dq_ref, *,
+               scale, block_k, tk, precision):
+    count = sel_ref[0]
+    q = q_ref[...]
+    do = do_ref[...]
+    lse2 = lse_ref[...]  # base-2 lse, +inf for rows without keys
+    delta = delta_ref[...]
+    qk_scale = scale * LOG2E
+    zero = jnp.zeros((), k_ref.dtype)
+
+    def body(t, dq):
+        base = sel_ref[t // (block_k // tk) + 1] * block_k + (t % (block_k // tk)) * tk
+        rows = pl.ds(pl.multiple_of(base, tk), tk)
+        ok = valid_ref[rows] != 0
+        k = jnp.where(ok[:, None], k_ref[rows, :], zero)
+        v = jnp.where(ok[:, None], v_ref[rows, :], zero)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
+        s = jnp.where(ok[None, :], s, -jnp.inf)
+        p = jnp.exp2(s - lse2[:, None])
+        dp = plgpu.dot(do, v, trans_b=True, precision=precision)
+        ds = p * (dp - delta[:, None])
+        return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = jax.lax.fori_loop(0, count * (block_k // tk), body, dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(selt_ref, k_ref, v_ref, valid_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                scale, block_q, tq, group, precision):
+    ok = valid_ref[...] != 0  # [tk]
+    zero = jnp.zeros((), k_ref.dtype)
+    k = jnp.where(ok[:, None], k_ref[...], zero)
+    v = jnp.where(ok[:, None], v_ref[...], zero)
+    qk_scale = scale * LOG2E
+    steps = block_q // tq
+
+    def head(g, carry):
+        count = selt_ref[g, 0]
+
+        def body(t, carry):
+            dk, dv = carry
+            base = selt_ref[g, t // steps + 1] * block_q + (t % steps) * tq
+            rows = pl.ds(pl.multiple_of(base, tq), tq)
+            q = q_ref[g, rows, :]
+            do = do_ref[g, rows, :]
+            lse2 = lse_ref[g, rows]
+            delta = delta_ref[g, rows]
+            s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale  # [tq, tk]
+            s = jnp.where(ok[None, :], s, -jnp.inf)
+            p = jnp.exp2(s - lse2[:, None])
+            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+            dp = plgpu.dot(do, v, trans_b=True, precision=precision)
+            ds = p * (dp - delta[:, None])
+            dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
+            return dk, dv
+
+        return jax.lax.fori_loop(0, count * steps, body, carry)
+
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, group, head, (dk, dv))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def transpose_selection(indices: jax.Array, counts: jax.Array, num_k_blocks: int) -> tuple[jax.Array, jax.Array]:
+    """For every key block, the query blocks that selected it (on device, jit-able).
+
+    Args:
+      indices: int32 [B, H, Nq, kmax]; counts: int32 [B, H, Nq].
+      num_k_blocks: Nk (static).
+
+    Returns:
+      indices_t int32 [B, H, Nk, Nq] (query block ids, ascending; entries at
+      positions >= counts_t are 0 and never read), counts_t int32 [B, H, Nk].
+
+    Sort-based: live entries become keys ``kid * Nq + qid`` (dead ones a
+    sentinel past every real key); one sort per (batch, head) groups them by key
+    block with query ids ascending; the rank of an entry inside its group is
+    its sorted position minus the group's start (an exclusive cumsum of the
+    per-key-block counts, themselves a scatter-add).
+    """
+    batch, heads, nq, kmax = indices.shape
+    nk = num_k_blocks
+    live = jnp.arange(kmax, dtype=jnp.int32) < counts[..., None]
+    qid = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (nq, kmax))
+    keys = jnp.where(live, indices.astype(jnp.int32) * nq + qid, nk * nq).reshape(batch, heads, nq * kmax)
+    keys = jnp.sort(keys, axis=-1)
+    kid = keys // nq
+    bi = jnp.arange(batch, dtype=jnp.int32)[:, None, None]
+    hi = jnp.arange(heads, dtype=jnp.int32)[None, :, None]
+    counts_t = jnp.zeros((batch, heads, nk + 1), jnp.int32).at[bi, hi, kid].add(1)[..., :nk]
+    starts = jnp.cumsum(counts_t, axis=-1) - counts_t
+    starts = jnp.concatenate([starts, jnp.zeros((batch, heads, 1), jnp.int32)], axis=-1)
+    rank = jnp.arange(nq * kmax, dtype=jnp.int32) - jnp.take_along_axis(starts, kid, axis=-1)
+    indices_t = jnp.zeros((batch, heads, nk, nq), jnp.int32).at[bi, hi, kid, rank].set(keys % nq, mode="drop")
+    return indices_t, counts_t
+
+
+def _backward(q, k, v, valid, sel, out, lse, do, dlse, *, scale, block_q, block_k, tuning, interpret):
+    batch, q_heads, lq, d = q.shape
+    _, kv_heads, lk, _ = k.shape
+    group = q_heads // kv_heads
+    nq, nk = lq // block_q, lk // block_k
+    precision = _precision(q.dtype)
+    do = do.astype(q.dtype)
+    # d lse_i / d s_ij = p_ij, so a cotangent on lse folds into delta: ds = p * (dp - (delta - dlse)).
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, Hq, Lq]
+    if dlse is not None:
+        delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse.astype(jnp.float32))
+    lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
+    width = sel.shape[-1]
+
+    # dq over the forward list.
+    tq, tk = tuning.dq_q, tuning.dq_k
+    per_block = block_q // tq
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, block_k=block_k, tk=tk, precision=precision),
+        grid=(lq // tq, batch, q_heads),
+        in_specs=[
+            pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, h, i // per_block, 0)),
+            pl.BlockSpec((None, None, tq, d), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, None, tq, d), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i)),
+            pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i)),
+            pl.BlockSpec((None, None, lk, d), lambda i, b, h: (b, h // group, 0, 0)),
+            pl.BlockSpec((None, None, lk, d), lambda i, b, h: (b, h // group, 0, 0)),
+            pl.BlockSpec((None, None, lk), lambda i, b, h: (b, h // group, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, tq, d), lambda i, b, h: (b, h, i, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.bwd_stages),
+        interpret=interpret,
+        name="baatt_block_sparse_dq",
+    )(sel, q, do, lse2, delta, k, v, valid)
+
+    # dk, dv over the transposed list.
+    indices = sel[..., 1:]
+    counts = sel[..., 0]
+    indices_t, counts_t = transpose_selection(indices, counts, nk)
+    selt = _pack_selection(indices_t, counts_t)  # [B, Hq, Nk, 1 + Nq]
+    width_t = selt.shape[-1]
+    tk, tq = tuning.dkv_k, tuning.dkv_q
+    per_block = block_k // tk
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, block_q=block_q, tq=tq, group=group, precision=precision),
+        grid=(lk // tk, batch, kv_heads),
+        in_specs=[
+            pl.BlockSpec((None, group, None, width_t), lambda i, b, h: (b, h, i // per_block, 0)),
+            pl.BlockSpec((None, None, tk, d), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, None, tk, d), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, None, tk), lambda i, b, h: (b, h, i)),
+            pl.BlockSpec((None, group, lq, d), lambda i, b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, group, lq, d), lambda i, b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, group, lq), lambda i, b, h: (b, h, 0)),
+            pl.BlockSpec((None, group, lq), lambda i, b, h: (b, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, tk, d), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, None, tk, d), lambda i, b, h: (b, h, i, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.bwd_stages),
+        interpret=interpret,
+        name="baatt_block_sparse_dkv",
+    )(selt, k, v, valid, q, do, lse2, delta)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _attend(q, k, v, valid, sel, scale, block_q, block_k, tuning, interpret):
+    return _forward(q, k, v, valid, sel, scale=scale, block_q=block_q, block_k=block_k,
+                    tuning=tuning, interpret=interpret)
+
+
+def _attend_fwd(q, k, v, valid, sel, scale, block_q, block_k, tuning, interpret):
+    out, lse = _forward(q, k, v, valid, sel, scale=scale, block_q=block_q, block_k=block_k,
+                        tuning=tuning, interpret=interpret)
+    return (out, lse), (q, k, v, valid, sel, out, lse)
+
+
+def _attend_bwd(scale, block_q, block_k, tuning, interpret, res, cts):
+    q, k, v, valid, sel, out, lse = res
+    do, dlse = cts
+    dq, dk, dv = _backward(q, k, v, valid, sel, out, lse, do, dlse, scale=scale, block_q=block_q,
+                           block_k=block_k, tuning=tuning, interpret=interpret)
+    return dq, dk, dv, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "interpret"))
+def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, block_q: int, block_k: int,
+                           tuning: Tuning = DEFAULT_TUNING, interpret: bool = False):
+    """Block-sparse attention in block space; differentiable in q, k, v.
+
+    Args:
+      q: [B, Hq, Nq*block_q, D]; k, v: [B, Hkv, Nk*block_k, D]; kv_valid: bool [B, Hkv, Nk*block_k].
+      indices: int32 [B, Hq, Nq, kmax]; counts: int32 [B, Hq, Nq].
+
+    Returns:
+      out [B, Hq, Nq*block_q, D] in q's dtype, lse [B, Hq, Nq*block_q] float32 (natural log; -inf
+      for rows that see no valid key, whose output is 0).
+    """
+    if reason := unsupported_reason(q.shape, k.shape, v.shape, q.dtype, block_q, block_k):
+        raise ValueError(reason)
+    tuning = tuning.resolve(block_q, block_k, q.shape[-1])
+    valid = kv_valid.astype(jnp.int32)
+    sel = _pack_selection(indices, counts)
+    return _attend(q, k, v, valid, sel, float(scale), block_q, block_k, tuning, interpret)
+
+
+def unsupported_reason(q_shape, k_shape, v_shape, dtype, block_q: int, block_k: int) -> str | None:
+    """Why these shapes/dtype cannot run in this kernel, or None."""
+    d = q_shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        return f"head dim must be one of {SUPPORTED_HEAD_DIMS} for the pallas kernel; got {d}"
+    if k_shape[-1] != d or v_shape[-1] != d:
+        return f"q, k and v must share the head dim for the pallas kernel; got {q_shape[-1]}, {k_shape[-1]}, {v_shape[-1]}"
+    if jnp.dtype(dtype) not in [jnp.dtype(t) for t in SUPPORTED_DTYPES]:
+        return f"dtype must be bfloat16, float16 or float32 for the pallas kernel; got {jnp.dtype(dtype).name}"
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if b & (b - 1) or not MIN_BLOCK <= b <= MAX_BLOCK:
+            return f"{name} must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}] for the pallas kernel; got {b}"
+    return None
