@@ -1,0 +1,56 @@
+"""Masked-diffusion forward process and loss (LLaDA).
+
+Forward process: per sequence draw ``t ~ U(eps, 1]`` and replace each eligible
+token by the mask token with probability ``t``. Loss: cross-entropy of the
+clean token at every masked position, weighted by ``1/t`` (an upper bound on
+the negative log-likelihood), normalised by the number of eligible tokens of
+the sequence, averaged over the batch. ``eligible`` restricts masking to a
+region (e.g. the answer span of a task example, as in LLaDA's SFT where the
+prompt is never masked); by default every token is eligible.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def forward_process(key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3, t=None):
+    """Returns (noisy tokens, masked bool [B, L], t [B])."""
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must lie in (0, 1); got {eps}")
+    b, l = tokens.shape
+    kt, km = jax.random.split(key)
+    if t is None:
+        # U(eps, 1]: 1 - U[0, 1) lies in (0, 1], mapped affinely onto (eps, 1].
+        t = eps + (1.0 - eps) * (1.0 - jax.random.uniform(kt, (b,)))
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    masked = jax.random.uniform(km, (b, l)) < t[:, None]
+    if eligible is not None:
+        masked = masked & eligible
+    noisy = jnp.where(masked, mask_id, tokens)
+    return noisy, masked, t
+
+
+def masked_ce(logits, tokens, masked):
+    """Per-token cross-entropy [B, L] in float32, zero where not masked."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)
+    return jnp.where(masked, ce, 0.0)
+
+
+def diffusion_loss(logits_fn, key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3):
+    """Masked-diffusion loss of ``logits_fn(noisy_tokens) -> logits``; returns (loss, metrics)."""
+    noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps)
+    logits = logits_fn(noisy)
+    ce = masked_ce(logits, tokens, masked)
+    n_elig = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.float32) if eligible is None else jnp.sum(eligible, -1)
+    per_seq = jnp.sum(ce, axis=-1) / t / jnp.maximum(n_elig, 1.0)
+    n_masked = jnp.sum(masked)
+    metrics = dict(
+        loss=jnp.mean(per_seq),
+        masked_ce=jnp.sum(ce) / jnp.maximum(n_masked, 1),
+        masked_acc=jnp.sum((jnp.argmax(logits, -1) == tokens) & masked) / jnp.maximum(n_masked, 1),
+        masked_frac=n_masked / tokens.size,
+    )
+    return jnp.mean(per_seq), metrics

@@ -1,0 +1,80 @@
+"""Frozen configuration of the masked-diffusion LM, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaDA-style bidirectional transformer.
+
+    vocab_size: embedding rows (GPT-2 BPE 50257 + mask, padded to a multiple of 64).
+    mask_id: id of the mask token. max_len: longest sequence the model accepts.
+    num_kv_heads: GQA key/value heads (divides num_heads).
+    tie_embeddings: share the token embedding with the output head.
+    dtype: compute dtype (bf16 on GPU); param_dtype: storage dtype of the weights.
+    """
+
+    vocab_size: int = 50304
+    mask_id: int = 50257
+    d_model: int = 384
+    num_layers: int = 8
+    num_heads: int = 6
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    mlp_dim: int = 1024
+    max_len: int = 8192
+    rope_theta: float = 100_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int; got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_kv_heads must divide num_heads (GQA); got {self.num_kv_heads} and {self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even (rotary embeddings); got {self.head_dim}")
+        if not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(f"ModelConfig.mask_id must lie in [0, vocab_size={self.vocab_size}); got {self.mask_id}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"ModelConfig.{name} must be 'float32', 'bfloat16' or 'float16'; got {getattr(self, name)!r}")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU tests: a few hundred thousand parameters besides the embedding.
+    "tiny": ModelConfig(
+        vocab_size=50304, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        mlp_dim=128, max_len=1024, dtype="float32",
+    ),
+    # One H100, minutes: ~32M parameters (19.3M of them the tied embedding).
+    "small": ModelConfig(),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A named preset, with optional field overrides. Unknown name -> ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"model preset must be one of {tuple(PRESETS)}; got {name!r}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

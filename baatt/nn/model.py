@@ -1,0 +1,135 @@
+"""LLaDA-style bidirectional transformer (Flax NNX) with pluggable attention.
+
+Token embedding (with the mask token) -> N x [RMSNorm -> GQA attention with
+rotary embeddings -> residual; RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
+tied or untied head. No causal mask: every token sees every token (masked
+diffusion). Attention per layer comes from an :class:`AttentionPlan`, given at
+construction (default) or per call (``attention=``), so one set of weights can
+be evaluated under dense attention and under any BA-Att configuration.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from baatt.nn.attention import AttentionPlan, run_layer_attention
+from baatt.nn.config import ModelConfig
+
+
+def rope_tables(length: int, head_dim: int, theta: float):
+    """cos, sin [length, head_dim/2] in float32."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang = jnp.arange(length, dtype=jnp.float32)[:, None] * inv[None, :]
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding on x [B, L, H, D] (halves layout: pairs (i, i + D/2))."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _linear(cfg: ModelConfig, din, dout, rngs, std=None):
+    init = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
+    return nnx.Linear(din, dout, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                      kernel_init=init, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
+        self.q_proj = _linear(cfg, cfg.d_model, cfg.num_heads * cfg.head_dim, rngs)
+        self.k_proj = _linear(cfg, cfg.d_model, cfg.num_kv_heads * cfg.head_dim, rngs)
+        self.v_proj = _linear(cfg, cfg.d_model, cfg.num_kv_heads * cfg.head_dim, rngs)
+        self.o_proj = _linear(cfg, cfg.num_heads * cfg.head_dim, cfg.d_model, rngs, std=out_std)
+
+    def __call__(self, x, cos, sin, *, plan, layer, key_mask=None, selection=None):
+        cfg = self.cfg
+        b, l, _ = x.shape
+        q = self.q_proj(x).reshape(b, l, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out, info = run_layer_attention(plan, layer, cfg.num_layers, q, k, v, key_mask=key_mask, selection=selection)
+        return self.o_proj(out.reshape(b, l, -1)), info
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
+        self.gate = _linear(cfg, cfg.d_model, cfg.mlp_dim, rngs)
+        self.up = _linear(cfg, cfg.d_model, cfg.mlp_dim, rngs)
+        self.down = _linear(cfg, cfg.mlp_dim, cfg.d_model, rngs, std=out_std)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.attn_norm = nnx.RMSNorm(cfg.d_model, **kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = nnx.RMSNorm(cfg.d_model, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, **kw):
+        h, info = self.attn(self.attn_norm(x), cos, sin, **kw)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), info
+
+
+class DiffusionLM(nnx.Module):
+    """Masked-diffusion LM.
+
+    ``model(tokens)`` -> logits [B, L, vocab] (compute dtype). Options:
+      key_mask: bool [B, L] (True = real token) for padded batches.
+      attention: an AttentionPlan for this call (default: the one given at construction).
+      selections: per-layer ``BlockSelection`` (or None) to reuse instead of estimating.
+      return_aux: also return {"selections": [...], "density": [...]} per layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, attention: AttentionPlan | None = None, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention = AttentionPlan.dense() if attention is None else attention
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                                      param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.head = None if cfg.tie_embeddings else _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, std=0.02)
+
+    def __call__(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
+                 return_aux: bool = False):
+        cfg = self.cfg
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [batch, length]; got {tokens.shape}")
+        length = tokens.shape[1]
+        if length > cfg.max_len:
+            raise ValueError(f"sequence length must be at most ModelConfig.max_len={cfg.max_len}; got {length}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer ids; got dtype {tokens.dtype}")
+        plan = self.attention if attention is None else attention
+        if selections is not None and len(selections) != cfg.num_layers:
+            raise ValueError(f"selections must hold one entry per layer ({cfg.num_layers}); got {len(selections)}")
+        cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta)
+        x = self.embed(tokens)
+        infos = []
+        for i, block in enumerate(self.blocks):
+            sel = None if selections is None else selections[i]
+            x, info = block(x, cos, sin, plan=plan, layer=i, key_mask=key_mask, selection=sel)
+            infos.append(info)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        if not return_aux:
+            return logits
+        return logits, dict(selections=[i["selection"] for i in infos], density=[i["density"] for i in infos])
+
+
+def count_params(model: nnx.Module) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
