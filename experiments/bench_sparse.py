@@ -314,6 +314,11 @@ def run_tune(cfg: Config) -> list[dict]:
     bs, d = cfg.block, cfg.head_dim
     for L in (16384,):
         q, k, v = synthetic_qkv(jax.random.PRNGKey(L), cfg, L)
+        cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=cfg.dense_impl))
+        t = _median_time(lambda: cud(q, k, v), sync, target_s=cfg.target_s, min_reps=3)
+        row = dict(L=L, variant="cudnn_dense", fwd_ms=t * 1e3, fwd_tflops=4.0 * L * L * d * cfg.heads / t / 1e12)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
         space = layout.to_block_space(q, k, v, block_q=bs, block_k=bs)
         nk = space.num_k_blocks
         do_b = jnp.swapaxes(jax.random.normal(jax.random.PRNGKey(1), q.shape, q.dtype), 1, 2)

@@ -177,6 +177,18 @@ def _forward(q, k, v, valid, sel, *, scale, block_q, block_k, tuning, interpret)
 # ----------------------------------------------------------------------------- backward
 
 
+def _tile_start(block_id, t, block, tile):
+    """Row offset of inner step ``t`` when each selected block is walked in ``block // tile`` tiles.
+
+    ``block_id(j)`` reads the j-th selected block id.
+    """
+    steps = block // tile
+    if steps == 1:
+        return block_id(t) * block
+    # lax.div / lax.rem on non-negative ints (jnp's floor semantics add selects Triton cannot type).
+    return block_id(jax.lax.div(t, steps)) * block + jax.lax.rem(t, steps) * tile
+
+
 def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, valid_ref, dq_ref, *,
                scale, block_k, tk, precision):
     count = sel_ref[0]
@@ -188,7 +200,7 @@ def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, valid_r
     zero = jnp.zeros((), k_ref.dtype)
 
     def body(t, dq):
-        base = sel_ref[t // (block_k // tk) + 1] * block_k + (t % (block_k // tk)) * tk
+        base = _tile_start(lambda j: sel_ref[j + 1], t, block_k, tk)
         rows = pl.ds(pl.multiple_of(base, tk), tk)
         ok = valid_ref[rows] != 0
         k = jnp.where(ok[:, None], k_ref[rows, :], zero)
@@ -219,7 +231,7 @@ def _dkv_kernel(selt_ref, k_ref, v_ref, valid_ref, q_ref, do_ref, lse_ref, delta
 
         def body(t, carry):
             dk, dv = carry
-            base = selt_ref[g, t // steps + 1] * block_q + (t % steps) * tq
+            base = _tile_start(lambda j: selt_ref[g, j + 1], t, block_q, tq)
             rows = pl.ds(pl.multiple_of(base, tq), tq)
             q = q_ref[g, rows, :]
             do = do_ref[g, rows, :]
