@@ -269,7 +269,15 @@ class TestPallasInterpret(_Suite):
     interpret = True
 
 
+def _on_gpu() -> bool:
+    try:
+        return jax.devices()[0].platform == "gpu"
+    except RuntimeError:
+        return False
+
+
 @pytest.mark.gpu
+@pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU")
 class TestPallasGPU(_Suite):
     interpret = False
 
