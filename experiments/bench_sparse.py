@@ -301,12 +301,10 @@ def run_tune(cfg: Config) -> list[dict]:
 
     variants = {
         "default": Tuning(),
+        "fwd_k64": Tuning(fwd_k=64),
+        "fwd_w4": Tuning(fwd_warps=4),
         "fwd_s2": Tuning(fwd_stages=2),
-        "fwd_s4": Tuning(fwd_stages=4),
-        "fwd_q64_w4": Tuning(fwd_q=64, fwd_warps=4),
-        "bwd_128x64_w8": Tuning(dkv_k=128, dq_q=128, bwd_warps=8),
-        "bwd_64x32": Tuning(dkv_q=32, dq_k=32),
-        "bwd_w8": Tuning(bwd_warps=8),
+        "fwd_k64_s4": Tuning(fwd_k=64, fwd_stages=4),
         "bwd_s3": Tuning(bwd_stages=3),
     }
     rows = []

@@ -21,10 +21,12 @@ Layout of the work:
 * the transposed list is built on device (sort + scatter), see
   ``transpose_selection``.
 
-NaN safety: masked keys (kv_valid False) get ``-inf`` logits through
-``jnp.where`` and their K/V rows are replaced by zeros with ``jnp.where``
-before any matrix product, so NaN/Inf stored there cannot reach the output or
-the gradients; the unused tail of an index list is never read.
+NaN safety: before the kernels, masked keys (kv_valid False) get their K/V
+rows replaced by zeros with ``jnp.where`` (one XLA pass over K/V) and a key
+bias of ``-inf`` (0 for valid keys) that is added to the logits; so NaN/Inf
+stored in masked K/V cannot reach the output or the gradients, and the
+kernels keep K/V tiles untouched between shared memory and the tensor cores.
+Unselected blocks and the unused tail of an index list are never read.
 """
 
 from __future__ import annotations
@@ -53,13 +55,14 @@ MIN_BLOCK, MAX_BLOCK = 16, 256
 class Tuning:
     """Tile sizes and launch parameters (all static).
 
-    fwd_q: query rows per forward program (<= block_q, divides it).
+    fwd_q: query rows per forward program (<= block_q, divides it); fwd_k: key rows per inner step.
     dq_q: query rows per dq program; dq_k: key rows per inner step of dq.
     dkv_k: key rows per dk/dv program; dkv_q: query rows per inner step of dk/dv.
     None means "derive from the block sizes" (see ``resolve``).
     """
 
     fwd_q: int | None = None
+    fwd_k: int | None = None
     fwd_warps: int | None = None
     fwd_stages: int = 3
     dq_q: int | None = None
@@ -80,6 +83,7 @@ class Tuning:
         fwd_q = pick(self.fwd_q, 128, block_q)
         return Tuning(
             fwd_q=fwd_q,
+            fwd_k=pick(self.fwd_k, 128, block_k),
             fwd_warps=self.fwd_warps or (8 if fwd_q * head_dim >= 128 * 128 else 4),
             fwd_stages=self.fwd_stages,
             dq_q=pick(self.dq_q, 64, block_q),
@@ -102,7 +106,7 @@ def _precision(dtype):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, scale, block_k, precision):
+def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, block_k, tk, precision):
     count = sel_ref[0]
     q = q_ref[...]  # [tq, D]
     tq, d = q.shape
@@ -110,13 +114,11 @@ def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, scal
 
     def body(t, carry):
         acc, m, l = carry
-        start = pl.multiple_of(sel_ref[t + 1] * block_k, block_k)
-        rows = pl.ds(start, block_k)
-        ok = valid_ref[rows] != 0  # [bk]
+        rows = pl.ds(pl.multiple_of(_tile_start(lambda j: sel_ref[j + 1], t, block_k, tk), tk), tk)
         k = k_ref[rows, :]
-        v = jnp.where(ok[:, None], v_ref[rows, :], jnp.zeros((), v_ref.dtype))
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale  # [tq, bk]
-        s = jnp.where(ok[None, :], s, -jnp.inf)
+        v = v_ref[rows, :]
+        # bias: 0 for a valid key, -inf for a masked one (whose K/V rows were zeroed, so s is finite).
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale + bias_ref[rows][None, :]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -129,11 +131,24 @@ def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, scal
         jnp.full((tq,), _M_INIT, jnp.float32),
         jnp.zeros((tq,), jnp.float32),
     )
-    acc, m, l = jax.lax.fori_loop(0, count, body, init)
+    acc, m, l = jax.lax.fori_loop(0, count * (block_k // tk), body, init)
     has = l > 0.0
     l_safe = jnp.where(has, l, 1.0)
     o_ref[...] = jnp.where(has[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+
+
+def _sanitize(k, v, kv_valid):
+    """Zero masked K/V rows with ``where`` (NaN/Inf there cannot leak) and build the -inf key bias.
+
+    Done once per call in XLA (one pass over K/V), so that the kernels feed
+    K/V tiles straight from shared memory to the tensor cores: a select on a
+    tile inside the loop would force a round trip through registers.
+    """
+    keep = kv_valid[..., None]
+    zero = jnp.zeros((), k.dtype)
+    bias = jnp.where(kv_valid, 0.0, -jnp.inf).astype(jnp.float32)
+    return jnp.where(keep, k, zero), jnp.where(keep, v, zero), bias
 
 
 def _pack_selection(indices, counts):
@@ -141,14 +156,15 @@ def _pack_selection(indices, counts):
     return jnp.concatenate([counts[..., None].astype(jnp.int32), indices.astype(jnp.int32)], axis=-1)
 
 
-def _forward(q, k, v, valid, sel, *, scale, block_q, block_k, tuning, interpret):
+def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret):
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = k.shape
     group = q_heads // kv_heads
     tq = tuning.fwd_q
     per_block = block_q // tq
     width = sel.shape[-1]
-    kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, precision=_precision(q.dtype))
+    kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, tk=tuning.fwd_k,
+                               precision=_precision(q.dtype))
     grid = (lq // tq, batch, q_heads)
     return pl.pallas_call(
         kernel,
@@ -171,7 +187,7 @@ def _forward(q, k, v, valid, sel, *, scale, block_q, block_k, tuning, interpret)
         compiler_params=plgpu.CompilerParams(num_warps=tuning.fwd_warps, num_stages=tuning.fwd_stages),
         interpret=interpret,
         name="baatt_block_sparse_fwd",
-    )(sel, q, k, v, valid)
+    )(sel, q, k, v, bias)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -189,7 +205,7 @@ def _tile_start(block_id, t, block, tile):
     return block_id(jax.lax.div(t, steps)) * block + jax.lax.rem(t, steps) * tile
 
 
-def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, valid_ref, dq_ref, *,
+def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, bias_ref, dq_ref, *,
                scale, block_k, tk, precision):
     count = sel_ref[0]
     q = q_ref[...]
@@ -197,16 +213,13 @@ def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, valid_r
     lse2 = lse_ref[...]  # base-2 lse, +inf for rows without keys
     delta = delta_ref[...]
     qk_scale = scale * LOG2E
-    zero = jnp.zeros((), k_ref.dtype)
 
     def body(t, dq):
         base = _tile_start(lambda j: sel_ref[j + 1], t, block_k, tk)
         rows = pl.ds(pl.multiple_of(base, tk), tk)
-        ok = valid_ref[rows] != 0
-        k = jnp.where(ok[:, None], k_ref[rows, :], zero)
-        v = jnp.where(ok[:, None], v_ref[rows, :], zero)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
-        s = jnp.where(ok[None, :], s, -jnp.inf)
+        k = k_ref[rows, :]
+        v = v_ref[rows, :]
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale + bias_ref[rows][None, :]
         p = jnp.exp2(s - lse2[:, None])
         dp = plgpu.dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
@@ -217,12 +230,11 @@ def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, valid_r
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(selt_ref, k_ref, v_ref, valid_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+def _dkv_kernel(selt_ref, k_ref, v_ref, bias_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 scale, block_q, tq, group, precision):
-    ok = valid_ref[...] != 0  # [tk]
-    zero = jnp.zeros((), k_ref.dtype)
-    k = jnp.where(ok[:, None], k_ref[...], zero)
-    v = jnp.where(ok[:, None], v_ref[...], zero)
+    k = k_ref[...]
+    v = v_ref[...]
+    bias = bias_ref[...][None, :]  # [1, tk]
     qk_scale = scale * LOG2E
     steps = block_q // tq
 
@@ -237,8 +249,7 @@ def _dkv_kernel(selt_ref, k_ref, v_ref, valid_ref, q_ref, do_ref, lse_ref, delta
             do = do_ref[g, rows, :]
             lse2 = lse_ref[g, rows]
             delta = delta_ref[g, rows]
-            s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale  # [tq, tk]
-            s = jnp.where(ok[None, :], s, -jnp.inf)
+            s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale + bias  # [tq, tk]
             p = jnp.exp2(s - lse2[:, None])
             dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
             dp = plgpu.dot(do, v, trans_b=True, precision=precision)
@@ -289,7 +300,7 @@ def transpose_selection(indices: jax.Array, counts: jax.Array, num_k_blocks: int
     return indices_t, counts_t
 
 
-def _backward(q, k, v, valid, sel, out, lse, do, dlse, *, scale, block_q, block_k, tuning, interpret):
+def _backward(q, k, v, bias, sel, out, lse, do, dlse, *, scale, block_q, block_k, tuning, interpret):
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = k.shape
     group = q_heads // kv_heads
@@ -324,7 +335,7 @@ def _backward(q, k, v, valid, sel, out, lse, do, dlse, *, scale, block_q, block_
         compiler_params=plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.bwd_stages),
         interpret=interpret,
         name="baatt_block_sparse_dq",
-    )(sel, q, do, lse2, delta, k, v, valid)
+    )(sel, q, do, lse2, delta, k, v, bias)
 
     # dk, dv over the transposed list.
     indices = sel[..., 1:]
@@ -355,7 +366,7 @@ def _backward(q, k, v, valid, sel, out, lse, do, dlse, *, scale, block_q, block_
         compiler_params=plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.bwd_stages),
         interpret=interpret,
         name="baatt_block_sparse_dkv",
-    )(selt, k, v, valid, q, do, lse2, delta)
+    )(selt, k, v, bias, q, do, lse2, delta)
     return dq, dk, dv
 
 
@@ -363,21 +374,24 @@ def _backward(q, k, v, valid, sel, out, lse, do, dlse, *, scale, block_q, block_
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _attend(q, k, v, valid, sel, scale, block_q, block_k, tuning, interpret):
-    return _forward(q, k, v, valid, sel, scale=scale, block_q=block_q, block_k=block_k,
+def _attend(q, k, v, kv_valid, sel, scale, block_q, block_k, tuning, interpret):
+    kc, vc, bias = _sanitize(k, v, kv_valid)
+    return _forward(q, kc, vc, bias, sel, scale=scale, block_q=block_q, block_k=block_k,
                     tuning=tuning, interpret=interpret)
 
 
-def _attend_fwd(q, k, v, valid, sel, scale, block_q, block_k, tuning, interpret):
-    out, lse = _forward(q, k, v, valid, sel, scale=scale, block_q=block_q, block_k=block_k,
+def _attend_fwd(q, k, v, kv_valid, sel, scale, block_q, block_k, tuning, interpret):
+    kc, vc, bias = _sanitize(k, v, kv_valid)
+    out, lse = _forward(q, kc, vc, bias, sel, scale=scale, block_q=block_q, block_k=block_k,
                         tuning=tuning, interpret=interpret)
-    return (out, lse), (q, k, v, valid, sel, out, lse)
+    return (out, lse), (q, kc, vc, bias, sel, out, lse)
 
 
 def _attend_bwd(scale, block_q, block_k, tuning, interpret, res, cts):
-    q, k, v, valid, sel, out, lse = res
+    # Gradients w.r.t. the sanitised K/V are exactly those w.r.t. K/V: masked rows get p = 0, so 0.
+    q, kc, vc, bias, sel, out, lse = res
     do, dlse = cts
-    dq, dk, dv = _backward(q, k, v, valid, sel, out, lse, do, dlse, scale=scale, block_q=block_q,
+    dq, dk, dv = _backward(q, kc, vc, bias, sel, out, lse, do, dlse, scale=scale, block_q=block_q,
                            block_k=block_k, tuning=tuning, interpret=interpret)
     return dq, dk, dv, None, None
 
@@ -401,9 +415,8 @@ def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, 
     if reason := unsupported_reason(q.shape, k.shape, v.shape, q.dtype, block_q, block_k):
         raise ValueError(reason)
     tuning = tuning.resolve(block_q, block_k, q.shape[-1])
-    valid = kv_valid.astype(jnp.int32)
     sel = _pack_selection(indices, counts)
-    return _attend(q, k, v, valid, sel, float(scale), block_q, block_k, tuning, interpret)
+    return _attend(q, k, v, kv_valid, sel, float(scale), block_q, block_k, tuning, interpret)
 
 
 def unsupported_reason(q_shape, k_shape, v_shape, dtype, block_q: int, block_k: int) -> str | None:
