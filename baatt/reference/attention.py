@@ -6,6 +6,7 @@ input dtype, log-sum-exp stays float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,8 +34,13 @@ def dense_attention(q, k, v, *, key_mask=None, scale: float | None = None):
       out [B, Lq, Hq, D] in q's dtype, lse [B, Hq, Lq] (float32, float64 for float64 inputs).
     """
     check_qkv(q, k, v, key_mask=key_mask)
-    acc = _acc_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _dense_jit(q, k, v, key_mask, scale)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _dense_jit(q, k, v, key_mask, scale):
+    acc = _acc_dtype(q.dtype)
     hm = layout.head_map(q.shape[2], k.shape[2])
     kh = jnp.take(k, hm, axis=2).astype(acc)
     vh = jnp.take(v, hm, axis=2).astype(acc)
@@ -113,6 +119,11 @@ def block_sparse_attention(q, k, v, selection: BlockSelection, *, key_mask=None,
         batch=q.shape[0], q_heads=q.shape[2], kv_heads=k.shape[2], length_q=q.shape[1], length_k=k.shape[1]
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _block_sparse_jit(q, k, v, selection, key_mask, scale)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _block_sparse_jit(q, k, v, selection, key_mask, scale):
     space = layout.to_block_space(
         q, k, v, block_q=selection.block_q, block_k=selection.block_k,
         key_mask=key_mask, q_perm=selection.q_perm, k_perm=selection.k_perm,

@@ -7,6 +7,7 @@ SPEC.md section 1 (oracle ``M_hat``), section 2 (pooled logits), section 4
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -99,6 +100,11 @@ def pooled_scores(q_stats: BlockStats, k_stats: BlockStats, config: BAConfig, he
 def estimate(q, k, config: BAConfig, *, key_mask=None) -> Estimate:
     """Sort (optional), pool, score. The whole BA-Att estimator in one function."""
     check_qk(q, k, key_mask=key_mask)
+    return _estimate_jit(q, k, key_mask, config)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _estimate_jit(q, k, key_mask, config):
     q_perm, k_perm = sort_permutations(q, k, config, key_mask)
     space = layout.to_block_space(
         q, k, None, block_q=config.block_q, block_k=config.block_k,
@@ -192,7 +198,12 @@ def post_downsample_map(
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     block_k = block_size if block_size_k is None else block_size_k
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _post_map_jit(q, k, key_mask, q_perm, k_perm, block_size, block_k, scale)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _post_map_jit(q, k, key_mask, q_perm, k_perm, block_q, block_k, scale):
     space = layout.to_block_space(
-        q, k, None, block_q=block_size, block_k=block_k, key_mask=key_mask, q_perm=q_perm, k_perm=k_perm
+        q, k, None, block_q=block_q, block_k=block_k, key_mask=key_mask, q_perm=q_perm, k_perm=k_perm
     )
     return post_downsample_blocked(space, scale=scale)

@@ -1,1 +1,137 @@
-"""Approximation-error metrics (SPEC.md section 3)."""
+"""Formal approximation-error metrics (SPEC.md section 3).
+
+Everything works in a block space (positional, or norm-sorted through
+``q_perm`` / ``k_perm``) and streams over key blocks, so the metrics run at
+long lengths without an L x L matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from baatt import layout
+from baatt.reference.downsample import _stream_logits, block_stats
+from baatt.selection.types import BlockSelection
+
+HIGHEST = jax.lax.Precision.HIGHEST
+_TINY = 1e-30
+
+
+def _space(q, k, block_size, block_size_k, key_mask, q_perm, k_perm):
+    return layout.to_block_space(
+        q, k, None, block_q=block_size, block_k=block_size if block_size_k is None else block_size_k,
+        key_mask=key_mask, q_perm=q_perm, k_perm=k_perm,
+    )
+
+
+def _radius_and_max_norm(x: jax.Array, valid: jax.Array, block: int):
+    """Block radius R = max ||x_i - mean|| and max norm M = max ||x_i|| over valid tokens: [B, H, N] each."""
+    stats = block_stats(x, valid, block)
+    xb = layout.block_view(x.astype(jnp.float32), block)
+    vb = layout.block_view(jnp.broadcast_to(valid, x.shape[:3]), block)
+    dist = jnp.linalg.norm(xb - stats.mean[..., None, :], axis=-1)
+    norm = jnp.linalg.norm(xb, axis=-1)
+    return jnp.max(jnp.where(vb, dist, 0.0), -1), jnp.max(jnp.where(vb, norm, 0.0), -1)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "block_size_k"))
+def bound(q, k, *, block_size: int, block_size_k: int | None = None, key_mask=None, q_perm=None, k_perm=None):
+    """The deviation bound U [B, Hq, Nq, Nk]:
+
+    |l_ij - l_bar[a,b]| <= U[a,b] = (R^Q_a M^K_b + M^Q_a R^K_b + R^Q_a R^K_b) / sqrt(d).
+    """
+    space = _space(q, k, block_size, block_size_k, key_mask, q_perm, k_perm)
+    rq, mq = _radius_and_max_norm(space.q, space.q_valid[:, None, :], space.block_q)
+    rk, mk = _radius_and_max_norm(space.k, space.kv_valid, space.block_k)
+    hm = layout.head_map(q.shape[2], k.shape[2])
+    rk, mk = jnp.take(rk, hm, axis=1), jnp.take(mk, hm, axis=1)
+    rq, mq = rq[..., :, None], mq[..., :, None]
+    rk, mk = rk[..., None, :], mk[..., None, :]
+    return (rq * mk + mq * rk + rq * rk) / math.sqrt(q.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "block_size_k", "reduce"))
+def logit_deviation(
+    q, k, *, block_size: int, block_size_k: int | None = None, key_mask=None, q_perm=None, k_perm=None,
+    reduce: str = "max",
+):
+    """Actual deviation |l_ij - l_bar[a,b]| per block pair, reduced by ``max`` or ``mean``: [B, Hq, Nq, Nk].
+
+    ``l_bar`` is the uncompensated pooled logit (SPEC.md section 2). Pairs with
+    no valid key are 0. Streamed over key blocks.
+    """
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' or 'mean'; got {reduce!r}")
+    space = _space(q, k, block_size, block_size_k, key_mask, q_perm, k_perm)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qs = block_stats(space.q, space.q_valid[:, None, :], space.block_q)
+    ks = block_stats(space.k, space.kv_valid, space.block_k)
+    hm = layout.head_map(q.shape[2], k.shape[2])
+    l_bar = jnp.einsum("bhad,bhnd->bhan", qs.mean, jnp.take(ks.mean, hm, axis=1), precision=HIGHEST) * scale
+    logits = _stream_logits(space, scale)
+    b, hq = q.shape[0], q.shape[2]
+    nq, bq = space.num_q_blocks, space.block_q
+    qv = space.q_valid.reshape(b, 1, nq, bq, 1)
+    kvb = jnp.take(layout.block_view(space.kv_valid, space.block_k), hm, axis=1)  # [B, Hq, Nk, bk]
+
+    def per_key_block(j):
+        s = logits(j).reshape(b, hq, nq, bq, -1)
+        live = qv & kvb[:, :, j][:, :, None, None, :]
+        dev = jnp.where(live, jnp.abs(s - l_bar[:, :, :, j][..., None, None]), 0.0)
+        if reduce == "max":
+            return jnp.max(dev, axis=(-1, -2))
+        return jnp.sum(dev, axis=(-1, -2)) / jnp.maximum(jnp.sum(live, axis=(-1, -2)), 1)
+
+    return jnp.moveaxis(jax.lax.map(per_key_block, jnp.arange(space.num_k_blocks)), 0, -1)
+
+
+def pearson(x: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Pearson correlation of two arrays over all entries (or the True entries of ``mask``)."""
+    x = x.astype(jnp.float32).ravel()
+    y = y.astype(jnp.float32).ravel()
+    w = jnp.ones_like(x) if mask is None else jnp.broadcast_to(mask, x.shape).astype(jnp.float32).ravel()
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    mx, my = jnp.sum(w * x) / n, jnp.sum(w * y) / n
+    cov = jnp.sum(w * (x - mx) * (y - my))
+    return cov / jnp.sqrt(jnp.maximum(jnp.sum(w * (x - mx) ** 2) * jnp.sum(w * (y - my) ** 2), _TINY))
+
+
+def total_variation(m_hat: jax.Array, m: jax.Array) -> jax.Array:
+    """Per-row total variation distance 0.5 * sum_b |M_hat - M|: [B, H, Nq], in [0, 1]."""
+    return 0.5 * jnp.sum(jnp.abs(m_hat - m), axis=-1)
+
+
+def kl_divergence(m_hat: jax.Array, m: jax.Array) -> jax.Array:
+    """Per-row KL(M_hat || M) = sum_b M_hat log(M_hat / M): [B, H, Nq] (0 log 0 = 0)."""
+    ratio = jnp.log(jnp.maximum(m_hat, _TINY)) - jnp.log(jnp.maximum(m, _TINY))
+    return jnp.sum(jnp.where(m_hat > 0, m_hat * ratio, 0.0), axis=-1)
+
+
+def selected_mass(m_hat: jax.Array, selection: BlockSelection) -> jax.Array:
+    """Oracle mass that the selection keeps, per row: [B, H, Nq]."""
+    return jnp.sum(jnp.where(selection.kept_mask(m_hat.shape[-1]), m_hat, 0.0), axis=-1)
+
+
+def best_mass(m_hat: jax.Array, counts: jax.Array) -> jax.Array:
+    """Largest oracle mass any ``counts`` blocks could keep, per row: [B, H, Nq]."""
+    ranked = jnp.cumsum(-jnp.sort(-m_hat, axis=-1), axis=-1)
+    return jnp.take_along_axis(ranked, (counts - 1)[..., None], axis=-1)[..., 0]
+
+
+def oracle_recall(m_hat: jax.Array, selection: BlockSelection) -> jax.Array:
+    """Oracle mass kept by the selection over the best mass of the same number of blocks: [B, H, Nq] in [0, 1].
+
+    ``m_hat`` must be in the selection's block space.
+    """
+    return selected_mass(m_hat, selection) / jnp.maximum(best_mass(m_hat, selection.counts), _TINY)
+
+
+def relative_output_error(out: jax.Array, ref: jax.Array, *, axis=None) -> jax.Array:
+    """||out - ref|| / ||ref|| (Frobenius over ``axis``, default all)."""
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+    num = jnp.sqrt(jnp.sum((out - ref) ** 2, axis=axis))
+    return num / jnp.maximum(jnp.sqrt(jnp.sum(ref**2, axis=axis)), _TINY)

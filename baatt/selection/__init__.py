@@ -6,7 +6,10 @@ SPEC.md section 9. Every selector ends in the same budget step
 
 from __future__ import annotations
 
+import functools
 import importlib
+
+import jax
 
 from baatt.config import SELECTORS, BAConfig
 from baatt.selection.budget import forced_blocks, select_from_scores
@@ -30,7 +33,14 @@ def select_blocks(q, k, config: BAConfig | None = None, *, selector: str | None 
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
     check_qk(q, k, key_mask=key_mask)
     check_finite(q=q, k=k)
-    return get_selector(config.selector if selector is None else selector)(q, k, config, key_mask=key_mask)
+    return _select_jit(q, k, key_mask, config, config.selector if selector is None else selector)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _select_jit(q, k, key_mask, config, selector):
+    # One compiled program per (shapes, config): eager op-by-op dispatch of the
+    # selectors costs seconds per new shape.
+    return get_selector(selector)(q, k, config, key_mask=key_mask)
 
 
 __all__ = ["BlockSelection", "forced_blocks", "get_selector", "select_blocks", "select_from_scores"]

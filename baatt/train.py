@@ -1,0 +1,403 @@
+"""Training of the masked-diffusion LM: AdamW with warmup + cosine, bf16 compute, jit, clipping,
+periodic evaluation, resumable orbax checkpoints, tqdm progress (loss, tokens/s).
+
+Batches mix packed real text (every token eligible for masking) with synthetic
+long-context task examples (only the answer span is eligible, as in LLaDA's
+SFT), so the model learns retrieval. Training runs in stages of
+(end of progress, sequence length, batch size); progress is the larger of
+step/steps and elapsed/time_budget_s, so a run can be fitted to a wall-clock
+budget: the learning-rate schedule follows progress, not the step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import queue
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from baatt.data import corpus, tasks
+from baatt.data.tokenizer import get_tokenizer
+from baatt.diffusion.masking import diffusion_loss, masked_ce
+from baatt.nn import AttentionPlan, DiffusionLM, get_config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = "tiny"
+    model_overrides: tuple[tuple[str, object], ...] = ()
+    stages: tuple[tuple[float, int, int], ...] = ((1.0, 128, 8),)  # (progress end, seq_len, batch)
+    steps: int = 100
+    time_budget_s: float | None = None
+    peak_lr: float = 1e-3
+    end_lr_frac: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    b2: float = 0.95
+    eps: float = 1e-3
+    task_fraction: float = 0.0
+    task_kinds: tuple[str, ...] = ("passkey", "multikey_niah", "variable_tracking")
+    eval_every: int = 50
+    eval_batches: int = 2
+    eval_tasks: int = 16
+    ckpt_dir: str | None = None
+    ckpt_every: int = 200
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.stages or any(len(s) != 3 for s in self.stages):
+            raise ValueError(f"stages must be a non-empty tuple of (progress_end, seq_len, batch); got {self.stages!r}")
+        if abs(self.stages[-1][0] - 1.0) > 1e-9:
+            raise ValueError(f"the last stage must end at progress 1.0; got {self.stages[-1][0]}")
+        if not 0.0 <= self.task_fraction <= 1.0:
+            raise ValueError(f"task_fraction must lie in [0, 1]; got {self.task_fraction}")
+        for k in self.task_kinds:
+            if k not in tasks.TASKS:
+                raise ValueError(f"task_kinds entries must be one of {tuple(tasks.TASKS)}; got {k!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1; got {self.steps}")
+
+    def model_config(self):
+        return get_config(self.model, **dict(self.model_overrides))
+
+
+# -- data -------------------------------------------------------------------------
+
+
+def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_kinds):
+    """(tokens int32 [B, L], eligible bool [B, L]) mixing packed text and task examples."""
+    toks = corpus.packed_batch(stream, rng, batch, seq_len)
+    elig = np.ones((batch, seq_len), bool)
+    for i in range(batch):
+        if task_fraction and rng.uniform() < task_fraction and seq_len >= tasks.MIN_LENGTH:
+            ex = tasks.make_example(str(rng.choice(task_kinds)), rng, stream, tokenizer, seq_len)
+            toks[i] = ex.tokens
+            elig[i] = False
+            elig[i, ex.answer_start : ex.answer_end] = True
+    return toks, elig
+
+
+class _Prefetch:
+    def __init__(self, fn, depth=4):
+        self.q: queue.Queue = queue.Queue(depth)
+        self.fn = fn
+        self.stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while not self.stop:
+            item = self.fn()
+            while not self.stop:
+                try:
+                    self.q.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def get(self):
+        return self.q.get()
+
+    def close(self):
+        self.stop = True
+
+
+# -- optimiser ----------------------------------------------------------------------
+
+
+def make_optimizer(cfg: TrainConfig):
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.inject_hyperparams(optax.adamw)(
+            learning_rate=cfg.peak_lr, b1=0.9, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
+        ),
+    )
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine from peak to end_lr_frac*peak over progress."""
+    if step < cfg.warmup_steps:
+        return cfg.peak_lr * (step + 1) / cfg.warmup_steps
+    c = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.peak_lr * (cfg.end_lr_frac + (1 - cfg.end_lr_frac) * c)
+
+
+def _set_lr(opt_state, lr):
+    inner = opt_state[1]
+    inner.hyperparams["learning_rate"] = jnp.asarray(lr, inner.hyperparams["learning_rate"].dtype)
+    return opt_state
+
+
+def build_step(graphdef, tx, mask_id, eps):
+    def loss_fn(params, tokens, elig, key):
+        model = nnx.merge(graphdef, params)
+        return diffusion_loss(lambda x: model(x), key, tokens, mask_id=mask_id, eligible=elig, eps=eps)
+
+    @jax.jit
+    def step(params, opt_state, tokens, elig, key):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, elig, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# -- evaluation -----------------------------------------------------------------------
+
+
+def masked_nll(model, tokens, key, *, plan=None, t_values=(0.15, 0.5, 0.85)):
+    """Mean CE per masked token at fixed masking ratios (one shared key): dict t -> nll, plus 'avg'."""
+    from baatt.diffusion.masking import forward_process
+
+    fwd = _nll_fn(nnx.graphdef(model), plan)
+    state = nnx.state(model)
+    out = {}
+    for t in t_values:
+        noisy, masked, _ = forward_process(key, jnp.asarray(tokens), mask_id=model.cfg.mask_id, t=t)
+        s, n, dens = fwd(state, noisy, jnp.asarray(tokens), masked)
+        out[f"t={t}"] = float(s / jnp.maximum(n, 1))
+        out["density"] = float(dens)
+    out["avg"] = float(np.mean([out[f"t={t}"] for t in t_values]))
+    return out
+
+
+_NLL_CACHE: dict = {}
+
+
+def _nll_fn(graphdef, plan):
+    k = (graphdef, plan)
+    if k not in _NLL_CACHE:
+        @jax.jit
+        def f(state, noisy, tokens, masked):
+            model = nnx.merge(graphdef, state)
+            logits, aux = model(noisy, attention=plan, return_aux=True)
+            ce = masked_ce(logits, tokens, masked)
+            dens = jnp.mean(jnp.stack([jnp.mean(d) for d in aux["density"]]))
+            return jnp.sum(ce), jnp.sum(masked), dens
+        _NLL_CACHE[k] = f
+    return _NLL_CACHE[k]
+
+
+def task_accuracy_oneshot(model, examples, *, plan=None, batch=8):
+    """Fraction of examples whose whole answer span is predicted exactly, all answer tokens masked, one forward."""
+    fwd = _nll_fn(nnx.graphdef(model), plan)  # compile reuse not possible (different outputs); simple jit below
+    del fwd
+    state, gd = nnx.state(model), nnx.graphdef(model)
+    f = _argmax_fn(gd, plan)
+    correct = 0
+    for i in range(0, len(examples), batch):
+        chunk = examples[i : i + batch]
+        toks = np.stack([e.tokens for e in chunk])
+        noisy = toks.copy()
+        for j, e in enumerate(chunk):
+            noisy[j, e.answer_start : e.answer_end] = model.cfg.mask_id
+        pred = np.asarray(f(state, jnp.asarray(noisy)))
+        for j, e in enumerate(chunk):
+            correct += bool(np.all(pred[j, e.answer_start : e.answer_end] == e.answer_tokens))
+    return correct / max(len(examples), 1)
+
+
+_ARGMAX_CACHE: dict = {}
+
+
+def _argmax_fn(graphdef, plan):
+    k = (graphdef, plan)
+    if k not in _ARGMAX_CACHE:
+        @jax.jit
+        def f(state, x):
+            logits = nnx.merge(graphdef, state)(x, attention=plan)
+            return jnp.argmax(logits[..., : 50257], axis=-1)
+        _ARGMAX_CACHE[k] = f
+    return _ARGMAX_CACHE[k]
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+
+def _manager(path):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(Path(path).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def save_checkpoint(mngr, step, params, opt_state, extra=None):
+    import orbax.checkpoint as ocp
+
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(dict(params=nnx.to_pure_dict(params), opt_state=opt_state)),
+        meta=ocp.args.JsonSave(dict(step=step, **(extra or {}))),
+    ))
+
+
+def restore_checkpoint(mngr, params, opt_state, step=None):
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step() if step is None else step
+    target = dict(params=nnx.to_pure_dict(params), opt_state=opt_state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    nnx.replace_by_pure_dict(params, got["state"]["params"])
+    return params, got["state"]["opt_state"], got["meta"]
+
+
+def load_model(ckpt_dir, *, step=None) -> tuple[DiffusionLM, dict]:
+    """Model from a checkpoint written by :func:`train` (its config is stored beside it)."""
+    import orbax.checkpoint as ocp
+
+    meta = json.loads((Path(ckpt_dir) / "train_config.json").read_text())
+    mcfg = get_config(meta["model"], **dict(meta.get("model_overrides", {})))
+    model = DiffusionLM(mcfg, rngs=nnx.Rngs(0))
+    params = nnx.state(model)
+    mngr = _manager(ckpt_dir)
+    step = mngr.latest_step() if step is None else step
+    abstract = dict(params=jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params)))
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(), abstract), partial_restore=True)))
+    nnx.replace_by_pure_dict(params, got["state"]["params"])
+    nnx.update(model, params)
+    return model, dict(step=step, **meta)
+
+
+def run_info() -> dict:
+    """device, jax version, commit and date of a run (for results JSON)."""
+    import datetime
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except Exception:  # noqa: BLE001
+        commit = "unknown"
+    dev = jax.devices()[0]
+    return dict(device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}", jax_version=jax.__version__, commit=commit,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print) -> dict:
+    """Train; returns {'history': [...], 'model': DiffusionLM, 'steps': n, 'seconds': s}."""
+    from tqdm.auto import tqdm
+
+    tokenizer = get_tokenizer()
+    train_stream = corpus.load_tokens("train") if train_stream is None else train_stream
+    val_stream = corpus.load_tokens("val") if val_stream is None else val_stream
+    mcfg = cfg.model_config()
+    max_len = max(s[1] for s in cfg.stages)
+    if max_len > mcfg.max_len:
+        raise ValueError(f"stage seq_len must be at most ModelConfig.max_len={mcfg.max_len}; got {max_len}")
+    model = DiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed))
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(params)
+    start_step = 0
+    mngr = None
+    if cfg.ckpt_dir:
+        Path(cfg.ckpt_dir).mkdir(parents=True, exist_ok=True)
+        meta = dict(model=cfg.model, model_overrides=dict(cfg.model_overrides))
+        (Path(cfg.ckpt_dir) / "train_config.json").write_text(json.dumps(dict(meta, train=dataclasses.asdict(cfg)), default=str))
+        mngr = _manager(cfg.ckpt_dir)
+        if mngr.latest_step() is not None:
+            params, opt_state, m = restore_checkpoint(mngr, params, opt_state)
+            start_step = int(m["step"])
+            log_fn(f"resumed from step {start_step}")
+    step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps)
+
+    seed_seq = np.random.SeedSequence([cfg.seed, start_step])
+    rngs = {}
+
+    def stage_of(progress):
+        for end, l, b in cfg.stages:
+            if progress < end:
+                return l, b
+        return cfg.stages[-1][1], cfg.stages[-1][2]
+
+    prefetchers: dict = {}
+
+    def batches(l, b):
+        if (l, b) not in prefetchers:
+            r = rngs.setdefault((l, b), np.random.default_rng(seed_seq.spawn(1)[0]))
+            prefetchers[(l, b)] = _Prefetch(lambda: make_batch(
+                r, train_stream, tokenizer, l, b, task_fraction=cfg.task_fraction, task_kinds=cfg.task_kinds))
+        return prefetchers[(l, b)]
+
+    erng = np.random.default_rng(1234)
+    eval_len = min(cfg.stages[-1][1], max(s[1] for s in cfg.stages))
+    eval_tokens = corpus.packed_batch(val_stream, erng, max(2, cfg.eval_batches * 2), eval_len)
+    eval_examples = []
+    if cfg.task_fraction and eval_len >= tasks.MIN_LENGTH:
+        eval_examples = [tasks.passkey(erng, val_stream, tokenizer, eval_len) for _ in range(cfg.eval_tasks)]
+
+    def evaluate(step):
+        model_now = nnx.merge(graphdef, params)
+        res = dict(step=step, val_nll=masked_nll(model_now, eval_tokens, jax.random.PRNGKey(7), plan=AttentionPlan.dense())["avg"])
+        if eval_examples:
+            res["passkey_acc"] = task_accuracy_oneshot(model_now, eval_examples, plan=AttentionPlan.dense())
+        return res
+
+    history = []
+    key = jax.random.PRNGKey(cfg.seed + 1)
+    t0 = time.time()
+    tok_count, tok_t = 0, time.time()
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
+    step = start_step
+    metrics = None
+    try:
+        while step < cfg.steps:
+            elapsed = time.time() - t0
+            progress = step / cfg.steps
+            if cfg.time_budget_s:
+                progress = max(progress, elapsed / cfg.time_budget_s)
+            if progress >= 1.0:
+                break
+            l, b = stage_of(progress)
+            toks, elig = batches(l, b).get()
+            opt_state = _set_lr(opt_state, lr_at(cfg, step, progress))
+            key, sub = jax.random.split(key)
+            params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(toks), jnp.asarray(elig), sub)
+            step += 1
+            tok_count += toks.size
+            bar.update(1)
+            if step % 10 == 0 or step == cfg.steps:
+                m = jax.device_get(metrics)
+                now = time.time()
+                tps = tok_count / max(now - tok_t, 1e-9)
+                tok_count, tok_t = 0, now
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", L=l, lr=f"{lr_at(cfg, step, progress):.1e}")
+                history.append(dict(step=step, loss=float(m["loss"]), masked_ce=float(m["masked_ce"]),
+                                    grad_norm=float(m["grad_norm"]), tokens_per_s=tps, seq_len=l,
+                                    elapsed_s=now - t0))
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                ev = evaluate(step)
+                history.append(dict(ev, elapsed_s=time.time() - t0))
+                log_fn(json.dumps(ev))
+            if mngr is not None and step % cfg.ckpt_every == 0:
+                save_checkpoint(mngr, step, params, opt_state)
+    finally:
+        bar.close()
+        for p in prefetchers.values():
+            p.close()
+    final = evaluate(step)
+    history.append(dict(final, elapsed_s=time.time() - t0, final=True))
+    log_fn(json.dumps(final))
+    if mngr is not None:
+        if mngr.latest_step() != step:
+            save_checkpoint(mngr, step, params, opt_state)
+        mngr.wait_until_finished()
+    model = nnx.merge(graphdef, params)
+    return dict(history=history, model=model, steps=step, seconds=time.time() - t0)
