@@ -50,6 +50,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 2
     eval_tasks: int = 16
+    eval_len: int | None = None  # default: the last stage's seq_len
     ckpt_dir: str | None = None
     ckpt_every: int = 200
     seed: int = 0
@@ -337,7 +338,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
         return prefetchers[(l, b)]
 
     erng = np.random.default_rng(1234)
-    eval_len = min(cfg.stages[-1][1], max(s[1] for s in cfg.stages))
+    eval_len = cfg.eval_len or cfg.stages[-1][1]
     eval_tokens = corpus.packed_batch(val_stream, erng, max(2, cfg.eval_batches * 2), eval_len)
     eval_examples = []
     if cfg.task_fraction and eval_len >= tasks.MIN_LENGTH:
@@ -354,7 +355,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     key = jax.random.PRNGKey(cfg.seed + 1)
     t0 = time.time()
     tok_count, tok_t = 0, time.time()
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0 if jax.default_backend() == "cpu" else 15.0)
     step = start_step
     metrics = None
     try:
