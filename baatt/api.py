@@ -10,6 +10,7 @@ cannot run raises with the reason, never falls back silently.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from baatt import layout
 from baatt.config import BAConfig
 from baatt.reference.attention import block_sparse_blocked
-from baatt.selection import select_blocks
+from baatt.selection import get_selector
 from baatt.selection.types import BlockSelection
 from baatt.validation import check_finite, check_qkv
 
@@ -120,21 +121,29 @@ def attention(
     if not isinstance(config, BAConfig):
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
     check_qkv(q, k, v, key_mask=key_mask)
-    check_finite(q=q, k=k, v=v)
+    check_finite(q=q, k=k, v=v, key_mask=key_mask)
     impl = _resolve(implementation, q, k, v, config, interpret)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse, selection = _pipeline(q, k, v, key_mask, config, impl.name, interpret, scale)
+    if not return_stats:
+        return out
+    nk = -(-k.shape[1] // selection.block_k)
+    stats = dict(implementation=impl.name, density=selection.density(nk), selection=selection, lse=lse)
+    return out, stats
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _pipeline(q, k, v, key_mask, config, impl_name, interpret, scale):
+    """estimate -> select -> permute into block space -> sparse operator -> scatter back."""
+    impl = _REGISTRY[impl_name]
     if impl.select is not None:
         selection = impl.select(q, k, config, key_mask=key_mask, interpret=interpret)
     else:
-        selection = select_blocks(q, k, config, key_mask=key_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        selection = get_selector(config.selector)(q, k, config, key_mask=key_mask)
     space = layout.to_block_space(
         q, k, v, block_q=selection.block_q, block_k=selection.block_k,
         key_mask=key_mask, q_perm=selection.q_perm, k_perm=selection.k_perm,
     )
     out_b, lse_b = impl.sparse(space, selection.indices, selection.counts, scale=scale, interpret=interpret)
     out, lse = layout.from_block_space(out_b, lse_b, length_q=q.shape[1], q_perm=selection.q_perm)
-    if not return_stats:
-        return out
-    nk = space.num_k_blocks
-    stats = dict(implementation=impl.name, density=selection.density(nk), selection=selection, lse=lse)
-    return out, stats
+    return out, lse, selection

@@ -50,8 +50,17 @@ def check_qkv(q, k, v, *, key_mask=None) -> None:
         raise ValueError(f"v must share the dtype of k ({k.dtype}); got {v.dtype}")
 
 
-def check_finite(**arrays) -> None:
-    """Non-finite q/k would silently corrupt scores and sorting: refuse them when concrete."""
+def check_finite(*, key_mask=None, **arrays) -> None:
+    """Non-finite inputs would silently corrupt scores, sorting and outputs: refuse them when concrete.
+
+    ``q`` is checked everywhere; ``k`` and ``v`` only at real keys (``key_mask``),
+    since padding is never read and may hold anything.
+    """
     for name, x in arrays.items():
-        if x is not None and _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError(f"{name} contains NaN or Inf; attention inputs must be finite")
+        if x is None or not _is_concrete(x) or (key_mask is not None and not _is_concrete(key_mask)):
+            continue
+        finite = jnp.isfinite(x)
+        if name != "q" and key_mask is not None:
+            finite = finite | ~key_mask[:, :, None, None]
+        if not bool(jnp.all(finite)):
+            raise ValueError(f"{name} contains NaN or Inf at real tokens; attention inputs must be finite")

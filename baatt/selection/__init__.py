@@ -32,7 +32,7 @@ def select_blocks(q, k, config: BAConfig | None = None, *, selector: str | None 
     if not isinstance(config, BAConfig):
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
     check_qk(q, k, key_mask=key_mask)
-    check_finite(q=q, k=k)
+    check_finite(q=q, k=k, key_mask=key_mask)
     return _select_jit(q, k, key_mask, config, config.selector if selector is None else selector)
 
 

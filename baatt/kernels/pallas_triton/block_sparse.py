@@ -107,18 +107,21 @@ def _precision(dtype):
 
 
 def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, block_k, tk, precision):
+    # sel row: [count, any selected block holds a masked key (0/1), block ids...]
     count = sel_ref[0]
     q = q_ref[...]  # [tq, D]
     tq, d = q.shape
     qk_scale = scale * LOG2E
 
-    def body(t, carry):
+    def body(masked, t, carry):
         acc, m, l = carry
-        rows = pl.ds(pl.multiple_of(_tile_start(lambda j: sel_ref[j + 1], t, block_k, tk), tk), tk)
+        rows = pl.ds(pl.multiple_of(_tile_start(lambda j: sel_ref[j + 2], t, block_k, tk), tk), tk)
         k = k_ref[rows, :]
         v = v_ref[rows, :]
-        # bias: 0 for a valid key, -inf for a masked one (whose K/V rows were zeroed, so s is finite).
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale + bias_ref[rows][None, :]
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
+        if masked:
+            # bias: 0 for a valid key, -inf for a masked one (whose K/V rows were zeroed, so s is finite).
+            s = s + bias_ref[rows][None, :]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -131,7 +134,13 @@ def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale
         jnp.full((tq,), _M_INIT, jnp.float32),
         jnp.zeros((tq,), jnp.float32),
     )
-    acc, m, l = jax.lax.fori_loop(0, count * (block_k // tk), body, init)
+    steps = count * (block_k // tk)
+    # Rows whose selected blocks are all fully valid (the common case) skip the bias add.
+    acc, m, l = jax.lax.cond(
+        sel_ref[1] != 0,
+        lambda: jax.lax.fori_loop(0, steps, functools.partial(body, True), init),
+        lambda: jax.lax.fori_loop(0, steps, functools.partial(body, False), init),
+    )
     has = l > 0.0
     l_safe = jnp.where(has, l, 1.0)
     o_ref[...] = jnp.where(has[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
@@ -154,6 +163,19 @@ def _sanitize(k, v, kv_valid):
 def _pack_selection(indices, counts):
     """[B, H, N, kmax] + [B, H, N] -> [B, H, N, 1 + kmax]: the count first, then the ids."""
     return jnp.concatenate([counts[..., None].astype(jnp.int32), indices.astype(jnp.int32)], axis=-1)
+
+
+def _pack_forward_selection(indices, counts, kv_valid, block_k):
+    """[B, Hq, Nq, 2 + kmax]: count, whether any selected block holds a masked key, then the ids."""
+    batch, q_heads, nq, kmax = indices.shape
+    kv_heads = kv_valid.shape[1]
+    partial = ~jnp.all(kv_valid.reshape(batch, kv_heads, -1, block_k), axis=-1)  # [B, Hkv, Nk]
+    partial = jnp.repeat(partial, q_heads // kv_heads, axis=1)[:, :, None, :]
+    partial = jnp.broadcast_to(partial, (batch, q_heads, nq, partial.shape[-1]))
+    hit = jnp.take_along_axis(partial, indices, axis=-1) & (jnp.arange(kmax) < counts[..., None])
+    flag = jnp.any(hit, axis=-1).astype(jnp.int32)
+    return jnp.concatenate([counts[..., None].astype(jnp.int32), flag[..., None], indices.astype(jnp.int32)],
+                           axis=-1)
 
 
 def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret):
@@ -300,7 +322,7 @@ def transpose_selection(indices: jax.Array, counts: jax.Array, num_k_blocks: int
     return indices_t, counts_t
 
 
-def _backward(q, k, v, bias, sel, out, lse, do, dlse, *, scale, block_q, block_k, tuning, interpret):
+def _backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k, tuning, interpret):
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = k.shape
     group = q_heads // kv_heads
@@ -312,6 +334,7 @@ def _backward(q, k, v, bias, sel, out, lse, do, dlse, *, scale, block_q, block_k
     if dlse is not None:
         delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse.astype(jnp.float32))
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
+    sel = _pack_selection(indices, counts)
     width = sel.shape[-1]
 
     # dq over the forward list.
@@ -338,8 +361,6 @@ def _backward(q, k, v, bias, sel, out, lse, do, dlse, *, scale, block_q, block_k
     )(sel, q, do, lse2, delta, k, v, bias)
 
     # dk, dv over the transposed list.
-    indices = sel[..., 1:]
-    counts = sel[..., 0]
     indices_t, counts_t = transpose_selection(indices, counts, nk)
     selt = _pack_selection(indices_t, counts_t)  # [B, Hq, Nk, 1 + Nq]
     width_t = selt.shape[-1]
@@ -373,27 +394,26 @@ def _backward(q, k, v, bias, sel, out, lse, do, dlse, *, scale, block_q, block_k
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _attend(q, k, v, kv_valid, sel, scale, block_q, block_k, tuning, interpret):
-    kc, vc, bias = _sanitize(k, v, kv_valid)
-    return _forward(q, kc, vc, bias, sel, scale=scale, block_q=block_q, block_k=block_k,
-                    tuning=tuning, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret):
+    return _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret)[0]
 
 
-def _attend_fwd(q, k, v, kv_valid, sel, scale, block_q, block_k, tuning, interpret):
+def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret):
     kc, vc, bias = _sanitize(k, v, kv_valid)
+    sel = _pack_forward_selection(indices, counts, kv_valid, block_k)
     out, lse = _forward(q, kc, vc, bias, sel, scale=scale, block_q=block_q, block_k=block_k,
                         tuning=tuning, interpret=interpret)
-    return (out, lse), (q, kc, vc, bias, sel, out, lse)
+    return (out, lse), (q, kc, vc, bias, indices, counts, out, lse)
 
 
 def _attend_bwd(scale, block_q, block_k, tuning, interpret, res, cts):
     # Gradients w.r.t. the sanitised K/V are exactly those w.r.t. K/V: masked rows get p = 0, so 0.
-    q, kc, vc, bias, sel, out, lse = res
+    q, kc, vc, bias, indices, counts, out, lse = res
     do, dlse = cts
-    dq, dk, dv = _backward(q, kc, vc, bias, sel, out, lse, do, dlse, scale=scale, block_q=block_q,
+    dq, dk, dv = _backward(q, kc, vc, bias, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
                            block_k=block_k, tuning=tuning, interpret=interpret)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -415,8 +435,8 @@ def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, 
     if reason := unsupported_reason(q.shape, k.shape, v.shape, q.dtype, block_q, block_k):
         raise ValueError(reason)
     tuning = tuning.resolve(block_q, block_k, q.shape[-1])
-    sel = _pack_selection(indices, counts)
-    return _attend(q, k, v, kv_valid, sel, float(scale), block_q, block_k, tuning, interpret)
+    return _attend(q, k, v, kv_valid, indices.astype(jnp.int32), counts.astype(jnp.int32), float(scale),
+                   block_q, block_k, tuning, interpret)
 
 
 def unsupported_reason(q_shape, k_shape, v_shape, dtype, block_q: int, block_k: int) -> str | None:

@@ -1,0 +1,257 @@
+"""baatt.attention: equivalence with dense attention, poisoning, gradients, and every error message."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import baatt
+from baatt import reference
+from tests import bruteforce as bf
+
+
+def make(rng, batch=2, lq=150, lk=150, hq=4, hkv=2, d=16, dtype=np.float32):
+    q = rng.standard_normal((batch, lq, hq, d)) * rng.gamma(2.0, 0.5, (batch, lq, hq, 1))
+    k = rng.standard_normal((batch, lk, hkv, d)) * rng.gamma(2.0, 0.5, (batch, lk, hkv, 1))
+    v = rng.standard_normal((batch, lk, hkv, d))
+    return (jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    sorts=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
+    shape=st.sampled_from([(1, 64, 64, 2, 2), (2, 100, 100, 4, 2), (1, 37, 150, 2, 1), (2, 150, 129, 4, 1)]),
+    padded=st.booleans(),
+    block=st.sampled_from([16, 32]),
+)
+def test_all_blocks_kept_equals_dense(seed, sorts, shape, padded, block):
+    rng = np.random.default_rng(seed)
+    b, lq, lk, hq, hkv = shape
+    q, k, v = make(rng, b, lq, lk, hq, hkv)
+    mask = None
+    if padded:
+        mask = jnp.asarray(np.arange(lk)[None] < rng.integers(1, lk + 1, (b, 1)))
+    cfg = baatt.BAConfig(block_size=block, sort_q=sorts[0], sort_k=sorts[1], compensate=True)
+    out, stats = baatt.attention(q, k, v, config=cfg, key_mask=mask, return_stats=True)
+    ref_out, ref_lse = reference.dense_attention(q, k, v, key_mask=mask)
+    assert rel(out, ref_out) < 1e-5
+    np.testing.assert_allclose(stats["lse"], ref_lse, rtol=1e-5, atol=1e-5)
+    assert stats["implementation"] == "reference"
+    # Density counts every block that holds a real key.
+    want_nonempty = np.ones((b,)) if mask is None else np.asarray(
+        [len({i // block for i in range(lk) if mask[bi, i]}) for bi in range(b)]) / -(-lk // block)
+    np.testing.assert_allclose(stats["density"], np.broadcast_to(want_nonempty[:, None], (b, hq)), rtol=1e-6)
+
+
+def _hand_selection(b, hq, nq, kept_blocks, block):
+    ids = np.asarray(sorted(kept_blocks), np.int32)
+    indices = np.broadcast_to(ids, (b, hq, nq, ids.size)).copy()
+    counts = np.full((b, hq, nq), ids.size, np.int32)
+    return baatt.BlockSelection(jnp.asarray(indices), jnp.asarray(counts), block_q=block, block_k=block)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.finfo(np.float32).max, np.inf])
+def test_unselected_blocks_and_padding_are_never_read(poison):
+    rng = np.random.default_rng(11)
+    q, k, v = make(rng, 2, 96, 112, 4, 2)
+    block = 16  # 7 key blocks, the last one ragged is not: 112 = 7 * 16
+    lengths = np.asarray([100, 112])
+    mask = jnp.asarray(np.arange(112)[None] < lengths[:, None])
+    sel = _hand_selection(2, 4, 6, {0, 2, 5, 6}, block)
+    clean_out, clean_lse = reference.block_sparse_attention(q, k, v, sel, key_mask=mask)
+    kp, vp = np.array(k), np.array(v)
+    for j in (1, 3, 4):  # never selected
+        kp[:, j * block:(j + 1) * block] = poison
+        vp[:, j * block:(j + 1) * block] = poison
+    kp[0, 100:] = poison  # padding of batch row 0
+    vp[0, 100:] = poison
+    out, lse = reference.block_sparse_attention(q, jnp.asarray(kp), jnp.asarray(vp), sel, key_mask=mask)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse))
+    np.testing.assert_array_equal(out, clean_out)
+    np.testing.assert_array_equal(lse, clean_lse)
+
+    def loss(q, k, v):
+        return jnp.sum(reference.block_sparse_attention(q, k, v, sel, key_mask=mask)[0] ** 2)
+
+    g_clean = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    g_poison = jax.grad(loss, argnums=(0, 1, 2))(q, jnp.asarray(kp), jnp.asarray(vp))
+    np.testing.assert_array_equal(g_poison[0], g_clean[0])
+    for gp, gc in zip(g_poison[1:], g_clean[1:]):
+        assert np.all(np.isfinite(gp))
+        np.testing.assert_array_equal(np.asarray(gp)[:, :100], np.asarray(gc)[:, :100])
+
+
+def test_padding_poison_through_public_api():
+    rng = np.random.default_rng(5)
+    q, k, v = make(rng, 2, 80, 80, 2, 2)
+    mask = jnp.asarray(np.arange(80)[None] < np.asarray([[50], [80]]))
+    cfg = baatt.BAConfig(block_size=16, sparsity=0.5, sort_k=True, compensate=True)
+    clean = baatt.attention(q, k, v, config=cfg, key_mask=mask)
+    kp = k.at[0, 50:].set(jnp.nan)
+    vp = v.at[0, 50:].set(jnp.finfo(jnp.float32).max)
+    poisoned = baatt.attention(q, kp, vp, config=cfg, key_mask=mask)
+    assert np.all(np.isfinite(poisoned))
+    np.testing.assert_array_equal(poisoned, clean)
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_gradients_match_masked_dense(sort):
+    """Gradients of the block-sparse reference equal those of dense attention under the block mask."""
+    rng = np.random.default_rng(2 + sort)
+    q, k, v = make(rng, 1, 70, 90, 4, 2)
+    cfg = baatt.BAConfig(block_size=16, sparsity=0.5, sort_q=sort, sort_k=sort)
+    sel = baatt.select_blocks(q, k, cfg)
+    kept = np.asarray(sel.kept_mask(6))  # [B, Hq, Nq, Nk] in (sorted) block space
+    q_slot = np.arange(70) if sel.q_perm is None else np.argsort(np.asarray(sel.q_perm), -1)
+    k_slot = np.arange(90) if sel.k_perm is None else np.argsort(np.asarray(sel.k_perm), -1)
+    tok = np.zeros((1, 4, 70, 90), bool)
+    for h in range(4):
+        qs = q_slot if sel.q_perm is None else q_slot[0, h]
+        ks = k_slot if sel.k_perm is None else k_slot[0, h // 2]
+        tok[0, h] = kept[0, h][np.ix_(qs // 16, ks // 16)]
+
+    def masked_dense(q, k, v):
+        kk, vv = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        s = jnp.einsum("blhd,bmhd->bhlm", q, kk, precision="highest") / 4.0
+        p = jax.nn.softmax(jnp.where(tok, s, -jnp.inf), axis=-1)
+        return jnp.einsum("bhlm,bmhd->blhd", p, vv, precision="highest")
+
+    w = jnp.asarray(rng.standard_normal((1, 70, 4, 16)), jnp.float32)
+    g_ref = jax.grad(lambda *a: jnp.sum(masked_dense(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    g_sp = jax.grad(lambda *a: jnp.sum(reference.block_sparse_attention(*a, sel)[0] * w), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_sp, g_ref):
+        assert rel(a, b) < 1e-5
+
+
+def test_attention_under_jit_and_grad():
+    rng = np.random.default_rng(9)
+    q, k, v = make(rng, 1, 64, 64, 2, 1)
+    cfg = baatt.BAConfig(block_size=16, sparsity=0.5, sort_k=True)
+    f = jax.jit(lambda q, k, v: jnp.sum(baatt.attention(q, k, v, config=cfg) ** 2))
+    g = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    assert all(np.all(np.isfinite(x)) for x in g)
+    np.testing.assert_allclose(f(q, k, v), jnp.sum(baatt.attention(q, k, v, config=cfg) ** 2), rtol=1e-5)
+
+
+def test_sparse_output_matches_numpy_for_each_reference_selector():
+    rng = np.random.default_rng(4)
+    q, k, v = make(rng, 1, 64, 80, 2, 1)
+    for selector in ("baatt", "meanpool", "oracle", "random", "dense"):
+        cfg = baatt.BAConfig(block_size=16, sparsity=0.6, selector=selector)
+        out, stats = baatt.attention(q, k, v, config=cfg, return_stats=True)
+        sel = stats["selection"]
+        want, _ = bf.block_sparse(np.asarray(q), np.asarray(k), np.asarray(v), np.asarray(sel.indices),
+                                  np.asarray(sel.counts), 16, 16)
+        assert rel(out, want) < 1e-5, selector
+
+
+def test_oracle_selector_keeps_the_largest_oracle_blocks():
+    rng = np.random.default_rng(8)
+    q, k, v = make(rng, 1, 64, 96, 2, 2)
+    sel = baatt.select_blocks(q, k, baatt.BAConfig(block_size=16, sparsity=0.5), selector="oracle")
+    m_hat = bf.post_map(np.asarray(q), np.asarray(k), 16, 16)
+    np.testing.assert_array_equal(sel.kept_mask(6), bf.topk_rows(m_hat, 3))
+
+
+def test_forced_sink_and_local_blocks():
+    rng = np.random.default_rng(1)
+    q, k, _ = make(rng, 1, 128, 128, 2, 1)
+    cfg = baatt.BAConfig(block_size=16, sparsity=0.75, force_sink=True, local_window=1)
+    kept = np.asarray(baatt.select_blocks(q, k, cfg).kept_mask(8))
+    assert kept[..., 0].all(), "the sink block must always be kept"
+    for a in range(8):
+        for j in range(max(0, a - 1), min(8, a + 2)):
+            assert kept[:, :, a, j].all(), (a, j)
+    # With K sorted, the sink is whichever sorted block holds position 0.
+    cfg = baatt.BAConfig(block_size=16, sparsity=0.875, force_sink=True, sort_k=True)
+    sel = baatt.select_blocks(q, k, cfg)
+    slot = int(np.argsort(np.asarray(sel.k_perm[0, 0]))[0])
+    assert np.asarray(sel.kept_mask(8))[0, :, :, slot // 16].all()
+
+
+# ---- bad input: a clear error naming the argument and the rule --------------------------------
+
+def _qkv():
+    return make(np.random.default_rng(0), 1, 32, 32, 2, 1)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda q, k, v: (q[0], k, v), "q must have rank 4"),
+        (lambda q, k, v: (q, k[..., :8], v), "head_dim of q and k must match"),
+        (lambda q, k, v: (q[:, :, :1], jnp.concatenate([k, k], 2), jnp.concatenate([v, v], 2)), "kv heads must divide query heads"),
+        (lambda q, k, v: (q.astype(jnp.int32), k, v), "q must be float32, bfloat16, float16 or float64"),
+        (lambda q, k, v: (q, k.astype(jnp.bfloat16), v), "q and k must share a dtype"),
+        (lambda q, k, v: (q, k, v[:, :5]), "v must have shape"),
+        (lambda q, k, v: (q.at[0, 0, 0, 0].set(jnp.nan), k, v), "q contains NaN or Inf"),
+        (lambda q, k, v: (q, k, v.at[0, 3, 0, 0].set(jnp.inf)), "v contains NaN or Inf"),
+        (lambda q, k, v: (jnp.concatenate([q, q]), k, v), "must share the batch size"),
+    ],
+)
+def test_bad_tensors_raise(mutate, message):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises(ValueError, match=message):
+        baatt.attention(q, k, v, config=baatt.BAConfig(block_size=16))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(block_size=12), "block_size must be a power of two"),
+        (dict(block_size=0), "block_size must be a positive int"),
+        (dict(block_size_k=3), "block_size_k must be a positive int|block_size_k must be a power of two"),
+        (dict(sparsity=1.0), r"sparsity must be a finite number in \[0, 1\)"),
+        (dict(sparsity=-0.1), r"sparsity must be a finite number in \[0, 1\)"),
+        (dict(sparsity=float("nan")), "sparsity must be a finite number"),
+        (dict(tau=0.0), r"tau must be a finite number in \(0, 1\]"),
+        (dict(tau=0.9, sparsity=0.5), "sparsity and tau are exclusive"),
+        (dict(min_blocks=0), "min_blocks must be an int >= 1"),
+        (dict(tau=0.9, min_blocks=3, max_blocks=2), "max_blocks must be an int >= min_blocks"),
+        (dict(beta=float("inf")), "beta must be a finite number"),
+        (dict(selector="magic"), "selector must be one of"),
+        (dict(local_window=1, sort_k=True), "local_window is positional"),
+        (dict(xattn_stride=5), "xattn_stride must divide block_size"),
+        (dict(sort_q=1), "sort_q must be a bool"),
+    ],
+)
+def test_bad_config_raises(kwargs, message):
+    with pytest.raises(ValueError, match=r"BAConfig\." + message):
+        baatt.BAConfig(**kwargs)
+
+
+def test_bad_key_mask_and_implementation_raise():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        baatt.attention(q, k, v, key_mask=jnp.ones((1, 5), bool))
+    with pytest.raises(ValueError, match="key_mask must be a bool array"):
+        baatt.attention(q, k, v, key_mask=jnp.ones((1, 32), jnp.int32))
+    with pytest.raises(ValueError, match="key_mask must keep at least one real key"):
+        baatt.attention(q, k, v, key_mask=jnp.zeros((1, 32), bool))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        baatt.attention(q, k, v, implementation="magic")
+    with pytest.raises(ValueError, match="config must be a baatt.BAConfig"):
+        baatt.attention(q, k, v, config={"sparsity": 0.5})
+
+
+def test_empty_or_out_of_range_selection_raises():
+    q, k, v = _qkv()
+    sel = _hand_selection(1, 2, 2, {0}, 16)
+    empty = baatt.BlockSelection(sel.indices, jnp.zeros_like(sel.counts), block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="selection.counts must be >= 1"):
+        reference.block_sparse_attention(q, k, v, empty)
+    bad = baatt.BlockSelection(sel.indices + 5, sel.counts, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match=r"selection.indices must lie in \[0, 2\)"):
+        reference.block_sparse_attention(q, k, v, bad)
+    with pytest.raises(ValueError, match="selection.indices must have shape"):
+        reference.block_sparse_attention(jnp.concatenate([q, q], 1), k, v, sel)

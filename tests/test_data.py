@@ -1,0 +1,124 @@
+"""Offline data: tokenizer, corpus, long-context task generators (needs `bash scripts/setup_data.sh`)."""
+
+import numpy as np
+import pytest
+
+from baatt.data import corpus, tasks
+from baatt.data.tokenizer import Tokenizer, get_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def val():
+    return corpus.load_tokens("val")
+
+
+@pytest.mark.parametrize("text", [
+    "Hello world!",
+    "The pass key is 71432. Remember it.",
+    "  leading spaces,\ttabs\n\nand newlines  \n",
+    "It's we've they'll I'd — “quotes” über naïve 日本語 😀 ½ ²",
+    "snake_case_name = x_1 + y__2",
+    "",
+])
+def test_tokenizer_round_trips(tok, text):
+    ids = tok.encode(text)
+    assert all(0 <= i < 50256 for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_tokenizer_matches_gpt2_ids(tok):
+    # Reference ids of GPT-2 (r50k_base).
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode(" the") == [262]
+    assert tok.eot_id == 50256 and tok.mask_id == 50257 and tok.vocab_size == 50258
+    assert tok.decode([tok.mask_id]) == "<|mask|>"
+
+
+def test_tokenizer_errors(tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match="bash scripts/setup_data.sh"):
+        Tokenizer(tmp_path / "missing.tiktoken")
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("IQ== 0\n")
+    with pytest.raises(ValueError, match="not the GPT-2 ranks file"):
+        Tokenizer(bad)
+    with pytest.raises(ValueError, match="token id must be in"):
+        tok.decode([60000])
+    with pytest.raises(ValueError, match="text must be a str"):
+        tok.encode(b"bytes")
+
+
+def test_brown_tags_are_stripped():
+    raw = "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ./.\n\n\tIt/pps is/bez n't/* ./.\n"
+    assert corpus._clean_brown(raw) == 'The jury said " no evidence ".\n\nIt isn\'t.'
+
+
+def test_corpus_splits_and_packing(val):
+    train = corpus.load_tokens("train")
+    assert train.dtype == np.uint16 and train.size > 20 * val.size > 0
+    rng = np.random.default_rng(0)
+    b = corpus.packed_batch(val, rng, 3, 100)
+    assert b.shape == (3, 100) and b.dtype == np.int32 and b.max() < 50257
+    seqs = corpus.packed_sequences(val, 1000)
+    assert seqs.shape == (val.size // 1000, 1000)
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        corpus.load_tokens("test")
+    with pytest.raises(ValueError, match="length must be smaller than the token stream"):
+        corpus.packed_batch(val, rng, 1, val.size + 1)
+    with pytest.raises(ValueError, match="source must be one of"):
+        corpus.documents("wiki")
+
+
+@pytest.mark.parametrize("kind", sorted(tasks.TASKS))
+@pytest.mark.parametrize("length", [512, 2048, 8192])
+def test_task_places_needles_where_it_says(tok, val, kind, length):
+    rng = np.random.default_rng(length)
+    ex = tasks.make_example(kind, rng, val, tok, length)
+    assert ex.tokens.shape == (length,) and ex.tokens.dtype == np.int32
+    for (a, b), text in zip(ex.needle_spans, ex.needle_texts):
+        assert 0 <= a < b <= ex.answer_start
+        assert tok.decode(ex.tokens[a:b]) == text
+    spans = sorted(ex.needle_spans)
+    assert all(s[1] <= t[0] for s, t in zip(spans, spans[1:]))  # no overlap
+    assert tok.decode(ex.answer_tokens) == ex.answer
+    assert ex.answer_end == length - 1  # answer, then the final "."
+    target = ex.needle_texts[ex.target]
+    if kind == "passkey":
+        assert ex.answer.strip() in target
+    elif kind == "multikey_niah":
+        assert target.endswith(f"is:{ex.answer}.")
+        question = tok.decode(ex.tokens[ex.needle_spans[-1][1]:ex.answer_start])
+        key = target.split(" for ")[1].split(" is:")[0]
+        assert f"number for {key}" in question
+    else:
+        names = ex.answer.split()
+        assert names[0] in target and all(f"VAR {n} =" in "".join(ex.needle_texts) for n in names)
+
+
+def test_task_depth_is_honoured(tok, val):
+    rng = np.random.default_rng(0)
+    for depth in (0.0, 0.25, 0.5, 1.0):
+        ex = tasks.passkey(rng, val, tok, 4096, depth=depth)
+        start = ex.needle_spans[0][0]
+        assert abs(start / 4096 - depth) < 0.06, (depth, start)
+    ex = tasks.multikey_niah(rng, val, tok, 2048, num_needles=3, depths=[0.9, 0.1, 0.5])
+    starts = [s[0] / 2048 for s in ex.needle_spans]
+    assert starts[1] < starts[2] < starts[0]
+
+
+def test_task_errors(tok, val):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"length must be an int in \[256"):
+        tasks.passkey(rng, val, tok, 100)
+    with pytest.raises(ValueError, match="task must be one of"):
+        tasks.make_example("qa", rng, val, tok, 1024)
+    with pytest.raises(ValueError, match=r"depths must lie in \[0, 1\]"):
+        tasks.passkey(rng, val, tok, 1024, depth=1.5)
+    with pytest.raises(ValueError, match="num_needles must be an int"):
+        tasks.multikey_niah(rng, val, tok, 1024, num_needles=0)
+    with pytest.raises(ValueError, match="length must leave room for the haystack"):
+        tasks.variable_tracking(rng, val, tok, 256, hops=16)

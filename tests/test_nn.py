@@ -1,0 +1,132 @@
+"""The NNX diffusion LM: shapes, gradients, pluggable attention, presets, the nnx attention_fn adapter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import baatt
+from baatt import BAConfig
+from baatt.nn import AttentionPlan, DiffusionLM, ModelConfig, ba_attention_fn, count_params, get_config
+
+CFG = get_config("tiny", max_len=256)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DiffusionLM(CFG, rngs=nnx.Rngs(0))
+
+
+def _tokens(b=2, l=80, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 50258, (b, l)), jnp.int32)
+
+
+def test_forward_backward_shapes(model):
+    x = _tokens()
+    logits = model(x)
+    assert logits.shape == (2, 80, CFG.vocab_size) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+    def loss(m):
+        return jnp.mean(jax.nn.logsumexp(m(x).astype(jnp.float32), axis=-1))
+
+    grads = nnx.grad(loss)(model)
+    params = nnx.state(model, nnx.Param)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
+        assert g.shape == p.shape and bool(jnp.all(jnp.isfinite(g)))
+    assert count_params(model) == sum(p.size for p in jax.tree.leaves(params))
+
+
+def test_untied_head_and_bf16():
+    m = DiffusionLM(CFG.replace(tie_embeddings=False, dtype="bfloat16"), rngs=nnx.Rngs(1))
+    out = m(_tokens(1, 40))
+    assert out.shape == (1, 40, CFG.vocab_size) and out.dtype == jnp.bfloat16
+    assert count_params(m) == count_params(DiffusionLM(CFG, rngs=nnx.Rngs(1))) + CFG.d_model * CFG.vocab_size
+
+
+def test_small_preset_size():
+    m = nnx.eval_shape(lambda: DiffusionLM(get_config("small"), rngs=nnx.Rngs(0)))
+    n = sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert 20e6 <= n <= 40e6
+
+
+@pytest.mark.parametrize("ba", [
+    BAConfig(block_size=16),
+    BAConfig(block_size=16, sort_q=True, sort_k=True),
+    BAConfig(block_size=16, sort_k=True, compensate=True, beta=0.5),
+])
+def test_ba_with_every_block_kept_equals_dense(model, ba):
+    x = _tokens(2, 70)  # 70 is not a multiple of the block size
+    dense = model(x, attention=AttentionPlan.dense())
+    sparse, aux = model(x, attention=AttentionPlan.ba(ba, compensate_layers=("first", "last")), return_aux=True)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=2e-5, rtol=2e-5)
+    assert all(float(jnp.min(d)) == 1.0 for d in aux["density"])
+
+
+def test_key_mask_matches_dense(model):
+    x = _tokens(2, 64)
+    km = jnp.arange(64)[None, :] < jnp.asarray([[64], [40]])
+    dense = model(x, key_mask=km)
+    sparse = model(x, key_mask=km, attention=AttentionPlan.ba(BAConfig(block_size=16)))
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=2e-5, rtol=2e-5)
+
+
+def test_sparse_plan_and_selection_reuse(model):
+    x = _tokens(1, 128)
+    plan = AttentionPlan.ba(BAConfig(block_size=16, sparsity=0.5))
+    a, aux = model(x, attention=plan, return_aux=True)
+    assert all(abs(float(jnp.mean(d)) - 0.5) < 1e-6 for d in aux["density"])
+    assert float(jnp.max(jnp.abs(a - model(x)))) > 0  # sparse differs from dense
+    b, aux2 = model(x, attention=plan, selections=aux["selections"], return_aux=True)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="selections must hold one entry per layer"):
+        model(x, attention=plan, selections=aux["selections"][:1])
+
+
+def test_compensation_first_and_last_is_one_setting():
+    plan = AttentionPlan.ba(BAConfig(sparsity=0.5, compensate=False), compensate_layers=("first", "last"))
+    comp = [plan.layer_config(i, 6).compensate for i in range(6)]
+    assert comp == [True, False, False, False, False, True]
+    plan = AttentionPlan.ba(BAConfig(sparsity=0.5), compensate_layers=(2,))
+    assert [plan.layer_config(i, 4).compensate for i in range(4)] == [False, False, True, False]
+    per_layer = AttentionPlan(kind="ba", layer_configs=(None, BAConfig(sparsity=0.7)))
+    assert per_layer.layer_config(0, 2) is None and per_layer.layer_config(1, 2).sparsity == 0.7
+    assert AttentionPlan.dense().layer_config(0, 2) is None
+    hash(plan)  # static argument of jit
+    with pytest.raises(ValueError, match="one entry per layer"):
+        per_layer.layer_config(0, 3)
+    with pytest.raises(ValueError, match="compensate_layers entries must be"):
+        AttentionPlan.ba(BAConfig(), compensate_layers=("middle",))
+    with pytest.raises(ValueError, match="kind must be 'dense' or 'ba'"):
+        AttentionPlan(kind="sparse")
+
+
+def test_config_errors(model):
+    with pytest.raises(ValueError, match="model preset must be one of"):
+        get_config("huge")
+    with pytest.raises(ValueError, match=r"sequence length must be at most ModelConfig.max_len=256"):
+        model(_tokens(1, 300))
+    with pytest.raises(ValueError, match="num_kv_heads must divide num_heads"):
+        ModelConfig(num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        model(jnp.zeros((4,), jnp.int32))
+
+
+def test_nnx_multihead_attention_adapter():
+    kw = dict(num_heads=4, in_features=32, qkv_features=32, decode=False)
+    ref = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(3))
+    ba = nnx.MultiHeadAttention(**kw, attention_fn=ba_attention_fn(BAConfig(block_size=8)), rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 32))
+    np.testing.assert_allclose(np.asarray(ba(x)), np.asarray(ref(x)), atol=1e-5, rtol=1e-5)
+    # Key padding mask (as nnx.make_attention_mask builds it).
+    valid = jnp.arange(40)[None] < jnp.asarray([[40], [25]])
+    mask = nnx.make_attention_mask(valid, valid)
+    out_ba, out_ref = ba(x, mask=mask), ref(x, mask=mask)
+    np.testing.assert_allclose(np.asarray(out_ba[1, :25]), np.asarray(out_ref[1, :25]), atol=1e-5, rtol=1e-5)
+    # Sparse: runs, differs.
+    sp = nnx.MultiHeadAttention(**kw, attention_fn=ba_attention_fn(BAConfig(block_size=8, sparsity=0.6)), rngs=nnx.Rngs(3))
+    assert sp(x).shape == (2, 40, 32)
+    with pytest.raises(ValueError, match="key-padding masks only"):
+        ba(x, mask=nnx.make_causal_mask(jnp.ones((2, 40))))
