@@ -10,7 +10,7 @@ import baatt
 from baatt import BAConfig
 from baatt.nn import AttentionPlan, DiffusionLM, ModelConfig, ba_attention_fn, count_params, get_config
 
-CFG = get_config("tiny", max_len=256)
+CFG = get_config("tiny", max_len=256, vocab_size=512, mask_id=511)  # small vocab: fast CPU tests
 
 
 @pytest.fixture(scope="module")
@@ -18,20 +18,26 @@ def model():
     return DiffusionLM(CFG, rngs=nnx.Rngs(0))
 
 
+@nnx.jit(static_argnames=("attention", "return_aux"))
+def _run(model, x, key_mask=None, attention=None, selections=None, return_aux=False):
+    """Jitted forward (one compile beats op-by-op dispatch of the BA-Att pipeline on CPU)."""
+    return model(x, key_mask=key_mask, attention=attention, selections=selections, return_aux=return_aux)
+
+
 def _tokens(b=2, l=80, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, 50258, (b, l)), jnp.int32)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 511, (b, l)), jnp.int32)
 
 
 def test_forward_backward_shapes(model):
     x = _tokens()
-    logits = model(x)
+    logits = _run(model, x)
     assert logits.shape == (2, 80, CFG.vocab_size) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
 
     def loss(m):
         return jnp.mean(jax.nn.logsumexp(m(x).astype(jnp.float32), axis=-1))
 
-    grads = nnx.grad(loss)(model)
+    grads = nnx.jit(nnx.grad(loss))(model)
     params = nnx.state(model, nnx.Param)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
@@ -41,7 +47,7 @@ def test_forward_backward_shapes(model):
 
 def test_untied_head_and_bf16():
     m = DiffusionLM(CFG.replace(tie_embeddings=False, dtype="bfloat16"), rngs=nnx.Rngs(1))
-    out = m(_tokens(1, 40))
+    out = _run(m, _tokens(1, 40))
     assert out.shape == (1, 40, CFG.vocab_size) and out.dtype == jnp.bfloat16
     assert count_params(m) == count_params(DiffusionLM(CFG, rngs=nnx.Rngs(1))) + CFG.d_model * CFG.vocab_size
 
@@ -59,27 +65,27 @@ def test_small_preset_size():
 ])
 def test_ba_with_every_block_kept_equals_dense(model, ba):
     x = _tokens(2, 70)  # 70 is not a multiple of the block size
-    dense = model(x, attention=AttentionPlan.dense())
-    sparse, aux = model(x, attention=AttentionPlan.ba(ba, compensate_layers=("first", "last")), return_aux=True)
+    dense = _run(model, x, attention=AttentionPlan.dense())
+    sparse, aux = _run(model, x, attention=AttentionPlan.ba(ba, compensate_layers=("first", "last")), return_aux=True)
     np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=2e-5, rtol=2e-5)
-    assert all(float(jnp.min(d)) == 1.0 for d in aux["density"])
+    assert all(abs(float(jnp.min(d)) - 1.0) < 1e-6 for d in aux["density"])
 
 
 def test_key_mask_matches_dense(model):
     x = _tokens(2, 64)
     km = jnp.arange(64)[None, :] < jnp.asarray([[64], [40]])
-    dense = model(x, key_mask=km)
-    sparse = model(x, key_mask=km, attention=AttentionPlan.ba(BAConfig(block_size=16)))
+    dense = _run(model, x, key_mask=km)
+    sparse = _run(model, x, key_mask=km, attention=AttentionPlan.ba(BAConfig(block_size=16)))
     np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=2e-5, rtol=2e-5)
 
 
 def test_sparse_plan_and_selection_reuse(model):
     x = _tokens(1, 128)
     plan = AttentionPlan.ba(BAConfig(block_size=16, sparsity=0.5))
-    a, aux = model(x, attention=plan, return_aux=True)
+    a, aux = _run(model, x, attention=plan, return_aux=True)
     assert all(abs(float(jnp.mean(d)) - 0.5) < 1e-6 for d in aux["density"])
-    assert float(jnp.max(jnp.abs(a - model(x)))) > 0  # sparse differs from dense
-    b, aux2 = model(x, attention=plan, selections=aux["selections"], return_aux=True)
+    assert float(jnp.max(jnp.abs(a - _run(model, x)))) > 0  # sparse differs from dense
+    b, aux2 = _run(model, x, attention=plan, selections=aux["selections"], return_aux=True)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="selections must hold one entry per layer"):
         model(x, attention=plan, selections=aux["selections"][:1])
@@ -119,14 +125,15 @@ def test_nnx_multihead_attention_adapter():
     ref = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(3))
     ba = nnx.MultiHeadAttention(**kw, attention_fn=ba_attention_fn(BAConfig(block_size=8)), rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 32))
-    np.testing.assert_allclose(np.asarray(ba(x)), np.asarray(ref(x)), atol=1e-5, rtol=1e-5)
+    call = nnx.jit(lambda m, x, mask=None: m(x, mask=mask))
+    np.testing.assert_allclose(np.asarray(call(ba, x)), np.asarray(call(ref, x)), atol=1e-5, rtol=1e-5)
     # Key padding mask (as nnx.make_attention_mask builds it).
     valid = jnp.arange(40)[None] < jnp.asarray([[40], [25]])
     mask = nnx.make_attention_mask(valid, valid)
-    out_ba, out_ref = ba(x, mask=mask), ref(x, mask=mask)
+    out_ba, out_ref = call(ba, x, mask), call(ref, x, mask)
     np.testing.assert_allclose(np.asarray(out_ba[1, :25]), np.asarray(out_ref[1, :25]), atol=1e-5, rtol=1e-5)
     # Sparse: runs, differs.
     sp = nnx.MultiHeadAttention(**kw, attention_fn=ba_attention_fn(BAConfig(block_size=8, sparsity=0.6)), rngs=nnx.Rngs(3))
-    assert sp(x).shape == (2, 40, 32)
+    assert call(sp, x).shape == (2, 40, 32)
     with pytest.raises(ValueError, match="key-padding masks only"):
         ba(x, mask=nnx.make_causal_mask(jnp.ones((2, 40))))
