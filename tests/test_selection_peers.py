@@ -88,16 +88,19 @@ def setup(p, **extra):
     return q, k, mask, config
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _jitted(module, q, k, mask, config):
+    out = module.block_scores(q, k, config, key_mask=mask)
+    if module is last_query:
+        out = out + last_query.line_masses(q, k, config, key_mask=mask)
+    return out, module.select(q, k, config, key_mask=mask)
+
+
 def run(module, q, k, mask, config):
-    """Jitted (block_scores, select) of a selector module, as NumPy."""
-
-    @functools.partial(jax.jit, static_argnums=3)
-    def both(q, k, mask, config):
-        return module.block_scores(q, k, config, key_mask=mask), module.select(q, k, config, key_mask=mask)
-
+    """Jitted block_scores (plus line_masses for last_query) and select of a selector module (one compile)."""
     jmask = None if mask is None else jnp.asarray(mask)
-    scores, sel = both(jnp.asarray(q), jnp.asarray(k), jmask, config)
-    return jax.tree.map(np.asarray, scores), sel
+    out, sel = _jitted(module, jnp.asarray(q), jnp.asarray(k), jmask, config)
+    return jax.tree.map(np.asarray, out), sel
 
 
 # -- NumPy references ----------------------------------------------------------------
@@ -378,12 +381,9 @@ def test_last_query_matches_numpy(p, nlast, gamma):
         desc = -np.sort(-lines, axis=-1)
         cum = np.cumsum(desc, axis=-1)
         assume(not np.any(np.abs(cum - gamma * cum[..., -1:]) < 1e-5))
-    (scores, mass), sel = run(last_query, q, k, mask, config)
-    jv, js = jax.jit(last_query.line_masses, static_argnums=2)(
-        jnp.asarray(q), jnp.asarray(k), config, key_mask=None if mask is None else jnp.asarray(mask)
-    )
-    np.testing.assert_allclose(np.asarray(jv), vert, atol=1e-6, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(js), slash, atol=1e-6, rtol=1e-4)
+    (scores, mass, jv, js), sel = run(last_query, q, k, mask, config)
+    np.testing.assert_allclose(jv, vert, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(js, slash, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(mass, want_mass, atol=2e-6, rtol=1e-4)
     assert np.all((mass > 0) == (want_mass > 0))
     np.testing.assert_allclose(scores, want_scores, atol=1e-3, rtol=0)  # -inf positions must match too
@@ -559,6 +559,6 @@ def test_dispatcher_reaches_selector(name):
     q, k, _ = make_inputs(5, 1, 100, 100, 1, 1, 16, 16, pad=False)
     config = BAConfig(block_size=16, sparsity=0.5, selector=name, xattn_stride=4)
     sel = select_blocks(jnp.asarray(q), jnp.asarray(k), config)
-    direct = SELECTORS[name].select(jnp.asarray(q), jnp.asarray(k), config)
+    _, direct = run(SELECTORS[name], q, k, None, config)
     np.testing.assert_array_equal(np.asarray(sel.indices), np.asarray(direct.indices))
     assert np.all(np.asarray(sel.counts) == config.kmax(7))
