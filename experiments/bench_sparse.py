@@ -79,10 +79,13 @@ def get_config(quick: bool = False, smoke: bool = False) -> Config:
 
 
 def _git_commit() -> str:
+    if os.environ.get("BAATT_COMMIT"):  # the device copy of the tree may have no usable .git
+        return os.environ["BAATT_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001  (the device copy may have no .git)
-        return os.environ.get("BAATT_COMMIT", "unknown")
+        out = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        return out if len(out) == 40 else "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
 def _median_time(call, sync, *, target_s: float, min_reps: int) -> float:
