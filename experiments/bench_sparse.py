@@ -309,16 +309,13 @@ def run_tune(cfg: Config) -> list[dict]:
 
     variants = {
         "default": Tuning(),
-        "fwd_k64": Tuning(fwd_k=64),
-        "fwd_w4": Tuning(fwd_warps=4),
-        "fwd_s2": Tuning(fwd_stages=2),
-        "fwd_k64_s4": Tuning(fwd_k=64, fwd_stages=4),
-        "bwd_s3": Tuning(bwd_stages=3),
+        "fwd_rotate": Tuning(fwd_rotate=True),
+        "fwd_rotate_s2": Tuning(fwd_rotate=True, fwd_stages=2),
     }
     rows = []
     sync = jax.block_until_ready
     bs, d = cfg.block, cfg.head_dim
-    for L in (16384,):
+    for L in (16384, 131072):
         q, k, v = synthetic_qkv(jax.random.PRNGKey(L), cfg, L)
         cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=cfg.dense_impl))
         t = _median_time(lambda: cud(q, k, v), sync, target_s=cfg.target_s, min_reps=3)

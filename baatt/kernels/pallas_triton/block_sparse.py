@@ -58,6 +58,9 @@ class Tuning:
     fwd_q: query rows per forward program (<= block_q, divides it); fwd_k: key rows per inner step.
     dq_q: query rows per dq program; dq_k: key rows per inner step of dq.
     dkv_k: key rows per dk/dv program; dkv_q: query rows per inner step of dk/dv.
+    fwd_rotate: each forward program starts its walk over the selected blocks at a different
+      position (its tile index mod the count) and wraps around, so programs running at the same
+      time read different K/V blocks (softmax is order-free; only rounding changes).
     None means "derive from the block sizes" (see ``resolve``).
     """
 
@@ -65,6 +68,7 @@ class Tuning:
     fwd_k: int | None = None
     fwd_warps: int | None = None
     fwd_stages: int = 3
+    fwd_rotate: bool = False
     dq_q: int | None = None
     dq_k: int | None = None
     dkv_k: int | None = None
@@ -86,6 +90,7 @@ class Tuning:
             fwd_k=pick(self.fwd_k, 128, block_k),
             fwd_warps=self.fwd_warps or (8 if fwd_q * head_dim >= 128 * 128 else 4),
             fwd_stages=self.fwd_stages,
+            fwd_rotate=self.fwd_rotate,
             dq_q=pick(self.dq_q, 64, block_q),
             dq_k=pick(self.dq_k, 64, block_k),
             dkv_k=pick(self.dkv_k, 64, block_k),
@@ -106,15 +111,22 @@ def _precision(dtype):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, block_k, tk, precision):
+def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, block_k, tk, precision,
+                rotate):
     # sel row: [count, any selected block holds a masked key (0/1), block ids...]
     count = sel_ref[0]
     q = q_ref[...]  # [tq, D]
     tq, d = q.shape
     qk_scale = scale * LOG2E
 
+    steps = count * (block_k // tk)
+    offset = jax.lax.rem(pl.program_id(0), jnp.maximum(steps, 1)) if rotate else None
+
     def body(masked, t, carry):
         acc, m, l = carry
+        if rotate:
+            t = t + offset
+            t = jnp.where(t >= steps, t - steps, t)
         rows = pl.ds(pl.multiple_of(_tile_start(lambda j: sel_ref[j + 2], t, block_k, tk), tk), tk)
         k = k_ref[rows, :]
         v = v_ref[rows, :]
@@ -134,7 +146,6 @@ def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale
         jnp.full((tq,), _M_INIT, jnp.float32),
         jnp.zeros((tq,), jnp.float32),
     )
-    steps = count * (block_k // tk)
     # Rows whose selected blocks are all fully valid (the common case) skip the bias add.
     acc, m, l = jax.lax.cond(
         sel_ref[1] != 0,
@@ -186,7 +197,7 @@ def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret):
     per_block = block_q // tq
     width = sel.shape[-1]
     kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, tk=tuning.fwd_k,
-                               precision=_precision(q.dtype))
+                               precision=_precision(q.dtype), rotate=tuning.fwd_rotate)
     grid = (lq // tq, batch, q_heads)
     return pl.pallas_call(
         kernel,
