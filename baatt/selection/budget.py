@@ -86,7 +86,7 @@ def select_from_scores(
     else:
         count = jnp.full((b, h, nq), kmax)
     count = jnp.maximum(count, n_forced)
-    count = jnp.minimum(count, n_valid).astype(jnp.int32)
+    count = jnp.minimum(jnp.minimum(count, n_valid), kmax).astype(jnp.int32)
     count = jnp.maximum(count, 1)  # only reachable for an all-empty row (all keys masked)
     pos = jnp.arange(kmax)
     live = pos < count[..., None]

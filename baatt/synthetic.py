@@ -1,0 +1,116 @@
+"""Synthetic attention inputs with the structure real long-context attention has.
+
+Used where no model is at hand (the approximation-error study, tests, benchmarks).
+Each ingredient stands for a known property of pretrained attention:
+- segments (documents or scenes) with their own topic vector: block structure;
+- a slowly drifting content state with rotary embeddings: a local band;
+- heavy-tailed token norms (log-normal): what norm sorting reacts to;
+- a few sink keys of large norm aligned with a shared query direction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    batch: int = 1
+    length: int = 8192
+    q_heads: int = 4
+    kv_heads: int = 4
+    head_dim: int = 64
+    mean_segment: int = 600  # tokens per topic segment, on average
+    topic_strength: float = 2.0
+    drift: float = 0.97  # AR(1) coefficient of the content state (higher = smoother = stronger local band)
+    norm_sigma: float = 0.5  # log-normal sigma of token norms (heavy tail)
+    num_sinks: int = 4
+    sink_strength: float = 3.0
+    rope_base: float = 10_000.0
+    seed: int = 0
+
+
+def rope(x: np.ndarray, base: float) -> np.ndarray:
+    """Rotary embedding over adjacent channel pairs, positions along axis 1 of [B, L, H, D]."""
+    d = x.shape[-1]
+    pos = np.arange(x.shape[1])[:, None]
+    inv = base ** (-np.arange(0, d, 2) / d)
+    ang = pos * inv[None, :]  # [L, D/2]
+    cos, sin = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
+
+
+def attention_inputs(cfg: SyntheticConfig = SyntheticConfig(), dtype=jnp.float32):
+    """Returns q [B, L, Hq, D], k and v [B, L, Hkv, D] as jax arrays (float32 unless ``dtype``)."""
+    if cfg.q_heads % cfg.kv_heads:
+        raise ValueError(f"kv_heads must divide q_heads; got {cfg.kv_heads} and {cfg.q_heads}")
+    rng = np.random.default_rng(cfg.seed)
+    b, l, d = cfg.batch, cfg.length, cfg.head_dim
+    hq, hkv = cfg.q_heads, cfg.kv_heads
+    # Segments of random length, each with a topic per head.
+    seg_id = np.zeros((b, l), np.int64)
+    for bi in range(b):
+        cuts = np.cumsum(rng.geometric(1.0 / cfg.mean_segment, size=l // 50 + 2))
+        seg_id[bi] = np.searchsorted(cuts, np.arange(l), side="right")
+    n_seg = seg_id.max() + 1
+    topics = rng.standard_normal((b, n_seg, hkv, d)) / np.sqrt(d)
+    topic = np.take_along_axis(topics, seg_id[:, :, None, None], axis=1)  # [B, L, Hkv, D]
+    # Smooth content state: AR(1) along positions.
+    noise = rng.standard_normal((b, l, hkv, d)) / np.sqrt(d)
+    state = np.empty_like(noise)
+    state[:, 0] = noise[:, 0]
+    a = cfg.drift
+    for i in range(1, l):
+        state[:, i] = a * state[:, i - 1] + np.sqrt(1 - a * a) * noise[:, i]
+    wq = rng.standard_normal((hq, d, d)) / np.sqrt(d)
+    wk = rng.standard_normal((hkv, d, d)) / np.sqrt(d)
+    group = hq // hkv
+    content_k = cfg.topic_strength * topic + state
+    content_q = np.repeat(content_k, group, axis=2)
+    # Queries read the same content through a per-head map close to the key map (q ~ k up to a rotation).
+    wq = 0.6 * np.repeat(wk, group, axis=0) + 0.8 * wq
+    q = np.einsum("blhd,hde->blhe", content_q, wq) * np.sqrt(d) * 0.5
+    k = np.einsum("blhd,hde->blhe", content_k, wk) * np.sqrt(d) * 0.5
+    q += 0.3 * rng.standard_normal(q.shape)
+    k += 0.3 * rng.standard_normal(k.shape)
+    # Heavy-tailed norms.
+    q *= rng.lognormal(0.0, cfg.norm_sigma, (b, l, hq, 1))
+    k *= rng.lognormal(0.0, cfg.norm_sigma, (b, l, hkv, 1))
+    # Sinks: a few keys (token 0 and random others) of large norm along a direction every query shares.
+    shared = rng.standard_normal((hkv, d))
+    shared /= np.linalg.norm(shared, axis=-1, keepdims=True)
+    sinks = np.concatenate([[0], rng.choice(np.arange(1, l), size=max(cfg.num_sinks - 1, 0), replace=False)])
+    k[:, sinks] = cfg.sink_strength * np.sqrt(d) * shared[None, None] + 0.1 * k[:, sinks]
+    q += 0.5 * np.repeat(shared, group, axis=0)[None, None]
+    q, k = rope(q, cfg.rope_base), rope(k, cfg.rope_base)
+    v = rng.standard_normal((b, l, hkv, d))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def load_qkv(path: str, dtype=jnp.float32):
+    """Loads saved attention inputs from an ``.npz`` with arrays ``q``, ``k`` and optionally ``v``.
+
+    Shapes [B, L, H, D] (a missing batch axis is added). Without ``v`` a random
+    one is drawn: the selection metrics need only Q and K.
+    """
+    with np.load(path) as data:
+        missing = {"q", "k"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: the .npz must hold arrays 'q' and 'k'; missing {sorted(missing)}")
+        q, k = data["q"], data["k"]
+        v = data["v"] if "v" in data.files else None
+    if q.ndim == 3:
+        q, k = q[None], k[None]
+        v = None if v is None else v[None]
+    if v is None:
+        v = np.random.default_rng(0).standard_normal(k.shape)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
