@@ -1,0 +1,73 @@
+"""The main job end to end at a small size, on synthetic and on saved Q/K."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import baatt
+from baatt import reference, synthetic
+from baatt.selection import block_map
+from experiments import approx_error
+
+
+def test_approx_error_study_small(tmp_path):
+    out = tmp_path / "ae"
+    res = approx_error.main(["--length", "512", "--heads", "2", "--head-dim", "32", "--block-size", "32",
+                             "--sparsities", "0.5", "0.9", "--out", str(out)])
+    for name in ("results.json", "table.md", "selectors.png", "ablation.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["device"] == "cpu" and saved["meta"]["jax_version"]
+    rows = {(r["name"], r["sparsity"]): r for r in res["selectors"]}
+    for s in (0.5, 0.9):
+        assert rows[("oracle", s)]["recall"] == pytest.approx(1.0, abs=1e-6)
+        assert rows[("random", s)]["mass"] < rows[("oracle", s)]["mass"]
+        for r in res["selectors"] + res["ablation"]:
+            assert 0.0 <= r["mass"] <= 1.0 + 1e-6 and 0.0 <= r["recall"] <= 1.0 + 1e-6
+    assert len(res["ablation"]) == 2 * 4 * 3
+    assert len(res["bound"]) == 4 and all(-1 <= r["pearson"] <= 1 for r in res["bound"])
+    table = (out / "table.md").read_text()
+    assert "| oracle |" in table and "sort Q+K / beta 0.5" in table
+
+
+def test_approx_error_accepts_saved_qk(tmp_path):
+    q, k, _ = synthetic.attention_inputs(synthetic.SyntheticConfig(length=256, q_heads=2, kv_heads=2, head_dim=16))
+    path = tmp_path / "qk.npz"
+    np.savez(path, q=np.asarray(q), k=np.asarray(k))
+    res = approx_error.main(["--qk", str(path), "--block-size", "32", "--sparsities", "0.5", "--out", str(tmp_path / "o")])
+    assert res["meta"]["source"] == "qk.npz" and res["meta"]["shape"] == [1, 256, 2, 16]
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, q=np.asarray(q))
+    with pytest.raises(ValueError, match="must hold arrays 'q' and 'k'"):
+        synthetic.load_qkv(str(bad))
+
+
+@pytest.mark.parametrize("selector", baatt.SELECTORS)
+def test_block_maps_are_distributions(selector):
+    q, k, _ = synthetic.attention_inputs(synthetic.SyntheticConfig(length=200, q_heads=2, kv_heads=1, head_dim=16))
+    cfg = baatt.BAConfig(block_size=32, sparsity=0.5)
+    m = np.asarray(block_map(q, k, cfg, selector=selector))
+    assert m.shape == (1, 2, 7, 7)
+    np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
+    assert np.all(m >= 0)
+    if selector == "oracle":
+        np.testing.assert_allclose(m, reference.post_downsample_map(q, k, block_size=32), atol=1e-6)
+    if selector == "baatt":
+        scores = np.asarray(reference.pre_downsample_scores(q, k, cfg), np.float64)
+        e = np.exp(scores - scores.max(-1, keepdims=True))
+        np.testing.assert_allclose(m, e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+def test_synthetic_inputs_have_structure():
+    q, k, v = synthetic.attention_inputs(synthetic.SyntheticConfig(length=2048, q_heads=2, kv_heads=2))
+    m = np.asarray(reference.post_downsample_map(q, k, block_size=128))
+    top_half = np.sort(m, -1)[..., ::-1][..., :8].sum(-1).mean()
+    assert top_half > 0.8, "attention should concentrate on a minority of blocks"
+    norms = np.linalg.norm(np.asarray(k), axis=-1)
+    assert norms.max() / np.median(norms) > 3, "key norms should be heavy-tailed"
+    with pytest.raises(ValueError, match="kv_heads must divide q_heads"):
+        synthetic.attention_inputs(synthetic.SyntheticConfig(q_heads=3, kv_heads=2))
