@@ -67,8 +67,8 @@ class Tuning:
     fwd_q: int | None = None
     fwd_k: int | None = None
     fwd_warps: int | None = None
-    fwd_stages: int = 3
-    fwd_rotate: bool = False
+    fwd_stages: int = 2
+    fwd_rotate: bool = True
     dq_q: int | None = None
     dq_k: int | None = None
     dkv_k: int | None = None
