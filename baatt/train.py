@@ -51,6 +51,7 @@ class TrainConfig:
     eval_batches: int = 2
     eval_tasks: int = 16
     eval_len: int | None = None  # default: the last stage's seq_len
+    full_task_answers: bool = True  # task rows: mask the whole answer (t = 1), no 1/t weight
     ckpt_dir: str | None = None
     ckpt_every: int = 200
     seed: int = 0
@@ -141,10 +142,12 @@ def _set_lr(opt_state, lr):
     return opt_state
 
 
-def build_step(graphdef, tx, mask_id, eps):
+def build_step(graphdef, tx, mask_id, eps, full_task_answers=True):
     def loss_fn(params, tokens, elig, key):
         model = nnx.merge(graphdef, params)
-        return diffusion_loss(lambda x: model(x), key, tokens, mask_id=mask_id, eligible=elig, eps=eps)
+        task_rows = ~jnp.all(elig, axis=-1)  # rows whose eligible region is an answer span
+        return diffusion_loss(lambda x: model(x), key, tokens, mask_id=mask_id, eligible=elig, eps=eps,
+                              full_rows=task_rows if full_task_answers else None)
 
     @jax.jit
     def step(params, opt_state, tokens, elig, key):
@@ -317,7 +320,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             params, opt_state, m = restore_checkpoint(mngr, params, opt_state)
             start_step = int(m["step"])
             log_fn(f"resumed from step {start_step}")
-    step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps)
+    step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps, cfg.full_task_answers)
 
     seed_seq = np.random.SeedSequence([cfg.seed, start_step])
     rngs = {}

@@ -27,6 +27,10 @@ def test_forward_process_masks_only_eligible():
     assert bool(jnp.all((t > 1e-3) & (t <= 1.0)))
     assert not bool(jnp.any(masked[:, :20]))
     assert bool(jnp.all(jnp.where(masked, noisy == MASK, noisy == toks)))
+    full = jnp.asarray([True, False, False, False])
+    _, masked, t = forward_process(jax.random.PRNGKey(0), toks, mask_id=MASK, eligible=jnp.broadcast_to(elig, (4, 50)),
+                                   full_rows=full)
+    assert float(t[0]) == 1.0 and bool(jnp.all(masked[0, 20:])) and not bool(jnp.any(masked[0, :20]))
     _, masked, _ = forward_process(jax.random.PRNGKey(1), jnp.zeros((64, 400), jnp.int32), mask_id=MASK, t=0.3)
     assert abs(float(jnp.mean(masked)) - 0.3) < 0.01
     with pytest.raises(ValueError, match=r"eps must lie in \(0, 1\)"):

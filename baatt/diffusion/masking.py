@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import optax
 
 
-def forward_process(key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3, t=None):
-    """Returns (noisy tokens, masked bool [B, L], t [B])."""
+def forward_process(key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3, t=None, full_rows=None):
+    """Returns (noisy tokens, masked bool [B, L], t [B]).
+
+    full_rows: optional bool [B]; those rows use t = 1 (every eligible token masked).
+    """
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must lie in (0, 1); got {eps}")
     b, l = tokens.shape
@@ -26,6 +29,8 @@ def forward_process(key, tokens, *, mask_id: int, eligible=None, eps: float = 1e
         # U(eps, 1]: 1 - U[0, 1) lies in (0, 1], mapped affinely onto (eps, 1].
         t = eps + (1.0 - eps) * (1.0 - jax.random.uniform(kt, (b,)))
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    if full_rows is not None:
+        t = jnp.where(full_rows, 1.0, t)
     masked = jax.random.uniform(km, (b, l)) < t[:, None]
     if eligible is not None:
         masked = masked & eligible
@@ -39,9 +44,14 @@ def masked_ce(logits, tokens, masked):
     return jnp.where(masked, ce, 0.0)
 
 
-def diffusion_loss(logits_fn, key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3):
-    """Masked-diffusion loss of ``logits_fn(noisy_tokens) -> logits``; returns (loss, metrics)."""
-    noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps)
+def diffusion_loss(logits_fn, key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3, full_rows=None):
+    """Masked-diffusion loss of ``logits_fn(noisy_tokens) -> logits``; returns (loss, metrics).
+
+    full_rows: bool [B] rows masked completely (t = 1) over their eligible tokens,
+    e.g. task answers: the 1/t weight of a random t on a 2-token answer span has
+    a huge variance (one masked token at t = 0.01 weighs 50x), which stalls training.
+    """
+    noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps, full_rows=full_rows)
     logits = logits_fn(noisy)
     ce = masked_ce(logits, tokens, masked)
     n_elig = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.float32) if eligible is None else jnp.sum(eligible, -1)
