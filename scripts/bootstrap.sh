@@ -37,9 +37,14 @@ fi
 stamp="$venv/.baatt-installed"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "bootstrap: installing baatt and its dependencies into $venv" >&2
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
+  echo "bootstrap: installing baatt and its dependencies into $venv (log: $venv/install.log)" >&2
+  # pip's chatter goes to a log; it is shown only when the install fails.
+  if ! { "$venv/bin/python" -m pip install -q --upgrade pip &&
+         "$venv/bin/python" -m pip install -q -e "$root[test]"; } >"$venv/install.log" 2>&1; then
+    cat "$venv/install.log" >&2
+    echo "bootstrap: installing into $venv failed (log above)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 echo "$venv"
