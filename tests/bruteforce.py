@@ -52,32 +52,40 @@ def blocks(perm_row, length, block):
     return [order[i : i + block] for i in range(0, length, block)]
 
 
-def pre_scores(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None, beta=None, count_term=True):
-    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
-    b, lq, hq, d = q.shape
+def block_pairs(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None):
+    """Yields (batch, q head, kv head, a, j, query positions, real key positions) per block pair holding a real key."""
+    b, lq, hq, _ = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    nq, nk = -(-lq // block_q), -(-lk // block_k)
-    out = np.full((b, hq, nq, nk), -np.inf)
     for bi in range(b):
         real = np.ones(lk, bool) if mask is None else np.asarray(mask[bi])
         for h, g in enumerate(heads_of(hq, hkv)):
             qb = blocks(None if q_perm is None else q_perm[bi, h], lq, block_q)
             kb = blocks(None if k_perm is None else k_perm[bi, g], lk, block_k)
             for a, qi in enumerate(qb):
-                xq = q[bi, qi, h]
-                qm, qv = xq.mean(0), xq.var(0)
                 for j, kj in enumerate(kb):
                     kj = [t for t in kj if real[t]]
-                    if not kj:
-                        continue
-                    xk = k[bi, kj, g]
-                    km, kv = xk.mean(0), xk.var(0)
-                    s = qm @ km / math.sqrt(d)
-                    if beta is not None:
-                        s += beta * np.sum(qv * km**2 + kv * qm**2 + qv * kv) / d
-                    if count_term:
-                        s += math.log(len(kj))
-                    out[bi, h, a, j] = s
+                    if kj:
+                        yield bi, h, g, a, j, qi, kj
+
+
+def num_blocks(q, k, block_q, block_k):
+    return -(-q.shape[1] // block_q), -(-k.shape[1] // block_k)
+
+
+def pre_scores(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None, beta=None, count_term=True):
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    d = q.shape[-1]
+    out = np.full((q.shape[0], q.shape[2]) + num_blocks(q, k, block_q, block_k), -np.inf)
+    for bi, h, g, a, j, qi, kj in block_pairs(q, k, block_q, block_k, mask=mask, q_perm=q_perm, k_perm=k_perm):
+        xq, xk = q[bi, qi, h], k[bi, kj, g]
+        qm, qv = xq.mean(0), xq.var(0)
+        km, kv = xk.mean(0), xk.var(0)
+        s = qm @ km / math.sqrt(d)
+        if beta is not None:
+            s += beta * np.sum(qv * km**2 + kv * qm**2 + qv * kv) / d
+        if count_term:
+            s += math.log(len(kj))
+        out[bi, h, a, j] = s
     return out
 
 
@@ -163,29 +171,14 @@ def tau_rows(scores, tau, min_blocks=1, max_blocks=None):
 
 def bound_and_deviation(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None):
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
-    b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    nq, nk = -(-lq // block_q), -(-lk // block_k)
-    u = np.zeros((b, hq, nq, nk))
-    dev = np.zeros((b, hq, nq, nk))
-    for bi in range(b):
-        real = np.ones(lk, bool) if mask is None else np.asarray(mask[bi])
-        for h, g in enumerate(heads_of(hq, hkv)):
-            qb = blocks(None if q_perm is None else q_perm[bi, h], lq, block_q)
-            kb = blocks(None if k_perm is None else k_perm[bi, g], lk, block_k)
-            for a, qi in enumerate(qb):
-                xq = q[bi, qi, h]
-                qm = xq.mean(0)
-                rq = np.linalg.norm(xq - qm, axis=-1).max()
-                mq = np.linalg.norm(xq, axis=-1).max()
-                for j, kj in enumerate(kb):
-                    kj = [t for t in kj if real[t]]
-                    if not kj:
-                        continue
-                    xk = k[bi, kj, g]
-                    km = xk.mean(0)
-                    rk = np.linalg.norm(xk - km, axis=-1).max()
-                    mk = np.linalg.norm(xk, axis=-1).max()
-                    u[bi, h, a, j] = (rq * mk + mq * rk + rq * rk) / math.sqrt(d)
-                    dev[bi, h, a, j] = np.abs(xq @ xk.T / math.sqrt(d) - qm @ km / math.sqrt(d)).max()
+    d = q.shape[-1]
+    u = np.zeros((q.shape[0], q.shape[2]) + num_blocks(q, k, block_q, block_k))
+    dev = np.zeros_like(u)
+    for bi, h, g, a, j, qi, kj in block_pairs(q, k, block_q, block_k, mask=mask, q_perm=q_perm, k_perm=k_perm):
+        xq, xk = q[bi, qi, h], k[bi, kj, g]
+        qm, km = xq.mean(0), xk.mean(0)
+        rq, mq = np.linalg.norm(xq - qm, axis=-1).max(), np.linalg.norm(xq, axis=-1).max()
+        rk, mk = np.linalg.norm(xk - km, axis=-1).max(), np.linalg.norm(xk, axis=-1).max()
+        u[bi, h, a, j] = (rq * mk + mq * rk + rq * rk) / math.sqrt(d)
+        dev[bi, h, a, j] = np.abs(xq @ xk.T / math.sqrt(d) - qm @ km / math.sqrt(d)).max()
     return u, dev
