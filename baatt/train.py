@@ -279,10 +279,11 @@ def load_model(ckpt_dir, *, step=None) -> tuple[DiffusionLM, dict]:
 def run_info() -> dict:
     """device, jax version, commit and date of a run (for results JSON)."""
     import datetime
+    import os
     import subprocess
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+        commit = os.environ.get("BAATT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     except Exception:  # noqa: BLE001
         commit = "unknown"

@@ -7,11 +7,11 @@
 Presets (``get_config(name)`` returns the ``TrainConfig``):
   cpu_tiny:  tiny model, 128-token sequences, 40 steps (seconds on a CPU).
   gpu_small: small model (~32M parameters, 19M of them the tied GPT-2 embedding),
-             stages 256 x 128 (25%) -> 1K x 32 (20%) -> 4K x 8 (45%) -> 8K x 4 (10%)
+             stages 256 x 128 (30%) -> 1K x 32 (25%) -> 4K x 8 (45%)
              tokens (a model trained from scratch at 1K+ tokens stays at the unigram
              loss for thousands of steps: uniform attention over long rows dilutes
-             the local signal; short rows first let it learn to use context), half the rows passkey /
-             multi-key NIAH / variable-tracking examples, fitted to a wall-clock
+             the local signal; short rows first let it learn to use context), 3/4 of the rows task examples
+             (passkey x2 : multi-key NIAH : variable tracking), fitted to a wall-clock
              budget (default 320 s of training on one H100/H200).
 Writes ``<out>/dlm_train_<preset>.json`` (history, device, jax version, commit, date).
 """
@@ -36,12 +36,13 @@ PRESETS = {
                             task_fraction=0.0, peak_lr=3e-3),
     "gpu_small": TrainConfig(
         model="small",
-        stages=((0.25, 256, 128), (0.45, 1024, 32), (0.9, 4096, 8), (1.0, 8192, 4)),
+        stages=((0.3, 256, 128), (0.55, 1024, 32), (1.0, 4096, 8)),
         steps=100_000,
         time_budget_s=320.0,
         peak_lr=2e-3,
         warmup_steps=100,
-        task_fraction=0.5,
+        task_fraction=0.75,
+        task_kinds=("passkey", "passkey", "multikey_niah", "variable_tracking"),
         eval_every=250,
         eval_tasks=16,
         eval_len=4096,

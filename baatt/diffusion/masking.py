@@ -26,8 +26,11 @@ def forward_process(key, tokens, *, mask_id: int, eligible=None, eps: float = 1e
     b, l = tokens.shape
     kt, km = jax.random.split(key)
     if t is None:
-        # U(eps, 1]: 1 - U[0, 1) lies in (0, 1], mapped affinely onto (eps, 1].
-        t = eps + (1.0 - eps) * (1.0 - jax.random.uniform(kt, (b,)))
+        # U(eps, 1], stratified over the batch (low-discrepancy, as in MDLM): row i draws
+        # from the i-th of B equal strata of a random offset; each row is still U(eps, 1].
+        u = jnp.mod(jax.random.uniform(kt, ()) + jnp.arange(b) / b, 1.0)
+        u = jax.random.permutation(jax.random.fold_in(kt, 1), u)
+        t = eps + (1.0 - eps) * (1.0 - u)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
     if full_rows is not None:
         t = jnp.where(full_rows, 1.0, t)
