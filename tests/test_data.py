@@ -74,7 +74,7 @@ def test_corpus_splits_and_packing(val):
 
 
 @pytest.mark.parametrize("kind", sorted(tasks.TASKS))
-@pytest.mark.parametrize("length", [512, 2048, 8192])
+@pytest.mark.parametrize("length", [512, 2048, 8192, 32768])
 def test_task_places_needles_where_it_says(tok, val, kind, length):
     rng = np.random.default_rng(length)
     ex = tasks.make_example(kind, rng, val, tok, length)
