@@ -198,8 +198,6 @@ def _nll_fn(graphdef, plan):
 
 def task_accuracy_oneshot(model, examples, *, plan=None, batch=8):
     """Fraction of examples whose whole answer span is predicted exactly, all answer tokens masked, one forward."""
-    fwd = _nll_fn(nnx.graphdef(model), plan)  # compile reuse not possible (different outputs); simple jit below
-    del fwd
     state, gd = nnx.state(model), nnx.graphdef(model)
     f = _argmax_fn(gd, plan)
     correct = 0

@@ -168,7 +168,7 @@ def generate(
     for step in range(steps):
         if step < dense_warmup or plan.kind == "dense":
             logits, _ = _forward(graphdef, AttentionPlan.dense(), "plain")(state, x)
-            densities.append(1.0 if step < dense_warmup or plan.kind == "dense" else 0.0)
+            densities.append(1.0)
             estimated.append(False)
         elif sels is None or (step - dense_warmup) % reuse_every == 0:
             logits, (sels, dens) = _forward(graphdef, plan, "estimate")(state, x)
