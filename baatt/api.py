@@ -101,6 +101,7 @@ def attention(
     return_stats: bool = False,
     interpret: bool = False,
     scale: float | None = None,
+    selection: BlockSelection | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """Block approximate sparse attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -113,6 +114,9 @@ def attention(
         [B, Hq], ``selection`` and ``lse`` [B, Hq, Lq].
       interpret: run Pallas kernels in interpret mode (CPU).
       scale: logit scale, default 1/sqrt(D).
+      selection: reuse a selection made earlier (e.g. by ``baatt.select_blocks``
+        or a previous call's stats, across denoising steps) instead of
+        estimating one; ``config`` is then not used to select.
 
     Returns:
       out [B, Lq, Hq, D] in q's dtype, or (out, stats).
@@ -122,9 +126,16 @@ def attention(
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
     check_qkv(q, k, v, key_mask=key_mask)
     check_finite(q=q, k=k, v=v, key_mask=key_mask)
+    if selection is not None:
+        if not isinstance(selection, BlockSelection):
+            raise ValueError(f"selection must be a baatt.BlockSelection; got {type(selection).__name__}")
+        selection.validate(batch=q.shape[0], q_heads=q.shape[2], kv_heads=k.shape[2],
+                           length_q=q.shape[1], length_k=k.shape[1])
+        # The kernel's block sizes are those the selection was made with.
+        config = config.replace(block_size=selection.block_q, block_size_k=selection.block_k)
     impl = _resolve(implementation, q, k, v, config, interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse, selection = _pipeline(q, k, v, key_mask, config, impl.name, interpret, scale)
+    out, lse, selection = _pipeline(q, k, v, key_mask, selection, config, impl.name, interpret, scale)
     if not return_stats:
         return out
     nk = -(-k.shape[1] // selection.block_k)
@@ -132,13 +143,13 @@ def attention(
     return out, stats
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _pipeline(q, k, v, key_mask, config, impl_name, interpret, scale):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _pipeline(q, k, v, key_mask, selection, config, impl_name, interpret, scale):
     """estimate -> select -> permute into block space -> sparse operator -> scatter back."""
     impl = _REGISTRY[impl_name]
-    if impl.select is not None:
+    if selection is None and impl.select is not None:
         selection = impl.select(q, k, config, key_mask=key_mask, interpret=interpret)
-    else:
+    elif selection is None:
         selection = get_selector(config.selector)(q, k, config, key_mask=key_mask)
     space = layout.to_block_space(
         q, k, v, block_q=selection.block_q, block_k=selection.block_k,

@@ -255,3 +255,20 @@ def test_empty_or_out_of_range_selection_raises():
         reference.block_sparse_attention(q, k, v, bad)
     with pytest.raises(ValueError, match="selection.indices must have shape"):
         reference.block_sparse_attention(jnp.concatenate([q, q], 1), k, v, sel)
+
+
+def test_reused_selection_gives_the_same_output_as_fresh():
+    rng = np.random.default_rng(12)
+    q, k, v = make(rng, 1, 96, 96, 2, 1)
+    cfg = baatt.BAConfig(block_size=32, sparsity=0.5, sort_k=True)
+    out, stats = baatt.attention(q, k, v, config=cfg, return_stats=True)
+    again = baatt.attention(q, k, v, selection=stats["selection"])
+    np.testing.assert_array_equal(again, out)
+    # A different q with the old selection: the same as the reference over that selection.
+    q2 = q + 0.1
+    want, _ = reference.block_sparse_attention(q2, k, v, stats["selection"])
+    np.testing.assert_allclose(baatt.attention(q2, k, v, selection=stats["selection"]), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="selection must be a baatt.BlockSelection"):
+        baatt.attention(q, k, v, selection=stats["selection"].indices)
+    with pytest.raises(ValueError, match="selection.indices must have shape"):
+        baatt.attention(q[:, :40], k, v, selection=stats["selection"])
