@@ -63,7 +63,7 @@ def _meta(cfg: Config) -> dict:
 
     from experiments.bench_sparse import _git_commit
 
-    return dict(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform, jax=jax.__version__,
+    return dict(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform, jax_version=jax.__version__,
                 commit=_git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 config=dataclasses.asdict(cfg))
 

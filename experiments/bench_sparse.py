@@ -368,7 +368,7 @@ def _fmt(x, nd=2):
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"# bench_sparse: {meta['device']}, jax {meta['jax']}, torch {meta.get('torch', '?')}, "
+        f"# bench_sparse: {meta['device']}, jax {meta['jax_version']}, torch {meta.get('torch', '?')}, "
         f"commit {meta['commit'][:10]}, {meta['date']}",
         "",
         f"B={meta['config']['batch']} H={meta['config']['heads']} D={meta['config']['head_dim']} "
@@ -410,8 +410,11 @@ def main():
         return
     if args.tune:
         rows = run_tune(cfg)
+        import jax
+
+        meta = dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=_git_commit())
         with open(os.path.join(args.out, "bench_sparse_tune.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
         return
     fa2, torch_meta = {}, {}
     if not args.no_torch:
@@ -426,7 +429,7 @@ def main():
 
     rows = run_jax(cfg, fa2, partial_path=os.path.join(args.out, "bench_sparse_partial.json"))
     meta = dict(
-        device=jax.devices()[0].device_kind, jax=jax.__version__, commit=_git_commit(),
+        device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=_git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config=dataclasses.asdict(cfg), **torch_meta,
     )
