@@ -94,12 +94,9 @@ def from_block_space(
     lse = lse[:, :, :length_q]
     if q_perm is not None:
         # Inverse permutation as a scatter: row i of the sorted output goes to q_perm[i].
-        out = jnp.zeros_like(out).at[
-            jnp.arange(out.shape[0])[:, None, None], jnp.arange(out.shape[1])[None, :, None], q_perm
-        ].set(out)
-        lse = jnp.zeros_like(lse).at[
-            jnp.arange(lse.shape[0])[:, None, None], jnp.arange(lse.shape[1])[None, :, None], q_perm
-        ].set(lse)
+        rows = (jnp.arange(q_perm.shape[0])[:, None, None], jnp.arange(q_perm.shape[1])[None, :, None], q_perm)
+        out = jnp.zeros_like(out).at[rows].set(out)
+        lse = jnp.zeros_like(lse).at[rows].set(lse)
     return jnp.swapaxes(out, 1, 2), lse
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
 
 from baatt.nn import count_params  # noqa: E402
 from baatt.train import TrainConfig, run_info, train  # noqa: E402

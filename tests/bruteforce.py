@@ -17,7 +17,7 @@ def heads_of(hq, hkv):
 def dense(q, k, v, mask=None):
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     out = np.zeros((b, lq, hq, v.shape[-1]))
     lse = np.zeros((b, hq, lq))
     for bi in range(b):

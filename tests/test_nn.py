@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import baatt
 from baatt import BAConfig
 from baatt.nn import AttentionPlan, DiffusionLM, ModelConfig, ba_attention_fn, count_params, get_config
 

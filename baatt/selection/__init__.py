@@ -10,8 +10,10 @@ import functools
 import importlib
 
 import jax
+import jax.numpy as jnp
 
 from baatt.config import SELECTORS, BAConfig
+from baatt.reference.downsample import estimate, post_downsample_map, sort_permutations
 from baatt.selection.budget import forced_blocks, select_from_scores
 from baatt.selection.types import BlockSelection
 from baatt.validation import check_finite, check_qk
@@ -59,10 +61,6 @@ def block_map(q, k, config: BAConfig | None = None, *, selector: str | None = No
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _block_map_jit(q, k, key_mask, config, selector):
-    import jax.numpy as jnp
-
-    from baatt.reference.downsample import estimate, post_downsample_map, sort_permutations
-
     if selector == "meanpool":
         config, selector = config.replace(sort_q=False, sort_k=False, compensate=False), "baatt"
     if selector == "baatt":

@@ -75,7 +75,7 @@ def select_from_scores(
         forced = jnp.broadcast_to(forced, scores.shape) & valid
         priority = jnp.where(forced, _FORCED_BONUS, priority)
         n_forced = jnp.sum(forced, axis=-1)
-    top_val, top_idx = jax.lax.top_k(priority, kmax)
+    _, top_idx = jax.lax.top_k(priority, kmax)
     if config.tau is not None:
         mass = jax.nn.softmax(jnp.where(valid, scores, -jnp.inf), axis=-1) if probs is None else probs
         mass = mass / jnp.maximum(jnp.sum(mass, axis=-1, keepdims=True), 1e-30)
@@ -93,5 +93,4 @@ def select_from_scores(
     kept = jnp.sort(jnp.where(live, top_idx, nk), axis=-1)
     last = jnp.take_along_axis(kept, (count - 1)[..., None], axis=-1)
     indices = jnp.where(live, kept, last).astype(jnp.int32)
-    del top_val
     return BlockSelection(indices, count, q_perm, k_perm, config.block_q, config.block_k)

@@ -40,12 +40,6 @@ class BlockSelection:
     def kmax(self) -> int:
         return self.indices.shape[-1]
 
-    @property
-    def num_k_blocks_hint(self) -> int | None:
-        if self.k_perm is None:
-            return None
-        return -(-self.k_perm.shape[-1] // self.block_k)
-
     def density(self, num_k_blocks: int) -> jax.Array:
         """Fraction of (query block, key block) pairs computed, per [B, Hq]."""
         return jnp.mean(self.counts.astype(jnp.float32), axis=-1) / num_k_blocks

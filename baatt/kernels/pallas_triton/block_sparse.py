@@ -337,7 +337,7 @@ def _backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, bloc
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = k.shape
     group = q_heads // kv_heads
-    nq, nk = lq // block_q, lk // block_k
+    nk = lk // block_k
     precision = _precision(q.dtype)
     do = do.astype(q.dtype)
     # d lse_i / d s_ij = p_ij, so a cotangent on lse folds into delta: ds = p * (dp - (delta - dlse)).
