@@ -32,6 +32,8 @@ class BlockSpace:
     q_valid: jax.Array
     block_q: int = dataclasses.field(metadata=dict(static=True))
     block_k: int = dataclasses.field(metadata=dict(static=True))
+    # Known at trace time: no key mask and no padding, so kv_valid is all True (kernels may skip the key bias).
+    keys_all_valid: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:
@@ -76,6 +78,7 @@ def to_block_space(
     qb = _pad_length(gather_heads_major(q, q_perm), block_q, axis=2)
     kb = _pad_length(gather_heads_major(k, k_perm), block_k, axis=2)
     vb = None if v is None else _pad_length(gather_heads_major(v, k_perm), block_k, axis=2)
+    all_valid = key_mask is None and length_k % block_k == 0
     if key_mask is None:
         key_mask = jnp.ones((batch, length_k), jnp.bool_)
     valid = jnp.broadcast_to(key_mask[:, None, :], (batch, kv_heads, length_k))
@@ -83,7 +86,7 @@ def to_block_space(
         valid = jnp.take_along_axis(valid, k_perm, axis=2)
     kv_valid = _pad_length(valid, block_k, axis=2, value=False)
     q_valid = _pad_length(jnp.ones((batch, length_q), jnp.bool_), block_q, axis=1, value=False)
-    return BlockSpace(qb, kb, vb, kv_valid, q_valid, block_q, block_k)
+    return BlockSpace(qb, kb, vb, kv_valid, q_valid, block_q, block_k, keys_all_valid=all_valid)
 
 
 def from_block_space(

@@ -1,0 +1,348 @@
+"""Block-sparse flash attention forward for Hopper (sm90) in Pallas Mosaic GPU.
+
+Semantics: ``baatt.reference.attention.block_sparse_blocked`` (SPEC.md section 6),
+in block space (``baatt.layout.BlockSpace``): q [B, Hq, Nq*bq, D], k/v
+[B, Hkv, Nk*bk, D]; the selection is indices [B, Hq, Nq, kmax] + counts [B, Hq, Nq].
+
+One CTA per (query head, 128-row query tile, batch) with three warpgroups:
+
+* two consumer warpgroups, 64 query rows each (the same selection row, so they
+  share every K/V tile), run QK^T and PV on the tensor cores (wgmma) with an
+  online softmax in float32, base 2; a schedule barrier makes them alternate so
+  one runs its softmax while the other holds the tensor cores;
+* one producer warpgroup reads the row's count and block ids from global memory
+  and streams the selected K/V tiles into a ring of ``stages`` shared-memory
+  slots with TMA; a slot is refilled once both consumers have released it.
+
+GQA: the producer loads from kv head ``h // (Hq // Hkv)``; K/V are never repeated.
+The walk over a row's selected tiles starts at a row-dependent offset and wraps
+(softmax is order-free), so CTAs running at the same time read different K/V.
+
+Key masks (padding, holes): the wrapper zeroes masked K/V rows with ``where``
+(NaN/Inf stored there cannot leak) and the kernel adds a per-key bias of
+``-inf`` streamed beside K. Without masked keys (the common case) the kernel is
+compiled without the bias. Unselected blocks and the unused tail of an index
+list are never read.
+
+Outputs: out in q's dtype, lse float32 in natural log (``-inf`` and a zero
+output for a row that saw no valid key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from baatt.kernels.pallas_triton import block_sparse as triton_kernel
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Finite start of the running max: a row that has only seen masked keys keeps it,
+# so exp2(-inf - m) = 0 and exp2(m_old - m_new) = 1, never NaN.
+_M_INIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+WG_ROWS = 64  # query rows per consumer warpgroup (one wgmma M tile)
+CONSUMERS = 2
+TILE_Q = WG_ROWS * CONSUMERS  # query rows per CTA
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SUPPORTED_BLOCK_Q = (128, 256)
+SUPPORTED_BLOCK_K = (64, 128, 256)
+_SMEM_BYTES = 227 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Static launch parameters of the forward kernel.
+
+    tile_k: key rows per pipeline step (<= block_k, divides it; 64 or 128).
+    stages: shared-memory slots in the K/V ring (>= 2).
+    rotate: start each CTA's walk at a different selected tile.
+    None means "derive" (see ``resolve``).
+    """
+
+    tile_k: int | None = None
+    stages: int | None = None
+    rotate: bool = True
+
+    def resolve(self, block_k: int, head_dim: int, itemsize: int) -> "Tuning":
+        tile_k = self.tile_k or min(block_k, 128)
+        if tile_k not in (64, 128) or block_k % tile_k:
+            raise ValueError(f"Tuning.tile_k must be 64 or 128 and divide block_k={block_k}; got {tile_k}")
+        per_stage = 2 * tile_k * head_dim * itemsize + 4 * tile_k
+        fixed = TILE_Q * head_dim * itemsize + 4 * TILE_Q + 4096
+        stages = self.stages or max(2, min(4, (_SMEM_BYTES - fixed) // per_stage))
+        if stages < 2:
+            raise ValueError(f"Tuning.stages must be >= 2; got {stages}")
+        if fixed + stages * per_stage > _SMEM_BYTES:
+            raise ValueError(f"Tuning.stages={stages} needs more than {_SMEM_BYTES} bytes of shared memory")
+        return dataclasses.replace(self, tile_k=tile_k, stages=stages)
+
+
+DEFAULT_TUNING = Tuning()
+
+
+def unsupported_reason(q_shape, k_shape, v_shape, dtype, block_q: int, block_k: int) -> str | None:
+    """Why these shapes/dtype cannot run in the Mosaic GPU forward kernel, or None."""
+    d = q_shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        return f"head dim must be one of {SUPPORTED_HEAD_DIMS} for mosaic_gpu; got {d}"
+    if k_shape[-1] != d or v_shape[-1] != d:
+        return f"q, k and v must share the head dim for mosaic_gpu; got {q_shape[-1]}, {k_shape[-1]}, {v_shape[-1]}"
+    if jnp.dtype(dtype) not in [jnp.dtype(t) for t in SUPPORTED_DTYPES]:
+        return f"dtype must be bfloat16 or float16 for mosaic_gpu (wgmma); got {jnp.dtype(dtype).name}"
+    if block_q not in SUPPORTED_BLOCK_Q:
+        return f"block_q must be one of {SUPPORTED_BLOCK_Q} for mosaic_gpu; got {block_q}"
+    if block_k not in SUPPORTED_BLOCK_K:
+        return f"block_k must be one of {SUPPORTED_BLOCK_K} for mosaic_gpu; got {block_k}"
+    return None
+
+
+def pack_selection(indices, counts):
+    """[B, H, N, kmax] + [B, H, N] -> [B, H, N, 1 + kmax] int32: the count, then the ids."""
+    return jnp.concatenate([counts[..., None].astype(jnp.int32), indices.astype(jnp.int32)], axis=-1)
+
+
+def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tuning: Tuning = DEFAULT_TUNING,
+            interpret: bool = False):
+    """out [B, Hq, Lq, D], lse [B, Hq, Lq] (natural log).
+
+    sel: ``pack_selection(indices, counts)``. bias: float32 [B, Hkv, Lk] (0 valid,
+    -inf masked; K/V rows already zeroed there) or None when every key is valid.
+    """
+    batch, q_heads, lq, d = q.shape
+    _, kv_heads, lk, _ = k.shape
+    group = q_heads // kv_heads
+    dtype = q.dtype
+    t = tuning.resolve(block_k, d, jnp.dtype(dtype).itemsize)
+    tile_k, stages = t.tile_k, t.stages
+    per_block = block_k // tile_k
+    rows_per_sel = block_q // TILE_Q  # CTAs sharing one selection row
+    masked = bias is not None
+    qk_scale = float(scale) * LOG2E
+
+    def body(q_ref, k_ref, v_ref, sel_ref, *rest):
+        if masked:
+            bias_ref, out_ref, lse_ref = rest
+        else:
+            (out_ref, lse_ref), bias_ref = rest, None
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        qt = lax.axis_index("q_tile")
+        srow = lax.div(qt, jnp.int32(rows_per_sel)) if rows_per_sel > 1 else qt
+        steps = sel_ref[b, h, srow, 0] * per_block
+
+        def tile_start(step):
+            # Rotated walk: logical step -> selected tile (softmax does not care about order).
+            if t.rotate:
+                step = lax.rem(step + lax.rem(qt, jnp.maximum(steps, 1)), jnp.maximum(steps, 1))
+            j = lax.div(step, jnp.int32(per_block)) if per_block > 1 else step
+            blk = sel_ref[b, h, srow, 1 + j]
+            start = blk * block_k
+            if per_block > 1:
+                start = start + lax.rem(step, jnp.int32(per_block)) * tile_k
+            return start
+
+        def kernel(scratch, k_ready, v_ref_ready, q_ready, bias_ready, k_free, v_free, turn):
+            q_smem, k_smem, v_smem, bias_smem, lse_smem = scratch
+            wg = lax.axis_index("wg")
+
+            def take_turn():
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
+            @pl.when(wg < CONSUMERS)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+                my_q = q_smem.at[wg]
+                row0 = qt * TILE_Q + wg * WG_ROWS
+                plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, WG_ROWS)], my_q, q_ready.at[wg])
+                plgpu.barrier_wait(q_ready.at[wg])
+                m = plgpu.layout_cast(jnp.full((WG_ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                acc = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+                @pl.when(steps > 0)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[0])
+
+                # Warpgroup 1 starts one turn behind, so the two alternate on the tensor cores.
+                pl.when(wg == 1)(take_turn)
+
+                def step_fn(step, carry):
+                    acc, m, l = carry
+                    slot = lax.rem(step, jnp.int32(stages))
+
+                    def scores(acc_ref):
+                        plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                        take_turn()
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, tile_k), jnp.float32))
+                    if masked:
+                        plgpu.barrier_wait(bias_ready.at[slot])
+                        kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        s = s * qk_scale + lax.broadcast_in_dim(kb, s.shape, [1])
+                        plgpu.barrier_arrive(k_free.at[slot])
+                        m_new = jnp.maximum(m, s.max(axis=1))
+                        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    else:
+                        plgpu.barrier_arrive(k_free.at[slot])
+                        # Scale folded into the exponent (one FMA per score), SPEC.md section 6.
+                        m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+                        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    alpha = jnp.exp2(m - m_new)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l = l * alpha + p.sum(axis=1)
+                    p_lo = p.astype(dtype)
+                    acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
+                    plgpu.barrier_arrive(turn)  # softmax done
+                    plgpu.barrier_wait(v_ref_ready.at[slot])
+                    plgpu.barrier_wait(turn)  # the tensor cores are ours
+
+                    def values(acc_ref):
+                        plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
+                        nxt = step + 1
+
+                        @pl.when(nxt < steps)
+                        def _():
+                            plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(stages))])
+
+                    acc = pl.run_state(values)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l
+
+                acc, m, l = lax.fori_loop(0, steps, step_fn, (acc, m, l))
+                pl.when(wg == 0)(take_turn)
+
+                seen = l > 0.0
+                l_safe = jnp.where(seen, l, 1.0)
+                inv = 1.0 / l_safe
+                my_q[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+                lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_q, out_ref.at[b, h, pl.ds(row0, WG_ROWS)])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, WG_ROWS)])
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+                kvh = lax.div(h, jnp.int32(group)) if group > 1 else h
+
+                def fill(step, slot):
+                    start = tile_start(step)
+                    rows = pl.ds(start, tile_k)
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, kvh, rows], k_smem.at[slot], k_ready.at[slot])
+                    if masked:
+                        plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, kvh, rows], v_smem.at[slot], v_ref_ready.at[slot])
+
+                for i in range(stages):
+                    @pl.when(i < steps)
+                    def _():
+                        fill(jnp.int32(i), i)
+
+                @pl.loop(0, jnp.maximum(steps - stages, 0))
+                def _(step):
+                    slot = lax.rem(step, jnp.int32(stages))
+                    nxt = step + stages
+                    start = tile_start(nxt)
+                    rows = pl.ds(start, tile_k)
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, kvh, rows], k_smem.at[slot], k_ready.at[slot])
+                    if masked:
+                        plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, kvh, rows], v_smem.at[slot], v_ref_ready.at[slot])
+
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        scratch = [
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, tile_k, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, tile_k, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, tile_k), jnp.float32) if masked else None,
+            plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
+        ]
+        pl.run_scoped(
+            lambda *args: kernel(args[0], *args[1:]),
+            scratch,
+            plgpu.Barrier(num_barriers=stages),  # k_ready
+            plgpu.Barrier(num_barriers=stages),  # v_ready
+            plgpu.Barrier(num_barriers=CONSUMERS),  # q_ready
+            plgpu.Barrier(num_barriers=stages),  # bias_ready
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
+            plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
+            collective_axes="wg",
+        )
+
+    n_tiles = lq // TILE_Q
+    inputs = (q, k, v, sel) + ((bias,) if masked else ())
+    out, lse = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, lq), jnp.float32)),
+        grid=(q_heads, n_tiles, batch),
+        grid_names=("heads", "q_tile", "batch"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(*inputs)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, all_valid, interpret):
+    return _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, all_valid, interpret)[0]
+
+
+def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, all_valid, interpret):
+    if all_valid:
+        kc, vc, bias = k, v, None
+    else:
+        kc, vc, bias = triton_kernel._sanitize(k, v, kv_valid)
+    out, lse = forward(q, kc, vc, pack_selection(indices, counts), bias, scale=scale, block_q=block_q,
+                       block_k=block_k, tuning=tuning, interpret=interpret)
+    if bias is None:
+        bias = jnp.zeros(kv_valid.shape, jnp.float32)
+    return (out, lse), (q, kc, vc, bias, indices, counts, out, lse)
+
+
+def _attend_bwd(scale, block_q, block_k, tuning, all_valid, interpret, res, cts):
+    # The backward runs the portable Pallas kernels on the Mosaic forward's out/lse residuals.
+    q, kc, vc, bias, indices, counts, out, lse = res
+    do, dlse = cts
+    t = triton_kernel.DEFAULT_TUNING.resolve(block_q, block_k, q.shape[-1])
+    dq, dk, dv = triton_kernel._backward(q, kc, vc, bias, indices, counts, out, lse, do, dlse, scale=scale,
+                                         block_q=block_q, block_k=block_k, tuning=t, interpret=interpret)
+    return dq, dk, dv, None, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "all_valid", "interpret"))
+def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, block_q: int, block_k: int,
+                           tuning: Tuning = DEFAULT_TUNING, all_valid: bool = False, interpret: bool = False):
+    """Block-sparse attention in block space on Hopper; differentiable in q, k, v.
+
+    Same contract as ``baatt.kernels.pallas_triton.block_sparse_attention``;
+    ``all_valid=True`` promises that ``kv_valid`` is all True (no key mask, no
+    padding) and compiles the forward without the key bias.
+    """
+    if reason := unsupported_reason(q.shape, k.shape, v.shape, q.dtype, block_q, block_k):
+        raise ValueError(reason)
+    return _attend(q, k, v, kv_valid, indices.astype(jnp.int32), counts.astype(jnp.int32), float(scale),
+                   block_q, block_k, tuning, bool(all_valid), interpret)

@@ -1,0 +1,168 @@
+"""The Mosaic GPU (sm90) block-sparse kernel against the reference, and its dispatch rules.
+
+``TestMosaicGPU`` runs the shared kernel checks of ``test_kernel_pallas``
+(output, lse, dq/dk/dv vs the float32 reference with the low-precision error
+budget; NaN poisoning; GQA; padding; ragged lengths; fully masked rows) on a
+Hopper GPU (``gpu`` marker). The Mosaic GPU interpreter of jax 0.11.2 cannot
+run wgmma (it fails lowering the kernel's wgmma pipeline effect), so there is
+no interpret-mode twin; on the CPU the tests check that the dispatcher refuses
+``mosaic_gpu`` with a reason and falls back.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import baatt
+from baatt.kernels import mosaic_gpu
+from tests.test_kernel_pallas import check_against_reference, check_poison, fwd_and_grads, make_case, rel_err
+
+
+def _kernel_fn(c, interpret):
+    del interpret
+    all_valid = bool(np.all(np.asarray(c["kv_valid"])))
+
+    def f(q, k, v):
+        return mosaic_gpu.block_sparse_attention(q, k, v, c["kv_valid"], c["indices"], c["counts"], scale=c["scale"],
+                                                 block_q=c["block_q"], block_k=c["block_k"], all_valid=all_valid)
+    return f
+
+
+def _on_hopper() -> bool:
+    return mosaic_gpu.hopper_reason() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
+class TestMosaicGPU:
+    def check(self, c):
+        check_against_reference(c, False, make_kernel=_kernel_fn)
+
+    def test_bf16_gqa_padding_holes(self):
+        self.check(make_case(1, q_heads=4, kv_heads=2, length=500, block_q=128, block_k=64, kmax=5, masked_frac=0.1))
+
+    def test_f16_head_dim_128(self):
+        self.check(make_case(3, q_heads=2, kv_heads=1, length=512, head_dim=128, block_q=128, block_k=128,
+                             dtype=jnp.float16))
+
+    def test_all_valid_fast_path(self):
+        c = make_case(2, batch=2, q_heads=4, kv_heads=1, length=1024, head_dim=128, block_q=128, block_k=128)
+        assert bool(np.all(np.asarray(c["kv_valid"])))
+        self.check(c)
+
+    def test_block_q_256_block_k_256(self):
+        self.check(make_case(8, q_heads=2, kv_heads=2, length=1024, head_dim=64, block_q=256, block_k=256, kmax=3))
+
+    def test_single_selected_block(self):
+        self.check(make_case(4, q_heads=2, kv_heads=1, length=400, block_q=128, block_k=128, single=True, pad_tail=30))
+
+    def test_nan_poison(self):
+        check_poison(make_case(5, q_heads=4, kv_heads=2, length=460, block_q=128, block_k=64, kmax=3,
+                               masked_frac=0.1), False, make_kernel=_kernel_fn)
+
+    def test_nan_poison_all_valid(self):
+        check_poison(make_case(9, q_heads=2, kv_heads=1, length=768, block_q=128, block_k=128, kmax=2),
+                     False, make_kernel=_kernel_fn)
+
+    def test_fully_masked_rows_are_zero(self):
+        c = make_case(6, q_heads=2, kv_heads=1, length=320, block_q=128, block_k=128, single=True)
+        c["indices"] = c["indices"].at[0, 0, 0, :].set(2)  # block 2 holds keys 256..383: 320.. padding
+        c["kv_valid"] = c["kv_valid"].at[0, 0, 256:].set(False)
+        out, lse, grads = fwd_and_grads(_kernel_fn(c, False), c, c["q"], c["k"], c["v"])
+        assert np.all(np.asarray(out[0, 0, :128], np.float32) == 0)
+        assert np.all(np.isneginf(np.asarray(lse[0, 0, :128])))
+        assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+        self.check(c)
+
+    def test_end_to_end_default_dispatch(self):
+        rng = np.random.default_rng(7)
+        b, l, hq, hkv, d = 1, 1000, 4, 2, 128
+        q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv))
+        mask = jnp.asarray(np.arange(l)[None, :] < 950)
+        cfg = baatt.BAConfig(block_size=128, sparsity=0.5)
+        out_m, st_m = baatt.attention(q, k, v, config=cfg, key_mask=mask, return_stats=True)
+        out_r, st_r = baatt.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                      config=cfg, key_mask=mask, implementation="reference", return_stats=True)
+        assert st_m["implementation"] == "mosaic_gpu"
+        assert rel_err(out_m, out_r) <= 2e-2
+        np.testing.assert_array_equal(np.asarray(st_m["selection"].counts), np.asarray(st_r["selection"].counts))
+
+    @settings(max_examples=4, deadline=None, derandomize=True)
+    @given(
+        seed=st.integers(0, 2**31 - 1),
+        length=st.integers(100, 1200),
+        blocks=st.sampled_from([(128, 64), (128, 128), (256, 128), (128, 256)]),
+        head_dim=st.sampled_from([64, 128]),
+        gqa=st.sampled_from([1, 2]),
+        batch=st.integers(1, 2),
+        dtype=st.sampled_from(["bfloat16", "float16"]),
+    )
+    def test_random_shapes(self, seed, length, blocks, head_dim, gqa, batch, dtype):
+        c = make_case(seed, batch=batch, q_heads=2, kv_heads=2 // gqa, length=length, head_dim=head_dim,
+                      block_q=blocks[0], block_k=blocks[1], dtype=jnp.dtype(dtype), kmax=4, masked_frac=0.05)
+        self.check(c)
+
+
+# ----------------------------------------------------------------------------- dispatch (any machine)
+
+
+def _qkv(d=64, dtype=jnp.bfloat16, l=256):
+    x = jnp.ones((1, l, 2, d), dtype)
+    return x, x, x
+
+
+def test_registered_with_top_priority():
+    assert baatt.api.implementations()[0] == "mosaic_gpu"
+
+
+def test_interpret_is_refused_with_reason():
+    q, k, v = _qkv()
+    reason = mosaic_gpu.unavailable(q, k, v, baatt.BAConfig(block_size=128), True)
+    assert reason is not None and "interpret" in reason
+    with pytest.raises(ValueError, match="mosaic_gpu: interpret mode is not offered"):
+        baatt.attention(q, k, v, config=baatt.BAConfig(block_size=128), implementation="mosaic_gpu", interpret=True)
+
+
+@pytest.mark.skipif(_on_hopper(), reason="checks the refusal off Hopper")
+def test_off_hopper_refused_and_default_falls_back():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="mosaic_gpu: .*sm90"):
+        baatt.attention(q, k, v, config=baatt.BAConfig(block_size=128), implementation="mosaic_gpu")
+    _, stats = baatt.attention(q, k, v, config=baatt.BAConfig(block_size=128), return_stats=True)
+    assert stats["implementation"] != "mosaic_gpu"
+
+
+@pytest.mark.parametrize(
+    ("shape_d", "dtype", "block", "match"),
+    [
+        (96, jnp.bfloat16, 128, "head dim must be one of"),
+        (64, jnp.float32, 128, "dtype must be bfloat16 or float16"),
+        (64, jnp.bfloat16, 64, "block_q must be one of"),
+    ],
+)
+def test_unsupported_reasons(shape_d, dtype, block, match):
+    x = jnp.ones((1, 2, 256, shape_d), dtype)
+    assert match in mosaic_gpu.unsupported_reason(x.shape, x.shape, x.shape, dtype, block, block)
+
+
+def test_supported_shapes_have_no_reason():
+    x = jnp.ones((1, 2, 256, 128), jnp.bfloat16)
+    for bq in (128, 256):
+        for bk in (64, 128, 256):
+            assert mosaic_gpu.unsupported_reason(x.shape, x.shape, x.shape, jnp.bfloat16, bq, bk) is None
+
+
+def test_tuning_resolution_fits_shared_memory():
+    for d in (64, 128):
+        for bk in (64, 128, 256):
+            t = mosaic_gpu.Tuning().resolve(bk, d, 2)
+            assert t.tile_k in (64, 128) and bk % t.tile_k == 0 and t.stages >= 2
+    with pytest.raises(ValueError, match="Tuning.tile_k"):
+        mosaic_gpu.Tuning(tile_k=32).resolve(128, 128, 2)
+    with pytest.raises(ValueError, match="shared memory"):
+        mosaic_gpu.Tuning(stages=8).resolve(128, 128, 2)
