@@ -37,6 +37,9 @@ class Implementation:
       block space (see ``layout.BlockSpace``).
     select: optional fast estimator ``(q, k, config, *, key_mask, interpret) -> BlockSelection``;
       None means the reference selectors.
+    positional: optional ``(q, k, v, indices, counts, *, scale, block_q, block_k) -> (out, lse)``
+      on the caller's [B, L, H, D] arrays, used when the selection is unpermuted, there is no key
+      mask and lengths are whole blocks (skips the block-space copies).
     """
 
     name: str
@@ -44,6 +47,7 @@ class Implementation:
     unavailable: Callable[..., str | None]
     sparse: Callable[..., tuple[jax.Array, jax.Array]]
     select: Callable[..., BlockSelection] | None = None
+    positional: Callable[..., tuple[jax.Array, jax.Array]] | None = None
 
 
 _REGISTRY: dict[str, Implementation] = {}
@@ -150,6 +154,12 @@ def _pipeline(q, k, v, key_mask, selection, config, impl_name, interpret, scale)
         selection = impl.select(q, k, config, key_mask=key_mask, interpret=interpret)
     elif selection is None:
         selection = get_selector(config.selector)(q, k, config, key_mask=key_mask)
+    if (impl.positional is not None and not interpret and key_mask is None and selection.q_perm is None
+            and selection.k_perm is None and q.shape[1] % selection.block_q == 0
+            and k.shape[1] % selection.block_k == 0):
+        out, lse = impl.positional(q, k, v, selection.indices, selection.counts, scale=scale,
+                                   block_q=selection.block_q, block_k=selection.block_k)
+        return out, lse, selection
     space = layout.to_block_space(
         q, k, v, block_q=selection.block_q, block_k=selection.block_k,
         key_mask=key_mask, q_perm=selection.q_perm, k_perm=selection.k_perm,

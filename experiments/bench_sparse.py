@@ -63,6 +63,7 @@ class Config:
     target_s: float = 0.6  # timing budget per measurement (after warm-up)
     min_reps: int = 3
     dense_impl: str = "cudnn"  # "xla" only for the CPU smoke run (--smoke)
+    impl: str = "pallas"  # the block-sparse implementation timed: "pallas" or "mosaic_gpu"
     interpret: bool = False  # True only for the CPU smoke run
 
 
@@ -207,10 +208,12 @@ def run_jax(cfg: Config, fa2: dict, tuning=None, partial_path: str | None = None
 
     import baatt
     from baatt import layout
+    from baatt.kernels import mosaic_gpu
     from baatt.kernels.pallas_triton import DEFAULT_TUNING, block_sparse_attention
     from baatt.selection import select_blocks
 
     tuning = DEFAULT_TUNING if tuning is None else tuning
+    mosaic = cfg.impl == "mosaic_gpu"
     rows = []
     sync = jax.block_until_ready
     tm = lambda call: _median_time(call, sync, target_s=cfg.target_s, min_reps=cfg.min_reps)
@@ -238,14 +241,17 @@ def run_jax(cfg: Config, fa2: dict, tuning=None, partial_path: str | None = None
         nk = space.num_k_blocks
         do_b = jnp.swapaxes(do, 1, 2)
 
-        kern = jax.jit(lambda q, k, v, valid, idx, cnt: block_sparse_attention(
-            q, k, v, valid, idx, cnt, scale=scale, block_q=bs, block_k=bs, tuning=tuning, interpret=cfg.interpret))
+        def sparse_op(q, k, v, valid, idx, cnt):
+            if mosaic:  # the caller's [B, L, H, D] layout (the path baatt.attention takes without sort/mask)
+                return mosaic_gpu.positional_attention(q, k, v, idx, cnt, scale=scale, block_q=bs, block_k=bs)
+            return block_sparse_attention(q, k, v, valid, idx, cnt, scale=scale, block_q=bs, block_k=bs,
+                                          tuning=tuning, interpret=cfg.interpret)
+
+        kern = jax.jit(sparse_op)
 
         @jax.jit
         def kern_fb(q, k, v, valid, idx, cnt, do):
-            f = lambda q, k, v: block_sparse_attention(q, k, v, valid, idx, cnt, scale=scale, block_q=bs,
-                                                       block_k=bs, tuning=tuning, interpret=cfg.interpret)[0]
-            out, vjp = jax.vjp(f, q, k, v)
+            out, vjp = jax.vjp(lambda q, k, v: sparse_op(q, k, v, valid, idx, cnt)[0], q, k, v)
             return out, vjp(do)
 
         sparsities = cfg.long_sparsities if L >= cfg.long_from else cfg.sparsities
@@ -254,16 +260,16 @@ def run_jax(cfg: Config, fa2: dict, tuning=None, partial_path: str | None = None
             est_fn = jax.jit(lambda q, k: select_blocks(q, k, bcfg))
             t_est = tm(lambda: est_fn(q, k))
             sel = est_fn(q, k)
-            full_fn = jax.jit(lambda q, k, v: baatt.attention(q, k, v, config=bcfg, implementation="pallas",
+            full_fn = jax.jit(lambda q, k, v: baatt.attention(q, k, v, config=bcfg, implementation=cfg.impl,
                                                                    interpret=cfg.interpret))
             t_full = tm(lambda: full_fn(q, k, v))
             sel_ba = pad_indices(sel.indices, sel.counts, nk)
             sel_rand = random_selection(jax.random.PRNGKey(L + 7), sel.counts, nk)
             for name, idx in (("ba", sel_ba), ("random", sel_rand)):
-                args = (space.q, space.k, space.v, space.kv_valid, idx, sel.counts)
+                args = ((q, k, v) if mosaic else (space.q, space.k, space.v)) + (space.kv_valid, idx, sel.counts)
                 t_k = tm(lambda: kern(*args))
                 do_fb = L < cfg.long_from or s in cfg.fwdbwd_sparsities_long
-                t_kfb = tm(lambda: kern_fb(*args, do_b)) if do_fb else float("nan")
+                t_kfb = tm(lambda: kern_fb(*args, do if mosaic else do_b)) if do_fb else float("nan")
                 pairs = float(jnp.sum(sel.counts))
                 fwd_flops = 4.0 * bs * bs * d * pairs
                 f2 = fa2.get(str(L), {})
@@ -368,7 +374,8 @@ def _fmt(x, nd=2):
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"# bench_sparse: {meta['device']}, jax {meta['jax_version']}, torch {meta.get('torch', '?')}, "
+        f"# bench_sparse ({meta['config'].get('impl', 'pallas')}): {meta['device']}, jax {meta['jax_version']}, "
+        f"torch {meta.get('torch', '?')}, "
         f"commit {meta['commit'][:10]}, {meta['date']}",
         "",
         f"B={meta['config']['batch']} H={meta['config']['heads']} D={meta['config']['head_dim']} "
@@ -400,10 +407,20 @@ def main():
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--torch-only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--impl", default="pallas", choices=("pallas", "mosaic_gpu"), help="block-sparse implementation")
+    ap.add_argument("--lengths", default=None, help="comma-separated sequence lengths (default: the config's)")
+    ap.add_argument("--sparsities", default=None, help="comma-separated sparsities (default: the config's)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run in interpret mode (no torch)")
     args = ap.parse_args()
     cfg = get_config(args.quick, args.smoke)
+    over = dict(impl=args.impl)
+    if args.lengths:
+        over["lengths"] = tuple(int(x) for x in args.lengths.split(","))
+    if args.sparsities:
+        over["sparsities"] = tuple(float(x) for x in args.sparsities.split(","))
+    cfg = dataclasses.replace(cfg, **over)
     args.no_torch |= args.smoke
+    stem = "bench_sparse" if cfg.impl == "pallas" else f"bench_sparse_{cfg.impl}"
     os.makedirs(args.out, exist_ok=True)
     if args.torch_only:
         run_torch(cfg, cfg.lengths, args.torch_only)
@@ -418,8 +435,9 @@ def main():
         return
     fa2, torch_meta = {}, {}
     if not args.no_torch:
-        tpath = os.path.join(args.out, "bench_sparse_fa2.json")
-        cmd = [sys.executable, __file__, "--torch-only", tpath] + (["--quick"] if args.quick else [])
+        tpath = os.path.join(args.out, f"{stem}_fa2.json")
+        cmd = [sys.executable, __file__, "--torch-only", tpath] + (["--quick"] if args.quick else []) + (
+            ["--lengths", args.lengths] if args.lengths else [])
         r = subprocess.run(cmd)
         if r.returncode == 0 and os.path.exists(tpath):
             with open(tpath) as f:
@@ -427,16 +445,16 @@ def main():
             fa2, torch_meta = tres["fa2"], {"torch": tres["torch"]}
     import jax
 
-    rows = run_jax(cfg, fa2, partial_path=os.path.join(args.out, "bench_sparse_partial.json"))
+    rows = run_jax(cfg, fa2, partial_path=os.path.join(args.out, f"{stem}_partial.json"))
     meta = dict(
         device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=_git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config=dataclasses.asdict(cfg), **torch_meta,
     )
-    with open(os.path.join(args.out, "bench_sparse.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     md = markdown(meta, rows)
-    with open(os.path.join(args.out, "bench_sparse.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(md)
     print(md)
 

@@ -19,6 +19,7 @@ from baatt.kernels.mosaic_gpu.block_sparse import (
     block_sparse_attention,
     forward,
     pack_selection,
+    positional_attention,
     unsupported_reason,
 )
 
@@ -52,7 +53,8 @@ def sparse(space, indices, counts, *, scale, interpret=False):
     )
 
 
-register_implementation(Implementation(name="mosaic_gpu", priority=20, unavailable=unavailable, sparse=sparse))
+register_implementation(Implementation(name="mosaic_gpu", priority=20, unavailable=unavailable, sparse=sparse,
+                                       positional=positional_attention))
 
 __all__ = [
     "DEFAULT_TUNING",
@@ -61,6 +63,7 @@ __all__ = [
     "forward",
     "hopper_reason",
     "pack_selection",
+    "positional_attention",
     "sparse",
     "unavailable",
     "unsupported_reason",

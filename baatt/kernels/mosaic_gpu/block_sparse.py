@@ -65,12 +65,15 @@ class Tuning:
     tile_k: key rows per pipeline step (<= block_k, divides it; 64 or 128).
     stages: shared-memory slots in the K/V ring (>= 2).
     rotate: start each CTA's walk at a different selected tile.
+    tile_major: launch order with query tiles fastest (CTAs running together share a head's K/V
+      in L2) instead of heads fastest.
     None means "derive" (see ``resolve``).
     """
 
     tile_k: int | None = None
     stages: int | None = None
     rotate: bool = True
+    tile_major: bool = False
 
     def resolve(self, block_k: int, head_dim: int, itemsize: int) -> "Tuning":
         tile_k = self.tile_k or min(block_k, 128)
@@ -111,14 +114,22 @@ def pack_selection(indices, counts):
 
 
 def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tuning: Tuning = DEFAULT_TUNING,
-            interpret: bool = False):
+            positional: bool = False, interpret: bool = False):
     """out [B, Hq, Lq, D], lse [B, Hq, Lq] (natural log).
 
     sel: ``pack_selection(indices, counts)``. bias: float32 [B, Hkv, Lk] (0 valid,
     -inf masked; K/V rows already zeroed there) or None when every key is valid.
+    positional: q/out are [B, Lq, Hq, D] and k/v [B, Lk, Hkv, D] (the caller's
+      layout, no permutation): TMA reads strided rows, so no transpose is needed.
     """
-    batch, q_heads, lq, d = q.shape
-    _, kv_heads, lk, _ = k.shape
+    if positional:
+        batch, lq, q_heads, d = q.shape
+        _, lk, kv_heads, _ = k.shape
+    else:
+        batch, q_heads, lq, d = q.shape
+        _, kv_heads, lk, _ = k.shape
+    rows_of = (lambda ref, bb, hh, rows: ref.at[bb, rows, hh]) if positional else (
+        lambda ref, bb, hh, rows: ref.at[bb, hh, rows])
     group = q_heads // kv_heads
     dtype = q.dtype
     t = tuning.resolve(block_k, d, jnp.dtype(dtype).itemsize)
@@ -163,7 +174,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                 plgpu.set_max_registers(232, action="increase")
                 my_q = q_smem.at[wg]
                 row0 = qt * TILE_Q + wg * WG_ROWS
-                plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, WG_ROWS)], my_q, q_ready.at[wg])
+                plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, pl.ds(row0, WG_ROWS)), my_q, q_ready.at[wg])
                 plgpu.barrier_wait(q_ready.at[wg])
                 m = plgpu.layout_cast(jnp.full((WG_ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 l = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -228,7 +239,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                 my_q[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
                 lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(my_q, out_ref.at[b, h, pl.ds(row0, WG_ROWS)])
+                plgpu.copy_smem_to_gmem(my_q, rows_of(out_ref, b, h, pl.ds(row0, WG_ROWS)))
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, WG_ROWS)])
                 plgpu.wait_smem_to_gmem(0)
 
@@ -240,10 +251,10 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                 def fill(step, slot):
                     start = tile_start(step)
                     rows = pl.ds(start, tile_k)
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, kvh, rows], k_smem.at[slot], k_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), k_smem.at[slot], k_ready.at[slot])
                     if masked:
                         plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[b, kvh, rows], v_smem.at[slot], v_ref_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ref_ready.at[slot])
 
                 for i in range(stages):
                     @pl.when(i < steps)
@@ -257,11 +268,11 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                     start = tile_start(nxt)
                     rows = pl.ds(start, tile_k)
                     plgpu.barrier_wait(k_free.at[slot])
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, kvh, rows], k_smem.at[slot], k_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), k_smem.at[slot], k_ready.at[slot])
                     if masked:
                         plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
                     plgpu.barrier_wait(v_free.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[b, kvh, rows], v_smem.at[slot], v_ref_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ref_ready.at[slot])
 
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
@@ -287,11 +298,13 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
 
     n_tiles = lq // TILE_Q
     inputs = (q, k, v, sel) + ((bias,) if masked else ())
+    grid, names = ((n_tiles, q_heads, batch), ("q_tile", "heads", "batch")) if t.tile_major else (
+        (q_heads, n_tiles, batch), ("heads", "q_tile", "batch"))
     out, lse = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, lq), jnp.float32)),
-        grid=(q_heads, n_tiles, batch),
-        grid_names=("heads", "q_tile", "batch"),
+        grid=grid,
+        grid_names=names,
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -331,6 +344,54 @@ def _attend_bwd(scale, block_q, block_k, tuning, all_valid, interpret, res, cts)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+# Positional layout: no permutation, no key mask, lengths whole blocks. The forward reads and writes
+# the caller's [B, L, H, D] arrays directly (saves four transposes of Q/K/V/out, SPEC.md section 7);
+# the backward transposes into block space for the portable kernels.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attend_positional(q, k, v, indices, counts, scale, block_q, block_k, tuning):
+    return _attend_positional_fwd(q, k, v, indices, counts, scale, block_q, block_k, tuning)[0]
+
+
+def _attend_positional_fwd(q, k, v, indices, counts, scale, block_q, block_k, tuning):
+    out, lse = forward(q, k, v, pack_selection(indices, counts), None, scale=scale, block_q=block_q,
+                       block_k=block_k, tuning=tuning, positional=True)
+    return (out, lse), (q, k, v, indices, counts, out, lse)
+
+
+def _attend_positional_bwd(scale, block_q, block_k, tuning, res, cts):
+    q, k, v, indices, counts, out, lse = res
+    do, dlse = cts
+    hm = lambda x: jnp.swapaxes(x, 1, 2)
+    kb = hm(k)
+    bias = jnp.zeros(kb.shape[:3], jnp.float32)
+    t = triton_kernel.DEFAULT_TUNING.resolve(block_q, block_k, q.shape[-1])
+    dq, dk, dv = triton_kernel._backward(hm(q), kb, hm(v), bias, indices, counts, hm(out), lse, hm(do), dlse,
+                                         scale=scale, block_q=block_q, block_k=block_k, tuning=t, interpret=False)
+    return hm(dq), hm(dk), hm(dv), None, None
+
+
+_attend_positional.defvjp(_attend_positional_fwd, _attend_positional_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning"))
+def positional_attention(q, k, v, indices, counts, *, scale: float, block_q: int, block_k: int,
+                         tuning: Tuning = DEFAULT_TUNING):
+    """Block-sparse attention on [B, L, H, D] inputs with an unpermuted selection and every key valid.
+
+    q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] with Lq % block_q == 0 == Lk % block_k; returns out
+    [B, Lq, Hq, D] and lse [B, Hq, Lq] (natural log). Differentiable in q, k, v.
+    """
+    if reason := unsupported_reason(q.shape, k.shape, v.shape, q.dtype, block_q, block_k):
+        raise ValueError(reason)
+    if q.shape[1] % block_q or k.shape[1] % block_k:
+        raise ValueError(f"positional_attention needs whole blocks: lengths {q.shape[1]}, {k.shape[1]} with "
+                         f"block_q={block_q}, block_k={block_k}")
+    return _attend_positional(q, k, v, indices.astype(jnp.int32), counts.astype(jnp.int32), float(scale),
+                              block_q, block_k, tuning)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "all_valid", "interpret"))
