@@ -156,6 +156,23 @@ class TestOracleGPU(_Suite):
         check_map(self.kernel_map(q, k, **kw), reference.post_downsample_map(q, k, **kw), self.atol)
 
 
+def test_oracle_selector_kernel_route_matches_reference_route():
+    # The oracle selector's map through the kernel (interpret mode here, compiled on a GPU) equals the reference's.
+    from baatt.selection import oracle as oracle_selector
+
+    q, k, mask = make_inputs(13, batch=1, lq=300, q_heads=2, kv_heads=1, head_dim=64, dtype=jnp.float32, padded=True)
+    space = layout.to_block_space(q, k, None, block_q=64, block_k=64, key_mask=mask,
+                                  k_perm=reference.norm_sort(k, mask=mask)[0])
+    on_gpu = any(d.platform == "gpu" for d in jax.devices())
+    if on_gpu:
+        got = oracle_selector.oracle_map(space, 0.125)  # default route: the kernel
+    else:
+        got = oracle.post_downsample_blocked(space.q, space.k, space.kv_valid, space.q_valid, scale=0.125,
+                                             block_q=64, block_k=64, interpret=True)
+    want = oracle_selector.oracle_map(space, 0.125, kernel=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -2,13 +2,16 @@
 
 The upper bound of any selector in the same block space: with ``sort_q`` /
 ``sort_k`` on, ``M_hat`` is pooled over norm-sorted blocks. Costs a dense
-attention pass (streamed, memory linear in L).
+attention pass (streamed, memory linear in L): on a CUDA GPU, through the
+Pallas oracle-map kernels (``baatt.kernels.pallas_triton.oracle``) where they
+support the shapes, elsewhere through the reference.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from baatt import layout
@@ -18,13 +21,33 @@ from baatt.selection.common import finish, key_block_counts, mask_empty
 from baatt.selection.types import BlockSelection
 
 
+def _on_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def oracle_map(space: layout.BlockSpace, scale: float, *, kernel: bool | None = None) -> jax.Array:
+    """M_hat [B, Hq, Nq, Nk] of a block space; kernel None = the GPU kernel where it applies."""
+    from baatt.kernels.pallas_triton import oracle as oracle_kernel  # lazy: kernels import baatt.api
+
+    if kernel is None:
+        kernel = _on_gpu() and oracle_kernel.unsupported_reason(
+            space.q.shape, space.k.shape, space.k.shape, space.q.dtype, space.block_q, space.block_k) is None
+    if kernel:
+        return oracle_kernel.post_downsample_blocked(space.q, space.k, space.kv_valid, space.q_valid, scale=scale,
+                                                     block_q=space.block_q, block_k=space.block_k)
+    return post_downsample_blocked(space, scale=scale)
+
+
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     q_perm, k_perm = sort_permutations(q, k, config, key_mask)
     space = layout.to_block_space(
         q, k, None, block_q=config.block_q, block_k=config.block_k,
         key_mask=key_mask, q_perm=q_perm, k_perm=k_perm,
     )
-    m_hat = post_downsample_blocked(space, scale=1.0 / math.sqrt(q.shape[-1]))
+    m_hat = oracle_map(space, 1.0 / math.sqrt(q.shape[-1]))
     kcount = key_block_counts(space.kv_valid, config.block_k, q.shape[2])
     scores = mask_empty(jnp.log(jnp.maximum(m_hat, 1e-38)), kcount)
     return finish(scores, q, k, config, q_perm=q_perm, k_perm=k_perm, probs=m_hat)
