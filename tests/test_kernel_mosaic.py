@@ -46,6 +46,16 @@ class TestMosaicGPU:
     def test_bf16_gqa_padding_holes(self):
         self.check(make_case(1, q_heads=4, kv_heads=2, length=500, block_q=128, block_k=64, kmax=5, masked_frac=0.1))
 
+    def test_portable_backward_option(self):
+        c = make_case(13, q_heads=4, kv_heads=2, length=700, head_dim=64, block_q=128, block_k=128, kmax=3,
+                      masked_frac=0.05)
+
+        def make(c_, interpret):
+            return lambda q, k, v: mosaic_gpu.block_sparse_attention(
+                q, k, v, c_["kv_valid"], c_["indices"], c_["counts"], scale=c_["scale"], block_q=128, block_k=128,
+                backward_impl="pallas")
+        check_against_reference(c, False, make_kernel=make)
+
     def test_f16_head_dim_128(self):
         self.check(make_case(3, q_heads=2, kv_heads=1, length=512, head_dim=128, block_q=128, block_k=128,
                              dtype=jnp.float16))
@@ -199,6 +209,27 @@ def test_kernel_body_traces(positional, masked):
         jaxpr = jax.make_jaxpr(lambda q, k, s, bi: forward(q, k, k, s, bi, scale=0.1, block_q=bq, block_k=bk,
                                                            positional=positional))(q, k, sel, bias)
         assert "wgmma" in str(jaxpr)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_backward_kernels_trace(masked):
+    from baatt.kernels.mosaic_gpu.block_sparse import backward
+    b, hq, hkv, d, l = 1, 4, 2, 128, 512
+    q, k = jnp.zeros((b, hq, l, d), jnp.bfloat16), jnp.zeros((b, hkv, l, d), jnp.bfloat16)
+    lse = jnp.zeros((b, hq, l), jnp.float32)
+    bias = jnp.zeros((b, hkv, l), jnp.float32) if masked else None
+    for bq, bk in ((128, 128), (256, 256)):
+        idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda q, k, o, l_, do: backward(q, k, k, bias, idx, cnt, o, l_, do, None, scale=0.1,
+                                                                block_q=bq, block_k=bk))(q, k, q, lse, q)
+        assert "wgmma" in str(jaxpr)
+
+
+def test_backward_impl_is_checked():
+    x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    idx, cnt = jnp.zeros((1, 2, 2, 1), jnp.int32), jnp.ones((1, 2, 2), jnp.int32)
+    with pytest.raises(ValueError, match="backward_impl must be one of"):
+        mosaic_gpu.positional_attention(x, x, x, idx, cnt, scale=0.1, block_q=128, block_k=128, backward_impl="cuda")
 
 
 def test_tuning_resolution_fits_shared_memory():
