@@ -305,6 +305,10 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     if max_len > mcfg.max_len:
         raise ValueError(f"stage seq_len must be at most ModelConfig.max_len={mcfg.max_len}; got {max_len}")
     model = DiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed))
+    if mcfg.output_bias:
+        # Start at the unigram (see DiffusionLM.set_output_bias): on CPU (d=64, 2048-token vocab, 600 steps)
+        # held-out masked CE at t=0.15 went 5.02 -> 4.74 (unigram 5.08) with this bias.
+        model.set_output_bias(np.bincount(np.asarray(train_stream), minlength=mcfg.vocab_size)[: mcfg.vocab_size])
     graphdef, params = nnx.split(model)
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)

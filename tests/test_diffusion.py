@@ -141,3 +141,20 @@ def test_schedule_and_sampler_errors(model):
         generate(model, _canvas(), steps=2, remasking="entropy")
     with pytest.raises(ValueError, match="reuse_every must be an int >= 1"):
         generate(model, _canvas(), steps=2, reuse_every=0)
+
+
+def test_train_sets_unigram_output_bias(tmp_path):
+    from baatt.data import corpus
+    from baatt.train import TrainConfig, load_model, train
+
+    val = corpus.load_tokens("val")
+    cfg = TrainConfig(model="tiny", model_overrides=(("max_len", 512), ("output_bias", True)), stages=((1.0, 32, 2),),
+                      steps=1, warmup_steps=1, peak_lr=1e-3, eval_every=0, ckpt_dir=str(tmp_path / "ck"), progress=False)
+    r = train(cfg, train_stream=val, val_stream=val, log_fn=lambda s: None)
+    counts = np.bincount(np.asarray(val), minlength=50304).astype(np.float64)
+    counts[50257] = 0
+    want = np.log((counts + 0.1) / (counts + 0.1).sum())
+    got = np.asarray(r["model"].out_bias.value)
+    assert np.max(np.abs(got - want)) < 1e-2  # one Adam step moves it by about the learning rate
+    m, _ = load_model(tmp_path / "ck")
+    assert np.array_equal(np.asarray(m.out_bias.value), got)

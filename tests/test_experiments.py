@@ -70,3 +70,14 @@ def test_synthetic_inputs_have_structure():
     assert norms.max() / np.median(norms) > 3, "key norms should be heavy-tailed"
     with pytest.raises(ValueError, match="kv_heads must divide q_heads"):
         synthetic.attention_inputs(synthetic.SyntheticConfig(q_heads=3, kv_heads=2))
+
+
+def test_train_dlm_presets_are_valid():
+    from experiments import train_dlm
+
+    for name in train_dlm.PRESETS:
+        cfg = train_dlm.get_config(name)
+        assert max(s[1] for s in cfg.stages) <= cfg.model_config().max_len
+    pk = train_dlm.get_config("gpu_passkey")
+    assert pk.model_config().output_bias and pk.task_kinds == ("passkey",) and pk.eval_len == 4096
+    assert pk.stages[-1][1] == 4096 and pk.time_budget_s <= 330

@@ -136,3 +136,20 @@ def test_nnx_multihead_attention_adapter():
     assert call(sp, x).shape == (2, 40, 32)
     with pytest.raises(ValueError, match="key-padding masks only"):
         ba(x, mask=nnx.make_causal_mask(jnp.ones((2, 40))))
+
+
+def test_output_bias_starts_at_unigram():
+    cfg = CFG.replace(output_bias=True)
+    m = DiffusionLM(cfg, rngs=nnx.Rngs(0))
+    assert count_params(m) == count_params(DiffusionLM(CFG, rngs=nnx.Rngs(0))) + cfg.vocab_size
+    counts = np.zeros(cfg.vocab_size)
+    counts[:10] = 1000.0
+    m.set_output_bias(counts)
+    logp = jax.nn.log_softmax(_run(m, _tokens(1, 16)).astype(jnp.float32), -1)
+    # the embedding logits are small at init: the prediction is close to the unigram
+    assert float(jnp.mean(jnp.exp(logp[..., :10]).sum(-1))) > 0.95
+    assert float(jnp.max(logp[..., cfg.mask_id])) < -5
+    with pytest.raises(ValueError, match="output_bias"):
+        DiffusionLM(CFG, rngs=nnx.Rngs(0)).set_output_bias(counts)
+    with pytest.raises(ValueError, match="shape"):
+        m.set_output_bias(counts[:5])

@@ -15,6 +15,9 @@ class ModelConfig:
     mask_id: id of the mask token. max_len: longest sequence the model accepts.
     num_kv_heads: GQA key/value heads (divides num_heads).
     tie_embeddings: share the token embedding with the output head.
+    output_bias: a learnt per-token bias on the logits (see ``DiffusionLM.set_output_bias``):
+      without it a tied, RMS-normed model must learn the unigram through the
+      embedding itself, which stalls training at the unigram loss.
     dtype: compute dtype (bf16 on GPU); param_dtype: storage dtype of the weights.
     """
 
@@ -30,6 +33,7 @@ class ModelConfig:
     rope_theta: float = 100_000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
+    output_bias: bool = False
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
 

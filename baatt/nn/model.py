@@ -103,6 +103,22 @@ class DiffusionLM(nnx.Module):
         self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
                                       param_dtype=cfg.weight_dtype, rngs=rngs)
         self.head = None if cfg.tie_embeddings else _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, std=0.02)
+        self.out_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.weight_dtype)) if cfg.output_bias else None
+
+    def set_output_bias(self, counts, *, smoothing: float = 0.1) -> None:
+        """Set the output bias to the log unigram of ``counts`` [vocab] (token counts of the training data).
+
+        Started at the unigram, the loss begins at the unigram level and the
+        gradient goes to context use at once; a zero bias must be learnt at
+        ~lr per Adam step (thousands of steps to reach log-probabilities of -10).
+        """
+        if self.out_bias is None:
+            raise ValueError("set_output_bias needs ModelConfig.output_bias=True")
+        c = jnp.asarray(counts, jnp.float32)
+        if c.shape != (self.cfg.vocab_size,):
+            raise ValueError(f"counts must have shape ({self.cfg.vocab_size},); got {c.shape}")
+        c = c.at[self.cfg.mask_id].set(0.0) + smoothing
+        self.out_bias.value = jnp.log(c / jnp.sum(c)).astype(self.cfg.weight_dtype)
 
     def __call__(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
                  return_aux: bool = False):
@@ -126,6 +142,8 @@ class DiffusionLM(nnx.Module):
             infos.append(info)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
+        if self.out_bias is not None:
+            logits = logits + self.out_bias.value.astype(logits.dtype)
         if not return_aux:
             return logits
         return logits, dict(selections=[i["selection"] for i in infos], density=[i["density"] for i in infos])
