@@ -27,7 +27,7 @@ from flax import nnx
 
 from baatt.data import corpus, tasks
 from baatt.data.tokenizer import get_tokenizer
-from baatt.diffusion.masking import diffusion_loss, masked_ce
+from baatt.diffusion.masking import diffusion_loss_gathered, head_positions_for, masked_ce
 from baatt.nn import AttentionPlan, DiffusionLM, get_config
 
 
@@ -52,6 +52,11 @@ class TrainConfig:
     eval_tasks: int = 16
     eval_len: int | None = None  # default: the last stage's seq_len
     full_task_answers: bool = True  # task rows: mask the whole answer (t = 1), no 1/t weight
+    # Output head (and softmax CE) at this many positions per row only, masked ones first (an unbiased
+    # estimate of the full loss, exact when a row has at most that many masked tokens; see
+    # baatt.diffusion.masking.diffusion_loss_gathered): None = every position, an int K, or a float in
+    # (0, 1] = that fraction of each stage's seq_len (rounded up).
+    head_positions: int | float | None = None
     ckpt_dir: str | None = None
     ckpt_every: int = 200
     seed: int = 0
@@ -69,6 +74,7 @@ class TrainConfig:
                 raise ValueError(f"task_kinds entries must be one of {tuple(tasks.TASKS)}; got {k!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
+        head_positions_for(1, self.head_positions)  # validates
 
     def model_config(self):
         return get_config(self.model, **dict(self.model_overrides))
@@ -142,12 +148,19 @@ def _set_lr(opt_state, lr):
     return opt_state
 
 
-def build_step(graphdef, tx, mask_id, eps, full_task_answers=True):
+def build_step(graphdef, tx, mask_id, eps, full_task_answers=True, head_positions=None):
+    """Jitted train step (params, opt_state, tokens, elig, key) -> (params, opt_state, metrics).
+
+    head_positions: see ``TrainConfig.head_positions`` (None: the head at every position).
+    """
+    head_positions_for(1, head_positions)  # validates
+
     def loss_fn(params, tokens, elig, key):
         model = nnx.merge(graphdef, params)
         task_rows = ~jnp.all(elig, axis=-1)  # rows whose eligible region is an answer span
-        return diffusion_loss(lambda x: model(x), key, tokens, mask_id=mask_id, eligible=elig, eps=eps,
-                              full_rows=task_rows if full_task_answers else None)
+        return diffusion_loss_gathered(lambda x: model.hidden(x), model.logits, key, tokens, mask_id=mask_id,
+                                       head_positions=head_positions, eligible=elig, eps=eps,
+                                       full_rows=task_rows if full_task_answers else None)
 
     @jax.jit
     def step(params, opt_state, tokens, elig, key):
@@ -323,7 +336,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             params, opt_state, m = restore_checkpoint(mngr, params, opt_state)
             start_step = int(m["step"])
             log_fn(f"resumed from step {start_step}")
-    step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps, cfg.full_task_answers)
+    step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps, cfg.full_task_answers, cfg.head_positions)
 
     seed_seq = np.random.SeedSequence([cfg.seed, start_step])
     rngs = {}

@@ -158,3 +158,129 @@ def test_train_sets_unigram_output_bias(tmp_path):
     assert np.max(np.abs(got - want)) < 1e-2  # one Adam step moves it by about the learning rate
     m, _ = load_model(tmp_path / "ck")
     assert np.array_equal(np.asarray(m.out_bias.value), got)
+
+
+# -- the output head at gathered positions only ------------------------------------------------------
+
+from baatt.diffusion.masking import diffusion_loss_gathered, head_positions_for, select_head_positions  # noqa: E402
+
+
+def _gathered_setup(seed=0, b=4, l=64):
+    m = DiffusionLM(CFG.replace(output_bias=True, num_layers=1), rngs=nnx.Rngs(seed))  # one layer: quick compiles
+    m.out_bias.value = 0.5 * jax.random.normal(jax.random.PRNGKey(seed), (CFG.vocab_size,))
+    toks = jnp.asarray(np.random.default_rng(seed).integers(0, 500, (b, l)), jnp.int32)
+    return m, toks
+
+
+def _both_losses(gd, k, grads=False, **kw):
+    """jitted (params, tokens, key) -> ((full loss, metrics), (gathered loss, metrics)) [, (full grads, gathered grads)]."""
+    def losses(params, toks, key):
+        m = nnx.merge(gd, params)
+        full = diffusion_loss(lambda x: m(x), key, toks, mask_id=MASK, **kw)
+        part = diffusion_loss_gathered(m.hidden, m.logits, key, toks, mask_id=MASK, head_positions=k, **kw)
+        return full, part
+
+    def with_grads(params, toks, key):
+        (full, part), vjp = jax.vjp(lambda p: losses(p, toks, key), params)
+        z = jax.tree.map(jnp.zeros_like, (full[1], part[1]))
+        g_full = vjp(((jnp.ones(()), z[0]), (jnp.zeros(()), z[1])))[0]
+        g_part = vjp(((jnp.zeros(()), z[0]), (jnp.ones(()), z[1])))[0]
+        return (full, part), (g_full, g_part)
+
+    return jax.jit(with_grads if grads else losses)
+
+
+def test_gathered_head_equals_full_loss_when_every_masked_token_fits():
+    m, toks = _gathered_setup()
+    gd, params = nnx.split(m)
+    # every position eligible: K = L keeps every masked token of every row
+    (fl, fm), (gl, gm) = _both_losses(gd, 64)(params, toks, jax.random.PRNGKey(3))
+    np.testing.assert_allclose(float(gl), float(fl), rtol=1e-6)
+    for name in ("loss", "masked_ce", "masked_acc", "masked_frac"):
+        np.testing.assert_allclose(float(gm[name]), float(fm[name]), rtol=1e-6, err_msg=name)
+    assert float(gm["head_frac"]) == 1.0
+    # task-like rows: a 6-token answer span eligible (full rows, t = 1) and 2 text rows limited to 6
+    # eligible tokens: K = 6 of 64 positions is exact, also for the gradients
+    elig = np.zeros((4, 64), bool)
+    for i, s in enumerate((3, 20, 40, 58)):
+        elig[i, s : s + 6] = True
+    kw = dict(eligible=jnp.asarray(elig), full_rows=jnp.asarray([True, True, False, False]))
+    f = _both_losses(gd, 6, grads=True, **kw)
+    for key in range(3):
+        ((fl, fm), (gl, gm)), (g_full, g_part) = f(params, toks, jax.random.PRNGKey(key))
+        np.testing.assert_allclose(float(gl), float(fl), rtol=1e-6)
+        for name in ("masked_ce", "masked_acc", "masked_frac"):
+            np.testing.assert_allclose(float(gm[name]), float(fm[name]), rtol=1e-6, err_msg=name)
+        for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_part)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+    # gradients reach the embedding (head and input), the output bias and every block
+    norms = {jax.tree_util.keystr(p): float(jnp.linalg.norm(g)) for p, g in jax.tree_util.tree_leaves_with_path(g_part)}
+    assert all(np.isfinite(v) for v in norms.values())
+    assert all(v > 0 for n, v in norms.items() if "norm" not in n), norms
+
+
+def test_gathered_head_is_unbiased():
+    # 1) for a fixed mask, the subset estimate of each row's masked sum is unbiased and every masked position
+    #    is kept with probability K / n_masked
+    masked = jax.random.uniform(jax.random.PRNGKey(0), (3, 40)) < jnp.asarray([[0.9], [0.5], [0.1]])
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 40)) ** 2
+    k = 8
+
+    def est(key):
+        idx, w = select_head_positions(key, masked, k)
+        incl = jnp.zeros((3, 40)).at[jnp.arange(3)[:, None], idx].add((w > 0).astype(jnp.float32))
+        return jnp.sum(w * jnp.take_along_axis(x, idx, -1), -1), incl
+
+    n = 4000
+    e, incl = jax.jit(jax.vmap(est))(jax.random.split(jax.random.PRNGKey(2), n))
+    truth = np.asarray(jnp.sum(jnp.where(masked, x, 0.0), -1))
+    se = np.asarray(jnp.std(e, 0)) / np.sqrt(n)
+    assert np.all(np.abs(np.asarray(jnp.mean(e, 0)) - truth) < 4 * se + 1e-5), (np.asarray(jnp.mean(e, 0)), truth)
+    n_m = np.asarray(masked.sum(-1))
+    p = np.asarray(incl.mean(0))
+    msk = np.asarray(masked)
+    for r in range(3):
+        want = min(1.0, k / n_m[r])
+        assert np.all(np.abs(p[r][msk[r]] - want) < 4 * np.sqrt(want * (1 - want) / n) + 1e-6)
+        assert np.all(p[r][~msk[r]] == 0)
+    # 2) end to end on the tiny model: over many keys, the gathered loss (K = 8 of 64) minus the full loss
+    #    of the same key (same mask) averages to zero
+    mdl, toks = _gathered_setup(seed=1)
+    gd, params = nnx.split(mdl)
+    f = _both_losses(gd, 8)
+    keys = jax.random.split(jax.random.PRNGKey(9), 256)
+    out = jax.jit(jax.vmap(lambda kk: f(params, toks, kk)))(keys)
+    (fl, _), (gl, gm) = out
+    d = np.asarray(gl - fl)
+    assert np.std(d) > 1e-3  # it does subsample
+    assert abs(d.mean()) < 4 * d.std() / np.sqrt(len(d)), (d.mean(), d.std())
+    assert float(jnp.min(gm["head_frac"])) < 0.5
+
+
+def test_head_positions_option_and_train_step():
+    from baatt.train import TrainConfig, build_step, make_optimizer
+
+    assert head_positions_for(256, None) is None
+    assert head_positions_for(256, 0.25) == 64 and head_positions_for(100, 0.25) == 25 and head_positions_for(10, 0.33) == 4
+    assert head_positions_for(256, 64) == 64 and head_positions_for(32, 64) == 32
+    for bad in (0, 0.0, 1.5, -3, True, "half"):
+        with pytest.raises(ValueError, match="head_positions"):
+            head_positions_for(64, bad)
+        with pytest.raises(ValueError, match="head_positions"):
+            TrainConfig(head_positions=bad)
+    with pytest.raises(ValueError, match="head_positions"):
+        build_step(None, None, MASK, 1e-3, head_positions=2.0)
+    m, toks = _gathered_setup(seed=2)
+    gd, params = nnx.split(m)
+    tx = make_optimizer(TrainConfig())
+    # at most 16 eligible tokens a row (row 0 a 3-token answer span): K = 16 of 64 is exact
+    elig = (jnp.arange(64)[None, :] >= 8) & (jnp.arange(64)[None, :] < jnp.asarray([[11], [24], [24], [24]]))
+    res = {}
+    for hp in (None, 16):
+        p = jax.tree.map(jnp.copy, params)
+        step = build_step(gd, tx, MASK, 1e-3, head_positions=hp)
+        p, _, met = step(p, tx.init(p), toks, elig, jax.random.PRNGKey(4))
+        res[hp] = jax.device_get(met)
+    for name in ("loss", "masked_ce", "masked_acc", "grad_norm"):
+        np.testing.assert_allclose(res[16][name], res[None][name], rtol=1e-5, err_msg=name)
+    assert res[16]["head_frac"] == 1.0 and "head_frac" not in res[None]

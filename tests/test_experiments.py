@@ -81,3 +81,8 @@ def test_train_dlm_presets_are_valid():
     pk = train_dlm.get_config("gpu_passkey")
     assert pk.model_config().output_bias and pk.task_kinds == ("passkey",) and pk.eval_len == 4096
     assert pk.stages[-1][1] == 4096 and pk.time_budget_s <= 330
+    fast = train_dlm.get_config("gpu_passkey_fast")
+    assert fast.model_config().output_bias and fast.task_kinds == ("passkey",) and fast.task_fraction == 0.4
+    assert fast.stages == ((0.4, 256, 128), (0.7, 1024, 32), (1.0, 4096, 8))
+    assert 0.25 <= fast.head_positions <= 0.5 and fast.time_budget_s <= 330
+    assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))

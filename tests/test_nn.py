@@ -153,3 +153,20 @@ def test_output_bias_starts_at_unigram():
         DiffusionLM(CFG, rngs=nnx.Rngs(0)).set_output_bias(counts)
     with pytest.raises(ValueError, match="shape"):
         m.set_output_bias(counts[:5])
+
+
+def test_hidden_and_logits_split_the_forward():
+    hidden = nnx.jit(lambda m, x: m.hidden(x, return_aux=True))
+    for cfg in (CFG, CFG.replace(tie_embeddings=False, output_bias=True)):
+        m = DiffusionLM(cfg, rngs=nnx.Rngs(2))
+        if m.out_bias is not None:
+            m.out_bias.value = jax.random.normal(jax.random.PRNGKey(1), (cfg.vocab_size,))
+        x = _tokens(2, 48)
+        full = _run(m, x)
+        h, aux = hidden(m, x)
+        assert h.shape == (2, 48, cfg.d_model) and len(aux["density"]) == cfg.num_layers
+        np.testing.assert_allclose(np.asarray(m.logits(h)), np.asarray(full), atol=1e-5, rtol=1e-5)
+        # any leading shape: a gathered [K, d] set of vectors gives the same rows as the full logits
+        np.testing.assert_allclose(np.asarray(m.logits(h[1, ::7])), np.asarray(full[1, ::7]), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="last dimension d_model"):
+            m.logits(jnp.zeros((3, cfg.d_model + 1)))

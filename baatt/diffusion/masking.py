@@ -7,9 +7,18 @@ the negative log-likelihood), normalised by the number of eligible tokens of
 the sequence, averaged over the batch. ``eligible`` restricts masking to a
 region (e.g. the answer span of a task example, as in LLaDA's SFT where the
 prompt is never masked); by default every token is eligible.
+
+The output head (d -> vocab at every position) dominates the cost of a small
+model with a large vocabulary, yet the loss only reads masked positions.
+:func:`diffusion_loss_gathered` applies the head at ``head_positions`` = K
+gathered positions per row (masked ones first, a uniform random subset of K
+when a row has more), reweighted to an unbiased estimate of
+:func:`diffusion_loss`; with K >= every row's masked count it equals it.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +66,93 @@ def diffusion_loss(logits_fn, key, tokens, *, mask_id: int, eligible=None, eps: 
     noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps, full_rows=full_rows)
     logits = logits_fn(noisy)
     ce = masked_ce(logits, tokens, masked)
+    correct = jnp.argmax(logits, -1) == tokens
+    return _loss_and_metrics(ce, correct, masked.astype(jnp.float32), masked, t, tokens, eligible)
+
+
+def _loss_and_metrics(ce, correct, weight, masked, t, tokens, eligible):
+    """Loss and metrics from per-token ce / correct [B, N] with weights [B, N] (zero at unused tokens).
+
+    ``sum(weight * x)`` estimates (or equals) the sum of x over the masked tokens of the row.
+    """
     n_elig = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.float32) if eligible is None else jnp.sum(eligible, -1)
-    per_seq = jnp.sum(ce, axis=-1) / t / jnp.maximum(n_elig, 1.0)
+    wce = jnp.where(weight > 0, ce * weight, 0.0)
+    per_seq = jnp.sum(wce, axis=-1) / t / jnp.maximum(n_elig, 1.0)
     n_masked = jnp.sum(masked)
     metrics = dict(
         loss=jnp.mean(per_seq),
-        masked_ce=jnp.sum(ce) / jnp.maximum(n_masked, 1),
-        masked_acc=jnp.sum((jnp.argmax(logits, -1) == tokens) & masked) / jnp.maximum(n_masked, 1),
+        masked_ce=jnp.sum(wce) / jnp.maximum(n_masked, 1),
+        masked_acc=jnp.sum(jnp.where(correct, weight, 0.0)) / jnp.maximum(n_masked, 1),
         masked_frac=n_masked / tokens.size,
     )
     return jnp.mean(per_seq), metrics
+
+
+def head_positions_for(length: int, head_positions) -> int | None:
+    """Number of gathered positions per row for a row of ``length`` tokens.
+
+    head_positions: None (every position: no gathering), an int K >= 1 (clipped
+    to ``length``), or a float in (0, 1]: that fraction of ``length``, rounded up.
+    """
+    if head_positions is None:
+        return None
+    if isinstance(head_positions, bool) or not isinstance(head_positions, (int, float)):
+        raise ValueError(f"head_positions must be None, an int >= 1 or a float in (0, 1]; got {head_positions!r}")
+    if isinstance(head_positions, float):
+        if not 0.0 < head_positions <= 1.0:
+            raise ValueError(f"head_positions as a fraction must lie in (0, 1]; got {head_positions}")
+        return max(1, min(length, math.ceil(head_positions * length)))
+    if head_positions < 1:
+        raise ValueError(f"head_positions must be >= 1; got {head_positions}")
+    return min(length, head_positions)
+
+
+def select_head_positions(key, masked, k: int):
+    """Per row, K positions with the masked ones first (random order among them).
+
+    Returns (idx int32 [B, K], weight float32 [B, K]): weight is n_masked / n_kept
+    of the row at kept masked positions and 0 elsewhere, so that for any per-token
+    x, ``sum(weight * x[idx])`` is an unbiased estimate of the row's sum of x over
+    masked tokens (exact when n_masked <= K: then every masked token is kept).
+    A row with more than K masked tokens keeps a uniform random subset of K.
+    """
+    b, l = masked.shape
+    if not 1 <= k <= l:
+        raise ValueError(f"k must lie in [1, {l}]; got {k}")
+    # masked positions score in [1, 2], the others in [0, 1): top-k takes masked ones first, at random among them
+    score = masked.astype(jnp.float32) + jax.random.uniform(key, (b, l), jnp.float32)
+    _, idx = jax.lax.top_k(score, k)
+    kept = jnp.take_along_axis(masked, idx, axis=-1)
+    n_masked = jnp.sum(masked, -1, keepdims=True).astype(jnp.float32)
+    n_kept = jnp.sum(kept, -1, keepdims=True).astype(jnp.float32)
+    weight = jnp.where(kept, n_masked / jnp.maximum(n_kept, 1.0), 0.0)
+    return idx.astype(jnp.int32), weight
+
+
+def diffusion_loss_gathered(hidden_fn, head_fn, key, tokens, *, mask_id: int, head_positions, eligible=None,
+                            eps: float = 1e-3, full_rows=None):
+    """:func:`diffusion_loss` with the output head applied at K gathered positions per row only.
+
+    hidden_fn(noisy_tokens) -> hidden states [B, L, d]; head_fn(h [..., d]) -> logits [..., vocab].
+    head_positions: K per row (see :func:`head_positions_for`; None = every position). Each row
+    keeps its masked positions first, a uniform random subset of K when it has more, and each kept
+    token is weighted by n_masked / n_kept of its row: the loss and the masked_ce / masked_acc
+    metrics are unbiased estimates of those of :func:`diffusion_loss` with the same key, and equal
+    them (up to float rounding) when K >= every row's number of masked tokens. Same masks as
+    :func:`diffusion_loss` for the same key (the subset uses a key folded from it).
+    """
+    k = head_positions_for(tokens.shape[1], head_positions)
+    if k is None:
+        return diffusion_loss(lambda x: head_fn(hidden_fn(x)), key, tokens, mask_id=mask_id, eligible=eligible,
+                              eps=eps, full_rows=full_rows)
+    noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps, full_rows=full_rows)
+    h = hidden_fn(noisy)
+    idx, weight = select_head_positions(jax.random.fold_in(key, 2), masked, k)
+    hk = jnp.take_along_axis(h, idx[:, :, None], axis=1)  # [B, K, d]
+    logits = head_fn(hk)  # [B, K, vocab]
+    tok_k = jnp.take_along_axis(tokens, idx, axis=-1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tok_k)
+    correct = jnp.argmax(logits, -1) == tok_k
+    loss, metrics = _loss_and_metrics(ce, correct, weight, masked, t, tokens, eligible)
+    metrics["head_frac"] = jnp.sum(weight > 0) / jnp.maximum(jnp.sum(masked), 1)  # share of masked tokens kept
+    return loss, metrics

@@ -92,6 +92,12 @@ class DiffusionLM(nnx.Module):
       attention: an AttentionPlan for this call (default: the one given at construction).
       selections: per-layer ``BlockSelection`` (or None) to reuse instead of estimating.
       return_aux: also return {"selections": [...], "density": [...]} per layer.
+
+    ``model.hidden(tokens, ...)`` (same options) -> final hidden states [B, L, d]
+    after ``final_norm``, without the head; ``model.logits(h)`` applies the head
+    (tied embedding or untied ``head``, plus ``out_bias``) to hidden vectors of
+    any leading shape. ``model(tokens) == model.logits(model.hidden(tokens))``;
+    the split lets a loss apply the head at a subset of positions only.
     """
 
     def __init__(self, cfg: ModelConfig, *, attention: AttentionPlan | None = None, rngs: nnx.Rngs):
@@ -122,6 +128,23 @@ class DiffusionLM(nnx.Module):
 
     def __call__(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
                  return_aux: bool = False):
+        out = self.hidden(tokens, key_mask=key_mask, attention=attention, selections=selections, return_aux=return_aux)
+        if not return_aux:
+            return self.logits(out)
+        return self.logits(out[0]), out[1]
+
+    def logits(self, h):
+        """Output head on hidden vectors h [..., d_model] (after ``final_norm``) -> logits [..., vocab]."""
+        if h.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"hidden vectors must have last dimension d_model={self.cfg.d_model}; got {h.shape}")
+        out = self.embed.attend(h) if self.head is None else self.head(h)
+        if self.out_bias is not None:
+            out = out + self.out_bias.value.astype(out.dtype)
+        return out
+
+    def hidden(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
+               return_aux: bool = False):
+        """Final hidden states [B, L, d_model] (after ``final_norm``, before the head); options as ``__call__``."""
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, length]; got {tokens.shape}")
@@ -141,12 +164,9 @@ class DiffusionLM(nnx.Module):
             x, info = block(x, cos, sin, plan=plan, layer=i, key_mask=key_mask, selection=sel)
             infos.append(info)
         x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.head is None else self.head(x)
-        if self.out_bias is not None:
-            logits = logits + self.out_bias.value.astype(logits.dtype)
         if not return_aux:
-            return logits
-        return logits, dict(selections=[i["selection"] for i in infos], density=[i["density"] for i in infos])
+            return x
+        return x, dict(selections=[i["selection"] for i in infos], density=[i["density"] for i in infos])
 
 
 def count_params(model: nnx.Module) -> int:
