@@ -161,7 +161,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                 start = start + lax.rem(step, jnp.int32(per_block)) * tile_k
             return start
 
-        def kernel(scratch, k_ready, v_ref_ready, q_ready, bias_ready, k_free, v_free, turn):
+        def kernel(scratch, k_ready, v_ready, q_ready, bias_ready, k_free, v_free, turn):
             q_smem, k_smem, v_smem, bias_smem, lse_smem = scratch
             wg = lax.axis_index("wg")
 
@@ -215,7 +215,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                     p_lo = p.astype(dtype)
                     acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
                     plgpu.barrier_arrive(turn)  # softmax done
-                    plgpu.barrier_wait(v_ref_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
                     plgpu.barrier_wait(turn)  # the tensor cores are ours
 
                     def values(acc_ref):
@@ -254,11 +254,11 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                     plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), k_smem.at[slot], k_ready.at[slot])
                     if masked:
                         plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
-                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ref_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
 
-                for i in range(stages):
+                for i in range(stages):  # fill the ring
                     @pl.when(i < steps)
-                    def _():
+                    def _(i=i):
                         fill(jnp.int32(i), i)
 
                 @pl.loop(0, jnp.maximum(steps - stages, 0))
@@ -272,7 +272,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                     if masked:
                         plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
                     plgpu.barrier_wait(v_free.at[slot])
-                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ref_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
 
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
