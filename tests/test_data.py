@@ -110,6 +110,17 @@ def test_task_depth_is_honoured(tok, val):
     assert starts[1] < starts[2] < starts[0]
 
 
+def test_variable_tracking_values_are_distinct_and_in_range(tok, val):
+    rng = np.random.default_rng(3)
+    for digits in (1, 2, 5):
+        for _ in range(60):
+            ex = tasks.variable_tracking(rng, val, tok, 512, hops=2, digits=digits)
+            v1 = ex.needle_texts[0].split("= ")[1].rstrip(".")
+            v2 = ex.needle_texts[2].split("= ")[1].rstrip(".")
+            assert v1 != v2 and len(v1) == len(v2) == digits and v1[0] != "0" and v2[0] != "0"
+            assert ex.answer.split() == [n.split()[1] for n in ex.needle_texts[:2]]
+
+
 def test_task_errors(tok, val):
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match=r"length must be an int in \[256"):

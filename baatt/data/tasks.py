@@ -175,7 +175,10 @@ def variable_tracking(rng, stream, tokenizer, length, *, hops: int = 4, depths=N
         n = "".join(rng.choice(letters, size=5))
         if n not in names:
             names.append(n)
-    v1, v2 = (str(int(x)) for x in rng.choice(np.arange(10 ** (digits - 1), 10**digits), size=2, replace=False))
+    # Two distinct values without materialising the whole range (choice(replace=False) permutes all of it).
+    lo, hi = 10 ** (digits - 1), 10**digits
+    a, b = int(rng.integers(lo, hi)), int(rng.integers(lo, hi - 1))
+    v1, v2 = str(a), str(b + (b >= a))
     chain, other = names[:hops], names[hops:]
     needles = [f" VAR {chain[0]} = {v1}."] + [f" VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, hops)]
     needles += [f" VAR {other[0]} = {v2}."] + [f" VAR {other[i]} = VAR {other[i - 1]}." for i in range(1, hops)]
