@@ -1,4 +1,4 @@
-"""Block-sparse flash attention forward for Hopper (sm90) in Pallas Mosaic GPU.
+"""Block-sparse flash attention for Hopper (sm90) in Pallas Mosaic GPU: forward and backward.
 
 Semantics: ``baatt.reference.attention.block_sparse_blocked`` (SPEC.md section 6),
 in block space (``baatt.layout.BlockSpace``): q [B, Hq, Nq*bq, D], k/v
@@ -26,6 +26,11 @@ list are never read.
 
 Outputs: out in q's dtype, lse float32 in natural log (``-inf`` and a zero
 output for a row that saw no valid key).
+
+Layouts: block space (head-major), or with ``positional=True`` the caller's
+[B, L, H, D] arrays read and written by strided TMA (no permutation, no mask).
+Backward (bottom of the file): a dq kernel over the forward list and a dk/dv
+kernel over the transposed list, with the same producer/consumer structure.
 """
 
 from __future__ import annotations
