@@ -159,12 +159,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
             # Rotated walk: logical step -> selected tile (softmax does not care about order).
             if t.rotate:
                 step = lax.rem(step + lax.rem(qt, jnp.maximum(steps, 1)), jnp.maximum(steps, 1))
-            j = lax.div(step, jnp.int32(per_block)) if per_block > 1 else step
-            blk = sel_ref[b, h, srow, 1 + j]
-            start = blk * block_k
-            if per_block > 1:
-                start = start + lax.rem(step, jnp.int32(per_block)) * tile_k
-            return start
+            return triton_kernel._tile_start(lambda j: sel_ref[b, h, srow, 1 + j], step, block_k, tile_k)
 
         def kernel(scratch, k_ready, v_ready, q_ready, bias_ready, k_free, v_free, turn):
             q_smem, k_smem, v_smem, bias_smem, lse_smem = scratch
@@ -253,12 +248,16 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                 plgpu.set_max_registers(40, action="decrease")
                 kvh = lax.div(h, jnp.int32(group)) if group > 1 else h
 
-                def fill(step, slot):
-                    start = tile_start(step)
-                    rows = pl.ds(start, tile_k)
+                def fill(step, slot, refill=False):
+                    # refill: the slot held an earlier tile; wait for both consumers to release K (then V).
+                    rows = pl.ds(tile_start(step), tile_k)
+                    if refill:
+                        plgpu.barrier_wait(k_free.at[slot])
                     plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), k_smem.at[slot], k_ready.at[slot])
                     if masked:
                         plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
+                    if refill:
+                        plgpu.barrier_wait(v_free.at[slot])
                     plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
 
                 for i in range(stages):  # fill the ring
@@ -269,15 +268,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                 @pl.loop(0, jnp.maximum(steps - stages, 0))
                 def _(step):
                     slot = lax.rem(step, jnp.int32(stages))
-                    nxt = step + stages
-                    start = tile_start(nxt)
-                    rows = pl.ds(start, tile_k)
-                    plgpu.barrier_wait(k_free.at[slot])
-                    plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), k_smem.at[slot], k_ready.at[slot])
-                    if masked:
-                        plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
-                    plgpu.barrier_wait(v_free.at[slot])
-                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
+                    fill(step + stages, slot, refill=True)
 
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
@@ -475,11 +466,7 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
         steps = sel_ref[b, h, srow, 0] * per_block
 
         def tile_start(step):
-            j = lax.div(step, jnp.int32(per_block)) if per_block > 1 else step
-            start = sel_ref[b, h, srow, 1 + j] * block_k
-            if per_block > 1:
-                start = start + lax.rem(step, jnp.int32(per_block)) * tile_k
-            return start
+            return triton_kernel._tile_start(lambda j: sel_ref[b, h, srow, 1 + j], step, block_k, tile_k)
 
         def kernel(scratch, barriers):
             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem = scratch
@@ -623,6 +610,8 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k):
             return selt_ref[b, kvh * group + g, kblk, 0] * per_q
 
         def q_start(g, step):
+            # Written out rather than via triton_kernel._tile_start: with this loop's weakly typed index the
+            # helper adds int32 converts, and this form is the one validated on the GPU.
             j = lax.div(step, jnp.int32(per_q)) if per_q > 1 else step
             start = selt_ref[b, kvh * group + g, kblk, 1 + j] * block_q
             if per_q > 1:
