@@ -38,6 +38,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from baatt.nn import count_params  # noqa: E402
 from baatt.train import TrainConfig, run_info, train  # noqa: E402
 
+# Issue 5 retry: same model plus a unigram-initialised output bias (the plain model sat at the unigram
+# loss for ~1,000 steps in run 2), passkey-only task rows (30%; random keys, so it must retrieve),
+# ~131K tokens a step in every stage, curriculum 256 -> 1K -> 4K with most of the time at short lengths.
+_GPU_PASSKEY = TrainConfig(
+    model="small",
+    model_overrides=(("output_bias", True),),
+    stages=((0.4, 256, 512), (0.7, 1024, 128), (1.0, 4096, 32)),
+    steps=100_000,
+    time_budget_s=320.0,
+    peak_lr=2e-3,
+    warmup_steps=100,
+    task_fraction=0.3,
+    task_kinds=("passkey",),
+    eval_every=500,
+    eval_tasks=16,
+    eval_len=4096,
+    ckpt_every=100_000,
+)
+
 PRESETS = {
     "cpu_tiny": TrainConfig(model="tiny", stages=((1.0, 128, 8),), steps=40, warmup_steps=5, eval_every=0,
                             task_fraction=0.0, peak_lr=3e-3),
@@ -70,24 +89,7 @@ PRESETS = {
         eval_len=4096,
         ckpt_every=100_000,
     ),
-    # Issue 5 retry: same model plus a unigram-initialised output bias (the plain model sat at the unigram
-    # loss for ~1,000 steps in run 2), passkey-only task rows (30%; random keys, so it must retrieve),
-    # ~131K tokens a step in every stage, curriculum 256 -> 1K -> 4K with most of the time at short lengths.
-    "gpu_passkey": TrainConfig(
-        model="small",
-        model_overrides=(("output_bias", True),),
-        stages=((0.4, 256, 512), (0.7, 1024, 128), (1.0, 4096, 32)),
-        steps=100_000,
-        time_budget_s=320.0,
-        peak_lr=2e-3,
-        warmup_steps=100,
-        task_fraction=0.3,
-        task_kinds=("passkey",),
-        eval_every=500,
-        eval_tasks=16,
-        eval_len=4096,
-        ckpt_every=100_000,
-    ),
+    "gpu_passkey": _GPU_PASSKEY,
     # gpu_passkey with cheaper, more numerous steps: 4x smaller batches (~33K tokens a step) and 40% passkey rows.
     # head_positions=0.25: the head + float32 softmax CE over 50,304 ids at every position was ~60% of the
     # step's FLOPs and its [B, L, vocab] logits most of its memory traffic, yet the loss reads masked
@@ -97,21 +99,12 @@ PRESETS = {
     # correlated signal). A quarter rather than a half because the passkey rows, the point of this
     # preset, lose nothing at any K, and the step gets cheaper: on CPU (d=128, L=256, batch 8) the train
     # step took 2.0 s with the full head, 1.08 s with K = L/2 and 0.66 s with K = L/4.
-    "gpu_passkey_fast": TrainConfig(
-        model="small",
-        model_overrides=(("output_bias", True),),
+    "gpu_passkey_fast": dataclasses.replace(
+        _GPU_PASSKEY,
         stages=((0.4, 256, 128), (0.7, 1024, 32), (1.0, 4096, 8)),
-        steps=100_000,
-        time_budget_s=320.0,
-        peak_lr=2e-3,
-        warmup_steps=100,
         task_fraction=0.4,
-        task_kinds=("passkey",),
         head_positions=0.25,
         eval_every=1000,  # ~4x the steps of gpu_passkey in the same budget: evaluate about as often in time
-        eval_tasks=16,
-        eval_len=4096,
-        ckpt_every=100_000,
     ),
 }
 
