@@ -359,15 +359,22 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     erng = np.random.default_rng(1234)
     eval_len = cfg.eval_len or cfg.stages[-1][1]
     eval_tokens = corpus.packed_batch(val_stream, erng, max(2, cfg.eval_batches * 2), eval_len)
-    eval_examples = []
-    if cfg.task_fraction and eval_len >= tasks.MIN_LENGTH:
-        eval_examples = [tasks.passkey(erng, val_stream, tokenizer, eval_len) for _ in range(cfg.eval_tasks)]
+    eval_examples: dict[int, list] = {}  # passkey examples per length, drawn once (same ones at every evaluation)
 
-    def evaluate(step):
+    def passkey_examples(length):
+        if length not in eval_examples:
+            eval_examples[length] = [tasks.passkey(erng, val_stream, tokenizer, length) for _ in range(cfg.eval_tasks)]
+        return eval_examples[length]
+
+    def evaluate(step, stage_len=None):
+        """Held-out NLL at eval_len; one-shot passkey accuracy at eval_len and at the current stage's length."""
         model_now = nnx.merge(graphdef, params)
         res = dict(step=step, val_nll=masked_nll(model_now, eval_tokens, jax.random.PRNGKey(7), plan=AttentionPlan.dense())["avg"])
-        if eval_examples:
-            res["passkey_acc"] = task_accuracy_oneshot(model_now, eval_examples, plan=AttentionPlan.dense())
+        if cfg.task_fraction:
+            for length in sorted({eval_len, stage_len or eval_len}):
+                if length >= tasks.MIN_LENGTH:
+                    acc = task_accuracy_oneshot(model_now, passkey_examples(length), plan=AttentionPlan.dense())
+                    res["passkey_acc" if length == eval_len else f"passkey_acc@{length}"] = acc
         return res
 
     history = []
@@ -403,7 +410,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                                     grad_norm=float(m["grad_norm"]), tokens_per_s=tps, seq_len=l,
                                     elapsed_s=now - t0))
             if cfg.eval_every and step % cfg.eval_every == 0:
-                ev = evaluate(step)
+                ev = evaluate(step, stage_len=l)
                 history.append(dict(ev, elapsed_s=time.time() - t0))
                 log_fn(json.dumps(ev))
             if mngr is not None and step % cfg.ckpt_every == 0:

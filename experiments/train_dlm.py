@@ -104,7 +104,8 @@ PRESETS = {
         stages=((0.4, 256, 128), (0.7, 1024, 32), (1.0, 4096, 8)),
         task_fraction=0.4,
         head_positions=0.25,
-        eval_every=1000,  # ~4x the steps of gpu_passkey in the same budget: evaluate about as often in time
+        time_budget_s=380.0,
+        eval_every=500,
     ),
 }
 
