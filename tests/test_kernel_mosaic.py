@@ -11,6 +11,8 @@ no interpret-mode twin; on the CPU the tests check that the dispatcher refuses
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,16 +22,18 @@ from hypothesis import strategies as st
 
 import baatt
 from baatt.kernels import mosaic_gpu
+from baatt.kernels.mosaic_gpu.block_sparse import DEFAULT_BWD_TUNING, BwdTuning
 from tests.test_kernel_pallas import check_against_reference, check_poison, fwd_and_grads, make_case, rel_err
 
 
-def _kernel_fn(c, interpret):
+def _kernel_fn(c, interpret, bwd=DEFAULT_BWD_TUNING):
     del interpret
     all_valid = bool(np.all(np.asarray(c["kv_valid"])))
 
     def f(q, k, v):
         return mosaic_gpu.block_sparse_attention(q, k, v, c["kv_valid"], c["indices"], c["counts"], scale=c["scale"],
-                                                 block_q=c["block_q"], block_k=c["block_k"], all_valid=all_valid)
+                                                 block_q=c["block_q"], block_k=c["block_k"], all_valid=all_valid,
+                                                 backward_tuning=bwd)
     return f
 
 
@@ -40,8 +44,13 @@ def _on_hopper() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
 class TestMosaicGPU:
+    bwd = DEFAULT_BWD_TUNING  # the backward kernels under test
+
+    def kernel_fn(self, c, interpret):
+        return _kernel_fn(c, interpret, bwd=self.bwd)
+
     def check(self, c):
-        check_against_reference(c, False, make_kernel=_kernel_fn)
+        check_against_reference(c, False, make_kernel=self.kernel_fn)
 
     def test_bf16_gqa_padding_holes(self):
         self.check(make_case(1, q_heads=4, kv_heads=2, length=500, block_q=128, block_k=64, kmax=5, masked_frac=0.1))
@@ -73,17 +82,17 @@ class TestMosaicGPU:
 
     def test_nan_poison(self):
         check_poison(make_case(5, q_heads=4, kv_heads=2, length=460, block_q=128, block_k=64, kmax=3,
-                               masked_frac=0.1), False, make_kernel=_kernel_fn)
+                               masked_frac=0.1), False, make_kernel=self.kernel_fn)
 
     def test_nan_poison_all_valid(self):
         check_poison(make_case(9, q_heads=2, kv_heads=1, length=768, block_q=128, block_k=128, kmax=2),
-                     False, make_kernel=_kernel_fn)
+                     False, make_kernel=self.kernel_fn)
 
     def test_fully_masked_rows_are_zero(self):
         c = make_case(6, q_heads=2, kv_heads=1, length=320, block_q=128, block_k=128, single=True)
         c["indices"] = c["indices"].at[0, 0, 0, :].set(2)  # block 2 holds keys 256..383: 320.. padding
         c["kv_valid"] = c["kv_valid"].at[0, 0, 256:].set(False)
-        out, lse, grads = fwd_and_grads(_kernel_fn(c, False), c, c["q"], c["k"], c["v"])
+        out, lse, grads = fwd_and_grads(self.kernel_fn(c, False), c, c["q"], c["k"], c["v"])
         assert np.all(np.asarray(out[0, 0, :128], np.float32) == 0)
         assert np.all(np.isneginf(np.asarray(lse[0, 0, :128])))
         assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
@@ -104,13 +113,22 @@ class TestMosaicGPU:
 
     def test_positional_layout(self):
         # [B, L, H, D] in and out (no transposes): same checks, gradients included.
-        c = make_case(11, q_heads=4, kv_heads=2, length=768, head_dim=128, block_q=128, block_k=128, kmax=4)
+        self.check_positional(make_case(11, q_heads=4, kv_heads=2, length=768, head_dim=128, block_q=128,
+                                        block_k=128, kmax=4))
+
+    def test_positional_layout_block_256(self):
+        self.check_positional(make_case(14, q_heads=2, kv_heads=1, length=1024, head_dim=64, block_q=256,
+                                        block_k=256, kmax=3))
+
+    def check_positional(self, c):
         hm = lambda x: jnp.swapaxes(x, 1, 2)
 
         def make(c_, interpret):
             def f(q, k, v):
                 out, lse = mosaic_gpu.positional_attention(hm(q), hm(k), hm(v), c_["indices"], c_["counts"],
-                                                           scale=c_["scale"], block_q=128, block_k=128)
+                                                           scale=c_["scale"], block_q=c_["block_q"],
+                                                           block_k=c_["block_k"],
+                                                           backward_tuning=self.bwd)
                 return hm(out), lse
             return f
         check_against_reference(c, False, make_kernel=make)
@@ -144,6 +162,30 @@ class TestMosaicGPU:
         c = make_case(seed, batch=batch, q_heads=2, kv_heads=2 // gqa, length=length, head_dim=head_dim,
                       block_q=blocks[0], block_k=blocks[1], dtype=jnp.dtype(dtype), kmax=4, masked_frac=0.05)
         self.check(c)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
+class TestMosaicGPUBackwardV2(TestMosaicGPU):
+    """The whole suite again with the scheduled backward kernels (version 2, warpgroups in turn)."""
+
+    bwd = BwdTuning(version=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
+class TestMosaicGPUBackwardV2Options:
+    """Version 2 without the schedule barrier, and with rotation, tile-major launch and a 3-deep ring."""
+
+    @pytest.mark.parametrize("bwd", [BwdTuning(version=2, pingpong=False),
+                                     BwdTuning(version=2, rotate=True, tile_major=True, dkv_stages=3)])
+    def test_gqa_masked_and_positional(self, bwd):
+        c = make_case(15, q_heads=4, kv_heads=2, length=700, head_dim=128, block_q=128, block_k=128, kmax=4,
+                      masked_frac=0.05)
+        check_against_reference(c, False, make_kernel=functools.partial(_kernel_fn, bwd=bwd))
+        suite = TestMosaicGPU()
+        suite.bwd = bwd
+        suite.test_positional_layout()
 
 
 # ----------------------------------------------------------------------------- dispatch (any machine)
@@ -223,6 +265,26 @@ def test_backward_kernels_trace(masked):
         jaxpr = jax.make_jaxpr(lambda q, k, o, l_, do: backward(q, k, k, bias, idx, cnt, o, l_, do, None, scale=0.1,
                                                                 block_q=bq, block_k=bk))(q, k, q, lse, q)
         assert "wgmma" in str(jaxpr)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_backward_v2_kernels_trace(positional):
+    from baatt.kernels.mosaic_gpu.block_sparse import backward
+    b, hq, hkv, d, l = 1, 4, 2, 128, 512
+    shape_q, shape_k = ((b, l, hq, d), (b, l, hkv, d)) if positional else ((b, hq, l, d), (b, hkv, l, d))
+    q, k = jnp.zeros(shape_q, jnp.bfloat16), jnp.zeros(shape_k, jnp.bfloat16)
+    lse = jnp.zeros((b, hq, l), jnp.float32)
+    for masked in ([False] if positional else [False, True]):
+        bias = jnp.zeros((b, hkv, l), jnp.float32) if masked else None
+        for bq, bk in ((128, 128), (256, 256)):
+            idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
+            bwd = functools.partial(backward, bias=bias, indices=idx, counts=cnt, dlse=None, scale=0.1, block_q=bq,
+                                    block_k=bk, tuning=BwdTuning(version=2), positional=positional)
+            jaxpr = jax.make_jaxpr(lambda q, k, o, l_, do, f=bwd: f(q, k, k, out=o, lse=l_, do=do))(q, k, q, lse, q)
+            assert "wgmma" in str(jaxpr)
+    with pytest.raises(ValueError, match="positional layout needs"):
+        backward(q, k, k, None, idx, cnt, q, lse, q, None, scale=0.1, block_q=128, block_k=128,
+                 tuning=BwdTuning(version=1), positional=True)
 
 
 def test_backward_impl_is_checked():

@@ -97,6 +97,28 @@ class Tuning:
 DEFAULT_TUNING = Tuning()
 
 
+@dataclasses.dataclass(frozen=True)
+class BwdTuning:
+    """Static parameters of the Mosaic GPU backward.
+
+    version: 1 = the first kernels (``_dq_call`` / ``_dkv_call``, block space only); 2 = the
+      scheduled kernels below.
+    pingpong: (v2) the two consumer warpgroups alternate on the tensor cores.
+    dkv_stages: (v2) Q/dO ring depth of the dk/dv kernel (None: as many as fit, at most 4).
+    rotate: (v2) each dq CTA starts its walk at a different selected tile (the sum is order-free).
+    tile_major: (v2) launch order with tiles fastest (CTAs running together share a head's data).
+    """
+
+    version: int = 1
+    pingpong: bool = True
+    dkv_stages: int | None = None
+    rotate: bool = False
+    tile_major: bool = False
+
+
+DEFAULT_BWD_TUNING = BwdTuning()
+
+
 def unsupported_reason(q_shape, k_shape, v_shape, dtype, block_q: int, block_k: int) -> str | None:
     """Why these shapes/dtype cannot run in the Mosaic GPU forward kernel, or None."""
     d = q_shape[-1]
@@ -312,11 +334,12 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _run_backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k, backward_impl):
+def _run_backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k, backward_impl,
+                  bwd_tuning=DEFAULT_BWD_TUNING):
     """Block-space gradients: the Mosaic GPU kernels, or the portable Pallas ones (block_k 64, or asked)."""
     if backward_impl == "mosaic_gpu" and block_k in SUPPORTED_BWD_BLOCK_K:
         return backward(q, k, v, bias, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
-                        block_k=block_k)
+                        block_k=block_k, tuning=bwd_tuning)
     if bias is None:
         bias = jnp.zeros(k.shape[:3], jnp.float32)
     t = triton_kernel.DEFAULT_TUNING.resolve(block_q, block_k, q.shape[-1])
@@ -324,14 +347,15 @@ def _run_backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, 
                                    block_q=block_q, block_k=block_k, tuning=t, interpret=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
-def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, all_valid, interpret, backward_impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12, 13))
+def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, all_valid, interpret, backward_impl,
+            bwd_tuning):
     return _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, all_valid, interpret,
-                       backward_impl)[0]
+                       backward_impl, bwd_tuning)[0]
 
 
 def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, all_valid, interpret,
-                backward_impl):
+                backward_impl, bwd_tuning):
     if all_valid:
         kc, vc, bias = k, v, None
     else:
@@ -341,12 +365,12 @@ def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tun
     return (out, lse), (q, kc, vc, bias, indices, counts, out, lse)
 
 
-def _attend_bwd(scale, block_q, block_k, tuning, all_valid, interpret, backward_impl, res, cts):
+def _attend_bwd(scale, block_q, block_k, tuning, all_valid, interpret, backward_impl, bwd_tuning, res, cts):
     # Gradients w.r.t. the sanitised K/V are exactly those w.r.t. K/V: masked rows get p = 0, so 0.
     q, kc, vc, bias, indices, counts, out, lse = res
     do, dlse = cts
     dq, dk, dv = _run_backward(q, kc, vc, bias, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
-                               block_k=block_k, backward_impl=backward_impl)
+                               block_k=block_k, backward_impl=backward_impl, bwd_tuning=bwd_tuning)
     return dq, dk, dv, None, None, None
 
 
@@ -358,23 +382,29 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 # the backward transposes into block space.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _attend_positional(q, k, v, indices, counts, scale, block_q, block_k, tuning, backward_impl):
-    return _attend_positional_fwd(q, k, v, indices, counts, scale, block_q, block_k, tuning, backward_impl)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _attend_positional(q, k, v, indices, counts, scale, block_q, block_k, tuning, backward_impl, bwd_tuning):
+    return _attend_positional_fwd(q, k, v, indices, counts, scale, block_q, block_k, tuning, backward_impl,
+                                  bwd_tuning)[0]
 
 
-def _attend_positional_fwd(q, k, v, indices, counts, scale, block_q, block_k, tuning, backward_impl):
+def _attend_positional_fwd(q, k, v, indices, counts, scale, block_q, block_k, tuning, backward_impl, bwd_tuning):
     out, lse = forward(q, k, v, pack_selection(indices, counts), None, scale=scale, block_q=block_q,
                        block_k=block_k, tuning=tuning, positional=True)
     return (out, lse), (q, k, v, indices, counts, out, lse)
 
 
-def _attend_positional_bwd(scale, block_q, block_k, tuning, backward_impl, res, cts):
+def _attend_positional_bwd(scale, block_q, block_k, tuning, backward_impl, bwd_tuning, res, cts):
     q, k, v, indices, counts, out, lse = res
     do, dlse = cts
+    if backward_impl == "mosaic_gpu" and block_k in SUPPORTED_BWD_BLOCK_K and bwd_tuning.version >= 2:
+        # The kernels read and write [B, L, H, D] directly: no transposes.
+        dq, dk, dv = backward(q, k, v, None, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
+                              block_k=block_k, tuning=bwd_tuning, positional=True)
+        return dq, dk, dv, None, None
     hm = lambda x: jnp.swapaxes(x, 1, 2)
     dq, dk, dv = _run_backward(hm(q), hm(k), hm(v), None, indices, counts, hm(out), lse, hm(do), dlse, scale=scale,
-                               block_q=block_q, block_k=block_k, backward_impl=backward_impl)
+                               block_q=block_q, block_k=block_k, backward_impl=backward_impl, bwd_tuning=bwd_tuning)
     return hm(dq), hm(dk), hm(dv), None, None
 
 
@@ -388,9 +418,11 @@ def _check_backward_impl(backward_impl):
         raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}; got {backward_impl!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "backward_impl"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "backward_impl",
+                                             "backward_tuning"))
 def positional_attention(q, k, v, indices, counts, *, scale: float, block_q: int, block_k: int,
-                         tuning: Tuning = DEFAULT_TUNING, backward_impl: str = "mosaic_gpu"):
+                         tuning: Tuning = DEFAULT_TUNING, backward_impl: str = "mosaic_gpu",
+                         backward_tuning: BwdTuning = DEFAULT_BWD_TUNING):
     """Block-sparse attention on [B, L, H, D] inputs with an unpermuted selection and every key valid.
 
     q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] with Lq % block_q == 0 == Lk % block_k; returns out
@@ -404,14 +436,14 @@ def positional_attention(q, k, v, indices, counts, *, scale: float, block_q: int
         raise ValueError(f"positional_attention needs whole blocks: lengths {q.shape[1]}, {k.shape[1]} with "
                          f"block_q={block_q}, block_k={block_k}")
     return _attend_positional(q, k, v, indices.astype(jnp.int32), counts.astype(jnp.int32), float(scale),
-                              block_q, block_k, tuning, backward_impl)
+                              block_q, block_k, tuning, backward_impl, backward_tuning)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "all_valid", "interpret",
-                                             "backward_impl"))
+                                             "backward_impl", "backward_tuning"))
 def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, block_q: int, block_k: int,
                            tuning: Tuning = DEFAULT_TUNING, all_valid: bool = False, interpret: bool = False,
-                           backward_impl: str = "mosaic_gpu"):
+                           backward_impl: str = "mosaic_gpu", backward_tuning: BwdTuning = DEFAULT_BWD_TUNING):
     """Block-sparse attention in block space on Hopper; differentiable in q, k, v.
 
     Same contract as ``baatt.kernels.pallas_triton.block_sparse_attention``;
@@ -422,7 +454,7 @@ def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, 
         raise ValueError(reason)
     _check_backward_impl(backward_impl)
     return _attend(q, k, v, kv_valid, indices.astype(jnp.int32), counts.astype(jnp.int32), float(scale),
-                   block_q, block_k, tuning, bool(all_valid), interpret, backward_impl)
+                   block_q, block_k, tuning, bool(all_valid), interpret, backward_impl, backward_tuning)
 
 
 # ----------------------------------------------------------------------------- backward (Mosaic GPU)
@@ -748,19 +780,397 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k):
     )(*inputs)
 
 
-def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k):
-    """dq, dk, dv in block space (q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]); bias None = every key valid."""
+
+# ----------------------------------------------------------------------------- backward v2
+#
+# Same split and ring as above, with the consumers scheduled like the forward's:
+#   * both score products of a step (S = Q K^T and dP = dO V^T in dq; S^T and dP^T in dk/dv) are
+#     issued back to back and awaited one by one (``wgmma_accumulator_load(wait_n=1)``), so the
+#     exponentials of S overlap the dP product;
+#   * the two gradient products of a dk/dv step (dV += P^T dO, dK += dS^T Q) are issued together
+#     and awaited once;
+#   * ``pingpong``: a schedule barrier makes the two consumer warpgroups take turns on the tensor
+#     cores (one runs its element-wise part while the other's products run), as in the forward;
+#   * ``positional``: q/k/v/dO and the gradients in the caller's [B, L, H, D] layout, read and
+#     written by strided TMA (no transposes around the kernels).
+
+
+
+
+def _rows(positional: bool):
+    """(ref, b, h, rows) -> the [rows, D] view of a [B, H, L, D] (block space) or [B, L, H, D] array."""
+    if positional:
+        return lambda ref, bb, hh, rows: ref.at[bb, rows, hh]
+    return lambda ref, bb, hh, rows: ref.at[bb, hh, rows]
+
+
+def _grid(heads: int, tiles: int, batch: int, tile_name: str, tile_major: bool):
+    if tile_major:
+        return (tiles, heads, batch), (tile_name, "heads", "batch")
+    return (heads, tiles, batch), ("heads", tile_name, "batch")
+
+
+def _dq_call_v2(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k, positional,
+                t: BwdTuning):
+    if positional:
+        batch, lq, q_heads, d = q.shape
+        kv_heads = k.shape[2]
+    else:
+        batch, q_heads, lq, d = q.shape
+        kv_heads = k.shape[1]
+    rows_of = _rows(positional)
+    group = q_heads // kv_heads
+    dtype = q.dtype
+    isz = jnp.dtype(dtype).itemsize
+    per_block = block_k // tile_k
+    rows_per_sel = block_q // TILE_Q
+    masked = bias is not None
+    qk_scale = float(scale) * LOG2E
+    stages = _bwd_stages(2 * tile_k * d * isz + 4 * tile_k, 2 * TILE_Q * d * isz + 8 * TILE_Q + 4096)
+
+    def body(q_ref, k_ref, v_ref, sel_ref, lse_ref, delta_ref, do_ref, *rest):
+        if masked:
+            bias_ref, dq_ref = rest
+        else:
+            (dq_ref,), bias_ref = rest, None
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        qt = lax.axis_index("q_tile")
+        srow = lax.div(qt, jnp.int32(rows_per_sel)) if rows_per_sel > 1 else qt
+        steps = sel_ref[b, h, srow, 0] * per_block
+
+        def tile_start(step):
+            if t.rotate:
+                step = lax.rem(step + lax.rem(qt, jnp.maximum(steps, 1)), jnp.maximum(steps, 1))
+            return triton_kernel._tile_start(lambda j: sel_ref[b, h, srow, 1 + j], step, block_k, tile_k)
+
+        def kernel(scratch, barriers):
+            q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem = scratch
+            in_ready, k_ready, v_ready, bias_ready, k_free, v_free, turn = barriers
+            wg = lax.axis_index("wg")
+
+            def take_turn():
+                if t.pingpong:
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
+
+            @pl.when(wg < CONSUMERS)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+                row0 = qt * TILE_Q + wg * WG_ROWS
+                rows = pl.ds(row0, WG_ROWS)
+                my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+                plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, rows), my_q, in_ready.at[0 * CONSUMERS + wg])
+                plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), my_do, in_ready.at[1 * CONSUMERS + wg])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], in_ready.at[2 * CONSUMERS + wg])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], in_ready.at[3 * CONSUMERS + wg])
+                for i in range(4):
+                    plgpu.barrier_wait(in_ready.at[i * CONSUMERS + wg])
+                lse2 = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                dlt = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                dq = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
+
+                def step_fn(step, dq):
+                    slot = lax.rem(step, jnp.int32(stages))
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
+
+                    def probs(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(dp_ref, my_do, v_smem.at[slot].transpose((1, 0)))
+                        take_turn()
+                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1) * qk_scale  # dP still running
+                        if masked:
+                            plgpu.barrier_wait(bias_ready.at[slot])
+                            kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                            s = s + lax.broadcast_in_dim(kb, s.shape, [1])
+                        p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                        dp = dp_ref[...]
+                        return (p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))).astype(dtype)
+
+                    acc = plgpu.ACC((WG_ROWS, tile_k), jnp.float32)
+                    ds = pl.run_scoped(probs, acc, acc)
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    if t.pingpong:
+                        ds = lax.optimization_barrier(ds)
+                        plgpu.barrier_arrive(turn)  # element-wise part done
+                        plgpu.barrier_wait(turn)  # the tensor cores are ours
+
+                    def grad_q(acc_ref):
+                        plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+
+                    dq = pl.run_state(grad_q)(plgpu.ACC.init(dq))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return dq
+
+                dq = lax.fori_loop(0, steps, step_fn, dq)
+                pl.when(wg == 0)(take_turn)
+                my_q[...] = (dq * float(scale)).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_q, rows_of(dq_ref, b, h, rows))
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+                kvh = lax.div(h, jnp.int32(group)) if group > 1 else h
+
+                @pl.loop(0, steps)
+                def _(step):
+                    slot = lax.rem(step, jnp.int32(stages))
+                    rows = pl.ds(tile_start(step), tile_k)
+
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+
+                    plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), k_smem.at[slot], k_ready.at[slot])
+                    if masked:
+                        plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
+
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(v_free.at[slot])
+
+                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
+
+        t16 = {"transforms": (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))}
+        scratch = [
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
+            plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
+            plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
+            plgpu.SMEM((stages, tile_k, d), dtype, **t16),
+            plgpu.SMEM((stages, tile_k, d), dtype, **t16),
+            plgpu.SMEM((stages, tile_k), jnp.float32) if masked else None,
+        ]
+        barriers = [
+            plgpu.Barrier(num_barriers=4 * CONSUMERS),  # in_ready
+            plgpu.Barrier(num_barriers=stages),  # k_ready
+            plgpu.Barrier(num_barriers=stages),  # v_ready
+            plgpu.Barrier(num_barriers=stages),  # bias_ready
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
+            plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
+        ]
+        pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers,
+                      collective_axes="wg")
+
+    inputs = (q, k, v, sel, lse2, delta, do) + ((bias,) if masked else ())
+    grid, names = _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major)
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=grid,
+        grid_names=names,
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*inputs)
+
+
+def _dkv_call_v2(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
+    batch, d = q.shape[0], q.shape[3]
+    q_heads = q.shape[2] if positional else q.shape[1]
+    lk, kv_heads = (k.shape[1], k.shape[2]) if positional else (k.shape[2], k.shape[1])
+    rows_of = _rows(positional)
+    group = q_heads // kv_heads
+    dtype = q.dtype
+    isz = jnp.dtype(dtype).itemsize
+    tq = BWD_TILE_Q
+    per_q = block_q // tq
+    tiles_per_block = block_k // TILE_Q
+    masked = bias is not None
+    qk_scale = float(scale) * LOG2E
+    per_stage, fixed = 2 * tq * d * isz + 8 * tq, 2 * TILE_Q * d * isz + 4 * TILE_Q + 4096
+    stages = t.dkv_stages or max(2, min(4, (_SMEM_BYTES - fixed) // per_stage))
+    if fixed + stages * per_stage > _SMEM_BYTES:
+        raise ValueError(f"BwdTuning.dkv_stages={stages} needs more than {_SMEM_BYTES} bytes of shared memory")
+
+    def body(q_ref, k_ref, v_ref, selt_ref, lse_ref, delta_ref, do_ref, *rest):
+        if masked:
+            bias_ref, dk_ref, dv_ref = rest
+        else:
+            (dk_ref, dv_ref), bias_ref = rest, None
+        b = lax.axis_index("batch")
+        kvh = lax.axis_index("heads")
+        kt = lax.axis_index("k_tile")
+        kblk = lax.div(kt, jnp.int32(tiles_per_block)) if tiles_per_block > 1 else kt
+
+        def head_steps(g):
+            return selt_ref[b, kvh * group + g, kblk, 0] * per_q
+
+        def q_start(g, step):
+            j = lax.div(step, jnp.int32(per_q)) if per_q > 1 else step
+            start = selt_ref[b, kvh * group + g, kblk, 1 + j] * block_q
+            if per_q > 1:
+                start = start + lax.rem(step, jnp.int32(per_q)) * tq
+            return start
+
+        def kernel(scratch, barriers):
+            k_smem, v_smem, kbias_smem, q_smem, do_smem, lse_smem, delta_smem = scratch
+            own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, turn = barriers
+            wg = lax.axis_index("wg")
+
+            def take_turn():
+                if t.pingpong:
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
+
+            @pl.when(wg < CONSUMERS)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+                row0 = kt * TILE_Q + wg * WG_ROWS
+                rows = pl.ds(row0, WG_ROWS)
+                my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+                plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), my_k, own_ready.at[0 * CONSUMERS + wg])
+                plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), my_v, own_ready.at[1 * CONSUMERS + wg])
+                if masked:
+                    plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], kbias_smem.at[wg],
+                                            own_ready.at[2 * CONSUMERS + wg])
+                for i in range(3 if masked else 2):
+                    plgpu.barrier_wait(own_ready.at[i * CONSUMERS + wg])
+                kbias = plgpu.load(kbias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1)) if masked else None
+                zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
+
+                def step_fn(step, carry):
+                    dk, dv, n = carry
+                    slot = lax.rem(n, jnp.int32(stages))
+                    plgpu.barrier_wait(q_ready.at[slot])
+                    plgpu.barrier_wait(do_ready.at[slot])
+
+                    def probs(st_ref, dpt_ref):  # rows keys, columns queries
+                        plgpu.wgmma(st_ref, my_k, q_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(dpt_ref, my_v, do_smem.at[slot].transpose((1, 0)))
+                        take_turn()
+                        plgpu.barrier_wait(lse_ready.at[slot])
+                        lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1) * qk_scale  # dP^T still running
+                        if masked:
+                            st = st + lax.broadcast_in_dim(kbias, st.shape, [0])
+                        pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+                        plgpu.barrier_wait(delta_ready.at[slot])
+                        dlt = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        dpt = dpt_ref[...]
+                        dst = pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+                        return pt.astype(dtype), dst.astype(dtype)
+
+                    acc = plgpu.ACC((WG_ROWS, tq), jnp.float32)
+                    pt, dst = pl.run_scoped(probs, acc, acc)
+                    if t.pingpong:
+                        pt, dst = lax.optimization_barrier((pt, dst))
+                        plgpu.barrier_arrive(turn)  # element-wise part done
+                        plgpu.barrier_wait(turn)  # the tensor cores are ours
+
+                    def grads(refs):
+                        dv_ref, dk_ref = refs
+                        plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
+                        plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
+
+                    dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv, n + 1
+
+                carry = (zeros, zeros, jnp.int32(0))
+                for g in range(group):
+                    carry = lax.fori_loop(0, head_steps(g), step_fn, carry)
+                dk, dv, _ = carry
+                pl.when(wg == 0)(take_turn)
+                my_k[...] = (dk * float(scale)).astype(dtype)
+                my_v[...] = dv.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_k, rows_of(dk_ref, b, kvh, rows))
+                plgpu.copy_smem_to_gmem(my_v, rows_of(dv_ref, b, kvh, rows))
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+                n = jnp.int32(0)
+                for g in range(group):
+                    h = kvh * group + g
+
+                    def prod(step, n, g=g, h=h):
+                        slot = lax.rem(n, jnp.int32(stages))
+                        rows = pl.ds(q_start(g, step), tq)
+
+                        @pl.when(n >= stages)
+                        def _():
+                            plgpu.barrier_wait(q_free.at[slot])
+
+                        plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, rows), q_smem.at[slot], q_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), do_smem.at[slot], do_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], delta_ready.at[slot])
+                        return n + 1
+
+                    n = lax.fori_loop(0, head_steps(g), prod, n)
+
+        t16 = {"transforms": (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))}
+        scratch = [
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
+            plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32) if masked else None,
+            plgpu.SMEM((stages, tq, d), dtype, **t16),
+            plgpu.SMEM((stages, tq, d), dtype, **t16),
+            plgpu.SMEM((stages, tq), jnp.float32),
+            plgpu.SMEM((stages, tq), jnp.float32),
+        ]
+        barriers = [
+            plgpu.Barrier(num_barriers=3 * CONSUMERS),  # own_ready (K, V, key bias)
+            plgpu.Barrier(num_barriers=stages),  # q_ready
+            plgpu.Barrier(num_barriers=stages),  # do_ready
+            plgpu.Barrier(num_barriers=stages),  # lse_ready
+            plgpu.Barrier(num_barriers=stages),  # delta_ready
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
+            plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
+        ]
+        pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers,
+                      collective_axes="wg")
+
+    inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ())
+    grid, names = _grid(kv_heads, lk // TILE_Q, batch, "k_tile", t.tile_major)
+    return plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=grid,
+        grid_names=names,
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*inputs)
+
+
+def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k,
+             tuning: BwdTuning = DEFAULT_BWD_TUNING, positional: bool = False):
+    """dq, dk, dv; bias None = every key valid.
+
+    Block space (q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]), or with ``positional`` (``tuning.version``
+    2 only) the caller's [B, L, H, D] arrays, which the kernels read and write by strided TMA.
+    """
+    if positional and tuning.version < 2:
+        raise ValueError("the positional layout needs BwdTuning.version >= 2")
     do = do.astype(q.dtype)
     # d lse_i / d s_ij = p_ij, so a cotangent on lse folds into delta: ds = p * (dp - (delta - dlse)).
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    if positional:
+        delta = jnp.swapaxes(delta, 1, 2)  # [B, L, H] -> [B, H, L], like lse
     if dlse is not None:
         delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse.astype(jnp.float32))
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)  # rows without keys: every p is 0
-    nk = k.shape[2] // block_k
+    nk = (k.shape[1] if positional else k.shape[2]) // block_k
     tile_k = min(block_k, 128)
-    dq = _dq_call(q, k, v, bias, pack_selection(indices, counts), lse2, delta, do, scale=scale, block_q=block_q,
-                  block_k=block_k, tile_k=tile_k)
+    sel = pack_selection(indices, counts)
     indices_t, counts_t = triton_kernel.transpose_selection(indices, counts, nk)
-    dk, dv = _dkv_call(q, k, v, bias, pack_selection(indices_t, counts_t), lse2, delta, do, scale=scale,
-                       block_q=block_q, block_k=block_k)
+    selt = pack_selection(indices_t, counts_t)
+    if tuning.version >= 2:
+        dq = _dq_call_v2(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
+                         tile_k=tile_k, positional=positional, t=tuning)
+        dk, dv = _dkv_call_v2(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q,
+                              block_k=block_k, positional=positional, t=tuning)
+        return dq, dk, dv
+    dq = _dq_call(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k, tile_k=tile_k)
+    dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k)
     return dq, dk, dv
