@@ -84,12 +84,17 @@ class TrainConfig:
 
 
 def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_kinds):
-    """(tokens int32 [B, L], eligible bool [B, L]) mixing packed text and task examples."""
+    """(tokens int32 [B, L], eligible bool [B, L]) mixing packed text and task examples.
+
+    Each row is a task example with probability ``task_fraction`` (kind drawn from
+    those of ``task_kinds`` that fit ``seq_len``, see ``tasks.DEFAULT_MIN_LENGTH``).
+    """
     toks = corpus.packed_batch(stream, rng, batch, seq_len)
     elig = np.ones((batch, seq_len), bool)
+    kinds = [k for k in task_kinds if seq_len >= tasks.DEFAULT_MIN_LENGTH[k]]  # tasks that fit this length
     for i in range(batch):
-        if task_fraction and rng.uniform() < task_fraction and seq_len >= tasks.MIN_LENGTH:
-            ex = tasks.make_example(str(rng.choice(task_kinds)), rng, stream, tokenizer, seq_len)
+        if task_fraction and kinds and rng.uniform() < task_fraction:
+            ex = tasks.make_example(str(rng.choice(kinds)), rng, stream, tokenizer, seq_len)
             toks[i] = ex.tokens
             elig[i] = False
             elig[i, ex.answer_start : ex.answer_end] = True

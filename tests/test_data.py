@@ -123,8 +123,8 @@ def test_variable_tracking_values_are_distinct_and_in_range(tok, val):
 
 def test_task_errors(tok, val):
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match=r"length must be an int in \[256"):
-        tasks.passkey(rng, val, tok, 100)
+    with pytest.raises(ValueError, match=r"length must be an int in \[64"):
+        tasks.passkey(rng, val, tok, 63)
     with pytest.raises(ValueError, match="task must be one of"):
         tasks.make_example("qa", rng, val, tok, 1024)
     with pytest.raises(ValueError, match=r"depths must lie in \[0, 1\]"):
@@ -133,3 +133,21 @@ def test_task_errors(tok, val):
         tasks.multikey_niah(rng, val, tok, 1024, num_needles=0)
     with pytest.raises(ValueError, match="length must leave room for the haystack"):
         tasks.variable_tracking(rng, val, tok, 256, hops=16)
+
+
+def test_make_batch_uses_only_tasks_that_fit(tok, val):
+    from baatt.train import make_batch
+
+    rng = np.random.default_rng(0)
+    kinds = ("passkey", "multikey_niah", "variable_tracking")
+    toks, elig = make_batch(rng, val, tok, 128, 32, task_fraction=1.0, task_kinds=kinds)
+    assert toks.shape == elig.shape == (32, 128)
+    # at 128 tokens only passkey fits: every row is a passkey example whose eligible span is its answer
+    for row, e in zip(toks, elig):
+        span = np.flatnonzero(e)
+        assert 1 <= span.size <= 4 and np.all(np.diff(span) == 1)
+        assert "The pass key is" in tok.decode(row[: span[0]])
+    toks, elig = make_batch(rng, val, tok, 64, 4, task_fraction=1.0, task_kinds=("multikey_niah",))
+    assert elig.all()  # no task fits: plain text rows
+    toks, elig = make_batch(rng, val, tok, 512, 64, task_fraction=1.0, task_kinds=kinds)
+    assert {tok.decode(r[-40:]).count("pass key") > 0 for r in toks} == {True, False}

@@ -21,7 +21,10 @@ import numpy as np
 
 from baatt.data.tokenizer import Tokenizer
 
-MIN_LENGTH = 256
+MIN_LENGTH = 64
+# Shortest length at which each task's default needles + question leave room for a haystack
+# (passkey: ~30 fixed tokens; multi-key NIAH with 4 needles: ~105; variable tracking with 4 hops: ~153).
+DEFAULT_MIN_LENGTH = {"passkey": 64, "multikey_niah": 256, "variable_tracking": 256}
 MAX_LENGTH = 131072
 
 _ADJ = (

@@ -1,0 +1,141 @@
+"""Where a training step's time goes: the jitted step alone vs the host-side batch builder.
+
+    PYTHONPATH=. python3 experiments/train_step_time.py --preset gpu_passkey_fast
+
+For every (seq_len, batch) stage of a train preset: compile time and mean time
+of the jitted train step on a fixed real batch (device time only, synchronised),
+mean time of ``make_batch`` (packed text + task examples, host CPU), and the
+tokens/s each of them allows. A training run is limited by the slower of the
+two (the batch builder runs in a background thread). Variants: the preset's
+``head_positions`` and the full head; for the preset's head also the model forward,
+the loss gradient (no optimiser) and one dense attention layer alone. Writes ``train_step_time_<preset>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from baatt.data import corpus  # noqa: E402
+from baatt.data.tokenizer import get_tokenizer  # noqa: E402
+from baatt.nn import DiffusionLM  # noqa: E402
+from baatt.train import build_step, make_batch, make_optimizer, run_info  # noqa: E402
+from experiments.train_dlm import get_config  # noqa: E402
+
+
+def time_step(cfg, seq_len, batch, toks, elig, iters, head_positions):
+    model = DiffusionLM(cfg.model_config(), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(params)
+    step = build_step(graphdef, tx, model.cfg.mask_id, cfg.eps, cfg.full_task_answers, head_positions)
+    toks, elig = jnp.asarray(toks), jnp.asarray(elig)
+    key = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    params, opt_state, m = step(params, opt_state, toks, elig, key)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for _ in range(3):
+        params, opt_state, m = step(params, opt_state, toks, elig, key)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        params, opt_state, m = step(params, opt_state, toks, elig, key)
+    jax.block_until_ready(m)
+    return compile_s, (time.perf_counter() - t0) / iters
+
+
+def _timeit(f, *args, iters):
+    jax.block_until_ready(f(*args))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        r = f(*args)
+    jax.block_until_ready(r)
+    return (time.perf_counter() - t0) / iters
+
+
+def breakdown(cfg, toks, iters):
+    """ms of: model forward (hidden states), forward + backward of the loss, one dense attention layer fwd / fwd+bwd."""
+    from baatt.diffusion.masking import diffusion_loss_gathered
+    from baatt.nn.attention import dense_attention
+
+    model = DiffusionLM(cfg.model_config(), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    mc = model.cfg
+    toks = jnp.asarray(toks)
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p).hidden(x))
+
+    def loss(p, x, key):
+        m = nnx.merge(graphdef, p)
+        return diffusion_loss_gathered(m.hidden, m.logits, key, x, mask_id=mc.mask_id,
+                                       head_positions=cfg.head_positions)[0]
+
+    grad = jax.jit(jax.grad(loss))
+    b, l = toks.shape
+    kq = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(kq[0], (b, l, mc.num_heads, mc.head_dim), mc.compute_dtype)
+    k = jax.random.normal(kq[1], (b, l, mc.num_kv_heads, mc.head_dim), mc.compute_dtype)
+    v = jax.random.normal(kq[2], (b, l, mc.num_kv_heads, mc.head_dim), mc.compute_dtype)
+    att = jax.jit(dense_attention)
+    att_g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(dense_attention(q, k, v).astype(jnp.float32))))
+    return dict(forward_ms=1e3 * _timeit(fwd, params, toks, iters=iters),
+                loss_grad_ms=1e3 * _timeit(grad, params, toks, jax.random.PRNGKey(0), iters=iters),
+                attn_layer_fwd_ms=1e3 * _timeit(att, q, k, v, iters=iters),
+                attn_layer_fwd_bwd_ms=1e3 * _timeit(att_g, q, k, v, iters=iters))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpu_passkey_fast")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--batches", type=int, default=10, help="make_batch calls timed per stage")
+    p.add_argument("--out", default="experiments/results")
+    args = p.parse_args(argv)
+    cfg = get_config(args.preset)
+    tok, stream = get_tokenizer(), corpus.load_tokens("train")
+    rng = np.random.default_rng(0)
+    rows = []
+    for _, seq_len, batch in cfg.stages:
+        make_batch(rng, stream, tok, seq_len, batch, task_fraction=cfg.task_fraction, task_kinds=cfg.task_kinds)
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            toks, elig = make_batch(rng, stream, tok, seq_len, batch, task_fraction=cfg.task_fraction,
+                                    task_kinds=cfg.task_kinds)
+        batch_s = (time.perf_counter() - t0) / args.batches
+        variants = {"preset": cfg.head_positions}
+        if cfg.head_positions is not None:
+            variants["full_head"] = None
+        for name, hp in variants.items():
+            compile_s, step_s = time_step(cfg, seq_len, batch, toks, elig, args.iters, hp)
+            row = dict(seq_len=seq_len, batch=batch, head=name, head_positions=hp, compile_s=compile_s,
+                       step_ms=1e3 * step_s, batch_ms=1e3 * batch_s, step_tok_s=seq_len * batch / step_s,
+                       batch_tok_s=seq_len * batch / batch_s)
+            if name == "preset":
+                row.update(breakdown(cfg, toks, args.iters))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = dict(run_info(), preset=args.preset, config=dataclasses.asdict(cfg), rows=rows)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"train_step_time_{args.preset}.json"
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"| L | batch | head | compile s | step ms | step tok/s | batch-builder ms | builder tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seq_len']} | {r['batch']} | {r['head']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
+              f"{r['step_tok_s']:,.0f} | {r['batch_ms']:.1f} | {r['batch_tok_s']:,.0f} |")
+    return out
+
+
+if __name__ == "__main__":
+    main()
