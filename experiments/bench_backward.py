@@ -33,10 +33,10 @@ import os
 
 from experiments.bench_sparse import _git_commit, _median_time
 
-VARIANTS = {  # name -> BwdTuning keyword arguments
+VARIANTS = {  # name -> BwdTuning keyword arguments ("v2" is the default BwdTuning())
     "v1": {"version": 1},
-    "v2": {"version": 2},
-    "v2_nopp": {"version": 2, "pingpong": False},
+    "v2": {"version": 2, "pingpong": False},
+    "v2_pp": {"version": 2, "pingpong": True},
     "v2_rot": {"version": 2, "rotate": True},
     "v2_tm": {"version": 2, "tile_major": True},
     "v2_s3": {"version": 2, "dkv_stages": 3},
@@ -125,7 +125,7 @@ def run(args) -> list[dict]:
     from baatt.kernels.mosaic_gpu import block_sparse as bs
 
     def tm(call):
-        return _median_time(call, jax.block_until_ready, target_s=args.target_s)
+        return _median_time(call, jax.block_until_ready, target_s=args.target_s, min_reps=3)
 
     b, h, d, block = 1, args.heads, 128, 128
     scale = 1.0 / math.sqrt(d)

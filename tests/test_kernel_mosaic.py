@@ -166,22 +166,17 @@ class TestMosaicGPU:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
-class TestMosaicGPUBackwardV2(TestMosaicGPU):
-    """The whole suite again with the scheduled backward kernels (version 2, warpgroups in turn)."""
+class TestMosaicGPUBackwardVariants:
+    """The other backward settings: the first kernels (block space), warpgroups in turn, rotated walks with
+    tile-major launch and a 3-deep ring (TestMosaicGPU runs the default on every case)."""
 
-    bwd = BwdTuning(version=2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
-class TestMosaicGPUBackwardV2Options:
-    """Version 2 without the schedule barrier, and with rotation, tile-major launch and a 3-deep ring."""
-
-    @pytest.mark.parametrize("bwd", [BwdTuning(version=2, pingpong=False),
-                                     BwdTuning(version=2, rotate=True, tile_major=True, dkv_stages=3)])
+    @pytest.mark.parametrize("bwd", [BwdTuning(version=1), BwdTuning(pingpong=True),
+                                     BwdTuning(rotate=True, tile_major=True, dkv_stages=3)])
     def test_gqa_masked_and_positional(self, bwd):
         c = make_case(15, q_heads=4, kv_heads=2, length=700, head_dim=128, block_q=128, block_k=128, kmax=4,
                       masked_frac=0.05)
+        check_against_reference(c, False, make_kernel=functools.partial(_kernel_fn, bwd=bwd))
+        c = make_case(16, q_heads=2, kv_heads=1, length=1024, head_dim=64, block_q=256, block_k=256, kmax=3)
         check_against_reference(c, False, make_kernel=functools.partial(_kernel_fn, bwd=bwd))
         suite = TestMosaicGPU()
         suite.bwd = bwd
@@ -263,7 +258,8 @@ def test_backward_kernels_trace(masked):
     for bq, bk in ((128, 128), (256, 256)):
         idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
         jaxpr = jax.make_jaxpr(lambda q, k, o, l_, do: backward(q, k, k, bias, idx, cnt, o, l_, do, None, scale=0.1,
-                                                                block_q=bq, block_k=bk))(q, k, q, lse, q)
+                                                                block_q=bq, block_k=bk,
+                                                                tuning=BwdTuning(version=1)))(q, k, q, lse, q)
         assert "wgmma" in str(jaxpr)
 
 

@@ -1,7 +1,7 @@
 """Hopper (sm90) block-sparse attention in Pallas Mosaic GPU; registers ``implementation="mosaic_gpu"``.
 
 Forward: warp-specialised TMA + wgmma kernel (``block_sparse.py``). Backward:
-the portable Pallas kernels on the forward's residuals. Picked first by
+warp-specialised dq and dk/dv kernels (``BwdTuning``), or the portable Pallas kernels. Picked first by
 ``implementation=None`` on a GPU of compute capability 9.x for bf16/f16 inputs,
 head dim 64 or 128, block_q 128 or 256 and block_k 64, 128 or 256; anything
 else falls back to the next implementation, and asking for it explicitly
@@ -14,7 +14,9 @@ import jax
 
 from baatt.api import Implementation, register_implementation
 from baatt.kernels.mosaic_gpu.block_sparse import (
+    DEFAULT_BWD_TUNING,
     DEFAULT_TUNING,
+    BwdTuning,
     Tuning,
     block_sparse_attention,
     forward,
@@ -57,7 +59,9 @@ register_implementation(Implementation(name="mosaic_gpu", priority=20, unavailab
                                        positional=positional_attention))
 
 __all__ = [
+    "DEFAULT_BWD_TUNING",
     "DEFAULT_TUNING",
+    "BwdTuning",
     "Tuning",
     "block_sparse_attention",
     "forward",
