@@ -4,7 +4,7 @@ periodic evaluation, resumable orbax checkpoints, tqdm progress (loss, tokens/s)
 Batches mix packed real text (every token eligible for masking) with synthetic
 long-context task examples (only the answer span is eligible, as in LLaDA's
 SFT), so the model learns retrieval. Training runs in stages of
-(end of progress, sequence length, batch size); progress is the larger of
+(end of progress, sequence length, batch size[, task fraction]); progress is the larger of
 step/steps and elapsed/time_budget_s, so a run can be fitted to a wall-clock
 budget: the learning-rate schedule follows progress, not the step count.
 """
@@ -35,7 +35,8 @@ from baatt.nn import AttentionPlan, DiffusionLM, get_config
 class TrainConfig:
     model: str = "tiny"
     model_overrides: tuple[tuple[str, object], ...] = ()
-    stages: tuple[tuple[float, int, int], ...] = ((1.0, 128, 8),)  # (progress end, seq_len, batch)
+    # (progress end, seq_len, batch) or (progress end, seq_len, batch, task_fraction of that stage)
+    stages: tuple[tuple, ...] = ((1.0, 128, 8),)
     steps: int = 100
     time_budget_s: float | None = None
     peak_lr: float = 1e-3
@@ -63,8 +64,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if not self.stages or any(len(s) != 3 for s in self.stages):
-            raise ValueError(f"stages must be a non-empty tuple of (progress_end, seq_len, batch); got {self.stages!r}")
+        if not self.stages or any(len(s) not in (3, 4) for s in self.stages):
+            raise ValueError("stages must be a non-empty tuple of (progress_end, seq_len, batch[, task_fraction]); "
+                             f"got {self.stages!r}")
+        for s in self.stages:
+            if len(s) == 4 and not 0.0 <= s[3] <= 1.0:
+                raise ValueError(f"a stage's task_fraction must lie in [0, 1]; got {s!r}")
         if abs(self.stages[-1][0] - 1.0) > 1e-9:
             raise ValueError(f"the last stage must end at progress 1.0; got {self.stages[-1][0]}")
         if not 0.0 <= self.task_fraction <= 1.0:
@@ -347,19 +352,22 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     rngs = {}
 
     def stage_of(progress):
-        for end, l, b in cfg.stages:
-            if progress < end:
-                return l, b
-        return cfg.stages[-1][1], cfg.stages[-1][2]
+        """(seq_len, batch, task_fraction) of the stage that covers ``progress``."""
+        stage = next((s for s in cfg.stages if progress < s[0]), cfg.stages[-1])
+        return stage[1], stage[2], (stage[3] if len(stage) == 4 else cfg.task_fraction)
 
     prefetchers: dict = {}
 
-    def batches(l, b):
-        if (l, b) not in prefetchers:
-            r = rngs.setdefault((l, b), np.random.default_rng(seed_seq.spawn(1)[0]))
-            prefetchers[(l, b)] = _Prefetch(lambda: make_batch(
-                r, train_stream, tokenizer, l, b, task_fraction=cfg.task_fraction, task_kinds=cfg.task_kinds))
-        return prefetchers[(l, b)]
+    def batches(l, b, tf):
+        if (l, b, tf) not in prefetchers:
+            r = rngs.setdefault((l, b, tf), np.random.default_rng(seed_seq.spawn(1)[0]))
+            prefetchers[(l, b, tf)] = _Prefetch(lambda: make_batch(
+                r, train_stream, tokenizer, l, b, task_fraction=tf, task_kinds=cfg.task_kinds))
+        for key_, p in list(prefetchers.items()):  # an earlier stage's builder thread is not needed any more
+            if key_ != (l, b, tf):
+                p.close()
+                del prefetchers[key_]
+        return prefetchers[(l, b, tf)]
 
     erng = np.random.default_rng(1234)
     eval_len = cfg.eval_len or cfg.stages[-1][1]
@@ -375,7 +383,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
         """Held-out NLL at eval_len; one-shot passkey accuracy at eval_len and at the current stage's length."""
         model_now = nnx.merge(graphdef, params)
         res = dict(step=step, val_nll=masked_nll(model_now, eval_tokens, jax.random.PRNGKey(7), plan=AttentionPlan.dense())["avg"])
-        if cfg.task_fraction:
+        if cfg.task_fraction or any(len(s) == 4 and s[3] for s in cfg.stages):
             for length in sorted({eval_len, stage_len or eval_len}):
                 if length >= tasks.MIN_LENGTH:
                     acc = task_accuracy_oneshot(model_now, passkey_examples(length), plan=AttentionPlan.dense())
@@ -397,8 +405,8 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                 progress = max(progress, elapsed / cfg.time_budget_s)
             if progress >= 1.0:
                 break
-            l, b = stage_of(progress)
-            toks, elig = batches(l, b).get()
+            l, b, tf = stage_of(progress)
+            toks, elig = batches(l, b, tf).get()
             opt_state = _set_lr(opt_state, lr_at(cfg, step, progress))
             key, sub = jax.random.split(key)
             params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(toks), jnp.asarray(elig), sub)
@@ -412,7 +420,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                 tok_count, tok_t = 0, now
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", L=l, lr=f"{lr_at(cfg, step, progress):.1e}")
                 history.append(dict(step=step, loss=float(m["loss"]), masked_ce=float(m["masked_ce"]),
-                                    grad_norm=float(m["grad_norm"]), tokens_per_s=tps, seq_len=l,
+                                    grad_norm=float(m["grad_norm"]), tokens_per_s=tps, seq_len=l, task_fraction=tf,
                                     elapsed_s=now - t0))
             if cfg.eval_every and step % cfg.eval_every == 0:
                 ev = evaluate(step, stage_len=l)

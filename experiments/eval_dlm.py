@@ -1,6 +1,8 @@
 """Evaluate a trained DLM under dense attention and block-sparse selectors.
 
     PYTHONPATH=. python3 experiments/eval_dlm.py --ckpt-dir .ckpt/dlm_small --lengths 4096 2048 8192
+    # or one process per length (compilation is host-bound: they overlap), then
+    PYTHONPATH=. python3 experiments/eval_dlm.py --merge a.json b.json c.json --name dlm_eval
 
 For each sequence length and attention variant: masked-token NLL (mean CE per
 masked token at masking ratios 0.15/0.5/0.85 on held-out packed text, same
@@ -121,9 +123,28 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths, out_dir: Path, name: str) -> dict:
+    """One result from several eval_dlm.py results of the same checkpoint (rows and notes concatenated)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for p, r in zip(paths, parts):
+        if (r["model"], r["step"], r["block_size"]) != (first["model"], first["step"], first["block_size"]):
+            raise ValueError(f"--merge needs results of one checkpoint and block size; {p} differs from {paths[0]}")
+    result = dict(first, rows=[row for r in parts for row in r["rows"]], notes=[n for r in parts for n in r["notes"]],
+                  seconds=max(r.get("seconds", 0.0) for r in parts), merged_from=[str(p) for p in paths])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{name}.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--ckpt-dir", default=None)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="instead of evaluating: merge the rows of these result files (e.g. one process per length) "
+                        "into <out>/<name>.json/.md")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 2048, 8192])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--num-examples", type=int, default=16)
@@ -136,6 +157,10 @@ def main(argv=None):
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--name", default="dlm_eval")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.name)
+    if not args.ckpt_dir:
+        p.error("--ckpt-dir is required (unless --merge is given)")
     t0 = time.time()
     model, meta = load_model(args.ckpt_dir)
     tok = get_tokenizer()

@@ -86,6 +86,23 @@ def test_train_loop_checkpoints_and_resumes(tmp_path):
         train(TrainConfig(model="tiny", stages=((1.0, 2048, 1),)), train_stream=val, val_stream=val)
 
 
+def test_train_stages_set_their_own_task_fraction():
+    from baatt.data import corpus
+    from baatt.train import TrainConfig, train
+
+    val = corpus.load_tokens("val")
+    cfg = TrainConfig(model="tiny", model_overrides=(("max_len", 512),), stages=((0.5, 64, 2, 1.0), (1.0, 64, 2, 0.0)),
+                      steps=20, warmup_steps=1, eval_every=10, eval_tasks=2, task_kinds=("passkey",), progress=False)
+    r = train(cfg, train_stream=val, val_stream=val, log_fn=lambda s: None)
+    fr = {h["step"]: h["task_fraction"] for h in r["history"] if "task_fraction" in h}
+    assert fr == {10: 1.0, 20: 0.0}
+    assert all("passkey_acc" in h for h in r["history"] if "val_nll" in h)  # a stage has task rows: passkey checked
+    with pytest.raises(ValueError, match="a stage's task_fraction must lie in"):
+        TrainConfig(stages=((1.0, 64, 2, 1.5),))
+    with pytest.raises(ValueError, match="stages must be a non-empty tuple"):
+        TrainConfig(stages=((1.0, 64),))
+
+
 def _canvas(b=2, prompt=40, gen=24, seed=0):
     x = np.random.default_rng(seed).integers(0, 500, (b, prompt + gen)).astype(np.int32)
     x[:, prompt:] = MASK

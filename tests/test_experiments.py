@@ -83,6 +83,29 @@ def test_train_dlm_presets_are_valid():
     assert pk.stages[-1][1] == 4096 and pk.time_budget_s <= 330
     fast = train_dlm.get_config("gpu_passkey_fast")
     assert fast.model_config().output_bias and fast.task_kinds == ("passkey",) and fast.task_fraction == 0.4
-    assert fast.stages == ((0.4, 256, 128), (0.7, 1024, 32), (1.0, 4096, 8))
-    assert 0.25 <= fast.head_positions <= 0.5 and fast.time_budget_s <= 330
+    assert [s[1] for s in fast.stages] == [256, 1024, 4096]
+    assert 0.25 <= fast.head_positions <= 0.5 and fast.time_budget_s <= 400
+    cur = train_dlm.get_config("gpu_passkey_curriculum")
+    assert cur.stages[0][1] <= 256 and cur.stages[0][3] >= 0.75  # retrieval first, on short rows
+    assert {4096, 8192} <= {s[1] for s in cur.stages} and cur.time_budget_s <= 330
     assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
+
+
+def test_eval_dlm_merges_per_length_results(tmp_path):
+    import json
+
+    from experiments import eval_dlm
+
+    base = dict(device="gpu:x", jax_version="0.11.2", commit="abc", date="d", model="small", step=10, block_size=128,
+                implementation="auto", num_examples=2)
+    rows = [dict(length=l, variant="dense", density=1.0, nll=5.0, passkey=1.0, multikey_niah=0.5) for l in (2048, 4096)]
+    for i, row in enumerate(rows):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(dict(base, rows=[row], notes=[f"n{i}"], seconds=i)))
+    out = eval_dlm.main(["--merge", str(tmp_path / "r0.json"), str(tmp_path / "r1.json"), "--out", str(tmp_path / "o"),
+                         "--name", "m"])
+    assert [r["length"] for r in out["rows"]] == [2048, 4096] and out["notes"] == ["n0", "n1"]
+    md = (tmp_path / "o" / "m.md").read_text()
+    assert "| 2048 | dense |" in md and "| 4096 | dense |" in md
+    (tmp_path / "r2.json").write_text(json.dumps(dict(base, step=11, rows=[], notes=[])))
+    with pytest.raises(ValueError, match="one checkpoint"):
+        eval_dlm.main(["--merge", str(tmp_path / "r0.json"), str(tmp_path / "r2.json"), "--out", str(tmp_path / "o")])
