@@ -33,15 +33,13 @@ import os
 
 from experiments.bench_sparse import _git_commit, _median_time
 
-VARIANTS = {  # name -> BwdTuning keyword arguments ("v2" is the default BwdTuning())
-    "v1": {"version": 1},
-    "v2": {"version": 2, "pingpong": False},
-    "v2_pp": {"version": 2, "pingpong": True},
-    "v2_rot": {"version": 2, "rotate": True},
-    "v2_tm": {"version": 2, "tile_major": True},
-    "v2_s3": {"version": 2, "dkv_stages": 3},
+VARIANTS = {  # name -> BwdTuning keyword arguments ("default" is BwdTuning())
+    "default": {},
+    "no_rotate": {"rotate": False},
+    "pingpong": {"pingpong": True},
+    "tile_major": {"tile_major": True},
+    "stages3": {"dkv_stages": 3},
 }
-
 
 def random_selection(key, counts, width: int, nk: int):
     """Random distinct ascending ids per row, ``counts`` of them (all rows equal here), width ``width``."""
@@ -64,9 +62,6 @@ def _split_times(bs, tun, layout, q, k, v, idx, cnt, do, scale, block, tm):
     from baatt.kernels.pallas_triton import block_sparse as tk
 
     positional = layout == "positional"
-    if positional and tun.version < 2:  # the first kernels run in block space only
-        q, k, v, do = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
-        positional = False
     sel = bs.pack_selection(idx, cnt)
     out, lse = jax.jit(lambda q, k, v, sel: bs.forward(q, k, v, sel, None, scale=scale, block_q=block, block_k=block,
                                                         positional=positional))(q, k, v, sel)
@@ -77,12 +72,8 @@ def _split_times(bs, tun, layout, q, k, v, idx, cnt, do, scale, block, tm):
     nk = (k.shape[1] if positional else k.shape[2]) // block
     selt = bs.pack_selection(*tk.transpose_selection(idx, cnt, nk))
     kw = {"scale": scale, "block_q": block, "block_k": block}
-    if tun.version >= 2:
-        dq = jax.jit(lambda *a: bs._dq_call_v2(*a, tile_k=block, positional=positional, t=tun, **kw))
-        dkv = jax.jit(lambda *a: bs._dkv_call_v2(*a, positional=positional, t=tun, **kw))
-    else:
-        dq = jax.jit(lambda *a: bs._dq_call(*a, tile_k=block, **kw))
-        dkv = jax.jit(lambda *a: bs._dkv_call(*a, **kw))
+    dq = jax.jit(lambda *a: bs._dq_call(*a, tile_k=block, positional=positional, t=tun, **kw))
+    dkv = jax.jit(lambda *a: bs._dkv_call(*a, positional=positional, t=tun, **kw))
     t_dq = tm(lambda: dq(q, k, v, None, sel, lse2, delta, do))
     t_dkv = tm(lambda: dkv(q, k, v, None, selt, lse2, delta, do))
     return t_dq, t_dkv
@@ -195,7 +186,7 @@ def main():
     ap.add_argument("--lengths", default="32768,131072", help="comma-separated sequence lengths")
     ap.add_argument("--sparsities", default="0,0.9", help="comma-separated sparsities")
     ap.add_argument("--impls", default="mosaic_gpu,pallas", help="comma-separated: mosaic_gpu, pallas")
-    ap.add_argument("--variants", default="v1,v2", help=f"mosaic_gpu BwdTuning variants: {','.join(VARIANTS)}")
+    ap.add_argument("--variants", default="default", help=f"mosaic_gpu BwdTuning variants: {','.join(VARIANTS)}")
     ap.add_argument("--layouts", default="positional", help="comma-separated: positional, block")
     ap.add_argument("--split", action="store_true", help="also time the dq and dk/dv kernels alone")
     ap.add_argument("--heads", type=int, default=32)

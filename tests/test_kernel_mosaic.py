@@ -167,11 +167,11 @@ class TestMosaicGPU:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
 class TestMosaicGPUBackwardVariants:
-    """The other backward settings: the first kernels (block space), warpgroups in turn, rotated walks with
-    tile-major launch and a 3-deep ring (TestMosaicGPU runs the default on every case)."""
+    """The other backward settings: unrotated walks, warpgroups in turn, tile-major launch with a 3-deep ring
+    (TestMosaicGPU runs the default on every case)."""
 
-    @pytest.mark.parametrize("bwd", [BwdTuning(version=1), BwdTuning(pingpong=True),
-                                     BwdTuning(rotate=True, tile_major=True, dkv_stages=3)])
+    @pytest.mark.parametrize("bwd", [BwdTuning(rotate=False), BwdTuning(pingpong=True),
+                                     BwdTuning(tile_major=True, dkv_stages=3)])
     def test_gqa_masked_and_positional(self, bwd):
         c = make_case(15, q_heads=4, kv_heads=2, length=700, head_dim=128, block_q=128, block_k=128, kmax=4,
                       masked_frac=0.05)
@@ -248,23 +248,8 @@ def test_kernel_body_traces(positional, masked):
         assert "wgmma" in str(jaxpr)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_backward_kernels_trace(masked):
-    from baatt.kernels.mosaic_gpu.block_sparse import backward
-    b, hq, hkv, d, l = 1, 4, 2, 128, 512
-    q, k = jnp.zeros((b, hq, l, d), jnp.bfloat16), jnp.zeros((b, hkv, l, d), jnp.bfloat16)
-    lse = jnp.zeros((b, hq, l), jnp.float32)
-    bias = jnp.zeros((b, hkv, l), jnp.float32) if masked else None
-    for bq, bk in ((128, 128), (256, 256)):
-        idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
-        jaxpr = jax.make_jaxpr(lambda q, k, o, l_, do: backward(q, k, k, bias, idx, cnt, o, l_, do, None, scale=0.1,
-                                                                block_q=bq, block_k=bk,
-                                                                tuning=BwdTuning(version=1)))(q, k, q, lse, q)
-        assert "wgmma" in str(jaxpr)
-
-
 @pytest.mark.parametrize("positional", [False, True])
-def test_backward_v2_kernels_trace(positional):
+def test_backward_kernels_trace(positional):
     from baatt.kernels.mosaic_gpu.block_sparse import backward
     b, hq, hkv, d, l = 1, 4, 2, 128, 512
     shape_q, shape_k = ((b, l, hq, d), (b, l, hkv, d)) if positional else ((b, hq, l, d), (b, hkv, l, d))
@@ -275,12 +260,9 @@ def test_backward_v2_kernels_trace(positional):
         for bq, bk in ((128, 128), (256, 256)):
             idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
             bwd = functools.partial(backward, bias=bias, indices=idx, counts=cnt, dlse=None, scale=0.1, block_q=bq,
-                                    block_k=bk, tuning=BwdTuning(version=2), positional=positional)
+                                    block_k=bk, positional=positional)
             jaxpr = jax.make_jaxpr(lambda q, k, o, l_, do, f=bwd: f(q, k, k, out=o, lse=l_, do=do))(q, k, q, lse, q)
             assert "wgmma" in str(jaxpr)
-    with pytest.raises(ValueError, match="positional layout needs"):
-        backward(q, k, k, None, idx, cnt, q, lse, q, None, scale=0.1, block_q=128, block_k=128,
-                 tuning=BwdTuning(version=1), positional=True)
 
 
 def test_backward_impl_is_checked():

@@ -99,21 +99,19 @@ DEFAULT_TUNING = Tuning()
 
 @dataclasses.dataclass(frozen=True)
 class BwdTuning:
-    """Static parameters of the Mosaic GPU backward.
+    """Static parameters of the Mosaic GPU backward (dq and dk/dv kernels).
 
-    version: 1 = the first kernels (``_dq_call`` / ``_dkv_call``, block space only); 2 = the
-      scheduled kernels (the default).
-    pingpong: (v2) the two consumer warpgroups alternate on the tensor cores through a schedule
-      barrier. Off by default: on an H200 it made dq 10-19% slower and dk/dv no faster.
-    dkv_stages: (v2) Q/dO ring depth of the dk/dv kernel (None: as many as fit, at most 4).
-    rotate: (v2) each CTA starts its walk at a different selected tile (the sums are order-free).
-    tile_major: (v2) launch order with tiles fastest (CTAs running together share a head's data).
+    pingpong: the two consumer warpgroups alternate on the tensor cores through a schedule barrier.
+      Off by default: on an H200 it made dq 10-19% slower and dk/dv no faster.
+    dkv_stages: Q/dO ring depth of the dk/dv kernel (None: as many as fit, at most 4; 3 was slower).
+    rotate: each CTA starts its walk at a different selected tile (the sums are order-free); on an
+      H200 1.5-3.5% faster than walking every list from its start.
+    tile_major: launch order with tiles fastest instead of heads fastest (slower on an H200).
     """
 
-    version: int = 2
     pingpong: bool = False
     dkv_stages: int | None = None
-    rotate: bool = False
+    rotate: bool = True
     tile_major: bool = False
 
 
@@ -398,7 +396,7 @@ def _attend_positional_fwd(q, k, v, indices, counts, scale, block_q, block_k, tu
 def _attend_positional_bwd(scale, block_q, block_k, tuning, backward_impl, bwd_tuning, res, cts):
     q, k, v, indices, counts, out, lse = res
     do, dlse = cts
-    if backward_impl == "mosaic_gpu" and block_k in SUPPORTED_BWD_BLOCK_K and bwd_tuning.version >= 2:
+    if backward_impl == "mosaic_gpu" and block_k in SUPPORTED_BWD_BLOCK_K:
         # The kernels read and write [B, L, H, D] directly: no transposes.
         dq, dk, dv = backward(q, k, v, None, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
                               block_k=block_k, tuning=bwd_tuning, positional=True)
@@ -466,336 +464,23 @@ def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, 
 #   dk/dv: one CTA per 128 key rows of a kv head, walking, for every query head of its GQA group,
 #          the query blocks that selected its key block (the transposed list), Q/dO tiles of 64 rows.
 # SPEC.md section 6: ds = p * (dp - delta), delta = rowsum(dO * O) (minus d lse).
+# Scheduling inside a consumer warpgroup:
+#   * both score products of a step (S = Q K^T and dP = dO V^T in dq; S^T and dP^T in dk/dv) are
+#     issued back to back and awaited one by one (``wgmma_accumulator_load(wait_n=1)``), so the
+#     exponentials of S overlap the dP product;
+#   * the two gradient products of a dk/dv step (dV += P^T dO, dK += dS^T Q) are issued together
+#     and awaited once;
+#   * ``BwdTuning.pingpong`` (off by default, slower in dq on an H200): a schedule barrier makes the
+#     two consumer warpgroups take turns on the tensor cores, as in the forward.
+# Layouts: block space, or (``positional``) the caller's [B, L, H, D] q/k/v/dO and gradients, read
+# and written by strided TMA (no transposes around the kernels).
 
 BWD_TILE_Q = 64  # query rows per dk/dv step
 SUPPORTED_BWD_BLOCK_K = (128, 256)
 
 
 def _bwd_stages(per_stage: int, fixed: int) -> int:
-    return max(2, min(3, (_SMEM_BYTES - fixed) // per_stage))
-
-
-def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k):
-    batch, q_heads, lq, d = q.shape
-    _, kv_heads, lk, _ = k.shape
-    group = q_heads // kv_heads
-    dtype = q.dtype
-    isz = jnp.dtype(dtype).itemsize
-    per_block = block_k // tile_k
-    rows_per_sel = block_q // TILE_Q
-    masked = bias is not None
-    qk_scale = float(scale) * LOG2E
-    stages = _bwd_stages(2 * tile_k * d * isz + 4 * tile_k, 2 * TILE_Q * d * isz + 8 * TILE_Q + 4096)
-
-    def body(q_ref, k_ref, v_ref, sel_ref, lse_ref, delta_ref, do_ref, *rest):
-        if masked:
-            bias_ref, dq_ref = rest
-        else:
-            (dq_ref,), bias_ref = rest, None
-        b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
-        qt = lax.axis_index("q_tile")
-        srow = lax.div(qt, jnp.int32(rows_per_sel)) if rows_per_sel > 1 else qt
-        steps = sel_ref[b, h, srow, 0] * per_block
-
-        def tile_start(step):
-            return triton_kernel._tile_start(lambda j: sel_ref[b, h, srow, 1 + j], step, block_k, tile_k)
-
-        def kernel(scratch, barriers):
-            q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem = scratch
-            in_ready, k_ready, v_ready, bias_ready, k_free, v_free = barriers
-            wg = lax.axis_index("wg")
-
-            @pl.when(wg < CONSUMERS)
-            def _consumer():
-                plgpu.set_max_registers(232, action="increase")
-                row0 = qt * TILE_Q + wg * WG_ROWS
-                rows = pl.ds(row0, WG_ROWS)
-                plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem.at[wg], in_ready.at[0 * CONSUMERS + wg])
-                plgpu.copy_gmem_to_smem(do_ref.at[b, h, rows], do_smem.at[wg], in_ready.at[1 * CONSUMERS + wg])
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], in_ready.at[2 * CONSUMERS + wg])
-                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], in_ready.at[3 * CONSUMERS + wg])
-                for i in range(4):
-                    plgpu.barrier_wait(in_ready.at[i * CONSUMERS + wg])
-                lse2 = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                dlt = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                dq = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-                def step_fn(step, dq):
-                    slot = lax.rem(step, jnp.int32(stages))
-                    plgpu.barrier_wait(k_ready.at[slot])
-
-                    def scores(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
-
-                    s = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, tile_k), jnp.float32))
-                    plgpu.barrier_wait(v_ready.at[slot])
-
-                    def dprobs(acc_ref):
-                        plgpu.wgmma(acc_ref, do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
-
-                    dp = pl.run_scoped(dprobs, plgpu.ACC((WG_ROWS, tile_k), jnp.float32))
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    s = s * qk_scale
-                    if masked:
-                        plgpu.barrier_wait(bias_ready.at[slot])
-                        kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                        s = s + lax.broadcast_in_dim(kb, s.shape, [1])
-                    p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
-                    ds = (p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0]))).astype(dtype)
-
-                    def grad_q(acc_ref):
-                        plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
-
-                    dq = pl.run_state(grad_q)(plgpu.ACC.init(dq))
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    return dq
-
-                dq = lax.fori_loop(0, steps, step_fn, dq)
-                q_smem.at[wg][...] = (dq * float(scale)).astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, h, rows])
-                plgpu.wait_smem_to_gmem(0)
-
-            @pl.when(wg == CONSUMERS)
-            def _producer():
-                plgpu.set_max_registers(40, action="decrease")
-                kvh = lax.div(h, jnp.int32(group)) if group > 1 else h
-
-                @pl.loop(0, steps)
-                def _(step):
-                    slot = lax.rem(step, jnp.int32(stages))
-                    rows = pl.ds(tile_start(step), tile_k)
-
-                    @pl.when(step >= stages)
-                    def _():
-                        plgpu.barrier_wait(k_free.at[slot])
-                        plgpu.barrier_wait(v_free.at[slot])
-
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, kvh, rows], k_smem.at[slot], k_ready.at[slot])
-                    if masked:
-                        plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[b, kvh, rows], v_smem.at[slot], v_ready.at[slot])
-
-        tiling = plgpu.TilingTransform((8, 64))
-        swizzle = plgpu.SwizzleTransform(128)
-        t16 = dict(transforms=(tiling, swizzle))
-        scratch = [
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
-            plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
-            plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
-            plgpu.SMEM((stages, tile_k, d), dtype, **t16),
-            plgpu.SMEM((stages, tile_k, d), dtype, **t16),
-            plgpu.SMEM((stages, tile_k), jnp.float32) if masked else None,
-        ]
-        pl.run_scoped(
-            lambda s0, s1, s2, s3, s4, s5, s6, in_ready, kr, vr, br, kf, vf: kernel(
-                (s0, s1, s2, s3, s4, s5, s6), (in_ready, kr, vr, br, kf, vf)),
-            *scratch,
-            plgpu.Barrier(num_barriers=4 * CONSUMERS),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-            collective_axes="wg",
-        )
-
-    inputs = (q, k, v, sel, lse2, delta, do) + ((bias,) if masked else ())
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(q_heads, lq // TILE_Q, batch),
-        grid_names=("heads", "q_tile", "batch"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(*inputs)
-
-
-def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k):
-    batch, q_heads, lq, d = q.shape
-    _, kv_heads, lk, _ = k.shape
-    group = q_heads // kv_heads
-    dtype = q.dtype
-    isz = jnp.dtype(dtype).itemsize
-    tq = BWD_TILE_Q
-    per_q = block_q // tq
-    tiles_per_block = block_k // TILE_Q
-    masked = bias is not None
-    qk_scale = float(scale) * LOG2E
-    stages = _bwd_stages(2 * tq * d * isz + 8 * tq, 2 * TILE_Q * d * isz + 4 * TILE_Q + 4096)
-
-    def body(q_ref, k_ref, v_ref, selt_ref, lse_ref, delta_ref, do_ref, *rest):
-        if masked:
-            bias_ref, dk_ref, dv_ref = rest
-        else:
-            (dk_ref, dv_ref), bias_ref = rest, None
-        b = lax.axis_index("batch")
-        kvh = lax.axis_index("heads")
-        kt = lax.axis_index("k_tile")
-        kblk = lax.div(kt, jnp.int32(tiles_per_block)) if tiles_per_block > 1 else kt
-
-        def head_steps(g):
-            return selt_ref[b, kvh * group + g, kblk, 0] * per_q
-
-        def q_start(g, step):
-            # Written out rather than via triton_kernel._tile_start: with this loop's weakly typed index the
-            # helper adds int32 converts, and this form is the one validated on the GPU.
-            j = lax.div(step, jnp.int32(per_q)) if per_q > 1 else step
-            start = selt_ref[b, kvh * group + g, kblk, 1 + j] * block_q
-            if per_q > 1:
-                start = start + lax.rem(step, jnp.int32(per_q)) * tq
-            return start
-
-        def kernel(scratch, barriers):
-            k_smem, v_smem, kbias_smem, q_smem, do_smem, lse_smem, delta_smem = scratch
-            own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free = barriers
-            wg = lax.axis_index("wg")
-
-            @pl.when(wg < CONSUMERS)
-            def _consumer():
-                plgpu.set_max_registers(232, action="increase")
-                row0 = kt * TILE_Q + wg * WG_ROWS
-                rows = pl.ds(row0, WG_ROWS)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, kvh, rows], k_smem.at[wg], own_ready.at[0 * CONSUMERS + wg])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, kvh, rows], v_smem.at[wg], own_ready.at[1 * CONSUMERS + wg])
-                if masked:
-                    plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], kbias_smem.at[wg],
-                                            own_ready.at[2 * CONSUMERS + wg])
-                for i in range(3 if masked else 2):
-                    plgpu.barrier_wait(own_ready.at[i * CONSUMERS + wg])
-                kbias = plgpu.load(kbias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1)) if masked else None
-                zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-                def step_fn(step, carry, g):
-                    dk, dv, n = carry
-                    slot = lax.rem(n, jnp.int32(stages))
-                    plgpu.barrier_wait(q_ready.at[slot])
-                    plgpu.barrier_wait(lse_ready.at[slot])
-
-                    def scores_t(acc_ref):  # S^T = K Q^T: rows keys, columns queries
-                        plgpu.wgmma(acc_ref, k_smem.at[wg], q_smem.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
-
-                    st = pl.run_scoped(scores_t, plgpu.ACC((WG_ROWS, tq), jnp.float32)) * qk_scale
-                    lse2 = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                    if masked:
-                        st = st + lax.broadcast_in_dim(kbias, st.shape, [0])
-                    pt = jnp.exp2(st - lax.broadcast_in_dim(lse2, st.shape, [1]))
-                    plgpu.barrier_wait(do_ready.at[slot])
-                    plgpu.barrier_wait(delta_ready.at[slot])
-                    pt_lo = pt.astype(dtype)
-
-                    def grad_v(acc_ref):
-                        plgpu.wgmma(acc_ref, pt_lo, do_smem.at[slot])
-
-                    dv = pl.run_state(grad_v)(plgpu.ACC.init(dv))
-
-                    def dprobs_t(acc_ref):
-                        plgpu.wgmma(acc_ref, v_smem.at[wg], do_smem.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
-
-                    dpt = pl.run_scoped(dprobs_t, plgpu.ACC((WG_ROWS, tq), jnp.float32))
-                    dlt = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                    dst = (pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))).astype(dtype)
-
-                    def grad_k(acc_ref):
-                        plgpu.wgmma(acc_ref, dst, q_smem.at[slot])
-
-                    dk = pl.run_state(grad_k)(plgpu.ACC.init(dk))
-                    plgpu.barrier_arrive(q_free.at[slot])
-                    return dk, dv, n + 1
-
-                carry = (zeros, zeros, jnp.int32(0))
-                for g in range(group):
-                    carry = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g=g), carry)
-                dk, dv, _ = carry
-                k_smem.at[wg][...] = (dk * float(scale)).astype(dtype)
-                v_smem.at[wg][...] = dv.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, kvh, rows])
-                plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, kvh, rows])
-                plgpu.wait_smem_to_gmem(0)
-
-            @pl.when(wg == CONSUMERS)
-            def _producer():
-                plgpu.set_max_registers(40, action="decrease")
-                n = jnp.int32(0)
-                for g in range(group):
-                    h = kvh * group + g
-
-                    def prod(step, n, g=g, h=h):
-                        slot = lax.rem(n, jnp.int32(stages))
-                        rows = pl.ds(q_start(g, step), tq)
-
-                        @pl.when(n >= stages)
-                        def _():
-                            plgpu.barrier_wait(q_free.at[slot])
-
-                        plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem.at[slot], q_ready.at[slot])
-                        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_ready.at[slot])
-                        plgpu.copy_gmem_to_smem(do_ref.at[b, h, rows], do_smem.at[slot], do_ready.at[slot])
-                        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], delta_ready.at[slot])
-                        return n + 1
-
-                    n = lax.fori_loop(0, head_steps(g), prod, n)
-
-        tiling = plgpu.TilingTransform((8, 64))
-        swizzle = plgpu.SwizzleTransform(128)
-        t16 = dict(transforms=(tiling, swizzle))
-        scratch = [
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
-            plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32) if masked else None,
-            plgpu.SMEM((stages, tq, d), dtype, **t16),
-            plgpu.SMEM((stages, tq, d), dtype, **t16),
-            plgpu.SMEM((stages, tq), jnp.float32),
-            plgpu.SMEM((stages, tq), jnp.float32),
-        ]
-        pl.run_scoped(
-            lambda s0, s1, s2, s3, s4, s5, s6, own, qr, dr, lr, er, qf: kernel(
-                (s0, s1, s2, s3, s4, s5, s6), (own, qr, dr, lr, er, qf)),
-            *scratch,
-            plgpu.Barrier(num_barriers=3 * CONSUMERS),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-            collective_axes="wg",
-        )
-
-    inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ())
-    return plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(kv_heads, lk // TILE_Q, batch),
-        grid_names=("heads", "k_tile", "batch"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(*inputs)
-
-
-
-# ----------------------------------------------------------------------------- backward v2
-#
-# Same split and ring as above, with the consumers scheduled like the forward's:
-#   * both score products of a step (S = Q K^T and dP = dO V^T in dq; S^T and dP^T in dk/dv) are
-#     issued back to back and awaited one by one (``wgmma_accumulator_load(wait_n=1)``), so the
-#     exponentials of S overlap the dP product;
-#   * the two gradient products of a dk/dv step (dV += P^T dO, dK += dS^T Q) are issued together
-#     and awaited once;
-#   * ``pingpong`` (off by default, slower in dq on an H200): a schedule barrier makes the two
-#     consumer warpgroups take turns on the tensor cores, as in the forward;
-#   * ``positional``: q/k/v/dO and the gradients in the caller's [B, L, H, D] layout, read and
-#     written by strided TMA (no transposes around the kernels).
-
-
+    return max(2, min(3, (_SMEM_BYTES - fixed) // per_stage))  # dq: 2 stages of K/V fit beside Q and dO
 
 
 def _rows(positional: bool):
@@ -811,8 +496,7 @@ def _grid(heads: int, tiles: int, batch: int, tile_name: str, tile_major: bool):
     return (heads, tiles, batch), ("heads", tile_name, "batch")
 
 
-def _dq_call_v2(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k, positional,
-                t: BwdTuning):
+def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k, positional, t: BwdTuning):
     if positional:
         batch, lq, q_heads, d = q.shape
         kv_heads = k.shape[2]
@@ -971,7 +655,7 @@ def _dq_call_v2(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k,
     )(*inputs)
 
 
-def _dkv_call_v2(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
+def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
     batch, d = q.shape[0], q.shape[3]
     q_heads = q.shape[2] if positional else q.shape[1]
     lk, kv_heads = (k.shape[1], k.shape[2]) if positional else (k.shape[2], k.shape[1])
@@ -1151,11 +835,9 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block
              tuning: BwdTuning = DEFAULT_BWD_TUNING, positional: bool = False):
     """dq, dk, dv; bias None = every key valid.
 
-    Block space (q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]), or with ``positional`` (``tuning.version``
-    2 only) the caller's [B, L, H, D] arrays, which the kernels read and write by strided TMA.
+    Block space (q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]), or with ``positional`` the caller's
+    [B, L, H, D] arrays, which the kernels read and write by strided TMA.
     """
-    if positional and tuning.version < 2:
-        raise ValueError("the positional layout needs BwdTuning.version >= 2")
     do = do.astype(q.dtype)
     # d lse_i / d s_ij = p_ij, so a cotangent on lse folds into delta: ds = p * (dp - (delta - dlse)).
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
@@ -1169,12 +851,11 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block
     sel = pack_selection(indices, counts)
     indices_t, counts_t = triton_kernel.transpose_selection(indices, counts, nk)
     selt = pack_selection(indices_t, counts_t)
-    if tuning.version >= 2:
-        dq = _dq_call_v2(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
-                         tile_k=tile_k, positional=positional, t=tuning)
-        dk, dv = _dkv_call_v2(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q,
-                              block_k=block_k, positional=positional, t=tuning)
-        return dq, dk, dv
+    dq = _dq_call(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k, tile_k=tile_k,
+                  positional=positional, t=tuning)
+    dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
+                       positional=positional, t=tuning)
+    return dq, dk, dv
     dq = _dq_call(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k, tile_k=tile_k)
     dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k)
     return dq, dk, dv
