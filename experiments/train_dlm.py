@@ -21,8 +21,8 @@ Presets (``get_config(name)`` returns the ``TrainConfig``):
   gpu_passkey_fast: gpu_passkey with the output head at a quarter of each row's positions
              (TrainConfig.head_positions=0.25, masked positions first, unbiased), 40% passkey
              rows and 4x smaller batches (256 x 128 -> 1K x 32 -> 4K x 8) for more optimizer steps.
-  gpu_passkey_curriculum: passkey-heavy 128-token rows first (80%), then 512 -> 1K -> 4K -> 8K rows
-             with half of them passkey, head at a quarter of the positions, 300 s of training.
+  gpu_passkey_curriculum: passkey-heavy 128-token rows first (80%), then 1K -> 4K rows with 70% of
+             them passkey, head at a quarter of the positions, 330 s of training.
 Writes ``<out>/dlm_train_<preset>.json`` (history, device, jax version, commit, date).
 """
 
@@ -109,20 +109,20 @@ PRESETS = {
         time_budget_s=380.0,
         eval_every=500,
     ),
-    # Retrieval first, at short lengths, then longer rows. Probes on an H200 (passkey-only task rows at one
+    # Retrieval first, at short lengths, then long rows. Probes on an H200 (passkey-only task rows at one
     # length, 130 s each): with 80% passkey rows one-shot passkey accuracy reached 0.56 at 128 tokens after
     # 250 steps and 0.94 after 3,250; at 256 tokens 0.38 after 500 steps and 0.75 after 2,750; with 40%
     # passkey rows at 256 tokens (gpu_passkey_fast, run 5) it stayed 0 for 1,500 steps: text rows win the
-    # early competition for capacity. So: 128-token rows with 80% passkey until the model retrieves, then
-    # 512 -> 1K -> 4K -> 8K rows with half of them passkey (the model must learn to find the needle at
-    # every distance it is evaluated at, 8K included; RoPE does not extrapolate to unseen distances).
+    # early competition for capacity. Run 6 (128 x 128 at 80% -> 512 / 1K / 4K x 8 / 8K at 50%) retrieved at
+    # 128 (0.75), 1K (0.44) and 4K (0.25, during the 1K stage), then lost it in the 4K stage (0 at 4K):
+    # 4 passkey rows a step were too few there, and each of its five stages paid a compilation. So: three
+    # stages, 70% passkey rows after the first, 16 rows of 4K tokens a step, most of the time at 4K.
     "gpu_passkey_curriculum": dataclasses.replace(
         _GPU_PASSKEY,
-        stages=((0.15, 128, 128, 0.8), (0.35, 512, 64, 0.5), (0.55, 1024, 32, 0.5), (0.88, 4096, 8, 0.5),
-                (1.0, 8192, 4, 0.5)),
-        task_fraction=0.5,
+        stages=((0.12, 128, 128, 0.8), (0.35, 1024, 32, 0.7), (1.0, 4096, 16, 0.7)),
+        task_fraction=0.7,
         head_positions=0.25,
-        time_budget_s=300.0,
+        time_budget_s=330.0,
         eval_every=500,
     ),
 }
@@ -134,6 +134,18 @@ def get_config(name: str) -> TrainConfig:
     return PRESETS[name]
 
 
+def parse_stage(text: str) -> tuple:
+    """'END:LEN:BATCH' or 'END:LEN:BATCH:TASKS' -> a TrainConfig stage tuple."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"a stage must read END:LEN:BATCH[:TASKS], e.g. 1.0:256:128:0.8; got {text!r}")
+    try:
+        stage = (float(parts[0]), int(parts[1]), int(parts[2])) + ((float(parts[3]),) if len(parts) == 4 else ())
+    except ValueError:
+        raise ValueError(f"a stage must read END:LEN:BATCH[:TASKS] with numbers; got {text!r}") from None
+    return stage
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu_tiny", choices=tuple(PRESETS))
@@ -141,6 +153,11 @@ def main(argv=None):
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--time-budget", type=float, default=None, help="override the wall-clock training budget (s)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--stages", nargs="+", default=None, metavar="END:LEN:BATCH[:TASKS]",
+                   help="override the stages, e.g. 1.0:256:128:0.8 (progress end, seq_len, batch, task fraction)")
+    p.add_argument("--task-fraction", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-len", type=int, default=None)
     args = p.parse_args(argv)
     cfg = get_config(args.preset)
     changes = {}
@@ -150,6 +167,11 @@ def main(argv=None):
         changes["time_budget_s"] = args.time_budget
     if args.steps is not None:
         changes["steps"] = args.steps
+    if args.stages:
+        changes["stages"] = tuple(parse_stage(x) for x in args.stages)
+    for name in ("task_fraction", "eval_every", "eval_len"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
     cfg = dataclasses.replace(cfg, **changes)
     res = train(cfg)
     out = dict(run_info(), preset=args.preset, config=dataclasses.asdict(cfg), params=count_params(res["model"]),

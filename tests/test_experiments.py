@@ -87,7 +87,7 @@ def test_train_dlm_presets_are_valid():
     assert 0.25 <= fast.head_positions <= 0.5 and fast.time_budget_s <= 400
     cur = train_dlm.get_config("gpu_passkey_curriculum")
     assert cur.stages[0][1] <= 256 and cur.stages[0][3] >= 0.75  # retrieval first, on short rows
-    assert {4096, 8192} <= {s[1] for s in cur.stages} and cur.time_budget_s <= 330
+    assert cur.stages[-1][1] == 4096 and cur.time_budget_s <= 360
     assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
 
 
@@ -109,3 +109,13 @@ def test_eval_dlm_merges_per_length_results(tmp_path):
     (tmp_path / "r2.json").write_text(json.dumps(dict(base, step=11, rows=[], notes=[])))
     with pytest.raises(ValueError, match="one checkpoint"):
         eval_dlm.main(["--merge", str(tmp_path / "r0.json"), str(tmp_path / "r2.json"), "--out", str(tmp_path / "o")])
+
+
+def test_train_dlm_stage_flag():
+    from experiments.train_dlm import parse_stage
+
+    assert parse_stage("1.0:256:128:0.8") == (1.0, 256, 128, 0.8) and parse_stage("0.5:64:2") == (0.5, 64, 2)
+    with pytest.raises(ValueError, match="END:LEN:BATCH"):
+        parse_stage("1.0:256")
+    with pytest.raises(ValueError, match="with numbers"):
+        parse_stage("1.0:x:2")

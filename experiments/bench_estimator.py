@@ -1,0 +1,101 @@
+"""PYTHONPATH=. python3 experiments/bench_estimator.py --out $OUT
+
+Cost of the BA-Att estimator variants against cuDNN dense attention, on a GPU.
+
+For each length and sparsity (B=1, H=32, D=128, bf16, block 128, the content-
+structured synthetic Q/K/V of ``bench_sparse``): the time of ``select_blocks``
+(statistics, scores, top-k; with norm sorting also the argsorts of the norms)
+for the plain estimator, with compensation, with norm sorting of Q and K, and
+with both (the paper's recipe), and of ``baatt.attention`` end to end for each
+(sorting adds the permutations of Q/K/V and the inverse permutation of the
+output), both as a fraction of cuDNN's dense forward time measured in the same
+run. Writes ``bench_estimator.json`` / ``.md`` (device, jax version, commit, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_sparse import Config, _git_commit, _median_time, synthetic_qkv  # noqa: E402
+
+VARIANTS = {
+    "plain": dict(),
+    "compensate": dict(compensate=True, beta=0.5),
+    "sorted": dict(sort_q=True, sort_k=True),
+    "sorted+compensate": dict(sort_q=True, sort_k=True, compensate=True, beta=1.0),
+}
+
+
+def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn"):
+    import jax
+
+    import baatt
+    from baatt.selection import select_blocks
+
+    cfg = Config(lengths=tuple(lengths))
+    sync = jax.block_until_ready
+    tm = lambda call: _median_time(call, sync, target_s=target_s, min_reps=3)
+    rows = []
+    for L in lengths:
+        q, k, v = synthetic_qkv(jax.random.PRNGKey(L), cfg, L)
+        sync((q, k, v))
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl))
+        t_dense = tm(lambda: cudnn(q, k, v))
+        for s in sparsities:
+            for name, switches in VARIANTS.items():
+                bcfg = baatt.BAConfig(block_size=cfg.block, sparsity=s, **switches)
+                est = jax.jit(lambda q, k, c=bcfg: select_blocks(q, k, c))
+                full = jax.jit(lambda q, k, v, c=bcfg: baatt.attention(q, k, v, config=c, implementation=impl))
+                t_est, t_full = tm(lambda: est(q, k)), tm(lambda: full(q, k, v))
+                row = dict(L=L, sparsity=s, variant=name, est_ms=1e3 * t_est, full_ms=1e3 * t_full,
+                           cudnn_fwd_ms=1e3 * t_dense, est_frac_cudnn=t_est / t_dense, full_vs_cudnn=t_dense / t_full)
+                rows.append(row)
+                print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
+    return rows
+
+
+def markdown(result) -> str:
+    m = result["meta"]
+    lines = [f"# Estimator cost ({m.get('device')}, jax {m.get('jax_version')}, commit {m.get('commit')}, {m.get('date')})",
+             "", f"B=1, H=32, D=128, bf16, block 128, implementation {result['impl']}. est: `select_blocks` alone; "
+             "full: `baatt.attention` end to end; both against cuDNN dense forward in the same run.", "",
+             "| L | sparsity | variant | est ms | est / cuDNN fwd | full ms | speedup vs cuDNN |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['L']} | {r['sparsity']} | {r['variant']} | {r['est_ms']:.2f} | {100 * r['est_frac_cudnn']:.2f}% "
+                     f"| {r['full_ms']:.2f} | {r['full_vs_cudnn']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.9])
+    ap.add_argument("--impl", default=None, help="baatt.attention implementation (default: the best available)")
+    ap.add_argument("--name", default="bench_estimator")
+    ap.add_argument("--dense-impl", default="cudnn", help="dense baseline (xla for a CPU smoke run)")
+    args = ap.parse_args(argv)
+    import datetime
+
+    import jax
+
+    meta = dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=_git_commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    result = dict(meta=meta, impl=args.impl or "auto", rows=run(args.lengths, args.sparsities, args.impl, dense_impl=args.dense_impl))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
