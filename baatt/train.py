@@ -53,6 +53,9 @@ class TrainConfig:
     eval_tasks: int = 16
     eval_len: int | None = None  # default: the last stage's seq_len
     full_task_answers: bool = True  # task rows: mask the whole answer (t = 1), no 1/t weight
+    # < 1: task rows draw t ~ U(task_answer_t_min, 1] instead of t = 1 (part of the answer visible, as
+    # in the sampler's later steps; a model trained on whole-answer masks only never sees that state).
+    task_answer_t_min: float = 1.0
     # Output head (and softmax CE) at this many positions per row only, masked ones first (an unbiased
     # estimate of the full loss, exact when a row has at most that many masked tokens; see
     # baatt.diffusion.masking.diffusion_loss_gathered): None = every position, an int K, or a float in
@@ -77,6 +80,8 @@ class TrainConfig:
         for k in self.task_kinds:
             if k not in tasks.TASKS:
                 raise ValueError(f"task_kinds entries must be one of {tuple(tasks.TASKS)}; got {k!r}")
+        if not 0.0 < self.task_answer_t_min <= 1.0:
+            raise ValueError(f"task_answer_t_min must lie in (0, 1]; got {self.task_answer_t_min}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
         head_positions_for(1, self.head_positions)  # validates
@@ -158,7 +163,7 @@ def _set_lr(opt_state, lr):
     return opt_state
 
 
-def build_step(graphdef, tx, mask_id, eps, full_task_answers=True, head_positions=None):
+def build_step(graphdef, tx, mask_id, eps, full_task_answers=True, head_positions=None, task_answer_t_min=1.0):
     """Jitted train step (params, opt_state, tokens, elig, key) -> (params, opt_state, metrics).
 
     head_positions: see ``TrainConfig.head_positions`` (None: the head at every position).
@@ -170,7 +175,8 @@ def build_step(graphdef, tx, mask_id, eps, full_task_answers=True, head_position
         task_rows = ~jnp.all(elig, axis=-1)  # rows whose eligible region is an answer span
         return diffusion_loss_gathered(lambda x: model.hidden(x), model.logits, key, tokens, mask_id=mask_id,
                                        head_positions=head_positions, eligible=elig, eps=eps,
-                                       full_rows=task_rows if full_task_answers else None)
+                                       full_rows=task_rows if full_task_answers else None,
+                                       full_rows_t_min=task_answer_t_min)
 
     @jax.jit
     def step(params, opt_state, tokens, elig, key):
@@ -346,7 +352,8 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             params, opt_state, m = restore_checkpoint(mngr, params, opt_state)
             start_step = int(m["step"])
             log_fn(f"resumed from step {start_step}")
-    step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps, cfg.full_task_answers, cfg.head_positions)
+    step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps, cfg.full_task_answers, cfg.head_positions,
+                         cfg.task_answer_t_min)
 
     seed_seq = np.random.SeedSequence([cfg.seed, start_step])
     rngs = {}

@@ -8,7 +8,8 @@ For each sequence length and attention variant: masked-token NLL (mean CE per
 masked token at masking ratios 0.15/0.5/0.85 on held-out packed text, same
 masks for every variant) and passkey / multi-key NIAH accuracy (answer span
 masked, filled by the LLaDA sampler: greedy, low-confidence remasking, one
-token per step, exact match), with the density (fraction of block pairs
+token per step, exact match; ``--task-decode oneshot``: all answer tokens from one
+forward pass, as the training-time check), with the density (fraction of block pairs
 computed) that each variant actually used.
 
 Variants: dense (cuDNN/XLA); ``baatt`` (the paper's recipe: norm sorting of Q
@@ -81,8 +82,12 @@ def eval_nll(model, plan, tokens, key):
     return res
 
 
-def eval_task(model, plan, examples, batch):
-    """Exact-match accuracy with the sampler; examples grouped by answer length, groups padded to ``batch``."""
+def eval_task(model, plan, examples, batch, decode="sampler"):
+    """Exact-match accuracy of the decoded answer span; examples grouped by answer length, groups padded to ``batch``.
+
+    decode: "sampler" (LLaDA: one token per step, most confident first, low-confidence remasking) or
+    "oneshot" (every answer token from one forward pass with the whole span masked).
+    """
     groups: dict[int, list] = {}
     for e in examples:
         groups.setdefault(e.answer_end - e.answer_start, []).append(e)
@@ -95,7 +100,7 @@ def eval_task(model, plan, examples, batch):
             canvas = np.stack([e.tokens for e in chunk]).copy()
             for j, e in enumerate(chunk):
                 canvas[j, e.answer_start : e.answer_end] = model.cfg.mask_id
-            r = generate(model, canvas, steps=alen, block_length=alen, plan=plan)
+            r = generate(model, canvas, steps=alen if decode == "sampler" else 1, block_length=alen, plan=plan)
             for j, e in enumerate(chunk[:real]):
                 correct += bool(np.array_equal(r.tokens[j, e.answer_start : e.answer_end], e.answer_tokens))
             dens.append(r.mean_density)
@@ -107,7 +112,8 @@ def markdown(result) -> str:
     lines = [f"# DLM evaluation ({result['device']}, jax {result['jax_version']}, commit {result['commit'][:10]}, {result['date']})", ""]
     lines.append(f"Model: {result['model']} step {result['step']}. Block size {result['block_size']}, implementation "
                  f"{result['implementation']}. NLL: mean CE per masked token (t = 0.15/0.5/0.85), held-out text. "
-                 f"Accuracy: exact match of the sampled answer ({result['num_examples']} examples per task and length). "
+                 f"Accuracy: exact match of the answer decoded by the {result.get('task_decode', 'sampler')} "
+                 f"({result['num_examples']} examples per task and length). "
                  "Density: fraction of block pairs computed (1 = dense).")
     lines.append("")
     lines.append("| L | variant | density | masked NLL | passkey acc | multi-key NIAH acc |")
@@ -151,6 +157,8 @@ def main(argv=None):
     p.add_argument("--nll-seqs", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--task-decode", default="sampler", choices=("sampler", "oneshot"),
+                   help="answer decoding for task accuracy: LLaDA sampler (one token per step) or one forward pass")
     p.add_argument("--implementation", default="reference")
     p.add_argument("--only", nargs="*", default=None, help="variant name prefixes to run")
     p.add_argument("--time-budget", type=float, default=None, help="skip remaining work after this many seconds")
@@ -169,7 +177,8 @@ def main(argv=None):
     if args.only:
         vs = {k: v for k, v in vs.items() if any(k.startswith(o) for o in args.only)}
     result = dict(run_info(), model=meta["model"], step=meta["step"], block_size=args.block_size,
-                  implementation=args.implementation, num_examples=args.num_examples, rows=[], notes=[])
+                  implementation=args.implementation, num_examples=args.num_examples, task_decode=args.task_decode,
+                  rows=[], notes=[])
     if importlib.util.find_spec("baatt.selection.xattention") is None:
         result["notes"].append("xattention selector not present (baatt/selection/xattention.py missing): not run")
     out_dir = Path(args.out)
@@ -197,8 +206,8 @@ def main(argv=None):
             ts = time.time()
             try:
                 nll = eval_nll(model, plan, nll_tokens, key)
-                pk = eval_task(model, plan, exs["passkey"], args.batch)
-                nh = eval_task(model, plan, exs["multikey_niah"], args.batch)
+                pk = eval_task(model, plan, exs["passkey"], args.batch, args.task_decode)
+                nh = eval_task(model, plan, exs["multikey_niah"], args.batch, args.task_decode)
                 row.update(nll=nll["nll"], nll_by_t={k: v for k, v in nll.items() if k.startswith("t=")},
                            density=float(np.mean([nll["density"], pk["density"], nh["density"]])),
                            passkey=pk["acc"], multikey_niah=nh["acc"], seconds=time.time() - ts)

@@ -37,6 +37,23 @@ def test_forward_process_masks_only_eligible():
         forward_process(jax.random.PRNGKey(0), toks, mask_id=MASK, eps=0.0)
 
 
+def test_forward_process_partial_answers_of_full_rows():
+    """full_rows_t_min < 1: those rows draw t in [t_min, 1] (part of the answer visible), the others are unchanged."""
+    b, l = 512, 40
+    toks = jnp.ones((b, l), jnp.int32)
+    full = jnp.arange(b) % 2 == 0
+    key = jax.random.PRNGKey(3)
+    _, m1, t1 = forward_process(key, toks, mask_id=MASK, full_rows=full)
+    _, m2, t2 = forward_process(key, toks, mask_id=MASK, full_rows=full, full_rows_t_min=0.5)
+    assert bool(jnp.all(t1[full] == 1.0)) and bool(jnp.all(m1[full]))
+    tf = t2[full]
+    assert float(tf.min()) >= 0.5 and float(tf.max()) <= 1.0 and float(jnp.std(tf)) > 0.1  # spread over [0.5, 1]
+    assert abs(float(jnp.mean(m2[full])) - 0.75) < 0.02  # E[t] = 0.75: part of each answer stays visible
+    assert bool(jnp.all(t1[~full] == t2[~full])) and bool(jnp.all(m1[~full] == m2[~full]))
+    with pytest.raises(ValueError, match=r"full_rows_t_min must lie in \(0, 1\]"):
+        forward_process(key, toks, mask_id=MASK, full_rows=full, full_rows_t_min=0.0)
+
+
 def test_loss_decreases_on_tiny_cpu_run():
     model = DiffusionLM(CFG, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
@@ -101,6 +118,16 @@ def test_train_stages_set_their_own_task_fraction():
         TrainConfig(stages=((1.0, 64, 2, 1.5),))
     with pytest.raises(ValueError, match="stages must be a non-empty tuple"):
         TrainConfig(stages=((1.0, 64),))
+
+
+def test_one_step_decoding_is_the_argmax_of_one_forward(model):
+    """steps=1 over the whole span (eval_dlm --task-decode oneshot) = argmax below the mask id of one forward pass."""
+    x = _canvas(b=3, prompt=30, gen=5, seed=4)
+    r = generate(model, x, steps=1, block_length=5)
+    logits = np.asarray(model(jnp.asarray(x)), np.float32)
+    want = np.argmax(logits[..., :MASK], axis=-1)
+    assert np.array_equal(r.tokens[:, 30:], want[:, 30:]) and np.array_equal(r.tokens[:, :30], x[:, :30])
+    assert np.all(r.unmask_step[:, 30:] == 0)
 
 
 def _canvas(b=2, prompt=40, gen=24, seed=0):

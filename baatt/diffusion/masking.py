@@ -25,13 +25,19 @@ import jax.numpy as jnp
 import optax
 
 
-def forward_process(key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3, t=None, full_rows=None):
+def forward_process(key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3, t=None, full_rows=None,
+                    full_rows_t_min: float = 1.0):
     """Returns (noisy tokens, masked bool [B, L], t [B]).
 
-    full_rows: optional bool [B]; those rows use t = 1 (every eligible token masked).
+    full_rows: optional bool [B]; those rows use t = 1 (every eligible token masked), or with
+    ``full_rows_t_min`` < 1 a t ~ U(full_rows_t_min, 1] of their own (e.g. a task answer masked
+    in part, as the sampler sees it after committing some of its tokens; the 1/t weight stays
+    at most 1/full_rows_t_min).
     """
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must lie in (0, 1); got {eps}")
+    if not 0.0 < full_rows_t_min <= 1.0:
+        raise ValueError(f"full_rows_t_min must lie in (0, 1]; got {full_rows_t_min}")
     b, l = tokens.shape
     kt, km = jax.random.split(key)
     if t is None:
@@ -42,7 +48,8 @@ def forward_process(key, tokens, *, mask_id: int, eligible=None, eps: float = 1e
         t = eps + (1.0 - eps) * (1.0 - u)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
     if full_rows is not None:
-        t = jnp.where(full_rows, 1.0, t)
+        t_rows = 1.0 - (1.0 - full_rows_t_min) * jax.random.uniform(jax.random.fold_in(kt, 3), (b,))
+        t = jnp.where(full_rows, t_rows, t)
     masked = jax.random.uniform(km, (b, l)) < t[:, None]
     if eligible is not None:
         masked = masked & eligible
@@ -56,14 +63,16 @@ def masked_ce(logits, tokens, masked):
     return jnp.where(masked, ce, 0.0)
 
 
-def diffusion_loss(logits_fn, key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3, full_rows=None):
+def diffusion_loss(logits_fn, key, tokens, *, mask_id: int, eligible=None, eps: float = 1e-3, full_rows=None,
+                   full_rows_t_min: float = 1.0):
     """Masked-diffusion loss of ``logits_fn(noisy_tokens) -> logits``; returns (loss, metrics).
 
     full_rows: bool [B] rows masked completely (t = 1) over their eligible tokens,
     e.g. task answers: the 1/t weight of a random t on a 2-token answer span has
     a huge variance (one masked token at t = 0.01 weighs 50x), which stalls training.
     """
-    noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps, full_rows=full_rows)
+    noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps, full_rows=full_rows,
+                                       full_rows_t_min=full_rows_t_min)
     logits = logits_fn(noisy)
     ce = masked_ce(logits, tokens, masked)
     correct = jnp.argmax(logits, -1) == tokens
@@ -130,7 +139,7 @@ def select_head_positions(key, masked, k: int):
 
 
 def diffusion_loss_gathered(hidden_fn, head_fn, key, tokens, *, mask_id: int, head_positions, eligible=None,
-                            eps: float = 1e-3, full_rows=None):
+                            eps: float = 1e-3, full_rows=None, full_rows_t_min: float = 1.0):
     """:func:`diffusion_loss` with the output head applied at K gathered positions per row only.
 
     hidden_fn(noisy_tokens) -> hidden states [B, L, d]; head_fn(h [..., d]) -> logits [..., vocab].
@@ -144,8 +153,9 @@ def diffusion_loss_gathered(hidden_fn, head_fn, key, tokens, *, mask_id: int, he
     k = head_positions_for(tokens.shape[1], head_positions)
     if k is None:
         return diffusion_loss(lambda x: head_fn(hidden_fn(x)), key, tokens, mask_id=mask_id, eligible=eligible,
-                              eps=eps, full_rows=full_rows)
-    noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps, full_rows=full_rows)
+                              eps=eps, full_rows=full_rows, full_rows_t_min=full_rows_t_min)
+    noisy, masked, t = forward_process(key, tokens, mask_id=mask_id, eligible=eligible, eps=eps, full_rows=full_rows,
+                                       full_rows_t_min=full_rows_t_min)
     h = hidden_fn(noisy)
     idx, weight = select_head_positions(jax.random.fold_in(key, 2), masked, k)
     hk = jnp.take_along_axis(h, idx[:, :, None], axis=1)  # [B, K, d]
