@@ -170,3 +170,29 @@ def test_hidden_and_logits_split_the_forward():
         np.testing.assert_allclose(np.asarray(m.logits(h[1, ::7])), np.asarray(full[1, ::7]), atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="last dimension d_model"):
             m.logits(jnp.zeros((3, cfg.d_model + 1)))
+
+
+def test_embedding_gradient_accumulates_in_float32():
+    """Same values as nnx.Embed in bf16; the gradient of a row shared by many positions stays exact to bf16 input
+    rounding, where a bf16 table (nnx.Embed's cast-then-gather) sums the contributions with 8-bit mantissas."""
+    from baatt.nn.model import embed_tokens
+
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+    tokens = jnp.asarray(np.where(rng.uniform(size=(8, 512)) < 0.5, 7, rng.integers(0, 64, (8, 512))), jnp.int32)
+    w = jnp.asarray(rng.normal(size=(8, 512, 16)), jnp.bfloat16)  # cotangents, as a bf16 network would send back
+    emb = nnx.Embed(64, 16, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    emb.embedding.value = table
+    np.testing.assert_array_equal(np.asarray(embed_tokens(table, tokens, jnp.bfloat16), np.float32),
+                                  np.asarray(emb(tokens), np.float32))
+    exact = np.zeros((64, 16))
+    np.add.at(exact, np.asarray(tokens), np.asarray(w, np.float64))
+    ours = jax.grad(lambda t: jnp.sum((embed_tokens(t, tokens, jnp.bfloat16) * w).astype(jnp.float32)))(table)
+
+    def via_bf16_table(t):
+        return jnp.sum((jnp.take(t.astype(jnp.bfloat16), tokens, axis=0) * w).astype(jnp.float32))
+
+    theirs = jax.grad(via_bf16_table)(table)
+    err = lambda g: float(np.abs(np.asarray(g, np.float64)[7] - exact[7]).max() / np.abs(exact[7]).max())
+    assert err(ours) < 1e-5
+    assert err(theirs) > 100 * err(ours)  # the bf16 accumulation this avoids (the test can tell them apart)

@@ -158,7 +158,8 @@ def diffusion_loss_gathered(hidden_fn, head_fn, key, tokens, *, mask_id: int, he
                                        full_rows_t_min=full_rows_t_min)
     h = hidden_fn(noisy)
     idx, weight = select_head_positions(jax.random.fold_in(key, 2), masked, k)
-    hk = jnp.take_along_axis(h, idx[:, :, None], axis=1)  # [B, K, d]
+    # gathered in float32 so that the backward scatter adds in float32 (see baatt.nn.model.embed_tokens); same values
+    hk = jnp.take_along_axis(h.astype(jnp.float32), idx[:, :, None], axis=1).astype(h.dtype)  # [B, K, d]
     logits = head_fn(hk)  # [B, K, vocab]
     tok_k = jnp.take_along_axis(tokens, idx, axis=-1)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tok_k)

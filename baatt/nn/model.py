@@ -33,6 +33,18 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def embed_tokens(table, tokens, dtype):
+    """Rows of ``table`` (float32 [vocab, d]) at ``tokens``, cast to ``dtype``.
+
+    The values of ``nnx.Embed`` with that dtype (which casts the whole table first), but the
+    gradient is accumulated in the table's float32: the backward of a gather is a scatter-add
+    into the table, and in bfloat16 it sums thousands of contributions to rows that many
+    positions share (the mask token's row takes about half of a training batch) with 8-bit
+    mantissas; XLA also lowers a bfloat16 scatter-add as a compare-and-swap loop.
+    """
+    return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
 def _linear(cfg: ModelConfig, din, dout, rngs, std=None):
     init = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
     return nnx.Linear(din, dout, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
@@ -157,7 +169,7 @@ class DiffusionLM(nnx.Module):
         if selections is not None and len(selections) != cfg.num_layers:
             raise ValueError(f"selections must hold one entry per layer ({cfg.num_layers}); got {len(selections)}")
         cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta)
-        x = self.embed(tokens)
+        x = embed_tokens(self.embed.embedding[...], tokens, cfg.compute_dtype)
         infos = []
         for i, block in enumerate(self.blocks):
             sel = None if selections is None else selections[i]
