@@ -196,3 +196,27 @@ def test_embedding_gradient_accumulates_in_float32():
     err = lambda g: float(np.abs(np.asarray(g, np.float64)[7] - exact[7]).max() / np.abs(exact[7]).max())
     assert err(ours) < 1e-5
     assert err(theirs) > 100 * err(ours)  # the bf16 accumulation this avoids (the test can tell them apart)
+
+
+def test_sums_over_tokens_accumulate_in_float32_in_a_bf16_model():
+    """Gradients of the output bias and of the norm scales are sums over every position: float32 in a bf16 model."""
+    cfg = get_config("tiny", dtype="bfloat16", output_bias=True)
+    model = DiffusionLM(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(4096, cfg.d_model)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(4096, cfg.vocab_size)), jnp.bfloat16)
+    gd, st = nnx.split(model)
+    _, vjp = jax.vjp(lambda st, h: nnx.merge(gd, st).logits(h), st, h)
+    g_bias = np.asarray(nnx.to_pure_dict(vjp(ct)[0])["out_bias"], np.float64)
+    exact = np.asarray(ct, np.float64).sum(0)
+    assert np.abs(g_bias - exact).max() < 1e-4 * np.abs(exact).max()
+
+    norm = model.blocks[0].attn_norm
+    x = jnp.asarray(rng.normal(size=(4096, cfg.d_model)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(4096, cfg.d_model)), jnp.float32)
+    gd, st = nnx.split(norm)
+    _, vjp = jax.vjp(lambda st, x: nnx.merge(gd, st)(x).astype(jnp.float32), st, x)
+    g_scale = np.asarray(nnx.to_pure_dict(vjp(dy)[0])["scale"], np.float64)
+    xf = np.asarray(x, np.float64)
+    exact = (np.asarray(dy, np.float64) * xf / np.sqrt((xf**2).mean(-1, keepdims=True) + cfg.norm_eps)).sum(0)
+    assert np.abs(g_scale - exact).max() < 1e-4 * np.abs(exact).max()

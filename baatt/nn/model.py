@@ -84,7 +84,9 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        kw = dict(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        # Norms compute in float32 (the projections after them cast to the compute dtype): the scale's
+        # gradient is a sum over every token, which a bfloat16 norm would accumulate in bfloat16.
+        kw = dict(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.weight_dtype, rngs=rngs)
         self.attn_norm = nnx.RMSNorm(cfg.d_model, **kw)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(cfg.d_model, **kw)
@@ -118,7 +120,7 @@ class DiffusionLM(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+        self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=jnp.float32,
                                       param_dtype=cfg.weight_dtype, rngs=rngs)
         self.head = None if cfg.tie_embeddings else _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, std=0.02)
         self.out_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.weight_dtype)) if cfg.output_bias else None
@@ -151,7 +153,8 @@ class DiffusionLM(nnx.Module):
             raise ValueError(f"hidden vectors must have last dimension d_model={self.cfg.d_model}; got {h.shape}")
         out = self.embed.attend(h) if self.head is None else self.head(h)
         if self.out_bias is not None:
-            out = out + self.out_bias.value.astype(out.dtype)
+            # added in float32 so that its gradient (a sum over every position) accumulates in float32
+            out = (out.astype(jnp.float32) + self.out_bias.value.astype(jnp.float32)).astype(out.dtype)
         return out
 
     def hidden(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
