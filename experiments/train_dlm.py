@@ -158,6 +158,8 @@ def main(argv=None):
     p.add_argument("--task-fraction", type=float, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-len", type=int, default=None)
+    p.add_argument("--task-answer-t-min", type=float, default=None,
+                   help="task rows mask t ~ U(this, 1] of their answer (default 1: the whole answer)")
     args = p.parse_args(argv)
     cfg = get_config(args.preset)
     changes = {}
@@ -169,7 +171,7 @@ def main(argv=None):
         changes["steps"] = args.steps
     if args.stages:
         changes["stages"] = tuple(parse_stage(x) for x in args.stages)
-    for name in ("task_fraction", "eval_every", "eval_len"):
+    for name in ("task_fraction", "eval_every", "eval_len", "task_answer_t_min"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     cfg = dataclasses.replace(cfg, **changes)
