@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from baatt.nn import count_params  # noqa: E402
 from baatt.train import TrainConfig, run_info, train  # noqa: E402
 
-# Issue 5 retry: same model plus a unigram-initialised output bias (the plain model sat at the unigram
+# Retry after run 2: same model plus a unigram-initialised output bias (the plain model sat at the unigram
 # loss for ~1,000 steps in run 2), passkey-only task rows (30%; random keys, so it must retrieve),
 # ~131K tokens a step in every stage, curriculum 256 -> 1K -> 4K with most of the time at short lengths.
 _GPU_PASSKEY = TrainConfig(
