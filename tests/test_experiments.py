@@ -119,3 +119,21 @@ def test_train_dlm_stage_flag():
         parse_stage("1.0:256")
     with pytest.raises(ValueError, match="with numbers"):
         parse_stage("1.0:x:2")
+
+
+def test_dlm_experiment_script_trains_evaluates_and_merges(tmp_path):
+    """scripts/dlm_experiment.sh end to end on CPU: tiny preset, two lengths evaluated in parallel, one merged table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, LENGTHS="256 320", CKPT_DIR=str(tmp_path / "ck"),
+               EVAL_ARGS="--only dense --num-examples 1 --nll-seqs 1 --batch 1 --block-size 64")
+    r = subprocess.run(["bash", str(root / "scripts/dlm_experiment.sh"), "cpu_tiny", str(tmp_path / "out"), "--steps", "3"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "out" / "dlm_eval_cpu_tiny.md").read_text()
+    assert "| 256 | dense |" in md and "| 320 | dense |" in md
+    assert (tmp_path / "out" / "dlm_train_cpu_tiny.json").exists()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The DLM experiment in one command: train a preset, then evaluate the checkpoint at several
+# lengths (one process per length, in parallel: compilation is host-bound, so they overlap; each
+# takes a share of the GPU memory), then merge the per-length results into one table.
+#
+#   bash scripts/dlm_experiment.sh gpu_passkey_curriculum experiments/results [extra train_dlm.py args]
+#
+# Environment: PYTHON (default python3), LENGTHS (default "4096 2048 8192"), EVAL_ARGS (extra
+# eval_dlm.py arguments, default "--implementation auto --only dense baatt@ meanpool xattention"),
+# CKPT_DIR (default .ckpt/<preset>), MEM_FRACTION (GPU memory share of each eval process, default 0.28).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+preset="${1:?usage: dlm_experiment.sh PRESET OUT_DIR [train_dlm.py args]}"
+out="${2:?usage: dlm_experiment.sh PRESET OUT_DIR [train_dlm.py args]}"
+shift 2
+py="${PYTHON:-python3}"
+lengths="${LENGTHS:-4096 2048 8192}"
+eval_args="${EVAL_ARGS:---implementation auto --only dense baatt@ meanpool xattention}"
+ckpt="${CKPT_DIR:-.ckpt/$preset}"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$out" "$ckpt/eval"
+
+"$py" experiments/train_dlm.py --preset "$preset" --ckpt-dir "$ckpt" --out "$out" "$@"
+
+pids=()
+parts=()
+for L in $lengths; do
+  # shellcheck disable=SC2086  # EVAL_ARGS is a list of arguments
+  XLA_PYTHON_CLIENT_MEM_FRACTION="${MEM_FRACTION:-0.28}" "$py" experiments/eval_dlm.py --ckpt-dir "$ckpt" \
+    --lengths "$L" $eval_args --out "$ckpt/eval" --name "eval_$L" >"$ckpt/eval/log_$L" 2>&1 &
+  pids+=("$!")
+  parts+=("$ckpt/eval/eval_$L.json")
+done
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "dlm_experiment: evaluation at ${parts[$i]} failed; its log: $ckpt/eval/log_$(basename "${parts[$i]}" .json | cut -d_ -f2)" >&2
+    status=1
+  fi
+done
+have=()
+for p in "${parts[@]}"; do [ -f "$p" ] && have+=("$p"); done
+[ "${#have[@]}" -gt 0 ] || { echo "dlm_experiment: no evaluation result to merge" >&2; exit 1; }
+"$py" experiments/eval_dlm.py --merge "${have[@]}" --out "$out" --name "dlm_eval_$preset"
+exit "$status"
