@@ -86,6 +86,10 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
         head_positions_for(1, self.head_positions)  # validates
 
+    def stage_task_fraction(self, stage) -> float:
+        """Task fraction of one ``stages`` entry: its 4th element, else ``task_fraction``."""
+        return stage[3] if len(stage) == 4 else self.task_fraction
+
     def model_config(self):
         return get_config(self.model, **dict(self.model_overrides))
 
@@ -361,19 +365,18 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     def stage_of(progress):
         """(seq_len, batch, task_fraction) of the stage that covers ``progress``."""
         stage = next((s for s in cfg.stages if progress < s[0]), cfg.stages[-1])
-        return stage[1], stage[2], (stage[3] if len(stage) == 4 else cfg.task_fraction)
+        return stage[1], stage[2], cfg.stage_task_fraction(stage)
 
     prefetchers: dict = {}
 
     def batches(l, b, tf):
         if (l, b, tf) not in prefetchers:
+            for p in prefetchers.values():  # a new stage: the earlier stage's builder thread is not needed any more
+                p.close()
+            prefetchers.clear()
             r = rngs.setdefault((l, b, tf), np.random.default_rng(seed_seq.spawn(1)[0]))
             prefetchers[(l, b, tf)] = _Prefetch(lambda: make_batch(
                 r, train_stream, tokenizer, l, b, task_fraction=tf, task_kinds=cfg.task_kinds))
-        for key_, p in list(prefetchers.items()):  # an earlier stage's builder thread is not needed any more
-            if key_ != (l, b, tf):
-                p.close()
-                del prefetchers[key_]
         return prefetchers[(l, b, tf)]
 
     erng = np.random.default_rng(1234)
@@ -390,7 +393,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
         """Held-out NLL at eval_len; one-shot passkey accuracy at eval_len and at the current stage's length."""
         model_now = nnx.merge(graphdef, params)
         res = dict(step=step, val_nll=masked_nll(model_now, eval_tokens, jax.random.PRNGKey(7), plan=AttentionPlan.dense())["avg"])
-        if cfg.task_fraction or any(len(s) == 4 and s[3] for s in cfg.stages):
+        if cfg.task_fraction or any(cfg.stage_task_fraction(s) for s in cfg.stages):
             for length in sorted({eval_len, stage_len or eval_len}):
                 if length >= tasks.MIN_LENGTH:
                     acc = task_accuracy_oneshot(model_now, passkey_examples(length), plan=AttentionPlan.dense())

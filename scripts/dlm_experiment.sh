@@ -23,9 +23,10 @@ mkdir -p "$out" "$ckpt/eval"
 
 "$py" experiments/train_dlm.py --preset "$preset" --ckpt-dir "$ckpt" --out "$out" "$@"
 
+read -r -a lens <<<"$lengths"
 pids=()
 parts=()
-for L in $lengths; do
+for L in "${lens[@]}"; do
   # shellcheck disable=SC2086  # EVAL_ARGS is a list of arguments
   XLA_PYTHON_CLIENT_MEM_FRACTION="${MEM_FRACTION:-0.28}" "$py" experiments/eval_dlm.py --ckpt-dir "$ckpt" \
     --lengths "$L" $eval_args --out "$ckpt/eval" --name "eval_$L" >"$ckpt/eval/log_$L" 2>&1 &
@@ -35,7 +36,7 @@ done
 status=0
 for i in "${!pids[@]}"; do
   if ! wait "${pids[$i]}"; then
-    echo "dlm_experiment: evaluation at ${parts[$i]} failed; its log: $ckpt/eval/log_$(basename "${parts[$i]}" .json | cut -d_ -f2)" >&2
+    echo "dlm_experiment: evaluation at L=${lens[$i]} failed; its log: $ckpt/eval/log_${lens[$i]}" >&2
     status=1
   fi
 done
