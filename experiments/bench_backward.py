@@ -26,12 +26,11 @@ blocks as a fraction of cuDNN's dense backward throughput. Writes
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 
-from experiments.bench_sparse import _git_commit, _median_time
+from experiments.bench_sparse import _median_time, run_meta, write_results
 
 VARIANTS = {  # name -> BwdTuning keyword arguments ("default" is BwdTuning())
     "default": {},
@@ -203,24 +202,15 @@ def main():
         if name not in VARIANTS:
             ap.error(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
-    import jax
-
     rows = run(args)
-    meta = {
-        "device": jax.devices()[0].device_kind, "jax_version": jax.__version__, "commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    meta = run_meta(**{
         "what": (f"backward only (vjp application, residuals precomputed), B=1 H={args.heads} D=128 bf16 block 128, "
               "random selections with equal counts; cuDNN backward of jax.nn.dot_product_attention"
               f"(implementation=\"{args.dense_impl}\") timed in the same run; frac_cudnn_bwd_thr = "
               "(density / t) / (1 / t_cudnn_bwd)"),
         "variants": {n: VARIANTS[n] for n in args.variants},
-    }
-    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    md = markdown(meta, rows)
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-        f.write(md)
-    print(md)
+    })
+    write_results(args.out, args.name, meta, rows, markdown(meta, rows))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_sparse import Config, _git_commit, _median_time, synthetic_qkv  # noqa: E402
+from experiments.bench_sparse import Config, _median_time, run_meta, synthetic_qkv, write_results  # noqa: E402
 
 VARIANTS = {
     "plain": dict(),
@@ -60,14 +60,13 @@ def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn"):
     return rows
 
 
-def markdown(result) -> str:
-    m = result["meta"]
-    lines = [f"# Estimator cost ({m.get('device')}, jax {m.get('jax_version')}, commit {m.get('commit')}, {m.get('date')})",
-             "", f"B=1, H=32, D=128, bf16, block 128, implementation {result['impl']}. est: `select_blocks` alone; "
+def markdown(meta, rows) -> str:
+    lines = [f"# Estimator cost ({meta['device']}, jax {meta['jax_version']}, commit {meta['commit']}, {meta['date']})",
+             "", f"B=1, H=32, D=128, bf16, block 128, implementation {meta['impl']}. est: `select_blocks` alone; "
              "full: `baatt.attention` end to end; both against cuDNN dense forward in the same run.", "",
              "| L | sparsity | variant | est ms | est / cuDNN fwd | full ms | speedup vs cuDNN |",
              "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    for r in rows:
         lines.append(f"| {r['L']} | {r['sparsity']} | {r['variant']} | {r['est_ms']:.2f} | {100 * r['est_frac_cudnn']:.2f}% "
                      f"| {r['full_ms']:.2f} | {r['full_vs_cudnn']:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -82,19 +81,10 @@ def main(argv=None):
     ap.add_argument("--name", default="bench_estimator")
     ap.add_argument("--dense-impl", default="cudnn", help="dense baseline (xla for a CPU smoke run)")
     args = ap.parse_args(argv)
-    import datetime
-
-    import jax
-
-    meta = dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=_git_commit(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    result = dict(meta=meta, impl=args.impl or "auto", rows=run(args.lengths, args.sparsities, args.impl, dense_impl=args.dense_impl))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    rows = run(args.lengths, args.sparsities, args.impl, dense_impl=args.dense_impl)
+    meta = run_meta(impl=args.impl or "auto", dense_impl=args.dense_impl)
+    write_results(args.out, args.name, meta, rows, markdown(meta, rows))
+    return dict(meta=meta, rows=rows)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,24 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def run_meta(**extra) -> dict:
+    """device, jax version, commit and date of a benchmark run, plus ``extra`` fields."""
+    import jax
+
+    return dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=_git_commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra)
+
+
+def write_results(out_dir: str, stem: str, meta: dict, rows: list, md: str) -> None:
+    """``<stem>.json`` ({meta, rows}) and ``<stem>.md`` under ``out_dir``; prints the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def _median_time(call, sync, *, target_s: float, min_reps: int) -> float:
     """Median seconds per call: warm-up, then batches of calls (amortising dispatch) timed with a sync."""
     sync(call())  # compile / warm-up
@@ -443,20 +461,9 @@ def main():
             with open(tpath) as f:
                 tres = json.load(f)
             fa2, torch_meta = tres["fa2"], {"torch": tres["torch"]}
-    import jax
-
     rows = run_jax(cfg, fa2, partial_path=os.path.join(args.out, f"{stem}_partial.json"))
-    meta = dict(
-        device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=_git_commit(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        config=dataclasses.asdict(cfg), **torch_meta,
-    )
-    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    md = markdown(meta, rows)
-    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
-        f.write(md)
-    print(md)
+    meta = run_meta(config=dataclasses.asdict(cfg), **torch_meta)
+    write_results(args.out, stem, meta, rows, markdown(meta, rows))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from baatt.data import corpus  # noqa: E402
 from baatt.data.tokenizer import get_tokenizer  # noqa: E402
 from baatt.nn import DiffusionLM  # noqa: E402
 from baatt.train import build_step, make_batch, make_optimizer, run_info  # noqa: E402
+from experiments.bench_sparse import _median_time  # noqa: E402
 from experiments.train_dlm import get_config  # noqa: E402
 
 
@@ -57,12 +58,8 @@ def time_step(cfg, seq_len, batch, toks, elig, iters, head_positions):
 
 
 def _timeit(f, *args, iters):
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        r = f(*args)
-    jax.block_until_ready(r)
-    return (time.perf_counter() - t0) / iters
+    """Median seconds of ``f(*args)`` (the benchmarks' timing loop), at least ``iters`` timed batches."""
+    return _median_time(lambda: f(*args), jax.block_until_ready, target_s=0.3, min_reps=iters)
 
 
 def breakdown(cfg, toks, iters):
@@ -129,7 +126,7 @@ def main(argv=None):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"train_step_time_{args.preset}.json"
     path.write_text(json.dumps(out, indent=1, default=str))
-    print(f"| L | batch | head | compile s | step ms | step tok/s | batch-builder ms | builder tok/s |")
+    print("| L | batch | head | compile s | step ms | step tok/s | batch-builder ms | builder tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seq_len']} | {r['batch']} | {r['head']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
