@@ -9,6 +9,11 @@ tokens/s each of them allows. A training run is limited by the slower of the
 two (the batch builder runs in a background thread). Variants: the preset's
 ``head_positions`` and the full head; for the preset's head also the model forward,
 the loss gradient (no optimiser) and one dense attention layer alone. Writes ``train_step_time_<preset>.json``.
+
+``--profile DIR``: also trace a few steps of every stage with ``jax.profiler`` and
+write, per stage, the device ops that take the most time per step (from the
+trace's device timeline; op names match the step's optimised HLO, saved beside
+it), so the step's time is attributed to ops rather than guessed.
 """
 
 from __future__ import annotations
@@ -33,6 +38,67 @@ from baatt.nn import DiffusionLM  # noqa: E402
 from baatt.train import build_step, make_batch, make_optimizer, run_info  # noqa: E402
 from experiments.bench_sparse import _median_time  # noqa: E402
 from experiments.train_dlm import get_config  # noqa: E402
+
+
+def device_op_times(trace_dir: str, steps: int, top: int = 25) -> list[dict]:
+    """Per-op device time per step from the perfetto trace that ``jax.profiler.trace`` wrote under ``trace_dir``.
+
+    Sums complete events of device processes (``/device:...``; on a CPU backend every process) by
+    (thread, name), divided by ``steps``.
+    """
+    import glob
+    import gzip
+
+    paths = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    data = json.load(gzip.open(paths[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device = {p for p, n in procs.items() if n.startswith("/device")} or set(procs)  # CPU: the host timeline
+    totals: dict = {}
+    for e in events:
+        if e.get("ph") != "X" or e["pid"] not in device:
+            continue
+        k = (threads.get((e["pid"], e.get("tid")), "?"), e["name"])
+        n, d = totals.get(k, (0, 0.0))
+        totals[k] = (n + 1, d + float(e.get("dur", 0.0)))
+    rows = [dict(thread=t, name=nm, calls_per_step=n / steps, ms_per_step=d / 1e3 / steps)
+            for (t, nm), (n, d) in totals.items()]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    by_thread: dict = {}
+    for r in rows:
+        by_thread.setdefault(r["thread"], []).append(r)
+    out = []
+    for t, rs in by_thread.items():
+        out.append(dict(thread=t, name="<all>", calls_per_step=sum(r["calls_per_step"] for r in rs),
+                        ms_per_step=sum(r["ms_per_step"] for r in rs)))
+        out += rs[:top]
+    return out
+
+
+def profile_step(cfg, toks, elig, head_positions, out_dir: Path, tag: str, steps: int = 5) -> list[dict]:
+    """Trace ``steps`` train steps after warm-up; write the step's optimised HLO and return device op times."""
+    model = DiffusionLM(cfg.model_config(), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(params)
+    step = build_step(graphdef, tx, model.cfg.mask_id, cfg.eps, cfg.full_task_answers, head_positions)
+    toks, elig = jnp.asarray(toks), jnp.asarray(elig)
+    key = jax.random.PRNGKey(0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"hlo_{tag}.txt").write_text(step.lower(params, opt_state, toks, elig, key).compile().as_text())
+    for _ in range(3):
+        params, opt_state, m = step(params, opt_state, toks, elig, key)
+    jax.block_until_ready(m)
+    trace_dir = out_dir / f"trace_{tag}"
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _ in range(steps):
+            params, opt_state, m = step(params, opt_state, toks, elig, key)
+        jax.block_until_ready(m)
+    return device_op_times(str(trace_dir), steps)
 
 
 def time_step(cfg, seq_len, batch, toks, elig, iters, head_positions):
@@ -98,16 +164,21 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--batches", type=int, default=10, help="make_batch calls timed per stage")
     p.add_argument("--out", default="experiments/results")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace each stage's step and write its top device ops (and optimised HLO) under DIR")
+    p.add_argument("--stages", type=int, nargs="+", default=None, help="indices of the preset's stages to run (default all)")
     args = p.parse_args(argv)
     cfg = get_config(args.preset)
     tok, stream = get_tokenizer(), corpus.load_tokens("train")
     rng = np.random.default_rng(0)
-    rows = []
-    for _, seq_len, batch in cfg.stages:
-        make_batch(rng, stream, tok, seq_len, batch, task_fraction=cfg.task_fraction, task_kinds=cfg.task_kinds)
+    rows, profiles = [], {}
+    stages = [s for i, s in enumerate(cfg.stages) if args.stages is None or i in args.stages]
+    for stage in stages:
+        seq_len, batch = stage[1], stage[2]
+        make_batch(rng, stream, tok, seq_len, batch, task_fraction=cfg.stage_task_fraction(stage), task_kinds=cfg.task_kinds)
         t0 = time.perf_counter()
         for _ in range(args.batches):
-            toks, elig = make_batch(rng, stream, tok, seq_len, batch, task_fraction=cfg.task_fraction,
+            toks, elig = make_batch(rng, stream, tok, seq_len, batch, task_fraction=cfg.stage_task_fraction(stage),
                                     task_kinds=cfg.task_kinds)
         batch_s = (time.perf_counter() - t0) / args.batches
         variants = {"preset": cfg.head_positions}
@@ -120,9 +191,16 @@ def main(argv=None):
                        batch_tok_s=seq_len * batch / batch_s)
             if name == "preset":
                 row.update(breakdown(cfg, toks, args.iters))
+                if args.profile:
+                    tag = f"{seq_len}x{batch}"
+                    profiles[tag] = profile_step(cfg, toks, elig, hp, Path(args.profile), tag)
+                    for r in profiles[tag][:40]:
+                        print(f"  [{tag}] {r['ms_per_step']:8.3f} ms {r['calls_per_step']:6.1f}x  {r['thread'][:24]:24s} {r['name'][:90]}")
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = dict(run_info(), preset=args.preset, config=dataclasses.asdict(cfg), rows=rows)
+    if profiles:
+        out["device_ops"] = profiles
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"train_step_time_{args.preset}.json"
     path.write_text(json.dumps(out, indent=1, default=str))
