@@ -22,7 +22,7 @@ Presets (``get_config(name)`` returns the ``TrainConfig``):
              (TrainConfig.head_positions=0.25, masked positions first, unbiased), 40% passkey
              rows and 4x smaller batches (256 x 128 -> 1K x 32 -> 4K x 8) for more optimizer steps.
   gpu_passkey_curriculum: passkey-heavy 128-token rows first (80%), then 1K -> 4K rows with 70% of
-             them passkey, head at a quarter of the positions, 330 s of training.
+             them passkey, head at a quarter of the positions, 420 s of training.
 Writes ``<out>/dlm_train_<preset>.json`` (history, device, jax version, commit, date).
 """
 
@@ -122,8 +122,8 @@ PRESETS = {
         stages=((0.12, 128, 128, 0.8), (0.35, 1024, 32, 0.7), (1.0, 4096, 16, 0.7)),
         task_fraction=0.7,
         head_positions=0.25,
-        time_budget_s=330.0,
-        eval_every=500,
+        time_budget_s=420.0,
+        eval_every=1000,
     ),
 }
 

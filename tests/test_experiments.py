@@ -87,7 +87,7 @@ def test_train_dlm_presets_are_valid():
     assert 0.25 <= fast.head_positions <= 0.5 and fast.time_budget_s <= 400
     cur = train_dlm.get_config("gpu_passkey_curriculum")
     assert cur.stages[0][1] <= 256 and cur.stages[0][3] >= 0.75  # retrieval first, on short rows
-    assert cur.stages[-1][1] == 4096 and cur.time_budget_s <= 360
+    assert cur.stages[-1][1] == 4096 and cur.time_budget_s <= 450  # the training process stays under 8 minutes
     assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
 
 
