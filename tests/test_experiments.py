@@ -88,6 +88,9 @@ def test_train_dlm_presets_are_valid():
     cur = train_dlm.get_config("gpu_passkey_curriculum")
     assert cur.stages[0][1] <= 256 and cur.stages[0][3] >= 0.75  # retrieval first, on short rows
     assert cur.stages[-1][1] == 4096 and cur.time_budget_s <= 450  # the training process stays under 8 minutes
+    p4k = train_dlm.get_config("gpu_passkey_4k")
+    assert p4k.stages[-1][1] == 4096 and p4k.stages[-1][0] - p4k.stages[-2][0] >= 0.5 and p4k.time_budget_s <= 450
+    assert all(s[3] >= 0.9 for s in p4k.stages)
     assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
 
 
