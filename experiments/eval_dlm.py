@@ -92,6 +92,7 @@ def eval_task(model, plan, examples, batch, decode="sampler"):
     for e in examples:
         groups.setdefault(e.answer_end - e.answer_start, []).append(e)
     correct, dens, n = 0, [], 0
+    by_len: dict[str, list[int]] = {}  # answer length in tokens -> [correct, examples]
     for alen, exs in sorted(groups.items()):
         for i in range(0, len(exs), batch):
             chunk = exs[i : i + batch]
@@ -101,11 +102,16 @@ def eval_task(model, plan, examples, batch, decode="sampler"):
             for j, e in enumerate(chunk):
                 canvas[j, e.answer_start : e.answer_end] = model.cfg.mask_id
             r = generate(model, canvas, steps=alen if decode == "sampler" else 1, block_length=alen, plan=plan)
+            cell = by_len.setdefault(str(alen), [0, 0])
             for j, e in enumerate(chunk[:real]):
-                correct += bool(np.array_equal(r.tokens[j, e.answer_start : e.answer_end], e.answer_tokens))
+                ok = bool(np.array_equal(r.tokens[j, e.answer_start : e.answer_end], e.answer_tokens))
+                correct += ok
+                cell[0] += ok
+            cell[1] += real
             dens.append(r.mean_density)
             n += real
-    return dict(acc=correct / max(n, 1), n=n, density=float(np.mean(dens)) if dens else 1.0)
+    return dict(acc=correct / max(n, 1), n=n, density=float(np.mean(dens)) if dens else 1.0,
+                by_answer_tokens={k: dict(acc=c / t, n=t) for k, (c, t) in by_len.items()})
 
 
 def markdown(result) -> str:
@@ -116,14 +122,15 @@ def markdown(result) -> str:
                  f"({result['num_examples']} examples per task and length). "
                  "Density: fraction of block pairs computed (1 = dense).")
     lines.append("")
-    lines.append("| L | variant | density | masked NLL | passkey acc | multi-key NIAH acc |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| L | variant | density | masked NLL | passkey acc | passkey acc by answer tokens | multi-key NIAH acc |")
+    lines.append("|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"| {row['length']} | {row['variant']} | - | - | - | {row['error'][:80]} |")
+            lines.append(f"| {row['length']} | {row['variant']} | - | - | - | - | {row['error'][:80]} |")
             continue
+        split = ", ".join(f"{k}: {v['acc']:.2f} ({v['n']})" for k, v in sorted(row.get("passkey_by_answer_tokens", {}).items()))
         lines.append(f"| {row['length']} | {row['variant']} | {row['density']:.3f} | {row['nll']:.3f} | "
-                     f"{row['passkey']:.3f} | {row['multikey_niah']:.3f} |")
+                     f"{row['passkey']:.3f} | {split or '-'} | {row['multikey_niah']:.3f} |")
     if result.get("notes"):
         lines += ["", *[f"- {n}" for n in result["notes"]]]
     return "\n".join(lines) + "\n"
@@ -210,7 +217,8 @@ def main(argv=None):
                 nh = eval_task(model, plan, exs["multikey_niah"], args.batch, args.task_decode)
                 row.update(nll=nll["nll"], nll_by_t={k: v for k, v in nll.items() if k.startswith("t=")},
                            density=float(np.mean([nll["density"], pk["density"], nh["density"]])),
-                           passkey=pk["acc"], multikey_niah=nh["acc"], seconds=time.time() - ts)
+                           passkey=pk["acc"], multikey_niah=nh["acc"], passkey_by_answer_tokens=pk["by_answer_tokens"],
+                           multikey_niah_by_answer_tokens=nh["by_answer_tokens"], seconds=time.time() - ts)
             except Exception as e:  # noqa: BLE001  (a broken selector is reported, the sweep goes on)
                 row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
                 traceback.print_exc()

@@ -328,3 +328,36 @@ def test_head_positions_option_and_train_step():
     for name in ("loss", "masked_ce", "masked_acc", "grad_norm"):
         np.testing.assert_allclose(res[16][name], res[None][name], rtol=1e-5, err_msg=name)
     assert res[16]["head_frac"] == 1.0 and "head_frac" not in res[None]
+
+
+def test_oneshot_task_accuracy_by_answer_length(monkeypatch):
+    """The accuracy split by answer length counts each example once, in its own length's cell."""
+    from flax import nnx
+
+    from baatt import train as train_mod
+    from baatt.data import corpus, tasks
+    from baatt.data.tokenizer import get_tokenizer
+    from baatt.nn import DiffusionLM, get_config
+
+    tok, val = get_tokenizer(), corpus.load_tokens("val")
+    rng = np.random.default_rng(3)
+    exs = [tasks.passkey(rng, val, tok, 64) for _ in range(24)]
+    lens = np.array([e.answer_end - e.answer_start for e in exs])
+    assert {2, 3} <= set(lens.tolist())  # 5-digit keys are 2 or 3 GPT-2 tokens
+
+    def oracle_for_two_token_answers(graphdef, plan):
+        def f(state, x):  # the true answer where it is 2 tokens long, the mask token elsewhere
+            x = np.asarray(x).copy()
+            for row in x:
+                hit = [e for e in exs if np.array_equal(np.where(row == 50257, e.tokens, row), e.tokens)]
+                if hit and hit[0].answer_end - hit[0].answer_start == 2:
+                    row[:] = hit[0].tokens
+            return x
+        return f
+
+    monkeypatch.setattr(train_mod, "_argmax_fn", oracle_for_two_token_answers)
+    model = DiffusionLM(get_config("tiny"), rngs=nnx.Rngs(0))
+    acc, by_len = train_mod.task_accuracy_oneshot(model, exs, by_answer_tokens=True)
+    assert by_len == {2: 1.0, 3: 0.0}
+    assert acc == pytest.approx(np.mean(lens == 2))
+    assert train_mod.task_accuracy_oneshot(model, exs) == acc
