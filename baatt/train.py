@@ -229,16 +229,24 @@ def _nll_fn(graphdef, plan):
     return _NLL_CACHE[k]
 
 
-def task_accuracy_oneshot(model, examples, *, plan=None, batch=8, by_answer_tokens: bool = False):
+def task_accuracy_oneshot(model, examples, *, plan=None, batch=8, diagnostics: bool = False):
     """Fraction of examples whose whole answer span is predicted exactly, all answer tokens masked, one forward.
 
-    by_answer_tokens: return (accuracy, {answer length in tokens: accuracy}) (a 5-digit key is 2 or 3
-    GPT-2 tokens: the middle token of 3 has no fixed neighbour to anchor a copy on).
+    diagnostics: return (accuracy, split) where split holds the accuracy by answer length in tokens
+    (``by_answer_tokens``; a 5-digit key is 2 or 3 GPT-2 tokens, and the middle one of 3 has no fixed
+    neighbour to anchor a copy on), by needle depth third (``by_depth``: 0 = first third of the
+    haystack) and per answer-token position (``token_acc``: first / middle / last token correct).
     """
     state, gd = nnx.state(model), nnx.graphdef(model)
     f = _argmax_fn(gd, plan)
+    cells: dict[str, dict] = {"by_answer_tokens": {}, "by_depth": {}, "token_acc": {}}
+
+    def count(group, key, ok):
+        c = cells[group].setdefault(str(key), [0, 0])
+        c[0] += bool(ok)
+        c[1] += 1
+
     correct = 0
-    by_len: dict[int, list[int]] = {}
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
         toks = np.stack([e.tokens for e in chunk])
@@ -247,14 +255,16 @@ def task_accuracy_oneshot(model, examples, *, plan=None, batch=8, by_answer_toke
             noisy[j, e.answer_start : e.answer_end] = model.cfg.mask_id
         pred = np.asarray(f(state, jnp.asarray(noisy)))
         for j, e in enumerate(chunk):
-            ok = bool(np.all(pred[j, e.answer_start : e.answer_end] == e.answer_tokens))
+            hit = pred[j, e.answer_start : e.answer_end] == e.answer_tokens
+            ok = bool(np.all(hit))
             correct += ok
-            cell = by_len.setdefault(e.answer_end - e.answer_start, [0, 0])
-            cell[0] += ok
-            cell[1] += 1
+            count("by_answer_tokens", hit.size, ok)
+            count("by_depth", min(int(3 * e.depths[e.target]), 2), ok)
+            for pos, h in enumerate(hit):
+                count("token_acc", "first" if pos == 0 else "last" if pos == hit.size - 1 else "middle", h)
     acc = correct / max(len(examples), 1)
-    if by_answer_tokens:
-        return acc, {n: c / t for n, (c, t) in sorted(by_len.items())}
+    if diagnostics:
+        return acc, {g: {k: c / t for k, (c, t) in sorted(v.items())} for g, v in cells.items()}
     return acc
 
 
@@ -408,11 +418,11 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
         if cfg.task_fraction or any(cfg.stage_task_fraction(s) for s in cfg.stages):
             for length in sorted({eval_len, stage_len or eval_len}):
                 if length >= tasks.MIN_LENGTH:
-                    acc, by_len = task_accuracy_oneshot(model_now, passkey_examples(length), plan=AttentionPlan.dense(),
-                                                        by_answer_tokens=True)
+                    acc, split = task_accuracy_oneshot(model_now, passkey_examples(length), plan=AttentionPlan.dense(),
+                                                       diagnostics=True)
                     name = "passkey_acc" if length == eval_len else f"passkey_acc@{length}"
                     res[name] = acc
-                    res[name + "_by_answer_tokens"] = {str(n): a for n, a in by_len.items()}
+                    res[name + "_split"] = split
         return res
 
     history = []

@@ -330,8 +330,8 @@ def test_head_positions_option_and_train_step():
     assert res[16]["head_frac"] == 1.0 and "head_frac" not in res[None]
 
 
-def test_oneshot_task_accuracy_by_answer_length(monkeypatch):
-    """The accuracy split by answer length counts each example once, in its own length's cell."""
+def test_oneshot_task_accuracy_diagnostics(monkeypatch):
+    """The accuracy splits (answer length, needle depth, answer-token position) count each example in its own cell."""
     from flax import nnx
 
     from baatt import train as train_mod
@@ -357,7 +357,12 @@ def test_oneshot_task_accuracy_by_answer_length(monkeypatch):
 
     monkeypatch.setattr(train_mod, "_argmax_fn", oracle_for_two_token_answers)
     model = DiffusionLM(get_config("tiny"), rngs=nnx.Rngs(0))
-    acc, by_len = train_mod.task_accuracy_oneshot(model, exs, by_answer_tokens=True)
-    assert by_len == {2: 1.0, 3: 0.0}
+    acc, split = train_mod.task_accuracy_oneshot(model, exs, diagnostics=True)
+    assert split["by_answer_tokens"] == {"2": 1.0, "3": 0.0}
     assert acc == pytest.approx(np.mean(lens == 2))
+    two = lens == 2
+    assert split["token_acc"]["middle"] == 0.0  # only 3-token answers have a middle token
+    assert split["token_acc"]["first"] == pytest.approx(np.mean(two)) == split["token_acc"]["last"]
+    third = np.array([min(int(3 * e.depths[0]), 2) for e in exs])
+    assert split["by_depth"] == {str(d): pytest.approx(np.mean(two[third == d])) for d in sorted(set(third.tolist()))}
     assert train_mod.task_accuracy_oneshot(model, exs) == acc
