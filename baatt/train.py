@@ -56,6 +56,10 @@ class TrainConfig:
     # < 1: task rows draw t ~ U(task_answer_t_min, 1] instead of t = 1 (part of the answer visible, as
     # in the sampler's later steps; a model trained on whole-answer masks only never sees that state).
     task_answer_t_min: float = 1.0
+    # Digits of the training passkeys, drawn uniformly from [lo, hi] per example (the evaluation keeps 5).
+    # A 5-digit key is 2 or 3 GPT-2 tokens; wider ranges give answers of 1-4 tokens, i.e. many more tokens
+    # that must be copied by their position inside the key rather than next to fixed text.
+    passkey_digits: tuple[int, int] = (5, 5)
     # Output head (and softmax CE) at this many positions per row only, masked ones first (an unbiased
     # estimate of the full loss, exact when a row has at most that many masked tokens; see
     # baatt.diffusion.masking.diffusion_loss_gathered): None = every position, an int K, or a float in
@@ -80,6 +84,10 @@ class TrainConfig:
         for k in self.task_kinds:
             if k not in tasks.TASKS:
                 raise ValueError(f"task_kinds entries must be one of {tuple(tasks.TASKS)}; got {k!r}")
+        lo_hi = self.passkey_digits
+        if not (isinstance(lo_hi, tuple) and len(lo_hi) == 2 and all(isinstance(x, int) for x in lo_hi)
+                and 1 <= lo_hi[0] <= lo_hi[1] <= 12):
+            raise ValueError(f"passkey_digits must be a tuple (lo, hi) of ints with 1 <= lo <= hi <= 12; got {lo_hi!r}")
         if not 0.0 < self.task_answer_t_min <= 1.0:
             raise ValueError(f"task_answer_t_min must lie in (0, 1]; got {self.task_answer_t_min}")
         if self.steps < 1:
@@ -97,18 +105,23 @@ class TrainConfig:
 # -- data -------------------------------------------------------------------------
 
 
-def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_kinds):
+def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_kinds, passkey_digits=(5, 5)):
     """(tokens int32 [B, L], eligible bool [B, L]) mixing packed text and task examples.
 
     Each row is a task example with probability ``task_fraction`` (kind drawn from
     those of ``task_kinds`` that fit ``seq_len``, see ``tasks.DEFAULT_MIN_LENGTH``).
+    passkey_digits: (lo, hi) digits of each passkey, uniform (default: always 5).
     """
     toks = corpus.packed_batch(stream, rng, batch, seq_len)
     elig = np.ones((batch, seq_len), bool)
     kinds = [k for k in task_kinds if seq_len >= tasks.DEFAULT_MIN_LENGTH[k]]  # tasks that fit this length
     for i in range(batch):
         if task_fraction and kinds and rng.uniform() < task_fraction:
-            ex = tasks.make_example(str(rng.choice(kinds)), rng, stream, tokenizer, seq_len)
+            kind = str(rng.choice(kinds))
+            kw = {}
+            if kind == "passkey" and tuple(passkey_digits) != (5, 5):
+                kw["digits"] = int(rng.integers(passkey_digits[0], passkey_digits[1] + 1))
+            ex = tasks.make_example(kind, rng, stream, tokenizer, seq_len, **kw)
             toks[i] = ex.tokens
             elig[i] = False
             elig[i, ex.answer_start : ex.answer_end] = True
@@ -398,7 +411,8 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             prefetchers.clear()
             r = rngs.setdefault((l, b, tf), np.random.default_rng(seed_seq.spawn(1)[0]))
             prefetchers[(l, b, tf)] = _Prefetch(lambda: make_batch(
-                r, train_stream, tokenizer, l, b, task_fraction=tf, task_kinds=cfg.task_kinds))
+                r, train_stream, tokenizer, l, b, task_fraction=tf, task_kinds=cfg.task_kinds,
+                passkey_digits=cfg.passkey_digits))
         return prefetchers[(l, b, tf)]
 
     erng = np.random.default_rng(1234)

@@ -151,3 +151,23 @@ def test_make_batch_uses_only_tasks_that_fit(tok, val):
     assert elig.all()  # no task fits: plain text rows
     toks, elig = make_batch(rng, val, tok, 512, 64, task_fraction=1.0, task_kinds=kinds)
     assert {tok.decode(r[-40:]).count("pass key") > 0 for r in toks} == {True, False}
+
+
+def test_make_batch_passkey_digits(tok, val):
+    from baatt.train import TrainConfig, make_batch
+
+    def answers(digits, seed):
+        rng = np.random.default_rng(seed)
+        toks, elig = make_batch(rng, val, tok, 128, 48, task_fraction=1.0, task_kinds=("passkey",), passkey_digits=digits)
+        return toks, [tok.decode(r[e]).strip() for r, e in zip(toks, elig)]
+
+    toks5, five = answers((5, 5), 1)
+    assert {len(a) for a in five} == {5} and all(a.isdigit() for a in five)
+    toks_default = make_batch(np.random.default_rng(1), val, tok, 128, 48, task_fraction=1.0, task_kinds=("passkey",))[0]
+    assert np.array_equal(toks5, toks_default)  # the default draws exactly as before
+    _, wide = answers((3, 9), 1)
+    assert all(a.isdigit() and 3 <= len(a) <= 9 for a in wide) and len({len(a) for a in wide}) >= 5
+    with pytest.raises(ValueError, match="passkey_digits must be a tuple"):
+        TrainConfig(passkey_digits=(0, 5))
+    with pytest.raises(ValueError, match="passkey_digits must be a tuple"):
+        TrainConfig(passkey_digits=(7, 5))
