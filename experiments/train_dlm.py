@@ -61,6 +61,23 @@ _GPU_PASSKEY = TrainConfig(
     ckpt_every=100_000,
 )
 
+# Retrieval first, at short lengths, then long rows. Probes on an H200 (passkey-only task rows at one
+# length, 130 s each): with 80% passkey rows one-shot passkey accuracy reached 0.56 at 128 tokens after
+# 250 steps and 0.94 after 3,250; at 256 tokens 0.38 after 500 steps and 0.75 after 2,750; with 40%
+# passkey rows at 256 tokens (gpu_passkey_fast, run 5) it stayed 0 for 1,500 steps: text rows win the
+# early competition for capacity. Run 6 (128 x 128 at 80% -> 512 / 1K / 4K x 8 / 8K at 50%) retrieved at
+# 128 (0.75), 1K (0.44) and 4K (0.25, during the 1K stage), then lost it in the 4K stage (0 at 4K):
+# 4 passkey rows a step were too few there, and each of its five stages paid a compilation. So: three
+# stages, 70% passkey rows after the first, 16 rows of 4K tokens a step, most of the time at 4K.
+_CURRICULUM = dataclasses.replace(
+    _GPU_PASSKEY,
+    stages=((0.12, 128, 128, 0.8), (0.35, 1024, 32, 0.7), (1.0, 4096, 16, 0.7)),
+    task_fraction=0.7,
+    head_positions=0.25,
+    time_budget_s=420.0,
+    eval_every=1000,
+)
+
 PRESETS = {
     "cpu_tiny": TrainConfig(model="tiny", stages=((1.0, 128, 8),), steps=40, warmup_steps=5, eval_every=0,
                             task_fraction=0.0, peak_lr=3e-3),
@@ -111,45 +128,17 @@ PRESETS = {
         time_budget_s=380.0,
         eval_every=500,
     ),
-    # Retrieval first, at short lengths, then long rows. Probes on an H200 (passkey-only task rows at one
-    # length, 130 s each): with 80% passkey rows one-shot passkey accuracy reached 0.56 at 128 tokens after
-    # 250 steps and 0.94 after 3,250; at 256 tokens 0.38 after 500 steps and 0.75 after 2,750; with 40%
-    # passkey rows at 256 tokens (gpu_passkey_fast, run 5) it stayed 0 for 1,500 steps: text rows win the
-    # early competition for capacity. Run 6 (128 x 128 at 80% -> 512 / 1K / 4K x 8 / 8K at 50%) retrieved at
-    # 128 (0.75), 1K (0.44) and 4K (0.25, during the 1K stage), then lost it in the 4K stage (0 at 4K):
-    # 4 passkey rows a step were too few there, and each of its five stages paid a compilation. So: three
-    # stages, 70% passkey rows after the first, 16 rows of 4K tokens a step, most of the time at 4K.
-    "gpu_passkey_curriculum": dataclasses.replace(
-        _GPU_PASSKEY,
-        stages=((0.12, 128, 128, 0.8), (0.35, 1024, 32, 0.7), (1.0, 4096, 16, 0.7)),
-        task_fraction=0.7,
-        head_positions=0.25,
-        time_budget_s=420.0,
-        eval_every=1000,
-    ),
+    "gpu_passkey_curriculum": _CURRICULUM,
+    # Runs 8-9 retrieved (almost) exactly the keys that are 2 GPT-2 tokens long (dlm_summary.md, run 9): the
+    # middle token of a 3-token key, which must be copied by its position inside the key, was not learnt at
+    # 2K-8K. Run 8's recipe with training keys of 3-9 digits (answers of 1-4 tokens). Not yet run.
+    "gpu_passkey_digits": dataclasses.replace(_CURRICULUM, passkey_digits=(3, 9)),
     # Run 8 (gpu_passkey_curriculum, 420 s, H100): one-shot passkey 0.56 / 0.59 / 0.66 at 4K / 2K / 8K (32
     # examples), the same at every length: the retrieval circuit, not the length, limits it; held-out NLL
     # stayed at the unigram level (7.0), so the 30% text rows bought nothing in 420 s. Hence: 90% passkey
     # rows, a short 1K stage, three quarters of the time at 4K.
-    # Runs 8-9 retrieved (almost) exactly the keys that are 2 GPT-2 tokens long (dlm_summary.md, run 9): the
-    # middle token of a 3-token key, which must be copied by its position inside the key, was not learnt at
-    # 2K-8K. Run 8's recipe with training keys of 3-9 digits (answers of 1-4 tokens). Not yet run.
-    "gpu_passkey_digits": dataclasses.replace(
-        _GPU_PASSKEY,
-        stages=((0.12, 128, 128, 0.8), (0.35, 1024, 32, 0.7), (1.0, 4096, 16, 0.7)),
-        task_fraction=0.7,
-        head_positions=0.25,
-        time_budget_s=420.0,
-        eval_every=1000,
-        passkey_digits=(3, 9),
-    ),
     "gpu_passkey_4k": dataclasses.replace(
-        _GPU_PASSKEY,
-        stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)),
-        task_fraction=0.9,
-        head_positions=0.25,
-        time_budget_s=420.0,
-        eval_every=1000,
+        _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9
     ),
 }
 

@@ -79,15 +79,18 @@ def device_op_times(trace_dir: str, steps: int, top: int = 25) -> list[dict]:
     return out
 
 
-def profile_step(cfg, toks, elig, head_positions, out_dir: Path, tag: str, steps: int = 5) -> list[dict]:
-    """Trace ``steps`` train steps after warm-up; write the step's optimised HLO and return device op times."""
+def _fresh_step(cfg, toks, elig, head_positions):
+    """A freshly initialised model's jitted train step and its arguments (params, opt state, batch, key)."""
     model = DiffusionLM(cfg.model_config(), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     tx = make_optimizer(cfg)
-    opt_state = tx.init(params)
     step = build_step(graphdef, tx, model.cfg.mask_id, cfg.eps, cfg.full_task_answers, head_positions)
-    toks, elig = jnp.asarray(toks), jnp.asarray(elig)
-    key = jax.random.PRNGKey(0)
+    return step, params, tx.init(params), jnp.asarray(toks), jnp.asarray(elig), jax.random.PRNGKey(0)
+
+
+def profile_step(cfg, toks, elig, head_positions, out_dir: Path, tag: str, steps: int = 5) -> list[dict]:
+    """Trace ``steps`` train steps after warm-up; write the step's optimised HLO and return device op times."""
+    step, params, opt_state, toks, elig, key = _fresh_step(cfg, toks, elig, head_positions)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"hlo_{tag}.txt").write_text(step.lower(params, opt_state, toks, elig, key).compile().as_text())
     for _ in range(3):
@@ -102,13 +105,7 @@ def profile_step(cfg, toks, elig, head_positions, out_dir: Path, tag: str, steps
 
 
 def time_step(cfg, seq_len, batch, toks, elig, iters, head_positions):
-    model = DiffusionLM(cfg.model_config(), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    tx = make_optimizer(cfg)
-    opt_state = tx.init(params)
-    step = build_step(graphdef, tx, model.cfg.mask_id, cfg.eps, cfg.full_task_answers, head_positions)
-    toks, elig = jnp.asarray(toks), jnp.asarray(elig)
-    key = jax.random.PRNGKey(0)
+    step, params, opt_state, toks, elig, key = _fresh_step(cfg, toks, elig, head_positions)
     t0 = time.perf_counter()
     params, opt_state, m = step(params, opt_state, toks, elig, key)
     jax.block_until_ready(m)
