@@ -221,3 +221,21 @@ def test_post_downsample_map_runs_at_16k_on_cpu():
     np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-4)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert peak_gib < 12, f"peak RSS {peak_gib:.1f} GiB: the oracle map is not streaming"
+
+
+@SETTINGS
+@given(problems())
+def test_block_stats_positional_equals_head_major_stats(p):
+    """The estimator's unsorted path (stats read in [B, L, H, D]) = block_stats on to_block_space's copy."""
+    from baatt import layout
+    from baatt.reference.downsample import block_stats, block_stats_positional
+
+    q, k, v, m = jx(p)
+    b = p["block"]
+    space = layout.to_block_space(q, k, None, block_q=b, block_k=b, key_mask=m)
+    for got, want in ((block_stats_positional(q, None, b), block_stats(space.q, space.q_valid[:, None, :], b)),
+                      (block_stats_positional(k, m, b), block_stats(space.k, space.kv_valid, b))):
+        assert got.mean.shape == want.mean.shape and got.count.shape == want.count.shape
+        np.testing.assert_array_equal(got.count, want.count)
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got.var, want.var, rtol=1e-5, atol=1e-6)

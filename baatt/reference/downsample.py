@@ -49,6 +49,32 @@ def block_stats(x: jax.Array, valid: jax.Array, block: int) -> BlockStats:
     return BlockStats(mean, var, count[..., 0].astype(jnp.float32))
 
 
+def block_stats_positional(x: jax.Array, valid: jax.Array | None, block: int) -> BlockStats:
+    """:func:`block_stats` of x [B, L, H, D] in its own layout; valid bool [B, L] or None (all valid).
+
+    The same statistics as ``block_stats`` on the head-major copy ``to_block_space`` makes, without
+    making it: the block reductions read x where it lies and only the [B, N, H, D] results are
+    transposed, so unsorted statistics cost one read of x (two with the variance) instead of a
+    transposed copy plus those reads. Used when no permutation is applied.
+    """
+    b, length, h, d = x.shape
+    n = -(-length // block)
+    if valid is None:
+        valid = jnp.ones((b, length), jnp.bool_)
+    pad = n * block - length
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)), constant_values=False)
+    xb = x.reshape(b, n, block, h, d).astype(jnp.float32)
+    vb = valid.reshape(b, n, block)[:, :, :, None, None]
+    count = jnp.sum(vb, axis=2, dtype=jnp.float32)  # [B, N, 1, 1]
+    denom = jnp.maximum(count, 1.0)
+    mean = jnp.sum(jnp.where(vb, xb, 0.0), axis=2) / denom  # [B, N, H, D]
+    var = jnp.sum(jnp.where(vb, (xb - mean[:, :, None]) ** 2, 0.0), axis=2) / denom
+    heads_major = lambda a: jnp.transpose(a, (0, 2, 1, 3))
+    return BlockStats(heads_major(mean), heads_major(var), jnp.broadcast_to(count[:, :, 0, 0][:, None, :], (b, h, n)))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Estimate:
@@ -106,12 +132,19 @@ def estimate(q, k, config: BAConfig, *, key_mask=None) -> Estimate:
 @functools.partial(jax.jit, static_argnums=(3,))
 def _estimate_jit(q, k, key_mask, config):
     q_perm, k_perm = sort_permutations(q, k, config, key_mask)
-    space = layout.to_block_space(
-        q, k, None, block_q=config.block_q, block_k=config.block_k,
-        key_mask=key_mask, q_perm=q_perm, k_perm=k_perm,
-    )
-    q_stats = block_stats(space.q, space.q_valid[:, None, :], config.block_q)
-    k_stats = block_stats(space.k, space.kv_valid, config.block_k)
+    if q_perm is None:
+        q_stats = block_stats_positional(q, None, config.block_q)
+    if k_perm is None:
+        k_stats = block_stats_positional(k, key_mask, config.block_k)
+    if q_perm is not None or k_perm is not None:
+        space = layout.to_block_space(
+            q, k, None, block_q=config.block_q, block_k=config.block_k,
+            key_mask=key_mask, q_perm=q_perm, k_perm=k_perm,
+        )
+        if q_perm is not None:
+            q_stats = block_stats(space.q, space.q_valid[:, None, :], config.block_q)
+        if k_perm is not None:
+            k_stats = block_stats(space.k, space.kv_valid, config.block_k)
     scores = pooled_scores(q_stats, k_stats, config, q.shape[-1])
     return Estimate(scores, q_perm, k_perm, q_stats, k_stats)
 
