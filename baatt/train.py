@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import queue
-import threading
 import time
 from pathlib import Path
 
@@ -26,8 +24,13 @@ import optax
 from flax import nnx
 
 from baatt.data import corpus, tasks
+from baatt.data.batches import BatchStream
 from baatt.data.tokenizer import get_tokenizer
-from baatt.diffusion.masking import diffusion_loss_gathered, head_positions_for, masked_ce
+from baatt.diffusion.masking import (
+    diffusion_loss_gathered,
+    head_positions_for,
+    masked_ce,
+)
 from baatt.nn import AttentionPlan, DiffusionLM, get_config
 
 
@@ -60,6 +63,9 @@ class TrainConfig:
     # A 5-digit key is 2 or 3 GPT-2 tokens; wider ranges give answers of 1-4 tokens, i.e. many more tokens
     # that must be copied by their position inside the key rather than next to fixed text.
     passkey_digits: tuple[int, int] = (5, 5)
+    # Processes that build batches (0: one background thread). Short rows full of task examples take
+    # longer to build in Python than a GPU step (see baatt.data.batches); a few workers hide that.
+    batch_workers: int = 0
     # Output head (and softmax CE) at this many positions per row only, masked ones first (an unbiased
     # estimate of the full loss, exact when a row has at most that many masked tokens; see
     # baatt.diffusion.masking.diffusion_loss_gathered): None = every position, an int K, or a float in
@@ -88,6 +94,8 @@ class TrainConfig:
         if not (isinstance(lo_hi, tuple) and len(lo_hi) == 2 and all(isinstance(x, int) for x in lo_hi)
                 and 1 <= lo_hi[0] <= lo_hi[1] <= 12):
             raise ValueError(f"passkey_digits must be a tuple (lo, hi) of ints with 1 <= lo <= hi <= 12; got {lo_hi!r}")
+        if isinstance(self.batch_workers, bool) or not isinstance(self.batch_workers, int) or self.batch_workers < 0:
+            raise ValueError(f"batch_workers must be an int >= 0; got {self.batch_workers!r}")
         if not 0.0 < self.task_answer_t_min <= 1.0:
             raise ValueError(f"task_answer_t_min must lie in (0, 1]; got {self.task_answer_t_min}")
         if self.steps < 1:
@@ -103,54 +111,6 @@ class TrainConfig:
 
 
 # -- data -------------------------------------------------------------------------
-
-
-def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_kinds, passkey_digits=(5, 5)):
-    """(tokens int32 [B, L], eligible bool [B, L]) mixing packed text and task examples.
-
-    Each row is a task example with probability ``task_fraction`` (kind drawn from
-    those of ``task_kinds`` that fit ``seq_len``, see ``tasks.DEFAULT_MIN_LENGTH``).
-    passkey_digits: (lo, hi) digits of each passkey, uniform (default: always 5).
-    """
-    toks = corpus.packed_batch(stream, rng, batch, seq_len)
-    elig = np.ones((batch, seq_len), bool)
-    kinds = [k for k in task_kinds if seq_len >= tasks.DEFAULT_MIN_LENGTH[k]]  # tasks that fit this length
-    for i in range(batch):
-        if task_fraction and kinds and rng.uniform() < task_fraction:
-            kind = str(rng.choice(kinds))
-            kw = {}
-            if kind == "passkey" and tuple(passkey_digits) != (5, 5):
-                kw["digits"] = int(rng.integers(passkey_digits[0], passkey_digits[1] + 1))
-            ex = tasks.make_example(kind, rng, stream, tokenizer, seq_len, **kw)
-            toks[i] = ex.tokens
-            elig[i] = False
-            elig[i, ex.answer_start : ex.answer_end] = True
-    return toks, elig
-
-
-class _Prefetch:
-    def __init__(self, fn, depth=4):
-        self.q: queue.Queue = queue.Queue(depth)
-        self.fn = fn
-        self.stop = False
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self.stop:
-            item = self.fn()
-            while not self.stop:
-                try:
-                    self.q.put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-
-    def get(self):
-        return self.q.get()
-
-    def close(self):
-        self.stop = True
 
 
 # -- optimiser ----------------------------------------------------------------------
@@ -395,7 +355,6 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                          cfg.task_answer_t_min)
 
     seed_seq = np.random.SeedSequence([cfg.seed, start_step])
-    rngs = {}
 
     def stage_of(progress):
         """(seq_len, batch, task_fraction) of the stage that covers ``progress``."""
@@ -409,10 +368,9 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             for p in prefetchers.values():  # a new stage: the earlier stage's builder thread is not needed any more
                 p.close()
             prefetchers.clear()
-            r = rngs.setdefault((l, b, tf), np.random.default_rng(seed_seq.spawn(1)[0]))
-            prefetchers[(l, b, tf)] = _Prefetch(lambda: make_batch(
-                r, train_stream, tokenizer, l, b, task_fraction=tf, task_kinds=cfg.task_kinds,
-                passkey_digits=cfg.passkey_digits))
+            prefetchers[(l, b, tf)] = BatchStream(
+                seed_seq.spawn(1)[0], train_stream, tokenizer, l, b, workers=cfg.batch_workers,
+                task_fraction=tf, task_kinds=cfg.task_kinds, passkey_digits=cfg.passkey_digits)
         return prefetchers[(l, b, tf)]
 
     erng = np.random.default_rng(1234)

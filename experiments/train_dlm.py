@@ -59,6 +59,7 @@ _GPU_PASSKEY = TrainConfig(
     eval_tasks=16,
     eval_len=4096,
     ckpt_every=100_000,
+    batch_workers=4,
 )
 
 # Retrieval first, at short lengths, then long rows. Probes on an H200 (passkey-only task rows at one

@@ -35,7 +35,8 @@ from flax import nnx  # noqa: E402
 from baatt.data import corpus  # noqa: E402
 from baatt.data.tokenizer import get_tokenizer  # noqa: E402
 from baatt.nn import DiffusionLM  # noqa: E402
-from baatt.train import build_step, make_batch, make_optimizer, run_info  # noqa: E402
+from baatt.data.batches import make_batch  # noqa: E402
+from baatt.train import build_step, make_optimizer, run_info  # noqa: E402
 from experiments.bench_sparse import _median_time  # noqa: E402
 from experiments.train_dlm import get_config  # noqa: E402
 

@@ -136,7 +136,7 @@ def test_task_errors(tok, val):
 
 
 def test_make_batch_uses_only_tasks_that_fit(tok, val):
-    from baatt.train import make_batch
+    from baatt.data.batches import make_batch
 
     rng = np.random.default_rng(0)
     kinds = ("passkey", "multikey_niah", "variable_tracking")
@@ -154,7 +154,8 @@ def test_make_batch_uses_only_tasks_that_fit(tok, val):
 
 
 def test_make_batch_passkey_digits(tok, val):
-    from baatt.train import TrainConfig, make_batch
+    from baatt.data.batches import make_batch
+    from baatt.train import TrainConfig
 
     def answers(digits, seed):
         rng = np.random.default_rng(seed)
@@ -171,3 +172,38 @@ def test_make_batch_passkey_digits(tok, val):
         TrainConfig(passkey_digits=(0, 5))
     with pytest.raises(ValueError, match="passkey_digits must be a tuple"):
         TrainConfig(passkey_digits=(7, 5))
+
+
+def test_batch_stream_thread_and_workers(tok, val):
+    """workers=0 yields make_batch's sequence for the seed; workers=2 is the same on every run,
+    interleaves its workers' streams (batch i from worker i mod 2) and shuts down."""
+    from baatt.data.batches import BatchStream, make_batch
+
+    kw = dict(task_fraction=0.5, task_kinds=("passkey",), passkey_digits=(5, 5))
+    seed = np.random.SeedSequence([7, 0])
+    rng = np.random.default_rng(seed)
+    want = [make_batch(rng, val, tok, 64, 4, **kw) for _ in range(3)]
+    s = BatchStream(seed, val, tok, 64, 4, workers=0, **kw)
+    got = [s.get() for _ in range(3)]
+    s.close()
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(got, want))
+
+    def run():
+        s = BatchStream(np.random.SeedSequence([7, 0]), val, tok, 64, 4, workers=2, **kw)
+        try:
+            return [s.get() for _ in range(4)]
+        finally:
+            s.close()
+            assert not any(p.is_alive() for p in s._procs)
+
+    a, b = run(), run()
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    children = np.random.SeedSequence([7, 0]).spawn(2)
+    w0, w1 = (np.random.default_rng(c) for c in children)
+    assert np.array_equal(a[0][0], make_batch(w0, val, tok, 64, 4, **kw)[0])
+    assert np.array_equal(a[1][0], make_batch(w1, val, tok, 64, 4, **kw)[0])
+    assert np.array_equal(a[2][0], make_batch(w0, val, tok, 64, 4, **kw)[0])
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        BatchStream(seed, val, tok, 64, 4, workers=-1, **kw)
+    with pytest.raises(RuntimeError, match="after close"):
+        s.get()

@@ -1,5 +1,7 @@
 """Masked diffusion: forward process, loss, the LLaDA sampler, and a tiny CPU training run."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +116,11 @@ def test_train_stages_set_their_own_task_fraction():
     fr = {h["step"]: h["task_fraction"] for h in r["history"] if "task_fraction" in h}
     assert fr == {10: 1.0, 20: 0.0}
     assert all("passkey_acc" in h for h in r["history"] if "val_nll" in h)  # a stage has task rows: passkey checked
+    r = train(dataclasses.replace(cfg, steps=4, eval_every=0, batch_workers=1), train_stream=val, val_stream=val,
+              log_fn=lambda s: None)
+    assert r["steps"] == 4  # batches from a worker process
+    with pytest.raises(ValueError, match="batch_workers must be an int >= 0"):
+        TrainConfig(batch_workers=-1)
     with pytest.raises(ValueError, match="a stage's task_fraction must lie in"):
         TrainConfig(stages=((1.0, 64, 2, 1.5),))
     with pytest.raises(ValueError, match="stages must be a non-empty tuple"):

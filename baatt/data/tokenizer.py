@@ -51,6 +51,7 @@ class Tokenizer:
 
     def __init__(self, ranks_path: str | os.PathLike | None = None):
         path = Path(ranks_path) if ranks_path is not None else default_ranks_path()
+        self.path = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"GPT-2 BPE ranks file not found at {path}; {SETUP_HINT}")
         ranks: dict[bytes, int] = {}
