@@ -92,7 +92,7 @@ def test_train_dlm_presets_are_valid():
     assert p4k.stages[-1][1] == 4096 and p4k.stages[-1][0] - p4k.stages[-2][0] >= 0.5 and p4k.time_budget_s <= 450
     assert all(s[3] >= 0.9 for s in p4k.stages)
     dig = train_dlm.get_config("gpu_passkey_digits")
-    assert dig.passkey_digits[0] <= 4 and dig.passkey_digits[1] >= 8 and dig.stages == cur.stages
+    assert dig.passkey_digits[0] <= 5 <= 8 <= dig.passkey_digits[1] and dig.stages == p4k.stages
     assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
 
 
