@@ -6,7 +6,8 @@ For every (seq_len, batch) stage of a train preset: compile time and mean time
 of the jitted train step on a fixed real batch (device time only, synchronised),
 mean time of ``make_batch`` (packed text + task examples, host CPU), and the
 tokens/s each of them allows. A training run is limited by the slower of the
-two (the batch builder runs in a background thread). Variants: the preset's
+two (batches are built in a background thread, or in ``TrainConfig.batch_workers``
+processes: "all builders tok/s" is one builder's rate times their number). Variants: the preset's
 ``head_positions`` and the full head; for the preset's head also the model forward,
 the loss gradient (no optimiser) and one dense attention layer alone. Writes ``train_step_time_<preset>.json``.
 
@@ -187,7 +188,8 @@ def main(argv=None):
             compile_s, step_s = time_step(cfg, seq_len, batch, toks, elig, args.iters, hp)
             row = dict(seq_len=seq_len, batch=batch, head=name, head_positions=hp, compile_s=compile_s,
                        step_ms=1e3 * step_s, batch_ms=1e3 * batch_s, step_tok_s=seq_len * batch / step_s,
-                       batch_tok_s=seq_len * batch / batch_s)
+                       batch_tok_s=seq_len * batch / batch_s, builders=max(1, cfg.batch_workers),
+                       builders_tok_s=max(1, cfg.batch_workers) * seq_len * batch / batch_s)
             if name == "preset":
                 row.update(breakdown(cfg, toks, args.iters))
                 if args.profile:
@@ -203,11 +205,12 @@ def main(argv=None):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"train_step_time_{args.preset}.json"
     path.write_text(json.dumps(out, indent=1, default=str))
-    print("| L | batch | head | compile s | step ms | step tok/s | batch-builder ms | builder tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| L | batch | head | compile s | step ms | step tok/s | batch-builder ms | builder tok/s | builders | all builders tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seq_len']} | {r['batch']} | {r['head']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
-              f"{r['step_tok_s']:,.0f} | {r['batch_ms']:.1f} | {r['batch_tok_s']:,.0f} |")
+              f"{r['step_tok_s']:,.0f} | {r['batch_ms']:.1f} | {r['batch_tok_s']:,.0f} | {r['builders']} | "
+              f"{r['builders_tok_s']:,.0f} |")
     return out
 
 
