@@ -202,24 +202,38 @@ def _nll_fn(graphdef, plan):
     return _NLL_CACHE[k]
 
 
-def task_accuracy_oneshot(model, examples, *, plan=None, batch=8, diagnostics: bool = False):
-    """Fraction of examples whose whole answer span is predicted exactly, all answer tokens masked, one forward.
+def accuracy_split(results) -> dict[str, dict[str, list[int]]]:
+    """[correct, examples] counts of task answers, per group and key, from (example, token hits) pairs.
 
-    diagnostics: return (accuracy, split) where split holds the accuracy by answer length in tokens
-    (``by_answer_tokens``; a 5-digit key is 2 or 3 GPT-2 tokens, and the middle one of 3 has no fixed
-    neighbour to anchor a copy on), by needle depth third (``by_depth``: 0 = first third of the
-    haystack) and per answer-token position (``token_acc``: first / middle / last token correct).
+    Groups: ``by_answer_tokens`` (answer length in tokens; a 5-digit key is 2 or 3 GPT-2 tokens, and
+    the middle one of 3 has no fixed neighbour to anchor a copy on), ``by_depth`` (needle depth
+    third, 0 = first third of the haystack; exact match) and ``token_acc`` (answer-token position:
+    first / middle / last token correct).
     """
-    state, gd = nnx.state(model), nnx.graphdef(model)
-    f = _argmax_fn(gd, plan)
-    cells: dict[str, dict] = {"by_answer_tokens": {}, "by_depth": {}, "token_acc": {}}
+    cells: dict[str, dict[str, list[int]]] = {"by_answer_tokens": {}, "by_depth": {}, "token_acc": {}}
 
     def count(group, key, ok):
         c = cells[group].setdefault(str(key), [0, 0])
         c[0] += bool(ok)
         c[1] += 1
 
-    correct = 0
+    for e, hit in results:
+        ok = bool(np.all(hit))
+        count("by_answer_tokens", hit.size, ok)
+        count("by_depth", min(int(3 * e.depths[e.target]), 2), ok)
+        for pos, h in enumerate(hit):
+            count("token_acc", "first" if pos == 0 else "last" if pos == hit.size - 1 else "middle", h)
+    return {g: dict(sorted(v.items())) for g, v in cells.items()}
+
+
+def task_accuracy_oneshot(model, examples, *, plan=None, batch=8, diagnostics: bool = False):
+    """Fraction of examples whose whole answer span is predicted exactly, all answer tokens masked, one forward.
+
+    diagnostics: return (accuracy, split): the accuracy per group and key of :func:`accuracy_split`.
+    """
+    state, gd = nnx.state(model), nnx.graphdef(model)
+    f = _argmax_fn(gd, plan)
+    results = []
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
         toks = np.stack([e.tokens for e in chunk])
@@ -227,17 +241,10 @@ def task_accuracy_oneshot(model, examples, *, plan=None, batch=8, diagnostics: b
         for j, e in enumerate(chunk):
             noisy[j, e.answer_start : e.answer_end] = model.cfg.mask_id
         pred = np.asarray(f(state, jnp.asarray(noisy)))
-        for j, e in enumerate(chunk):
-            hit = pred[j, e.answer_start : e.answer_end] == e.answer_tokens
-            ok = bool(np.all(hit))
-            correct += ok
-            count("by_answer_tokens", hit.size, ok)
-            count("by_depth", min(int(3 * e.depths[e.target]), 2), ok)
-            for pos, h in enumerate(hit):
-                count("token_acc", "first" if pos == 0 else "last" if pos == hit.size - 1 else "middle", h)
-    acc = correct / max(len(examples), 1)
+        results += [(e, pred[j, e.answer_start : e.answer_end] == e.answer_tokens) for j, e in enumerate(chunk)]
+    acc = sum(bool(np.all(hit)) for _, hit in results) / max(len(examples), 1)
     if diagnostics:
-        return acc, {g: {k: c / t for k, (c, t) in sorted(v.items())} for g, v in cells.items()}
+        return acc, {g: {k: c / t for k, (c, t) in v.items()} for g, v in accuracy_split(results).items()}
     return acc
 
 
@@ -361,17 +368,18 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
         stage = next((s for s in cfg.stages if progress < s[0]), cfg.stages[-1])
         return stage[1], stage[2], cfg.stage_task_fraction(stage)
 
-    prefetchers: dict = {}
+    source = None  # (stage, BatchStream) of the current stage; a new stage closes the old builders
 
-    def batches(l, b, tf):
-        if (l, b, tf) not in prefetchers:
-            for p in prefetchers.values():  # a new stage: the earlier stage's builder thread is not needed any more
-                p.close()
-            prefetchers.clear()
-            prefetchers[(l, b, tf)] = BatchStream(
+    def batches(stage):
+        nonlocal source
+        if source is None or source[0] != stage:
+            if source is not None:
+                source[1].close()
+            l, b, tf = stage
+            source = (stage, BatchStream(
                 seed_seq.spawn(1)[0], train_stream, tokenizer, l, b, workers=cfg.batch_workers,
-                task_fraction=tf, task_kinds=cfg.task_kinds, passkey_digits=cfg.passkey_digits)
-        return prefetchers[(l, b, tf)]
+                task_fraction=tf, task_kinds=cfg.task_kinds, passkey_digits=cfg.passkey_digits))
+        return source[1]
 
     erng = np.random.default_rng(1234)
     eval_len = cfg.eval_len or cfg.stages[-1][1]
@@ -413,7 +421,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             if progress >= 1.0:
                 break
             l, b, tf = stage_of(progress)
-            toks, elig = batches(l, b, tf).get()
+            toks, elig = batches((l, b, tf)).get()
             opt_state = _set_lr(opt_state, lr_at(cfg, step, progress))
             key, sub = jax.random.split(key)
             params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(toks), jnp.asarray(elig), sub)
@@ -437,8 +445,8 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                 save_checkpoint(mngr, step, params, opt_state)
     finally:
         bar.close()
-        for p in prefetchers.values():
-            p.close()
+        if source is not None:
+            source[1].close()
     final = evaluate(step)
     history.append(dict(final, elapsed_s=time.time() - t0, final=True))
     log_fn(json.dumps(final))

@@ -42,7 +42,7 @@ from baatt.data.tokenizer import get_tokenizer  # noqa: E402
 from baatt.diffusion import generate  # noqa: E402
 from baatt.diffusion.masking import forward_process, masked_ce  # noqa: E402
 from baatt.nn import AttentionPlan  # noqa: E402
-from baatt.train import load_model, run_info  # noqa: E402
+from baatt.train import accuracy_split, load_model, run_info  # noqa: E402
 
 
 def variants(sparsities, block_size, implementation):
@@ -91,8 +91,7 @@ def eval_task(model, plan, examples, batch, decode="sampler"):
     groups: dict[int, list] = {}
     for e in examples:
         groups.setdefault(e.answer_end - e.answer_start, []).append(e)
-    correct, dens, n = 0, [], 0
-    by_len: dict[str, list[int]] = {}  # answer length in tokens -> [correct, examples]
+    results, dens = [], []
     for alen, exs in sorted(groups.items()):
         for i in range(0, len(exs), batch):
             chunk = exs[i : i + batch]
@@ -102,15 +101,13 @@ def eval_task(model, plan, examples, batch, decode="sampler"):
             for j, e in enumerate(chunk):
                 canvas[j, e.answer_start : e.answer_end] = model.cfg.mask_id
             r = generate(model, canvas, steps=alen if decode == "sampler" else 1, block_length=alen, plan=plan)
-            cell = by_len.setdefault(str(alen), [0, 0])
-            for j, e in enumerate(chunk[:real]):
-                ok = bool(np.array_equal(r.tokens[j, e.answer_start : e.answer_end], e.answer_tokens))
-                correct += ok
-                cell[0] += ok
-            cell[1] += real
+            results += [(e, r.tokens[j, e.answer_start : e.answer_end] == e.answer_tokens)
+                        for j, e in enumerate(chunk[:real])]
             dens.append(r.mean_density)
-            n += real
-    return dict(acc=correct / max(n, 1), n=n, density=float(np.mean(dens)) if dens else 1.0,
+    n = len(results)
+    by_len = accuracy_split(results)["by_answer_tokens"]
+    return dict(acc=sum(bool(np.all(hit)) for _, hit in results) / max(n, 1), n=n,
+                density=float(np.mean(dens)) if dens else 1.0,
                 by_answer_tokens={k: dict(acc=c / t, n=t) for k, (c, t) in by_len.items()})
 
 

@@ -142,3 +142,10 @@ def test_dlm_experiment_script_trains_evaluates_and_merges(tmp_path):
     md = (tmp_path / "out" / "dlm_eval_cpu_tiny.md").read_text()
     assert "| 256 | dense |" in md and "| 320 | dense |" in md
     assert (tmp_path / "out" / "dlm_train_cpu_tiny.json").exists()
+    import json
+
+    for row in json.loads((tmp_path / "out" / "dlm_eval_cpu_tiny.json").read_text())["rows"]:
+        for task in ("passkey", "multikey_niah"):  # every example counted once, in its answer length's cell
+            split = row[f"{task}_by_answer_tokens"]
+            assert sum(c["n"] for c in split.values()) == 1
+            assert row[task] == sum(c["acc"] * c["n"] for c in split.values())

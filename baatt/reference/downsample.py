@@ -41,12 +41,20 @@ def block_stats(x: jax.Array, valid: jax.Array, block: int) -> BlockStats:
     """
     xb = layout.block_view(x.astype(jnp.float32), block)
     vb = layout.block_view(jnp.broadcast_to(valid, x.shape[:3]), block)[..., None]
-    count = jnp.sum(vb, axis=-2)  # [B, H, N, 1]
+    mean, var, count = _masked_moments(xb, vb, axis=-2)  # count [B, H, N, 1]
+    return BlockStats(mean, var, count[..., 0])
+
+
+def _masked_moments(xb, vb, axis: int):
+    """Mean, population variance and count (float32) of xb over ``axis``, counting only where vb is True.
+
+    Empty groups give mean 0 and var 0. count keeps ``axis`` out (the shape of the reduction of vb).
+    """
+    count = jnp.sum(vb, axis=axis, dtype=jnp.float32)
     denom = jnp.maximum(count, 1.0)
-    xz = jnp.where(vb, xb, 0.0)
-    mean = jnp.sum(xz, axis=-2) / denom
-    var = jnp.sum(jnp.where(vb, (xb - mean[..., None, :]) ** 2, 0.0), axis=-2) / denom
-    return BlockStats(mean, var, count[..., 0].astype(jnp.float32))
+    mean = jnp.sum(jnp.where(vb, xb, 0.0), axis=axis) / denom
+    var = jnp.sum(jnp.where(vb, (xb - jnp.expand_dims(mean, axis)) ** 2, 0.0), axis=axis) / denom
+    return mean, var, count
 
 
 def block_stats_positional(x: jax.Array, valid: jax.Array | None, block: int) -> BlockStats:
@@ -67,10 +75,7 @@ def block_stats_positional(x: jax.Array, valid: jax.Array | None, block: int) ->
         valid = jnp.pad(valid, ((0, 0), (0, pad)), constant_values=False)
     xb = x.reshape(b, n, block, h, d).astype(jnp.float32)
     vb = valid.reshape(b, n, block)[:, :, :, None, None]
-    count = jnp.sum(vb, axis=2, dtype=jnp.float32)  # [B, N, 1, 1]
-    denom = jnp.maximum(count, 1.0)
-    mean = jnp.sum(jnp.where(vb, xb, 0.0), axis=2) / denom  # [B, N, H, D]
-    var = jnp.sum(jnp.where(vb, (xb - mean[:, :, None]) ** 2, 0.0), axis=2) / denom
+    mean, var, count = _masked_moments(xb, vb, axis=2)  # [B, N, H, D], count [B, N, 1, 1]
     heads_major = lambda a: jnp.transpose(a, (0, 2, 1, 3))
     return BlockStats(heads_major(mean), heads_major(var), jnp.broadcast_to(count[:, :, 0, 0][:, None, :], (b, h, n)))
 
