@@ -63,6 +63,10 @@ class TrainConfig:
     # A 5-digit key is 2 or 3 GPT-2 tokens; wider ranges give answers of 1-4 tokens, i.e. many more tokens
     # that must be copied by their position inside the key rather than next to fixed text.
     passkey_digits: tuple[int, int] = (5, 5)
+    # > 0: training passkey rows ask the question once per this many tokens (copies at random depths,
+    # every answer masked and scored) instead of once at the end: several retrievals per row, from
+    # varied distances, for the cost of one. The evaluation always asks once, at the end.
+    passkey_question_every: int = 0
     # Processes that build batches (0: one background thread). Short rows full of task examples take
     # longer to build in Python than a GPU step (see baatt.data.batches); a few workers hide that.
     batch_workers: int = 0
@@ -96,6 +100,9 @@ class TrainConfig:
             raise ValueError(f"passkey_digits must be a tuple (lo, hi) of ints with 1 <= lo <= hi <= 12; got {lo_hi!r}")
         if isinstance(self.batch_workers, bool) or not isinstance(self.batch_workers, int) or self.batch_workers < 0:
             raise ValueError(f"batch_workers must be an int >= 0; got {self.batch_workers!r}")
+        q = self.passkey_question_every
+        if isinstance(q, bool) or not isinstance(q, int) or not (q == 0 or q >= 64):
+            raise ValueError(f"passkey_question_every must be 0 (off) or an int >= 64 tokens; got {q!r}")
         if not 0.0 < self.task_answer_t_min <= 1.0:
             raise ValueError(f"task_answer_t_min must lie in (0, 1]; got {self.task_answer_t_min}")
         if self.steps < 1:
@@ -378,7 +385,8 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             l, b, tf = stage
             source = (stage, BatchStream(
                 seed_seq.spawn(1)[0], train_stream, tokenizer, l, b, workers=cfg.batch_workers,
-                task_fraction=tf, task_kinds=cfg.task_kinds, passkey_digits=cfg.passkey_digits))
+                task_fraction=tf, task_kinds=cfg.task_kinds, passkey_digits=cfg.passkey_digits,
+                passkey_question_every=cfg.passkey_question_every))
         return source[1]
 
     erng = np.random.default_rng(1234)

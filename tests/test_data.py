@@ -207,3 +207,38 @@ def test_batch_stream_thread_and_workers(tok, val):
         BatchStream(seed, val, tok, 64, 4, workers=-1, **kw)
     with pytest.raises(RuntimeError, match="after close"):
         s.get()
+
+
+def test_passkey_extra_questions_and_batch(tok, val):
+    """Repeated questions: every extra answer span decodes to the key, sits after its own question,
+    the needle stays the only needle, and make_batch marks every answer (and nothing else) eligible."""
+    from baatt.data.batches import make_batch
+    from baatt.train import TrainConfig
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        ex = tasks.passkey(rng, val, tok, 2048, extra_questions=3)
+        key = ex.answer.strip()
+        assert len(ex.extra_answer_spans) == 3 and len(ex.needle_spans) == 1 and ex.tokens.size == 2048
+        assert key in tok.decode(ex.tokens[slice(*ex.needle_spans[0])])
+        for a, b in ex.extra_answer_spans:
+            assert tok.decode(ex.tokens[a:b]).strip() == key
+            assert tok.decode(ex.tokens[a - 10 : a]).endswith("The pass key is")
+        assert tok.decode(ex.answer_tokens).strip() == key and ex.answer_end == 2047
+    plain = tasks.passkey(np.random.default_rng(4), val, tok, 512)
+    assert plain.extra_answer_spans == ()
+    with pytest.raises(ValueError, match="extra_questions must be an int >= 0"):
+        tasks.passkey(rng, val, tok, 512, extra_questions=-1)
+
+    toks, elig = make_batch(np.random.default_rng(5), val, tok, 1024, 6, task_fraction=1.0,
+                            task_kinds=("passkey",), passkey_question_every=256)
+    for r, e in zip(toks, elig):
+        spans = np.flatnonzero(np.diff(np.concatenate([[0], e.astype(int), [0]])))  # run starts/ends
+        assert len(spans) // 2 == 1024 // 256  # 3 copies + the question at the end
+        keys = {tok.decode(r[a:b]).strip() for a, b in zip(spans[::2], spans[1::2])}
+        assert len(keys) == 1 and next(iter(keys)).isdigit()
+    toks128, elig128 = make_batch(np.random.default_rng(5), val, tok, 128, 4, task_fraction=1.0,
+                                  task_kinds=("passkey",), passkey_question_every=256)
+    assert all(np.sum(np.diff(e.astype(int)) == 1) == 1 for e in elig128)  # too short: one question
+    with pytest.raises(ValueError, match="passkey_question_every must be 0"):
+        TrainConfig(passkey_question_every=16)

@@ -21,12 +21,15 @@ import numpy as np
 from baatt.data import corpus, tasks
 
 
-def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_kinds, passkey_digits=(5, 5)):
+def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_kinds, passkey_digits=(5, 5),
+               passkey_question_every=0):
     """(tokens int32 [B, L], eligible bool [B, L]) mixing packed text and task examples.
 
     Each row is a task example with probability ``task_fraction`` (kind drawn from
     those of ``task_kinds`` that fit ``seq_len``, see ``tasks.DEFAULT_MIN_LENGTH``).
     passkey_digits: (lo, hi) digits of each passkey, uniform (default: always 5).
+    passkey_question_every: > 0: a passkey row asks its question once per this many tokens (copies
+    inside the haystack besides the one at the end, every answer eligible); 0: once, at the end.
     """
     toks = corpus.packed_batch(stream, rng, batch, seq_len)
     elig = np.ones((batch, seq_len), bool)
@@ -37,10 +40,14 @@ def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_ki
             kw = {}
             if kind == "passkey" and tuple(passkey_digits) != (5, 5):
                 kw["digits"] = int(rng.integers(passkey_digits[0], passkey_digits[1] + 1))
+            if kind == "passkey" and passkey_question_every and seq_len >= 2 * passkey_question_every:
+                kw["extra_questions"] = seq_len // passkey_question_every - 1
             ex = tasks.make_example(kind, rng, stream, tokenizer, seq_len, **kw)
             toks[i] = ex.tokens
             elig[i] = False
             elig[i, ex.answer_start : ex.answer_end] = True
+            for a, b in ex.extra_answer_spans:
+                elig[i, a:b] = True
     return toks, elig
 
 

@@ -59,6 +59,9 @@ class TaskExample:
     needle_texts: tuple[str, ...]
     target: int
     depths: tuple[float, ...]
+    # Further (start, end) answer spans of repeated questions inside the haystack (training rows only;
+    # the scored answer is always answer_start:answer_end at the end).
+    extra_answer_spans: tuple[tuple[int, int], ...] = ()
 
     @property
     def answer_tokens(self) -> np.ndarray:
@@ -142,15 +145,32 @@ def _build(
     )
 
 
-def passkey(rng, stream, tokenizer, length, *, depth: float | None = None, digits: int = 5) -> TaskExample:
-    """Passkey retrieval: one ``digits``-digit key hidden at ``depth`` (uniform if None)."""
+def passkey(rng, stream, tokenizer, length, *, depth: float | None = None, digits: int = 5,
+            extra_questions: int = 0) -> TaskExample:
+    """Passkey retrieval: one ``digits``-digit key hidden at ``depth`` (uniform if None).
+
+    extra_questions: copies of the question with its answer inserted at random depths of the haystack
+    besides the one at the end (their answer spans in ``extra_answer_spans``): a training row then
+    supervises the retrieval from several distances at the cost of one.
+    """
     if not isinstance(digits, int) or not 1 <= digits <= 12:
         raise ValueError(f"digits must be an int in [1, 12]; got {digits!r}")
+    if isinstance(extra_questions, bool) or not isinstance(extra_questions, int) or extra_questions < 0:
+        raise ValueError(f"extra_questions must be an int >= 0; got {extra_questions!r}")
     key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
     depth = float(rng.uniform()) if depth is None else depth
     needle = f" The pass key is {key}. Remember it. {key} is the pass key."
-    return _build("passkey", rng, stream, tokenizer, length, [needle], [depth],
-                  " What is the pass key? The pass key is", f" {key}", target=0)
+    question, answer = " What is the pass key? The pass key is", f" {key}"
+    if not extra_questions:
+        return _build("passkey", rng, stream, tokenizer, length, [needle], [depth], question, answer, target=0)
+    copy = question + answer + "."
+    # GPT-2 pre-tokenisation splits at "is| 12345|.", so the copy's answer tokens are the answer's own.
+    a_len, s_len = len(tokenizer.encode(answer)), len(tokenizer.encode("."))
+    ex = _build("passkey", rng, stream, tokenizer, length, [needle] + [copy] * extra_questions,
+                [depth] + list(rng.uniform(size=extra_questions)), question, answer, target=0)
+    extra = tuple((e - s_len - a_len, e - s_len) for _, e in ex.needle_spans[1:])
+    return dataclasses.replace(ex, needle_spans=ex.needle_spans[:1], needle_texts=ex.needle_texts[:1],
+                               depths=ex.depths[:1], extra_answer_spans=extra)
 
 
 def multikey_niah(rng, stream, tokenizer, length, *, num_needles: int = 4, depths=None, digits: int = 6) -> TaskExample:
