@@ -67,6 +67,9 @@ class TrainConfig:
     # every answer masked and scored) instead of once at the end: several retrievals per row, from
     # varied distances, for the cost of one. The evaluation always asks once, at the end.
     passkey_question_every: int = 0
+    # None: training passkeys as drawn (5 digits: a middle answer token in ~34%); p in [0, 1]: that share
+    # of them has one (the token that no fixed text sits next to, hence the hardest to copy).
+    passkey_middle_share: float | None = None
     # Processes that build batches (0: one background thread). Short rows full of task examples take
     # longer to build in Python than a GPU step (see baatt.data.batches); a few workers hide that.
     batch_workers: int = 0
@@ -103,6 +106,9 @@ class TrainConfig:
         q = self.passkey_question_every
         if isinstance(q, bool) or not isinstance(q, int) or not (q == 0 or q >= 64):
             raise ValueError(f"passkey_question_every must be 0 (off) or an int >= 64 tokens; got {q!r}")
+        m = self.passkey_middle_share
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0):
+            raise ValueError(f"passkey_middle_share must be None or a number in [0, 1]; got {m!r}")
         if not 0.0 < self.task_answer_t_min <= 1.0:
             raise ValueError(f"task_answer_t_min must lie in (0, 1]; got {self.task_answer_t_min}")
         if self.steps < 1:
@@ -386,7 +392,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             source = (stage, BatchStream(
                 seed_seq.spawn(1)[0], train_stream, tokenizer, l, b, workers=cfg.batch_workers,
                 task_fraction=tf, task_kinds=cfg.task_kinds, passkey_digits=cfg.passkey_digits,
-                passkey_question_every=cfg.passkey_question_every))
+                passkey_question_every=cfg.passkey_question_every, passkey_middle_share=cfg.passkey_middle_share))
         return source[1]
 
     erng = np.random.default_rng(1234)

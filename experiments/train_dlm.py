@@ -27,6 +27,7 @@ Presets (``get_config(name)`` returns the ``TrainConfig``):
   gpu_passkey_digits: gpu_passkey_4k with training passkeys of 5-9 digits (evaluation: 5).
   gpu_passkey_questions: gpu_passkey_4k with each training passkey row asking its question once per 512
     tokens (8 scored retrievals per 4K row; evaluation: one question, at the end).
+  gpu_passkey_middle: gpu_passkey_questions with 70% of the training keys (5 digits) 3 tokens long.
 Writes ``<out>/dlm_train_<preset>.json`` (history, device, jax version, commit, date).
 """
 
@@ -156,6 +157,13 @@ PRESETS = {
         _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9,
         passkey_question_every=512,
     ),
+    # gpu_passkey_questions (H100, 420 s): one-shot passkey@4K token accuracy first 1.0 / last 0.75 /
+    # middle 0.17; 2-token keys 0.60, 3-token keys 0.08 in the evaluation (32 examples): the middle token
+    # is what fails. Same recipe with 70% of the 5-digit training keys drawn 3 tokens long (natural: 34%).
+    "gpu_passkey_middle": dataclasses.replace(
+        _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9,
+        passkey_question_every=512, passkey_middle_share=0.7,
+    ),
 }
 
 
@@ -195,6 +203,8 @@ def main(argv=None):
                    help="digits of the training passkeys, uniform in [LO, HI] (evaluation keeps 5)")
     p.add_argument("--passkey-question-every", type=int, default=None, metavar="TOKENS",
                    help="training passkey rows ask their question once per TOKENS tokens (0: once, at the end)")
+    p.add_argument("--passkey-middle-share", type=float, default=None, metavar="P",
+                   help="share of training passkeys whose answer has a middle token (>= 3 tokens)")
     args = p.parse_args(argv)
     cfg = get_config(args.preset)
     changes = {}
@@ -209,6 +219,8 @@ def main(argv=None):
     for name in ("task_fraction", "eval_every", "eval_len", "task_answer_t_min"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    if args.passkey_middle_share is not None:
+        changes["passkey_middle_share"] = args.passkey_middle_share
     if args.passkey_question_every is not None:
         changes["passkey_question_every"] = args.passkey_question_every
     if args.passkey_digits is not None:

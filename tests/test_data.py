@@ -242,3 +242,25 @@ def test_passkey_extra_questions_and_batch(tok, val):
     assert all(np.sum(np.diff(e.astype(int)) == 1) == 1 for e in elig128)  # too short: one question
     with pytest.raises(ValueError, match="passkey_question_every must be 0"):
         TrainConfig(passkey_question_every=16)
+
+
+def test_passkey_middle_token_share(tok, val):
+    from baatt.data.batches import make_batch
+    from baatt.train import TrainConfig
+
+    rng = np.random.default_rng(8)
+    for want in (True, False):
+        for _ in range(4):
+            ex = tasks.passkey(rng, val, tok, 256, middle_token=want)
+            assert (len(ex.answer_tokens) >= 3) == want and len(ex.answer.strip()) == 5
+    with pytest.raises(ValueError, match="middle_token=True is not reachable"):
+        tasks.passkey(rng, val, tok, 256, digits=1, middle_token=True)
+
+    def share(p):
+        toks, elig = make_batch(np.random.default_rng(9), val, tok, 128, 200, task_fraction=1.0,
+                                task_kinds=("passkey",), passkey_middle_share=p)
+        return np.mean(elig.sum(-1) >= 3)
+
+    assert share(1.0) == 1.0 and share(0.0) == 0.0 and 0.6 < share(0.7) < 0.8
+    with pytest.raises(ValueError, match="passkey_middle_share must be None or a number in"):
+        TrainConfig(passkey_middle_share=1.5)

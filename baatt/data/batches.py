@@ -22,7 +22,7 @@ from baatt.data import corpus, tasks
 
 
 def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_kinds, passkey_digits=(5, 5),
-               passkey_question_every=0):
+               passkey_question_every=0, passkey_middle_share=None):
     """(tokens int32 [B, L], eligible bool [B, L]) mixing packed text and task examples.
 
     Each row is a task example with probability ``task_fraction`` (kind drawn from
@@ -30,6 +30,8 @@ def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_ki
     passkey_digits: (lo, hi) digits of each passkey, uniform (default: always 5).
     passkey_question_every: > 0: a passkey row asks its question once per this many tokens (copies
     inside the haystack besides the one at the end, every answer eligible); 0: once, at the end.
+    passkey_middle_share: None: keys as drawn; p: a share p of the passkeys have an answer with a middle
+    token (>= 3 tokens), the others not.
     """
     toks = corpus.packed_batch(stream, rng, batch, seq_len)
     elig = np.ones((batch, seq_len), bool)
@@ -40,6 +42,8 @@ def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_ki
             kw = {}
             if kind == "passkey" and tuple(passkey_digits) != (5, 5):
                 kw["digits"] = int(rng.integers(passkey_digits[0], passkey_digits[1] + 1))
+            if kind == "passkey" and passkey_middle_share is not None:
+                kw["middle_token"] = bool(rng.uniform() < passkey_middle_share)
             if kind == "passkey" and passkey_question_every and seq_len >= 2 * passkey_question_every:
                 kw["extra_questions"] = seq_len // passkey_question_every - 1
             ex = tasks.make_example(kind, rng, stream, tokenizer, seq_len, **kw)

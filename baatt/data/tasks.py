@@ -146,18 +146,25 @@ def _build(
 
 
 def passkey(rng, stream, tokenizer, length, *, depth: float | None = None, digits: int = 5,
-            extra_questions: int = 0) -> TaskExample:
+            extra_questions: int = 0, middle_token: bool | None = None) -> TaskExample:
     """Passkey retrieval: one ``digits``-digit key hidden at ``depth`` (uniform if None).
 
     extra_questions: copies of the question with its answer inserted at random depths of the haystack
     besides the one at the end (their answer spans in ``extra_answer_spans``): a training row then
     supervises the retrieval from several distances at the cost of one.
+    middle_token: True / False: draw the key among those whose answer has / has no token between its
+    first and last (>= 3 / <= 2 GPT-2 tokens; rejection sampling); None: any key.
     """
     if not isinstance(digits, int) or not 1 <= digits <= 12:
         raise ValueError(f"digits must be an int in [1, 12]; got {digits!r}")
     if isinstance(extra_questions, bool) or not isinstance(extra_questions, int) or extra_questions < 0:
         raise ValueError(f"extra_questions must be an int >= 0; got {extra_questions!r}")
-    key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+    for _ in range(1000):
+        key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+        if middle_token is None or (len(tokenizer.encode(f" {key}")) >= 3) == middle_token:
+            break
+    else:
+        raise ValueError(f"middle_token={middle_token} is not reachable with {digits}-digit keys")
     depth = float(rng.uniform()) if depth is None else depth
     needle = f" The pass key is {key}. Remember it. {key} is the pass key."
     question, answer = " What is the pass key? The pass key is", f" {key}"
