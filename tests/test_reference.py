@@ -239,3 +239,40 @@ def test_block_stats_positional_equals_head_major_stats(p):
         np.testing.assert_array_equal(got.count, want.count)
         np.testing.assert_allclose(got.mean, want.mean, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(got.var, want.var, rtol=1e-5, atol=1e-6)
+
+
+def test_block_stats_one_pass_moments_against_float64():
+    """The one-read moments (shifted sums) match float64 two-pass moments where a plain
+    E[x^2] - E[x]^2 in float32 cancels (|mean| = 1e3 x spread), on masked groups whose first element
+    is valid or not, and with_var=False gives the same means without a variance."""
+    from baatt.reference.downsample import block_stats, block_stats_positional
+
+    rng = np.random.default_rng(0)
+    b, h, n, blk, d = 2, 3, 4, 32, 16
+    x = 300.0 + 0.3 * rng.standard_normal((b, h, n * blk, d))
+    valid = rng.uniform(size=(b, 1, n * blk)) < 0.7
+    valid[:, :, ::blk] = np.array([True, False, True, False])  # groups with and without a valid first element
+    valid[0, :, 2 * blk : 3 * blk] = False  # one empty block
+    got = block_stats(jnp.asarray(x, jnp.float32), jnp.asarray(valid), blk)
+    xb = x.reshape(b, h, n, blk, d)
+    vb = np.broadcast_to(valid.reshape(b, 1, n, blk, 1), xb.shape)
+    cnt = vb.sum(3)
+    mean = np.where(cnt > 0, (xb * vb).sum(3) / np.maximum(cnt, 1), 0.0)
+    var = np.where(cnt > 0, (((xb - mean[..., None, :]) ** 2) * vb).sum(3) / np.maximum(cnt, 1), 0.0)
+    np.testing.assert_array_equal(got.count, cnt[..., 0])
+    np.testing.assert_allclose(got.mean, mean, rtol=1e-6, atol=1e-4)
+    lead_valid = valid[:, 0, ::blk]  # [b, n]: groups with a valid first element use it as the shift
+    shifted = np.broadcast_to(lead_valid[:, None, :, None], var.shape)
+    np.testing.assert_allclose(np.where(shifted, got.var, var), var, rtol=2e-3, atol=1e-6)
+    assert np.all(np.asarray(got.var)[0, :, 2] == 0) and np.all(np.asarray(got.mean)[0, :, 2] == 0)
+    # Without a valid first element the shift is 0: still finite and non-negative.
+    assert np.all(np.isfinite(got.var)) and np.all(np.asarray(got.var) >= 0)
+
+    xp = jnp.asarray(np.transpose(x, (0, 2, 1, 3)), jnp.float32)  # [B, L, H, D], every key valid
+    full = block_stats_positional(xp, None, blk)
+    xbf = x.reshape(b, h, n, blk, d)
+    np.testing.assert_allclose(full.var, xbf.var(3), rtol=2e-3, atol=1e-6)
+    lean = block_stats_positional(xp, None, blk, with_var=False)
+    assert lean.var is None
+    np.testing.assert_allclose(lean.mean, full.mean, rtol=1e-6)
+    np.testing.assert_array_equal(lean.count, full.count)
