@@ -75,6 +75,23 @@ def test_norm_sort_matches_numpy(p):
                                   np.broadcast_to(np.arange(k.shape[1]), perm.shape))
 
 
+def test_norm_sort_ties_and_integer_comparator():
+    """Ties (zero and repeated rows) and masked tokens keep positional order, as a stable float argsort
+    would; and the sort XLA sees compares int32 keys only (the form its GPU radix sort takes)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 300, 3, 8)).astype(np.float32)
+    x[:, 10:40] = 0.0
+    x[:, 50:60] = x[:, 49:50]
+    mask = rng.uniform(size=(2, 300)) < 0.8
+    perm, _ = reference.norm_sort(jnp.asarray(x), mask=jnp.asarray(mask))
+    norms = np.where(mask[:, :, None], np.linalg.norm(x, axis=-1), np.inf).transpose(0, 2, 1)
+    np.testing.assert_array_equal(perm, np.argsort(norms, axis=-1, kind="stable"))
+    hlo = jax.jit(lambda a: reference.norm_sort(a)[0]).lower(jnp.asarray(x)).as_text()
+    comparator = hlo[hlo.index("stablehlo.sort"):]
+    comparator = comparator[: comparator.index("stablehlo.return")]
+    assert "SIGNED" in comparator and "FLOAT" not in comparator and "TOTALORDER" not in comparator
+
+
 @SETTINGS
 @given(problems(), st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
        st.sampled_from([None, 0.5, 1.0]))

@@ -23,8 +23,12 @@ def norm_sort(x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array
     norms = jnp.swapaxes(norms, 1, 2)  # [B, H, L]
     if mask is not None:
         norms = jnp.where(mask[:, None, :], norms, jnp.inf)
-    # A stable sort keeps equal norms (and all padding) in positional order.
-    perm = jnp.argsort(norms, axis=-1, stable=True).astype(jnp.int32)
+    # A stable sort keeps equal norms (and all padding) in positional order. Sorted as int32 bit
+    # patterns, which order non-negative floats (and +inf after them) exactly as their values: a float
+    # sort's comparator canonicalises -0 and NaN with selects, which keeps XLA on GPU from using its
+    # radix (CUB) sort and leaves it a much slower comparison sort.
+    keys = jax.lax.bitcast_convert_type(norms, jnp.int32)
+    perm = jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
     inverse = invert_permutation(perm)
     return perm, inverse
 
