@@ -24,9 +24,9 @@ def norm_sort(x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array
     if mask is not None:
         norms = jnp.where(mask[:, None, :], norms, jnp.inf)
     # A stable sort keeps equal norms (and all padding) in positional order. Sorted as int32 bit
-    # patterns, which order non-negative floats (and +inf after them) exactly as their values: a float
-    # sort's comparator canonicalises -0 and NaN with selects, which keeps XLA on GPU from using its
-    # radix (CUB) sort and leaves it a much slower comparison sort.
+    # patterns, which order non-negative floats (and +inf after them) exactly as their values: XLA's
+    # GPU sort rewriter sends a (keys, indices) pair sort to CUB's radix sort only with a plain
+    # comparator, and JAX's float comparator (numpy order) only when a single array is sorted.
     keys = jax.lax.bitcast_convert_type(norms, jnp.int32)
     perm = jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
     inverse = invert_permutation(perm)
