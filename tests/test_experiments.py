@@ -93,6 +93,9 @@ def test_train_dlm_presets_are_valid():
     assert all(s[3] >= 0.9 for s in p4k.stages)
     dig = train_dlm.get_config("gpu_passkey_digits")
     assert dig.passkey_digits[0] <= 5 <= 8 <= dig.passkey_digits[1] and dig.stages == p4k.stages
+    qs, mid = train_dlm.get_config("gpu_passkey_questions"), train_dlm.get_config("gpu_passkey_middle")
+    assert qs.stages == mid.stages == p4k.stages and qs.passkey_question_every == mid.passkey_question_every == 512
+    assert qs.passkey_middle_share is None and mid.passkey_middle_share == 0.7 and mid.passkey_digits == (5, 5)
     assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
 
 
