@@ -9,7 +9,11 @@ for the plain estimator, with compensation, with norm sorting of Q and K, and
 with both (the paper's recipe), and of ``baatt.attention`` end to end for each
 (sorting adds the permutations of Q/K/V and the inverse permutation of the
 output), both as a fraction of cuDNN's dense forward time measured in the same
-run. Writes ``bench_estimator.json`` / ``.md`` (device, jax version, commit, date).
+run. Per length and variant (at the first sparsity) also the cost of each part, as
+prefixes that XLA compiles on their own and their differences: norm sorts,
+block statistics, pooled scores, top-k selection, and the permutations of Q/K/V
+into sorted block space plus the inverse permutation of an output-sized array.
+Writes ``bench_estimator.json`` / ``.md`` (device, jax version, commit, date).
 """
 
 from __future__ import annotations
@@ -32,7 +36,38 @@ VARIANTS = {
 }
 
 
-def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn"):
+def part_times(q, k, v, bcfg, tm) -> dict:
+    """Milliseconds of each estimator part (prefix differences; see the module docstring)."""
+    import jax
+
+    from baatt import layout
+    from baatt.reference import downsample
+    from baatt.selection import select_blocks
+
+    sort = jax.jit(lambda q, k: downsample.sort_permutations(q, k, bcfg))
+    stats = jax.jit(lambda q, k: (lambda e: (e.q_stats, e.k_stats))(downsample._estimate_jit(q, k, None, bcfg)))
+    scores = jax.jit(lambda q, k: downsample._estimate_jit(q, k, None, bcfg).scores)
+    select = jax.jit(lambda q, k: select_blocks(q, k, bcfg))
+    t = dict(sort=tm(lambda: sort(q, k)) if (bcfg.sort_q or bcfg.sort_k) else 0.0)
+    t["stats"] = tm(lambda: stats(q, k)) - t["sort"]
+    t["scores"] = tm(lambda: scores(q, k)) - t["sort"] - t["stats"]
+    t["topk"] = tm(lambda: select(q, k)) - t["sort"] - t["stats"] - t["scores"]
+    t["permute"] = 0.0
+    if bcfg.sort_q or bcfg.sort_k:
+        qp, kp = jax.block_until_ready(sort(q, k))
+
+        @jax.jit
+        def permute(q, k, v, qp, kp):
+            sp = layout.to_block_space(q, k, v, block_q=bcfg.block_q, block_k=bcfg.block_k, q_perm=qp, k_perm=kp)
+            # sp.q stands in for the kernel's output (same shape) on its way back to positional order.
+            back = layout.from_block_space(sp.q, sp.q[..., 0].astype("float32"), length_q=q.shape[1], q_perm=qp)
+            return sp.k, sp.v, back
+
+        t["permute"] = tm(lambda: permute(q, k, v, qp, kp))
+    return {name: 1e3 * max(sec, 0.0) for name, sec in t.items()}
+
+
+def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True):
     import jax
 
     import baatt
@@ -55,20 +90,33 @@ def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn"):
                 t_est, t_full = tm(lambda: est(q, k)), tm(lambda: full(q, k, v))
                 row = dict(L=L, sparsity=s, variant=name, est_ms=1e3 * t_est, full_ms=1e3 * t_full,
                            cudnn_fwd_ms=1e3 * t_dense, est_frac_cudnn=t_est / t_dense, full_vs_cudnn=t_dense / t_full)
+                if parts and s == sparsities[0]:
+                    row["parts_ms"] = part_times(q, k, v, bcfg, tm)
                 rows.append(row)
                 print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
     return rows
 
 
 def markdown(meta, rows) -> str:
+    dense = {"cudnn": "cuDNN"}.get(meta.get("dense_impl", "cudnn"), meta.get("dense_impl"))
     lines = [f"# Estimator cost ({meta['device']}, jax {meta['jax_version']}, commit {meta['commit']}, {meta['date']})",
              "", f"B=1, H=32, D=128, bf16, block 128, implementation {meta['impl']}. est: `select_blocks` alone; "
-             "full: `baatt.attention` end to end; both against cuDNN dense forward in the same run.", "",
-             "| L | sparsity | variant | est ms | est / cuDNN fwd | full ms | speedup vs cuDNN |",
+             f"full: `baatt.attention` end to end; both against {dense} dense forward in the same run.", "",
+             f"| L | sparsity | variant | est ms | est / {dense} fwd | full ms | speedup vs {dense} |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['L']} | {r['sparsity']} | {r['variant']} | {r['est_ms']:.2f} | {100 * r['est_frac_cudnn']:.2f}% "
                      f"| {r['full_ms']:.2f} | {r['full_vs_cudnn']:.2f}x |")
+    with_parts = [r for r in rows if "parts_ms" in r]
+    if with_parts:
+        names = list(with_parts[0]["parts_ms"])
+        lines += ["", f"Parts (ms, sparsity {with_parts[0]['sparsity']}; prefix differences, each "
+                  "compiled alone; permute: Q/K/V into sorted block space + the output's inverse):", "",
+                  "| L | variant | " + " | ".join(names) + f" | {dense} fwd |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
+        for r in with_parts:
+            lines.append(f"| {r['L']} | {r['variant']} | " + " | ".join(f"{r['parts_ms'][n]:.2f}" for n in names)
+                         + f" | {r['cudnn_fwd_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -80,8 +128,9 @@ def main(argv=None):
     ap.add_argument("--impl", default=None, help="baatt.attention implementation (default: the best available)")
     ap.add_argument("--name", default="bench_estimator")
     ap.add_argument("--dense-impl", default="cudnn", help="dense baseline (xla for a CPU smoke run)")
+    ap.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
     args = ap.parse_args(argv)
-    rows = run(args.lengths, args.sparsities, args.impl, dense_impl=args.dense_impl)
+    rows = run(args.lengths, args.sparsities, args.impl, dense_impl=args.dense_impl, parts=not args.no_parts)
     meta = run_meta(impl=args.impl or "auto", dense_impl=args.dense_impl)
     write_results(args.out, args.name, meta, rows, markdown(meta, rows))
     return dict(meta=meta, rows=rows)

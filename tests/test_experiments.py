@@ -152,3 +152,19 @@ def test_dlm_experiment_script_trains_evaluates_and_merges(tmp_path):
             split = row[f"{task}_by_answer_tokens"]
             assert sum(c["n"] for c in split.values()) == 1
             assert row[task] == sum(c["acc"] * c["n"] for c in split.values())
+
+
+def test_bench_estimator_cpu_smoke_with_parts(tmp_path):
+    """The estimator benchmark runs end to end on a CPU (XLA dense baseline) and reports every part."""
+    from experiments import bench_estimator
+
+    res = bench_estimator.main(["--out", str(tmp_path), "--lengths", "256", "--sparsities", "0.5",
+                                "--dense-impl", "xla", "--impl", "reference", "--name", "est"])
+    rows = res["rows"]
+    assert [r["variant"] for r in rows] == list(bench_estimator.VARIANTS)
+    for r in rows:
+        p = r["parts_ms"]
+        assert set(p) == {"sort", "stats", "scores", "topk", "permute"} and all(x >= 0 for x in p.values())
+        assert (p["sort"] > 0 and p["permute"] > 0) == r["variant"].startswith("sorted")
+    md = (tmp_path / "est.md").read_text()
+    assert "Parts (ms" in md and md.count("| 256 |") == 2 * len(rows)
