@@ -119,6 +119,12 @@ class TrainConfig:
         """Task fraction of one ``stages`` entry: its 4th element, else ``task_fraction``."""
         return stage[3] if len(stage) == 4 else self.task_fraction
 
+    def batch_kwargs(self, task_fraction: float) -> dict:
+        """Keyword arguments of ``make_batch`` / ``BatchStream`` at a stage's task fraction."""
+        return dict(task_fraction=task_fraction, task_kinds=self.task_kinds,
+                    passkey_digits=self.passkey_digits, passkey_question_every=self.passkey_question_every,
+                    passkey_middle_share=self.passkey_middle_share)
+
     def model_config(self):
         return get_config(self.model, **dict(self.model_overrides))
 
@@ -390,9 +396,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                 source[1].close()
             l, b, tf = stage
             source = (stage, BatchStream(
-                seed_seq.spawn(1)[0], train_stream, tokenizer, l, b, workers=cfg.batch_workers,
-                task_fraction=tf, task_kinds=cfg.task_kinds, passkey_digits=cfg.passkey_digits,
-                passkey_question_every=cfg.passkey_question_every, passkey_middle_share=cfg.passkey_middle_share))
+                seed_seq.spawn(1)[0], train_stream, tokenizer, l, b, workers=cfg.batch_workers, **cfg.batch_kwargs(tf)))
         return source[1]
 
     erng = np.random.default_rng(1234)

@@ -174,12 +174,10 @@ def main(argv=None):
     stages = [s for i, s in enumerate(cfg.stages) if args.stages is None or i in args.stages]
     for stage in stages:
         seq_len, batch = stage[1], stage[2]
-        make_batch(rng, stream, tok, seq_len, batch, task_fraction=cfg.stage_task_fraction(stage), task_kinds=cfg.task_kinds,
-                   passkey_digits=cfg.passkey_digits)
+        make_batch(rng, stream, tok, seq_len, batch, **cfg.batch_kwargs(cfg.stage_task_fraction(stage)))
         t0 = time.perf_counter()
         for _ in range(args.batches):
-            toks, elig = make_batch(rng, stream, tok, seq_len, batch, task_fraction=cfg.stage_task_fraction(stage),
-                                    task_kinds=cfg.task_kinds, passkey_digits=cfg.passkey_digits)
+            toks, elig = make_batch(rng, stream, tok, seq_len, batch, **cfg.batch_kwargs(cfg.stage_task_fraction(stage)))
         batch_s = (time.perf_counter() - t0) / args.batches
         variants = {"preset": cfg.head_positions}
         if cfg.head_positions is not None:
