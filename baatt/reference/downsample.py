@@ -55,8 +55,8 @@ def _masked_moments(xb, vb, axis: int, with_var: bool = True):
     with_var=False: var is None and the mean is one plain sum.
     With the variance, both come from one variadic reduction (one read of xb; a centred second pass
     reads Q and K again, and XLA materialised a float32 copy of them for the two consumers):
-    mean = s + E[x - s], var = E[(x - s)^2] - E[x - s]^2, with s each group's first element
-    (0 where that one is not valid); the shift keeps the cancellation of E[x^2] - E[x]^2 away when |mean| >> spread.
+    mean = s + E[x - s], var = E[(x - s)^2] - E[x - s]^2, with s each group's first element (0 where
+    that one is not valid); the shift keeps the cancellation of E[x^2] - E[x]^2 away when |mean| >> spread.
     """
     ax = axis % xb.ndim
     if vb is None:  # every element valid: no masks to reduce, the shift is each group's first element
@@ -73,8 +73,7 @@ def _masked_moments(xb, vb, axis: int, with_var: bool = True):
         # else 0. A slice rather than a search for the first valid element: that search over a
         # constant mask made XLA constant-fold for seconds.
         first = lambda a: lax.slice_in_dim(a, 0, 1, axis=ax)
-        shift = jnp.where(first(jnp.broadcast_to(vb, vb.shape[:ax] + xb.shape[ax : ax + 1] + vb.shape[ax + 1 :])),
-                          first(xb), 0.0)
+        shift = jnp.where(first(vb), first(xb), 0.0)
     dev = jnp.where(vb, xb - shift, 0.0)
     s1, s2 = lax.reduce((dev, dev * dev), (jnp.float32(0), jnp.float32(0)),
                         lambda a, b: (a[0] + b[0], a[1] + b[1]), (ax,))
