@@ -26,11 +26,7 @@ from flax import nnx
 from baatt.data import corpus, tasks
 from baatt.data.batches import BatchStream
 from baatt.data.tokenizer import get_tokenizer
-from baatt.diffusion.masking import (
-    diffusion_loss_gathered,
-    head_positions_for,
-    masked_ce,
-)
+from baatt.diffusion.masking import diffusion_loss_gathered, head_positions_for, masked_ce
 from baatt.nn import AttentionPlan, DiffusionLM, get_config
 
 

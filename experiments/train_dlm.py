@@ -82,6 +82,14 @@ _CURRICULUM = dataclasses.replace(
     eval_every=1000,
 )
 
+# Run 8 (gpu_passkey_curriculum, 420 s, H100): one-shot passkey 0.56 / 0.59 / 0.66 at 4K / 2K / 8K (32
+# examples), the same at every length: the retrieval circuit, not the length, limits it; held-out NLL
+# stayed at the unigram level (7.0), so the 30% text rows bought nothing in 420 s. Hence: 90% passkey
+# rows, a short 1K stage, three quarters of the time at 4K (preset gpu_passkey_4k, the base of the later ones).
+_PASSKEY_4K = dataclasses.replace(
+    _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9
+)
+
 PRESETS = {
     "cpu_tiny": TrainConfig(model="tiny", stages=((1.0, 128, 8),), steps=40, warmup_steps=5, eval_every=0,
                             task_fraction=0.0, peak_lr=3e-3),
@@ -133,37 +141,22 @@ PRESETS = {
         eval_every=500,
     ),
     "gpu_passkey_curriculum": _CURRICULUM,
-    # Run 8 (gpu_passkey_curriculum, 420 s, H100): one-shot passkey 0.56 / 0.59 / 0.66 at 4K / 2K / 8K (32
-    # examples), the same at every length: the retrieval circuit, not the length, limits it; held-out NLL
-    # stayed at the unigram level (7.0), so the 30% text rows bought nothing in 420 s. Hence: 90% passkey
-    # rows, a short 1K stage, three quarters of the time at 4K.
-    "gpu_passkey_4k": dataclasses.replace(
-        _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9
-    ),
+    "gpu_passkey_4k": _PASSKEY_4K,
     # Runs 8-9 retrieved (almost) exactly the keys that are 2 GPT-2 tokens long (dlm_summary.md, run 9): the
     # middle token of a 3-token key, which must be copied by its position inside the key, was not learnt at
     # 2K-8K. Run 9's recipe (2-token keys learnt fastest) with training keys of 5-9 digits: a middle token
-    # in ~80% of them (5 digits: 32%, 6: 76%, 7-9: 98-100%), against 32% with 5 digits. Not yet run.
-    "gpu_passkey_digits": dataclasses.replace(
-        _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9,
-        passkey_digits=(5, 9),
-    ),
+    # in ~80% of them (5 digits: 32%, 6: 76%, 7-9: 98-100%), against 32% with 5 digits.
+    "gpu_passkey_digits": dataclasses.replace(_PASSKEY_4K, passkey_digits=(5, 9)),
     # gpu_passkey_digits (H100, 420 s): worse at every point, 0.06 one-shot at 4K in training, 0 in the
     # evaluation: keys of varying length made the first token harder too. A 4K passkey row of run 9
     # scores 2-3 answer tokens against 4K of context, 16 rows a step: ~40 supervised tokens. Here each
     # passkey row repeats the question (with its masked answer) once per 512 tokens at random depths:
     # 8 retrievals per 4K row, from every distance, for the cost of one row.
-    "gpu_passkey_questions": dataclasses.replace(
-        _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9,
-        passkey_question_every=512,
-    ),
+    "gpu_passkey_questions": dataclasses.replace(_PASSKEY_4K, passkey_question_every=512),
     # gpu_passkey_questions (H100, 420 s): one-shot passkey@4K token accuracy first 1.0 / last 0.75 /
     # middle 0.17; 2-token keys 0.60, 3-token keys 0.08 in the evaluation (32 examples): the middle token
     # is what fails. Same recipe with 70% of the 5-digit training keys drawn 3 tokens long (natural: 34%).
-    "gpu_passkey_middle": dataclasses.replace(
-        _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9,
-        passkey_question_every=512, passkey_middle_share=0.7,
-    ),
+    "gpu_passkey_middle": dataclasses.replace(_PASSKEY_4K, passkey_question_every=512, passkey_middle_share=0.7),
 }
 
 
@@ -216,13 +209,10 @@ def main(argv=None):
         changes["steps"] = args.steps
     if args.stages:
         changes["stages"] = tuple(parse_stage(x) for x in args.stages)
-    for name in ("task_fraction", "eval_every", "eval_len", "task_answer_t_min"):
+    for name in ("task_fraction", "eval_every", "eval_len", "task_answer_t_min", "passkey_question_every",
+                 "passkey_middle_share"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
-    if args.passkey_middle_share is not None:
-        changes["passkey_middle_share"] = args.passkey_middle_share
-    if args.passkey_question_every is not None:
-        changes["passkey_question_every"] = args.passkey_question_every
     if args.passkey_digits is not None:
         changes["passkey_digits"] = tuple(args.passkey_digits)
     cfg = dataclasses.replace(cfg, **changes)

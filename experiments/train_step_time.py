@@ -174,10 +174,11 @@ def main(argv=None):
     stages = [s for i, s in enumerate(cfg.stages) if args.stages is None or i in args.stages]
     for stage in stages:
         seq_len, batch = stage[1], stage[2]
-        make_batch(rng, stream, tok, seq_len, batch, **cfg.batch_kwargs(cfg.stage_task_fraction(stage)))
+        batch_kw = cfg.batch_kwargs(cfg.stage_task_fraction(stage))
+        make_batch(rng, stream, tok, seq_len, batch, **batch_kw)
         t0 = time.perf_counter()
         for _ in range(args.batches):
-            toks, elig = make_batch(rng, stream, tok, seq_len, batch, **cfg.batch_kwargs(cfg.stage_task_fraction(stage)))
+            toks, elig = make_batch(rng, stream, tok, seq_len, batch, **batch_kw)
         batch_s = (time.perf_counter() - t0) / args.batches
         variants = {"preset": cfg.head_positions}
         if cfg.head_positions is not None:

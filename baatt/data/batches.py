@@ -40,12 +40,13 @@ def make_batch(rng, stream, tokenizer, seq_len, batch, *, task_fraction, task_ki
         if task_fraction and kinds and rng.uniform() < task_fraction:
             kind = str(rng.choice(kinds))
             kw = {}
-            if kind == "passkey" and tuple(passkey_digits) != (5, 5):
-                kw["digits"] = int(rng.integers(passkey_digits[0], passkey_digits[1] + 1))
-            if kind == "passkey" and passkey_middle_share is not None:
-                kw["middle_token"] = bool(rng.uniform() < passkey_middle_share)
-            if kind == "passkey" and passkey_question_every and seq_len >= 2 * passkey_question_every:
-                kw["extra_questions"] = seq_len // passkey_question_every - 1
+            if kind == "passkey":
+                if tuple(passkey_digits) != (5, 5):
+                    kw["digits"] = int(rng.integers(passkey_digits[0], passkey_digits[1] + 1))
+                if passkey_middle_share is not None:
+                    kw["middle_token"] = bool(rng.uniform() < passkey_middle_share)
+                if passkey_question_every and seq_len >= 2 * passkey_question_every:
+                    kw["extra_questions"] = seq_len // passkey_question_every - 1
             ex = tasks.make_example(kind, rng, stream, tokenizer, seq_len, **kw)
             toks[i] = ex.tokens
             elig[i] = False

@@ -171,10 +171,11 @@ def passkey(rng, stream, tokenizer, length, *, depth: float | None = None, digit
     if not extra_questions:
         return _build("passkey", rng, stream, tokenizer, length, [needle], [depth], question, answer, target=0)
     copy = question + answer + "."
-    # GPT-2 pre-tokenisation splits at "is| 12345|.", so the copy's answer tokens are the answer's own.
-    a_len, s_len = len(tokenizer.encode(answer)), len(tokenizer.encode("."))
     ex = _build("passkey", rng, stream, tokenizer, length, [needle] + [copy] * extra_questions,
                 [depth] + list(rng.uniform(size=extra_questions)), question, answer, target=0)
+    # Each copy ends like the example itself (question, answer, "."; GPT-2 pre-tokenisation splits at
+    # "is| 12345|.", so the tokens are the same): its answer sits as far from its end as the example's.
+    a_len, s_len = ex.answer_end - ex.answer_start, length - ex.answer_end
     extra = tuple((e - s_len - a_len, e - s_len) for _, e in ex.needle_spans[1:])
     return dataclasses.replace(ex, needle_spans=ex.needle_spans[:1], needle_texts=ex.needle_texts[:1],
                                depths=ex.depths[:1], extra_answer_spans=extra)

@@ -93,11 +93,10 @@ def block_stats_positional(x: jax.Array, valid: jax.Array | None, block: int, *,
     b, length, h, d = x.shape
     n = -(-length // block)
     pad = n * block - length
-    if pad:
+    if pad:  # the padding rows are invalid, so a mask is needed even where none was given
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
         valid = jnp.ones((b, length), jnp.bool_) if valid is None else valid
-    if valid is not None:
-        valid = jnp.pad(valid, ((0, 0), (0, pad)), constant_values=False) if pad else valid
+        valid = jnp.pad(valid, ((0, 0), (0, pad)), constant_values=False)
     xb = x.reshape(b, n, block, h, d).astype(jnp.float32)
     vb = None if valid is None else valid.reshape(b, n, block)[:, :, :, None, None]
     mean, var, count = _masked_moments(xb, vb, axis=2, with_var=with_var)  # [B, N, H, D], count [B, N, 1, 1]
@@ -143,12 +142,12 @@ def pooled_scores(q_stats: BlockStats, k_stats: BlockStats, config: BAConfig, he
     km, kc = (jnp.take(a, hm, axis=1) for a in (k_stats.mean, k_stats.count))
     qm = q_stats.mean
     if config.compensate:
-        # One contraction over [Qbar/sqrt(d), c VarQ, c Qbar^2, c VarQ] . [Kbar, Kbar^2, VarK, VarK],
-        # c = beta/d: l_bar + beta*Delta without four [Nq, Nk] products summed afterwards.
+        # One contraction over [Qbar/sqrt(d), c VarQ, c Qbar^2] . [Kbar, Kbar^2 + VarK, VarK], c = beta/d:
+        # l_bar + beta*Delta without four [Nq, Nk] products summed afterwards.
         qv, kv = q_stats.var, jnp.take(k_stats.var, hm, axis=1)
         c = config.beta / head_dim
-        qcat = jnp.concatenate([qm / math.sqrt(head_dim), c * qv, c * qm * qm, c * qv], axis=-1)
-        kcat = jnp.concatenate([km, km * km, kv, kv], axis=-1)
+        qcat = jnp.concatenate([qm / math.sqrt(head_dim), c * qv, c * qm * qm], axis=-1)
+        kcat = jnp.concatenate([km, km * km + kv, kv], axis=-1)
         scores = jnp.einsum("bhad,bhnd->bhan", qcat, kcat, precision=HIGHEST)
     else:
         scores = jnp.einsum("bhad,bhnd->bhan", qm, km, precision=HIGHEST) / math.sqrt(head_dim)
