@@ -198,6 +198,7 @@ def main(argv=None):
                    help="training passkey rows ask their question once per TOKENS tokens (0: once, at the end)")
     p.add_argument("--passkey-middle-share", type=float, default=None, metavar="P",
                    help="share of training passkeys whose answer has a middle token (>= 3 tokens)")
+    p.add_argument("--seed", type=int, default=None, help="initialisation and data seed (default: the preset's)")
     args = p.parse_args(argv)
     cfg = get_config(args.preset)
     changes = {}
@@ -210,7 +211,7 @@ def main(argv=None):
     if args.stages:
         changes["stages"] = tuple(parse_stage(x) for x in args.stages)
     for name in ("task_fraction", "eval_every", "eval_len", "task_answer_t_min", "passkey_question_every",
-                 "passkey_middle_share"):
+                 "passkey_middle_share", "seed"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.passkey_digits is not None:
