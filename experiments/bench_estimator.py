@@ -13,6 +13,8 @@ run. Per length and variant (at the first sparsity) also the cost of each part, 
 prefixes that XLA compiles on their own and their differences: norm sorts,
 block statistics, pooled scores, top-k selection, and the permutations of Q/K/V
 into sorted block space plus the inverse permutation of an output-sized array.
+For the plain estimator also the fixed-budget selection alone, XLA's route against
+the Pallas top-k kernel on the same scores (time, and whether they agree exactly).
 Writes ``bench_estimator.json`` / ``.md`` (device, jax version, commit, date).
 """
 
@@ -67,6 +69,30 @@ def part_times(q, k, v, bcfg, tm) -> dict:
     return {name: 1e3 * max(sec, 0.0) for name, sec in t.items()}
 
 
+def topk_times(q, k, bcfg, tm) -> dict:
+    """The fixed-budget selection from the same scores: XLA's two sorts against the Pallas top-k kernel.
+
+    Records whether the two agree exactly, or the kernel's error (it is not on by default until this
+    comparison has run on a GPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    from baatt.reference import downsample
+    from baatt.selection.budget import select_from_scores
+
+    scores = jax.block_until_ready(jax.jit(lambda q, k: downsample._estimate_jit(q, k, None, bcfg).scores)(q, k))
+    xla = jax.jit(lambda s: select_from_scores(s, bcfg, kernel=False).indices)
+    interpret = jax.devices()[0].platform != "gpu"  # CPU smoke runs: the kernel's interpret twin
+    kernel = jax.jit(lambda s: select_from_scores(s, bcfg, kernel=True, interpret=interpret).indices)
+    row = dict(topk_xla_ms=1e3 * tm(lambda: xla(scores)))
+    try:
+        row["topk_kernel_equal"] = bool(jnp.array_equal(xla(scores), kernel(scores)))
+        row["topk_kernel_ms"] = 1e3 * tm(lambda: kernel(scores))
+    except Exception as e:  # noqa: BLE001 - a lowering failure is a result to report, not a crash
+        row["topk_kernel_error"] = f"{type(e).__name__}: {e}"[:500]
+    return row
+
+
 def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True):
     import jax
 
@@ -92,6 +118,8 @@ def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True)
                            cudnn_fwd_ms=1e3 * t_dense, est_frac_cudnn=t_est / t_dense, full_vs_cudnn=t_dense / t_full)
                 if parts and s == sparsities[0]:
                     row["parts_ms"] = part_times(q, k, v, bcfg, tm)
+                if name == "plain":
+                    row.update(topk_times(q, k, bcfg, tm))
                 rows.append(row)
                 print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
     return rows
@@ -117,6 +145,15 @@ def markdown(meta, rows) -> str:
         for r in with_parts:
             lines.append(f"| {r['L']} | {r['variant']} | " + " | ".join(f"{r['parts_ms'][n]:.2f}" for n in names)
                          + f" | {r['cudnn_fwd_ms']:.1f} |")
+    with_topk = [r for r in rows if "topk_xla_ms" in r]
+    if with_topk:
+        lines += ["", "Fixed-budget selection from the same scores (plain estimator): XLA (`top_k` + sort) "
+                  "against the Pallas top-k kernel (`baatt.kernels.pallas_triton.topk`):", "",
+                  "| L | sparsity | XLA ms | kernel ms | identical |", "|---|---|---|---|---|"]
+        for r in with_topk:
+            ker = f"{r['topk_kernel_ms']:.3f}" if "topk_kernel_ms" in r else "failed: " + r.get("topk_kernel_error", "?")
+            lines.append(f"| {r['L']} | {r['sparsity']} | {r['topk_xla_ms']:.3f} | {ker} | "
+                         f"{r.get('topk_kernel_equal', '-')} |")
     return "\n".join(lines) + "\n"
 
 

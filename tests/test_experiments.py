@@ -166,5 +166,7 @@ def test_bench_estimator_cpu_smoke_with_parts(tmp_path):
         p = r["parts_ms"]
         assert set(p) == {"sort", "stats", "scores", "topk", "permute"} and all(x >= 0 for x in p.values())
         assert (p["sort"] > 0 and p["permute"] > 0) == r["variant"].startswith("sorted")
+    (plain,) = [r for r in rows if r["variant"] == "plain"]
+    assert plain["topk_kernel_equal"] is True and plain["topk_kernel_ms"] > 0 and plain["topk_xla_ms"] > 0
     md = (tmp_path / "est.md").read_text()
-    assert "Parts (ms" in md and md.count("| 256 |") == 2 * len(rows)
+    assert "Parts (ms" in md and "Pallas top-k kernel" in md and md.count("| 256 |") == 2 * len(rows) + 1

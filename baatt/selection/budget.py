@@ -48,6 +48,32 @@ def forced_blocks(
     return forced
 
 
+def _ascending_kept(top_idx: jax.Array, count: jax.Array, num_k_blocks: int) -> jax.Array:
+    """The first ``count`` ids of ``top_idx`` (score order) ascending, padded with the last kept id."""
+    live = jnp.arange(top_idx.shape[-1]) < count[..., None]
+    kept = jnp.sort(jnp.where(live, top_idx, num_k_blocks), axis=-1)
+    last = jnp.take_along_axis(kept, (count - 1)[..., None], axis=-1)
+    return jnp.where(live, kept, last).astype(jnp.int32)
+
+
+def top_blocks_reference(priority: jax.Array, count: jax.Array, kmax: int) -> jax.Array:
+    """Kept ids [..., kmax]: the ``count`` largest of each row of ``priority`` (ties to the lower id,
+    as ``jax.lax.top_k``), ascending, then the last kept id repeated. XLA: two sorts."""
+    _, top_idx = jax.lax.top_k(priority, kmax)
+    return _ascending_kept(top_idx, count, priority.shape[-1])
+
+
+def _use_top_blocks_kernel(num_k_blocks: int, kmax: int) -> bool:
+    from baatt.kernels.pallas_triton import topk  # lazy: kernels import baatt.api
+
+    if not topk.DEFAULT_ON_GPU or topk.unsupported_reason(num_k_blocks, kmax) is not None:
+        return False
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
 def select_from_scores(
     scores: jax.Array,
     config: BAConfig,
@@ -56,6 +82,8 @@ def select_from_scores(
     q_perm: jax.Array | None = None,
     k_perm: jax.Array | None = None,
     probs: jax.Array | None = None,
+    kernel: bool | None = None,
+    interpret: bool = False,
 ) -> BlockSelection:
     """Top blocks of each row of ``scores`` [B, Hq, Nq, Nk] under the config's budget.
 
@@ -63,6 +91,10 @@ def select_from_scores(
     attend to; it is never kept). Ranking is by score (softmax keeps it);
     forced blocks come first. Under ``tau`` the cumulative mass uses
     ``softmax(scores)`` unless the selector passes its own ``probs``.
+    ``kernel``: under a fixed budget (no ``tau``), pick the kept blocks with the
+    Pallas kernel (``baatt.kernels.pallas_triton.topk``; ``interpret`` runs it
+    on CPU) instead of XLA's two sorts; None = the kernel where it is enabled
+    by default on a GPU.
     """
     b, h, nq, nk = scores.shape
     kmax = config.kmax(nk)
@@ -70,27 +102,29 @@ def select_from_scores(
     valid = scores > -jnp.inf
     n_valid = jnp.sum(valid, axis=-1)
     priority = jnp.where(valid, scores, -jnp.inf)
-    n_forced = jnp.zeros_like(n_valid)
     if forced is not None:
         forced = jnp.broadcast_to(forced, scores.shape) & valid
         priority = jnp.where(forced, _FORCED_BONUS, priority)
-        n_forced = jnp.sum(forced, axis=-1)
-    _, top_idx = jax.lax.top_k(priority, kmax)
     if config.tau is not None:
+        _, top_idx = jax.lax.top_k(priority, kmax)
         mass = jax.nn.softmax(jnp.where(valid, scores, -jnp.inf), axis=-1) if probs is None else probs
         mass = mass / jnp.maximum(jnp.sum(mass, axis=-1, keepdims=True), 1e-30)
         cum = jnp.cumsum(jnp.take_along_axis(mass, top_idx, axis=-1), axis=-1)
         # Fewest blocks whose mass reaches tau; the float slack keeps tau = 1 reachable.
         count = jnp.sum(cum < config.tau - 1e-6, axis=-1) + 1
         count = jnp.clip(count, config.min_blocks, kmax)
+        if forced is not None:
+            count = jnp.maximum(count, jnp.sum(forced, axis=-1))
     else:
         count = jnp.full((b, h, nq), kmax)
-    count = jnp.maximum(count, n_forced)
     count = jnp.minimum(jnp.minimum(count, n_valid), kmax).astype(jnp.int32)
     count = jnp.maximum(count, 1)  # only reachable for an all-empty row (all keys masked)
-    pos = jnp.arange(kmax)
-    live = pos < count[..., None]
-    kept = jnp.sort(jnp.where(live, top_idx, nk), axis=-1)
-    last = jnp.take_along_axis(kept, (count - 1)[..., None], axis=-1)
-    indices = jnp.where(live, kept, last).astype(jnp.int32)
+    if config.tau is not None:
+        indices = _ascending_kept(top_idx, count, nk)
+    elif kernel if kernel is not None else _use_top_blocks_kernel(nk, kmax):
+        from baatt.kernels.pallas_triton.topk import top_blocks
+
+        indices = top_blocks(priority, count, kmax=kmax, interpret=interpret)
+    else:
+        indices = top_blocks_reference(priority, count, kmax)
     return BlockSelection(indices, count, q_perm, k_perm, config.block_q, config.block_k)

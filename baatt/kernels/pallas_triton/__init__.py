@@ -4,6 +4,10 @@ The kernel (``block_sparse.py``) runs on CUDA GPUs through the Pallas Triton
 lowering, and anywhere in Pallas interpret mode (``interpret=True``, e.g. CPU
 tests). Supported: head dim 64 or 128 (q, k, v equal), bfloat16 / float16 /
 float32, block sizes powers of two in [16, 256], GQA.
+
+Beside it: ``oracle.py`` (the streamed oracle map ``M_hat``) and ``topk.py``
+(the fixed-budget block selection in one read of the scores, used by
+``baatt.selection.budget.select_from_scores`` when asked or enabled).
 """
 
 from __future__ import annotations
