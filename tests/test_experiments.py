@@ -170,3 +170,54 @@ def test_bench_estimator_cpu_smoke_with_parts(tmp_path):
     assert plain["topk_kernel_equal"] is True and plain["topk_kernel_ms"] > 0 and plain["topk_xla_ms"] > 0
     md = (tmp_path / "est.md").read_text()
     assert "Parts (ms" in md and "Pallas top-k kernel" in md and md.count("| 256 |") == 2 * len(rows) + 1
+
+
+def test_dlm_seeds_script_trains_each_seed_and_tabulates(tmp_path):
+    """scripts/dlm_seeds.sh on CPU: two seeds of the tiny preset side by side, one table of both."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, NUM_GPUS="2", LENGTHS="256", CKPT_ROOT=str(tmp_path / "ck"),
+               EVAL_ARGS="--only dense --num-examples 1 --nll-seqs 1 --batch 1 --block-size 64")
+    script = str(root / "scripts/dlm_seeds.sh")
+    r = subprocess.run(["bash", script, "cpu_tiny", str(tmp_path / "out"), "3 5", "--steps", "2"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "dlm_seeds_cpu_tiny.json").read_text())
+    assert [row["seed"] for row in summary["seeds"]] == [3, 5]
+    assert all(row["steps"] == 2 and set(row["dense"]) == {"256"} for row in summary["seeds"])
+    assert "| 3 | 2 |" in (tmp_path / "out" / "dlm_seeds_cpu_tiny.md").read_text()
+    refused = subprocess.run(["bash", script, "cpu_tiny", str(tmp_path / "o2"), "0 1 2"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "3 seeds need as many GPUs; 2 found" in refused.stderr
+
+
+def test_dlm_seeds_table_of_committed_run():
+    """The seed table reproduces the committed multi-seed run's numbers (run 15: seeds 0, 1 and 6 retrieve)."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from experiments import dlm_seeds
+
+    src = Path(__file__).resolve().parents[1] / "experiments/results/dlm_run15_seeds"
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = []
+        for seed in range(7):
+            d = Path(tmp) / f"seed{seed}"
+            d.mkdir()
+            for kind in ("train", "eval"):
+                shutil.copy(src / f"seed{seed}_{kind}.json", d / f"dlm_{kind}_gpu_passkey_middle.json")
+            dirs.append(d)
+        s = dlm_seeds.summarize(dirs)
+    assert s["retrieving"] == [0, 1, 6] and abs(s["share_retrieving"] - 3 / 7) < 1e-9
+    by_seed = {r["seed"]: r for r in s["seeds"]}
+    assert by_seed[6]["dense"][4096]["passkey"] == 0.875 and by_seed[6]["first_learnt_step"] == 2000
+    assert by_seed[3]["first_learnt_step"] is None
+    md = dlm_seeds.markdown(json.loads(json.dumps(s)))
+    assert "3 of 7 seeds retrieve" in md

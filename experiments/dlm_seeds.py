@@ -1,0 +1,102 @@
+"""One table for a multi-seed DLM run: how many seeds learn retrieval, and what the selectors keep.
+
+    PYTHONPATH=. python3 experiments/dlm_seeds.py RUN_DIR [RUN_DIR ...] --out DIR --name dlm_seeds
+
+Each RUN_DIR holds what ``scripts/dlm_experiment.sh`` writes for one training
+(``dlm_train_<preset>.json`` and ``dlm_eval_<preset>.json``); ``scripts/dlm_seeds.sh``
+makes one per seed. Per seed: training steps, the first step at which the
+in-training passkey check reached ``--learnt`` (default 0.5), its final value,
+dense one-shot passkey accuracy and masked NLL per length. For the seeds whose
+dense 4K accuracy reaches ``--learnt`` (the ones that retrieve), every sparse
+variant's passkey accuracy. Writes ``<name>.json`` and ``<name>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _one(path: Path, pattern: str) -> dict:
+    found = sorted(path.glob(pattern))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{path}: expected one {pattern}, found {len(found)}")
+    return json.loads(found[0].read_text())
+
+
+def seed_row(run_dir: Path, learnt: float) -> dict:
+    train, ev = _one(run_dir, "dlm_train_*.json"), _one(run_dir, "dlm_eval_*.json")
+    checks = [h for h in train["history"] if "passkey_acc" in h]
+    first = next((h["step"] for h in checks if h["passkey_acc"] >= learnt), None)
+    by = {(r["length"], r["variant"]): r for r in ev["rows"]}
+    lengths = sorted({length for length, _ in by})
+    return dict(
+        run_dir=str(run_dir), seed=train["config"]["seed"], preset=train.get("preset"), device=train["device"],
+        commit=train["commit"], steps=train["steps"], first_learnt_step=first,
+        final_check=checks[-1]["passkey_acc"] if checks else None,
+        dense={length: dict(passkey=by[(length, "dense")]["passkey"], nll=by[(length, "dense")]["nll"])
+               for length in lengths if (length, "dense") in by},
+        sparse={f"{length}:{variant}": r["passkey"] for (length, variant), r in by.items() if variant != "dense"},
+    )
+
+
+def summarize(run_dirs, learnt: float = 0.5, retrieval_length: int = 4096) -> dict:
+    rows = sorted((seed_row(Path(d), learnt) for d in run_dirs), key=lambda r: r["seed"])
+    retrieving = [r for r in rows if r["dense"].get(retrieval_length, {}).get("passkey", 0.0) >= learnt]
+    return dict(learnt=learnt, retrieval_length=retrieval_length, seeds=rows,
+                retrieving=[r["seed"] for r in retrieving], share_retrieving=len(retrieving) / len(rows))
+
+
+def _acc(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+def markdown(s: dict) -> str:
+    rows = s["seeds"]
+    lengths = sorted({length for r in rows for length in r["dense"]}, key=int)
+    first = rows[0]
+    lines = [f"# {first['preset']}: {len(rows)} seeds ({first['device']}, commit {first['commit'][:10]})", "",
+             f"{len(s['retrieving'])} of {len(rows)} seeds retrieve (dense one-shot passkey >= {s['learnt']} at "
+             f"{s['retrieval_length']} tokens): {s['retrieving']}.", "",
+             "| seed | steps | in-training check >= {:.1f} at step | final check | ".format(s["learnt"])
+             + " | ".join(f"dense {length}" for length in lengths) + " | "
+             + " | ".join(f"NLL {length}" for length in lengths) + " |",
+             "|" + "---|" * (4 + 2 * len(lengths))]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['steps']:,} | {r['first_learnt_step'] or 'never'} | {_acc(r['final_check'])} | "
+                     + " | ".join(_acc(r["dense"].get(length, {}).get("passkey")) for length in lengths) + " | "
+                     + " | ".join(_acc(r["dense"].get(length, {}).get("nll")) for length in lengths) + " |")
+    keep = [r for r in rows if r["seed"] in s["retrieving"]]
+    if keep:
+        variants = sorted({key.split(":", 1)[1] for r in keep for key in r["sparse"]})
+        lines += ["", "Passkey accuracy of every variant on the seeds that retrieve:", "",
+                  "| seed | L | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+        for r in keep:
+            for length in lengths:
+                lines.append(f"| {r['seed']} | {length} | "
+                             + " | ".join(_acc(r["sparse"].get(f"{length}:{v}")) for v in variants) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", nargs="+")
+    ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--name", default="dlm_seeds")
+    ap.add_argument("--learnt", type=float, default=0.5, help="accuracy that counts as retrieval learnt")
+    ap.add_argument("--retrieval-length", type=int, default=4096)
+    args = ap.parse_args(argv)
+    s = summarize(args.run_dirs, args.learnt, args.retrieval_length)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(s, indent=1))
+    md = markdown(s)
+    (out / f"{args.name}.md").write_text(md)
+    print(md)
+    return s
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
