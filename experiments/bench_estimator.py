@@ -13,7 +13,9 @@ run. Per length and variant (at the first sparsity) also the cost of each part, 
 prefixes that XLA compiles on their own and their differences: norm sorts,
 block statistics, pooled scores, top-k selection, and the permutations of Q/K/V
 into sorted block space plus the inverse permutation of an output-sized array.
-For the plain estimator also the fixed-budget selection alone, XLA's route against
+Also which sorts and custom calls the compiled estimator holds (whether XLA
+handed the norm sorts to CUB's radix sort, what top-k became). For the plain
+estimator also the fixed-budget selection alone, XLA's route against
 the Pallas top-k kernel on the same scores (time, and whether they agree exactly).
 Writes ``bench_estimator.json`` / ``.md`` (device, jax version, commit, date).
 """
@@ -50,7 +52,8 @@ def part_times(q, k, v, bcfg, tm) -> dict:
     stats = jax.jit(lambda q, k: (lambda e: (e.q_stats, e.k_stats))(downsample._estimate_jit(q, k, None, bcfg)))
     scores = jax.jit(lambda q, k: downsample._estimate_jit(q, k, None, bcfg).scores)
     select = jax.jit(lambda q, k: select_blocks(q, k, bcfg))
-    t = dict(sort=tm(lambda: sort(q, k)) if (bcfg.sort_q or bcfg.sort_k) else 0.0)
+    sorting = bcfg.sort_q or bcfg.sort_k
+    t = dict(sort=tm(lambda: sort(q, k)) if sorting else 0.0)
     t["stats"] = tm(lambda: stats(q, k)) - t["sort"]
     t["scores"] = tm(lambda: scores(q, k)) - t["sort"] - t["stats"]
     t["topk"] = tm(lambda: select(q, k)) - t["sort"] - t["stats"] - t["scores"]
@@ -67,6 +70,17 @@ def part_times(q, k, v, bcfg, tm) -> dict:
 
         t["permute"] = tm(lambda: permute(q, k, v, qp, kp))
     return {name: 1e3 * max(sec, 0.0) for name, sec in t.items()}
+
+
+def compiled_calls(fn, *args) -> list[str]:
+    """Custom-call targets and sort ops of ``fn``'s optimised HLO: shows whether XLA handed a sort
+    to CUB (``__cub$DeviceRadixSort...``) or kept its own comparison sort, and what top-k became."""
+    import re
+
+    text = fn.lower(*args).compile().as_text()
+    found = re.findall(r'custom_call_target="([^"]+)"', text)
+    found += ["sort"] * len(re.findall(r"= [^ ]+ sort\(", text))
+    return sorted(set(found))
 
 
 def topk_times(q, k, bcfg, tm) -> dict:
@@ -118,6 +132,7 @@ def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True)
                            cudnn_fwd_ms=1e3 * t_dense, est_frac_cudnn=t_est / t_dense, full_vs_cudnn=t_dense / t_full)
                 if parts and s == sparsities[0]:
                     row["parts_ms"] = part_times(q, k, v, bcfg, tm)
+                    row["compiled_calls"] = compiled_calls(est, q, k)
                 if name == "plain":
                     row.update(topk_times(q, k, bcfg, tm))
                 rows.append(row)
@@ -140,11 +155,11 @@ def markdown(meta, rows) -> str:
         names = list(with_parts[0]["parts_ms"])
         lines += ["", f"Parts (ms, sparsity {with_parts[0]['sparsity']}; prefix differences, each "
                   "compiled alone; permute: Q/K/V into sorted block space + the output's inverse):", "",
-                  "| L | variant | " + " | ".join(names) + f" | {dense} fwd |",
-                  "|---|---|" + "---|" * (len(names) + 1)]
+                  "| L | variant | " + " | ".join(names) + f" | {dense} fwd | sorts and custom calls after XLA |",
+                  "|---|---|" + "---|" * (len(names) + 2)]
         for r in with_parts:
             lines.append(f"| {r['L']} | {r['variant']} | " + " | ".join(f"{r['parts_ms'][n]:.2f}" for n in names)
-                         + f" | {r['cudnn_fwd_ms']:.1f} |")
+                         + f" | {r['cudnn_fwd_ms']:.1f} | {', '.join(r.get('compiled_calls', [])) or '-'} |")
     with_topk = [r for r in rows if "topk_xla_ms" in r]
     if with_topk:
         lines += ["", "Fixed-budget selection from the same scores (plain estimator): XLA (`top_k` + sort) "
