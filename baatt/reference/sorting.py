@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from baatt.layout import invert_permutation
+
 
 def norm_sort(x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Ascending argsort of token norms over the length axis.
@@ -31,10 +33,3 @@ def norm_sort(x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array
     perm = jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
     inverse = invert_permutation(perm)
     return perm, inverse
-
-
-def invert_permutation(perm: jax.Array) -> jax.Array:
-    """Inverse of permutations along the last axis."""
-    n = perm.shape[-1]
-    ar = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), perm.shape)
-    return jnp.put_along_axis(jnp.zeros_like(perm), perm, ar, axis=-1, inplace=False)
