@@ -8,7 +8,8 @@ makes one per seed. Per seed: training steps, the first step at which the
 in-training passkey check reached ``--learnt`` (default 0.5), its final value,
 dense one-shot passkey accuracy and masked NLL per length. For the seeds whose
 dense 4K accuracy reaches ``--learnt`` (the ones that retrieve), every sparse
-variant's passkey accuracy. Writes ``<name>.json`` and ``<name>.md``.
+variant's passkey accuracy. Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (the
+in-training check per seed against step, and the dense evaluation per length).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def seed_row(run_dir: Path, learnt: float) -> dict:
         run_dir=str(run_dir), seed=train["config"]["seed"], preset=train.get("preset"), device=train["device"],
         commit=train["commit"], steps=train["steps"], first_learnt_step=first,
         final_check=checks[-1]["passkey_acc"] if checks else None,
+        checks=[(h["step"], h["passkey_acc"]) for h in checks],
         dense={length: dict(passkey=by[(length, "dense")]["passkey"], nll=by[(length, "dense")]["nll"])
                for length in lengths if (length, "dense") in by},
         sparse={f"{length}:{variant}": r["passkey"] for (length, variant), r in by.items() if variant != "dense"},
@@ -80,6 +82,35 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(s: dict, path: Path) -> None:
+    """In-training passkey check per seed against step (retrieving seeds solid), and the dense
+    evaluation per length: the picture of which seeds learn retrieval and when."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.2))
+    for r in s["seeds"]:
+        steps, acc = zip(*r["checks"]) if r["checks"] else ((), ())
+        solid = r["seed"] in s["retrieving"]
+        ax.plot(steps, acc, "-" if solid else "--", marker="o", ms=3, label=f"seed {r['seed']}")
+    ax.axhline(s["learnt"], color="gray", lw=0.8)
+    ax.set(xlabel="training step", ylabel="in-training one-shot passkey check", ylim=(-0.03, 1.03),
+           title="when each seed learns retrieval")
+    ax.legend(fontsize=8, ncol=2)
+    lengths = sorted({length for r in s["seeds"] for length in r["dense"]}, key=int)
+    width = 0.8 / max(1, len(s["seeds"]))
+    for i, r in enumerate(s["seeds"]):
+        bx.bar([j + i * width for j in range(len(lengths))],
+               [r["dense"].get(length, {}).get("passkey", 0.0) for length in lengths], width, label=f"seed {r['seed']}")
+    bx.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(length) for length in lengths])
+    bx.set(xlabel="tokens", ylabel="dense one-shot passkey accuracy", ylim=(0, 1.03), title="evaluation, dense attention")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+")
@@ -93,7 +124,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(s, indent=1))
     md = markdown(s)
-    (out / f"{args.name}.md").write_text(md)
+    plot(s, out / f"{args.name}.png")
+    (out / f"{args.name}.md").write_text(md + f"\n![seeds]({args.name}.png)\n")
     print(md)
     return s
 

@@ -191,6 +191,7 @@ def test_dlm_seeds_script_trains_each_seed_and_tabulates(tmp_path):
     assert [row["seed"] for row in summary["seeds"]] == [3, 5]
     assert all(row["steps"] == 2 and set(row["dense"]) == {"256"} for row in summary["seeds"])
     assert "| 3 | 2 |" in (tmp_path / "out" / "dlm_seeds_cpu_tiny.md").read_text()
+    assert (tmp_path / "out" / "dlm_seeds_cpu_tiny.png").stat().st_size > 10_000
     refused = subprocess.run(["bash", script, "cpu_tiny", str(tmp_path / "o2"), "0 1 2"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "3 seeds need as many GPUs; 2 found" in refused.stderr
