@@ -6,7 +6,8 @@ budget; NaN poisoning; GQA; padding; ragged lengths; fully masked rows) on a
 Hopper GPU (``gpu`` marker). The Mosaic GPU interpreter of jax 0.11.2 cannot
 run wgmma (it fails lowering the kernel's wgmma pipeline effect), so there is
 no interpret-mode twin; on the CPU the tests check that the dispatcher refuses
-``mosaic_gpu`` with a reason and falls back.
+``mosaic_gpu`` with a reason and falls back, and ``test_kernel_mosaic_lowering.py``
+lowers every kernel for sm90 without a GPU.
 """
 
 from __future__ import annotations

@@ -139,6 +139,64 @@ def pack_selection(indices, counts):
     return jnp.concatenate([counts[..., None].astype(jnp.int32), indices.astype(jnp.int32)], axis=-1)
 
 
+# ----------------------------------------------------------------------------- pieces of all three kernels
+
+# Shared-memory layout of every wgmma operand tile (8 x 64 tiles, 128-byte swizzle).
+_SWIZZLED = {"transforms": (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))}
+
+
+def _rows(positional: bool):
+    """(ref, b, h, rows) -> the [rows, D] view of a [B, H, L, D] (block space) or [B, L, H, D] array."""
+    if positional:
+        return lambda ref, bb, hh, rows: ref.at[bb, rows, hh]
+    return lambda ref, bb, hh, rows: ref.at[bb, hh, rows]
+
+
+def _grid(heads: int, tiles: int, batch: int, tile_name: str, tile_major: bool):
+    if tile_major:
+        return (tiles, heads, batch), (tile_name, "heads", "batch")
+    return (heads, tiles, batch), ("heads", tile_name, "batch")
+
+
+def _bias_and_outputs(rest, masked: bool):
+    """The kernel refs after the inputs: (key bias or None, outputs)."""
+    return (rest[0], rest[1:]) if masked else (None, rest)
+
+
+def _take_turn(turn):
+    """Hand the tensor cores to the other consumer warpgroup and wait until they come back."""
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+
+def _walk_tile_start(sel_ref, b, h, srow, cta, steps, step, *, block_k: int, tile_k: int, rotate: bool):
+    """First key row of step ``step`` of a CTA's walk over its selected tiles. A rotated walk starts
+    at a different tile per CTA (softmax and gradient sums do not care about order)."""
+    if rotate:
+        step = lax.rem(step + lax.rem(cta, jnp.maximum(steps, 1)), jnp.maximum(steps, 1))
+    return triton_kernel._tile_start(lambda j: sel_ref[b, h, srow, 1 + j], step, block_k, tile_k)
+
+
+def _run_warp_specialized(kernel, scratch, barriers):
+    """Allocate the shared memory and barriers collectively over the warpgroups, then run ``kernel``."""
+    pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers, collective_axes="wg")
+
+
+def _launch(body, out_type, grid_and_names, *, interpret: bool = False):
+    """One CTA per grid point: CONSUMERS consumer warpgroups and one producer."""
+    grid, names = grid_and_names
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=grid,
+        grid_names=names,
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+
+
 def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tuning: Tuning = DEFAULT_TUNING,
             positional: bool = False, interpret: bool = False):
     """out [B, Hq, Lq, D], lse [B, Hq, Lq] (natural log).
@@ -154,8 +212,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
     else:
         batch, q_heads, lq, d = q.shape
         _, kv_heads, lk, _ = k.shape
-    rows_of = (lambda ref, bb, hh, rows: ref.at[bb, rows, hh]) if positional else (
-        lambda ref, bb, hh, rows: ref.at[bb, hh, rows])
+    rows_of = _rows(positional)
     group = q_heads // kv_heads
     dtype = q.dtype
     t = tuning.resolve(block_k, d, jnp.dtype(dtype).itemsize)
@@ -166,29 +223,20 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
     qk_scale = float(scale) * LOG2E
 
     def body(q_ref, k_ref, v_ref, sel_ref, *rest):
-        if masked:
-            bias_ref, out_ref, lse_ref = rest
-        else:
-            (out_ref, lse_ref), bias_ref = rest, None
+        bias_ref, (out_ref, lse_ref) = _bias_and_outputs(rest, masked)
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         qt = lax.axis_index("q_tile")
         srow = lax.div(qt, jnp.int32(rows_per_sel)) if rows_per_sel > 1 else qt
         steps = sel_ref[b, h, srow, 0] * per_block
+        tile_start = functools.partial(_walk_tile_start, sel_ref, b, h, srow, qt, steps, block_k=block_k,
+                                       tile_k=tile_k, rotate=t.rotate)
 
-        def tile_start(step):
-            # Rotated walk: logical step -> selected tile (softmax does not care about order).
-            if t.rotate:
-                step = lax.rem(step + lax.rem(qt, jnp.maximum(steps, 1)), jnp.maximum(steps, 1))
-            return triton_kernel._tile_start(lambda j: sel_ref[b, h, srow, 1 + j], step, block_k, tile_k)
-
-        def kernel(scratch, k_ready, v_ready, q_ready, bias_ready, k_free, v_free, turn):
+        def kernel(scratch, barriers):
             q_smem, k_smem, v_smem, bias_smem, lse_smem = scratch
+            k_ready, v_ready, q_ready, bias_ready, k_free, v_free, turn = barriers
             wg = lax.axis_index("wg")
-
-            def take_turn():
-                plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(turn)
+            take_turn = functools.partial(_take_turn, turn)
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
@@ -291,18 +339,14 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                     slot = lax.rem(step, jnp.int32(stages))
                     fill(step + stages, slot, refill=True)
 
-        tiling = plgpu.TilingTransform((8, 64))
-        swizzle = plgpu.SwizzleTransform(128)
         scratch = [
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, tile_k, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, tile_k, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
+            plgpu.SMEM((stages, tile_k, d), dtype, **_SWIZZLED),
+            plgpu.SMEM((stages, tile_k, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tile_k), jnp.float32) if masked else None,
             plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
         ]
-        pl.run_scoped(
-            lambda *args: kernel(args[0], *args[1:]),
-            scratch,
+        barriers = [
             plgpu.Barrier(num_barriers=stages),  # k_ready
             plgpu.Barrier(num_barriers=stages),  # v_ready
             plgpu.Barrier(num_barriers=CONSUMERS),  # q_ready
@@ -310,24 +354,13 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
             plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
-            collective_axes="wg",
-        )
+        ]
+        _run_warp_specialized(kernel, scratch, barriers)
 
-    n_tiles = lq // TILE_Q
     inputs = (q, k, v, sel) + ((bias,) if masked else ())
-    grid, names = ((n_tiles, q_heads, batch), ("q_tile", "heads", "batch")) if t.tile_major else (
-        (q_heads, n_tiles, batch), ("heads", "q_tile", "batch"))
-    out, lse = plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, lq), jnp.float32)),
-        grid=grid,
-        grid_names=names,
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(*inputs)
-    return out, lse
+    out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, lq), jnp.float32))
+    return _launch(body, out_type, _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major),
+                   interpret=interpret)(*inputs)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -483,19 +516,6 @@ def _bwd_stages(per_stage: int, fixed: int) -> int:
     return max(2, min(3, (_SMEM_BYTES - fixed) // per_stage))  # dq: 2 stages of K/V fit beside Q and dO
 
 
-def _rows(positional: bool):
-    """(ref, b, h, rows) -> the [rows, D] view of a [B, H, L, D] (block space) or [B, L, H, D] array."""
-    if positional:
-        return lambda ref, bb, hh, rows: ref.at[bb, rows, hh]
-    return lambda ref, bb, hh, rows: ref.at[bb, hh, rows]
-
-
-def _grid(heads: int, tiles: int, batch: int, tile_name: str, tile_major: bool):
-    if tile_major:
-        return (tiles, heads, batch), (tile_name, "heads", "batch")
-    return (heads, tiles, batch), ("heads", tile_name, "batch")
-
-
 def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k, positional, t: BwdTuning):
     if positional:
         batch, lq, q_heads, d = q.shape
@@ -514,30 +534,20 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
     stages = _bwd_stages(2 * tile_k * d * isz + 4 * tile_k, 2 * TILE_Q * d * isz + 8 * TILE_Q + 4096)
 
     def body(q_ref, k_ref, v_ref, sel_ref, lse_ref, delta_ref, do_ref, *rest):
-        if masked:
-            bias_ref, dq_ref = rest
-        else:
-            (dq_ref,), bias_ref = rest, None
+        bias_ref, (dq_ref,) = _bias_and_outputs(rest, masked)
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         qt = lax.axis_index("q_tile")
         srow = lax.div(qt, jnp.int32(rows_per_sel)) if rows_per_sel > 1 else qt
         steps = sel_ref[b, h, srow, 0] * per_block
-
-        def tile_start(step):
-            if t.rotate:
-                step = lax.rem(step + lax.rem(qt, jnp.maximum(steps, 1)), jnp.maximum(steps, 1))
-            return triton_kernel._tile_start(lambda j: sel_ref[b, h, srow, 1 + j], step, block_k, tile_k)
+        tile_start = functools.partial(_walk_tile_start, sel_ref, b, h, srow, qt, steps, block_k=block_k,
+                                       tile_k=tile_k, rotate=t.rotate)
 
         def kernel(scratch, barriers):
             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem = scratch
             in_ready, k_ready, v_ready, bias_ready, k_free, v_free, turn = barriers
             wg = lax.axis_index("wg")
-
-            def take_turn():
-                if t.pingpong:
-                    plgpu.barrier_arrive(turn)
-                    plgpu.barrier_wait(turn)
+            take_turn = functools.partial(_take_turn, turn) if t.pingpong else (lambda: None)
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
@@ -579,8 +589,7 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                     plgpu.barrier_arrive(v_free.at[slot])
                     if t.pingpong:
                         ds = lax.optimization_barrier(ds)
-                        plgpu.barrier_arrive(turn)  # element-wise part done
-                        plgpu.barrier_wait(turn)  # the tensor cores are ours
+                    take_turn()  # element-wise part done; then the tensor cores are ours
 
                     def grad_q(acc_ref):
                         plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
@@ -620,14 +629,13 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
 
                     plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
 
-        t16 = {"transforms": (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))}
         scratch = [
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
             plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
             plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
-            plgpu.SMEM((stages, tile_k, d), dtype, **t16),
-            plgpu.SMEM((stages, tile_k, d), dtype, **t16),
+            plgpu.SMEM((stages, tile_k, d), dtype, **_SWIZZLED),
+            plgpu.SMEM((stages, tile_k, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tile_k), jnp.float32) if masked else None,
         ]
         barriers = [
@@ -639,20 +647,11 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
             plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
         ]
-        pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers,
-                      collective_axes="wg")
+        _run_warp_specialized(kernel, scratch, barriers)
 
     inputs = (q, k, v, sel, lse2, delta, do) + ((bias,) if masked else ())
-    grid, names = _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major)
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=grid,
-        grid_names=names,
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(*inputs)
+    return _launch(body, jax.ShapeDtypeStruct(q.shape, dtype),
+                   _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major))(*inputs)
 
 
 def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
@@ -674,10 +673,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
         raise ValueError(f"BwdTuning.dkv_stages={stages} needs more than {_SMEM_BYTES} bytes of shared memory")
 
     def body(q_ref, k_ref, v_ref, selt_ref, lse_ref, delta_ref, do_ref, *rest):
-        if masked:
-            bias_ref, dk_ref, dv_ref = rest
-        else:
-            (dk_ref, dv_ref), bias_ref = rest, None
+        bias_ref, (dk_ref, dv_ref) = _bias_and_outputs(rest, masked)
         b = lax.axis_index("batch")
         kvh = lax.axis_index("heads")
         kt = lax.axis_index("k_tile")
@@ -700,11 +696,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
             k_smem, v_smem, kbias_smem, q_smem, do_smem, lse_smem, delta_smem = scratch
             own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, turn = barriers
             wg = lax.axis_index("wg")
-
-            def take_turn():
-                if t.pingpong:
-                    plgpu.barrier_arrive(turn)
-                    plgpu.barrier_wait(turn)
+            take_turn = functools.partial(_take_turn, turn) if t.pingpong else (lambda: None)
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
@@ -749,8 +741,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
                     pt, dst = pl.run_scoped(probs, acc, acc)
                     if t.pingpong:
                         pt, dst = lax.optimization_barrier((pt, dst))
-                        plgpu.barrier_arrive(turn)  # element-wise part done
-                        plgpu.barrier_wait(turn)  # the tensor cores are ours
+                    take_turn()  # element-wise part done; then the tensor cores are ours
 
                     def grads(refs):
                         dv_ref, dk_ref = refs
@@ -796,13 +787,12 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
 
                     n = lax.fori_loop(0, head_steps(g), prod, n)
 
-        t16 = {"transforms": (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))}
         scratch = [
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **t16),
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
             plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32) if masked else None,
-            plgpu.SMEM((stages, tq, d), dtype, **t16),
-            plgpu.SMEM((stages, tq, d), dtype, **t16),
+            plgpu.SMEM((stages, tq, d), dtype, **_SWIZZLED),
+            plgpu.SMEM((stages, tq, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tq), jnp.float32),
             plgpu.SMEM((stages, tq), jnp.float32),
         ]
@@ -815,20 +805,11 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
             plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
         ]
-        pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers,
-                      collective_axes="wg")
+        _run_warp_specialized(kernel, scratch, barriers)
 
     inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ())
-    grid, names = _grid(kv_heads, lk // TILE_Q, batch, "k_tile", t.tile_major)
-    return plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=grid,
-        grid_names=names,
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(*inputs)
+    out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+    return _launch(body, out_type, _grid(kv_heads, lk // TILE_Q, batch, "k_tile", t.tile_major))(*inputs)
 
 
 def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k,
@@ -855,7 +836,4 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block
                   positional=positional, t=tuning)
     dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
                        positional=positional, t=tuning)
-    return dq, dk, dv
-    dq = _dq_call(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k, tile_k=tile_k)
-    dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k)
     return dq, dk, dv
