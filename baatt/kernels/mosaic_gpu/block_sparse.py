@@ -177,6 +177,15 @@ def _walk_tile_start(sel_ref, b, h, srow, cta, steps, step, *, block_k: int, til
     return triton_kernel._tile_start(lambda j: sel_ref[b, h, srow, 1 + j], step, block_k, tile_k)
 
 
+def _load_own_tiles(copies, ready, wg):
+    """A consumer warpgroup's own rows: one TMA copy per (source, shared-memory destination) pair, each
+    on its own barrier (``i * CONSUMERS + wg``), then wait for all of them."""
+    for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, ready.at[i * CONSUMERS + wg])
+    for i in range(len(copies)):
+        plgpu.barrier_wait(ready.at[i * CONSUMERS + wg])
+
+
 def _run_warp_specialized(kernel, scratch, barriers):
     """Allocate the shared memory and barriers collectively over the warpgroups, then run ``kernel``."""
     pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers, collective_axes="wg")
@@ -555,12 +564,9 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                 row0 = qt * TILE_Q + wg * WG_ROWS
                 rows = pl.ds(row0, WG_ROWS)
                 my_q, my_do = q_smem.at[wg], do_smem.at[wg]
-                plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, rows), my_q, in_ready.at[0 * CONSUMERS + wg])
-                plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), my_do, in_ready.at[1 * CONSUMERS + wg])
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], in_ready.at[2 * CONSUMERS + wg])
-                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], in_ready.at[3 * CONSUMERS + wg])
-                for i in range(4):
-                    plgpu.barrier_wait(in_ready.at[i * CONSUMERS + wg])
+                _load_own_tiles([(rows_of(q_ref, b, h, rows), my_q), (rows_of(do_ref, b, h, rows), my_do),
+                                 (lse_ref.at[b, h, rows], lse_smem.at[wg]),
+                                 (delta_ref.at[b, h, rows], delta_smem.at[wg])], in_ready, wg)
                 lse2 = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
                 dlt = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
                 dq = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -704,13 +710,9 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
                 row0 = kt * TILE_Q + wg * WG_ROWS
                 rows = pl.ds(row0, WG_ROWS)
                 my_k, my_v = k_smem.at[wg], v_smem.at[wg]
-                plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), my_k, own_ready.at[0 * CONSUMERS + wg])
-                plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), my_v, own_ready.at[1 * CONSUMERS + wg])
-                if masked:
-                    plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], kbias_smem.at[wg],
-                                            own_ready.at[2 * CONSUMERS + wg])
-                for i in range(3 if masked else 2):
-                    plgpu.barrier_wait(own_ready.at[i * CONSUMERS + wg])
+                own = [(rows_of(k_ref, b, kvh, rows), my_k), (rows_of(v_ref, b, kvh, rows), my_v)]
+                _load_own_tiles(own + ([(bias_ref.at[b, kvh, rows], kbias_smem.at[wg])] if masked else []),
+                                own_ready, wg)
                 kbias = plgpu.load(kbias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1)) if masked else None
                 zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
