@@ -58,7 +58,7 @@ def part_times(q, k, v, bcfg, tm) -> dict:
     t["scores"] = tm(lambda: scores(q, k)) - t["sort"] - t["stats"]
     t["topk"] = tm(lambda: select(q, k)) - t["sort"] - t["stats"] - t["scores"]
     t["permute"] = 0.0
-    if bcfg.sort_q or bcfg.sort_k:
+    if sorting:
         qp, kp = jax.block_until_ready(sort(q, k))
 
         @jax.jit

@@ -135,7 +135,12 @@ def run_torch(cfg: Config, lengths, out_path: str) -> None:
 
     dev = "cuda"
     dt = getattr(torch, cfg.dtype)
-    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fa2": {}}
+    # No jax in this process (torch owns the GPU here); its version comes from the package metadata.
+    from importlib.metadata import version
+
+    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "jax_version": version("jax"),
+           "commit": _git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "fa2": {}}
 
     def sync(_):
         torch.cuda.synchronize()

@@ -35,7 +35,7 @@ def seed_row(run_dir: Path, learnt: float) -> dict:
     lengths = sorted({length for length, _ in by})
     return dict(
         run_dir=str(run_dir), seed=train["config"]["seed"], preset=train.get("preset"), device=train["device"],
-        commit=train["commit"], steps=train["steps"], first_learnt_step=first,
+        jax_version=train["jax_version"], commit=train["commit"], steps=train["steps"], first_learnt_step=first,
         final_check=checks[-1]["passkey_acc"] if checks else None,
         checks=[(h["step"], h["passkey_acc"]) for h in checks],
         dense={length: dict(passkey=by[(length, "dense")]["passkey"], nll=by[(length, "dense")]["nll"])
@@ -47,7 +47,8 @@ def seed_row(run_dir: Path, learnt: float) -> dict:
 def summarize(run_dirs, learnt: float = 0.5, retrieval_length: int = 4096) -> dict:
     rows = sorted((seed_row(Path(d), learnt) for d in run_dirs), key=lambda r: r["seed"])
     retrieving = [r for r in rows if r["dense"].get(retrieval_length, {}).get("passkey", 0.0) >= learnt]
-    return dict(learnt=learnt, retrieval_length=retrieval_length, seeds=rows,
+    return dict(device=rows[0]["device"], jax_version=rows[0]["jax_version"], learnt=learnt,
+                retrieval_length=retrieval_length, seeds=rows,
                 retrieving=[r["seed"] for r in retrieving], share_retrieving=len(retrieving) / len(rows))
 
 
@@ -59,7 +60,8 @@ def markdown(s: dict) -> str:
     rows = s["seeds"]
     lengths = sorted({length for r in rows for length in r["dense"]}, key=int)
     first = rows[0]
-    lines = [f"# {first['preset']}: {len(rows)} seeds ({first['device']}, commit {first['commit'][:10]})", "",
+    lines = [f"# {first['preset']}: {len(rows)} seeds ({first['device']}, jax {first['jax_version']}, "
+             f"commit {first['commit'][:10]})", "",
              f"{len(s['retrieving'])} of {len(rows)} seeds retrieve (dense one-shot passkey >= {s['learnt']} at "
              f"{s['retrieval_length']} tokens): {s['retrieving']}.", "",
              "| seed | steps | in-training check >= {:.1f} at step | final check | ".format(s["learnt"])

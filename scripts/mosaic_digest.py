@@ -4,8 +4,8 @@
     PYTHONPATH=. python3 scripts/mosaic_digest.py > after.json && diff before.json after.json
 
 Exports the forward and the forward+backward of ``baatt.kernels.mosaic_gpu`` for
-cuda (``jax.export``, no GPU needed) over a grid of variants (both layouts, GQA,
-key mask, dtypes, head dims, block sizes, non-default tunings), captures each
+cuda (``jax.export``, no GPU needed) over a grid of variants (both layouts, GQA
+groups 1 to 4, key mask, dtypes, head dims, block sizes, non-default tunings), captures each
 Mosaic GPU module just before it is serialised, prints it without source
 locations and without its per-process dump name, and hashes it. A refactor that leaves every digest unchanged lowers
 to the same kernels; one that changes a digest changed that variant's kernel.
@@ -48,7 +48,7 @@ def variants(quick: bool = False):
         out.append((f"{name}_bwd", grads, args))
 
     configs = [(hq, hkv, dt, d) for hq, hkv in [(2, 2), (4, 2)] for dt in [jnp.bfloat16, jnp.float16] for d in [128]]
-    configs.append((4, 2, jnp.bfloat16, 64))
+    configs += [(4, 2, jnp.bfloat16, 64), (4, 1, jnp.bfloat16, 128)]
     for hq, hkv, dt, d in configs[:1] if quick else configs:
         tag = f"{hq}{hkv}_{jnp.dtype(dt).name}_d{d}"
         idx, cnt = _sd(1, hq, L // 128, 3, dtype=jnp.int32), _sd(1, hq, L // 128, dtype=jnp.int32)

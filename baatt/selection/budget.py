@@ -64,14 +64,9 @@ def top_blocks_reference(priority: jax.Array, count: jax.Array, kmax: int) -> ja
 
 
 def _use_top_blocks_kernel(num_k_blocks: int, kmax: int) -> bool:
-    from baatt.kernels.pallas_triton import topk  # lazy: kernels import baatt.api
+    from baatt.kernels.pallas_triton import _has_cuda_gpu, topk  # lazy: kernels import baatt.api
 
-    if not topk.DEFAULT_ON_GPU or topk.unsupported_reason(num_k_blocks, kmax) is not None:
-        return False
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
+    return topk.DEFAULT_ON_GPU and topk.unsupported_reason(num_k_blocks, kmax) is None and _has_cuda_gpu()
 
 
 def select_from_scores(

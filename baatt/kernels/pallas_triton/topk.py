@@ -31,6 +31,7 @@ finite inputs, and ``baatt.attention`` rejects non-finite inputs).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # Used by ``select_from_scores`` when it is not told: off until the GPU test
-# (tests/test_topk_kernel.py, marked gpu) and bench_estimator's top-k comparison
+# (tests/test_kernel_topk.py, marked gpu) and bench_estimator's top-k comparison
 # have run on a GPU with this kernel.
 DEFAULT_ON_GPU = False
 
@@ -114,9 +115,7 @@ def top_blocks(priority: jax.Array, count: jax.Array, *, kmax: int, interpret: b
     reason = unsupported_reason(nk, kmax)
     if reason is not None:
         raise ValueError(reason)
-    rows = 1
-    for d in lead:
-        rows *= d
+    rows = math.prod(lead)
     rows_p = -(-rows // _ROWS) * _ROWS
     width, kmax_p = _pow2(nk), _pow2(kmax)
     p = priority.reshape(rows, nk).astype(jnp.float32)
