@@ -7,6 +7,9 @@ SFT), so the model learns retrieval. Training runs in stages of
 (end of progress, sequence length, batch size[, task fraction]); progress is the larger of
 step/steps and elapsed/time_budget_s, so a run can be fitted to a wall-clock
 budget: the learning-rate schedule follows progress, not the step count.
+With ``stage_gate`` a stage's progress end is a cap: the run moves on as soon
+as one-shot passkey accuracy at the stage's length reaches the gate, so the
+time a seed spends on short rows follows what it has learnt.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ class TrainConfig:
     # baatt.diffusion.masking.diffusion_loss_gathered): None = every position, an int K, or a float in
     # (0, 1] = that fraction of each stage's seq_len (rounded up).
     head_positions: int | float | None = None
+    # Competence gate: None = stages end at their progress end only; g in (0, 1] = a stage other than
+    # the last also ends at the first check (every gate_every steps) whose one-shot passkey accuracy
+    # at the stage's length, on eval_tasks held-out examples, is >= g. Needs passkey task rows.
+    stage_gate: float | None = None
+    gate_every: int = 200
     ckpt_dir: str | None = None
     ckpt_every: int = 200
     seed: int = 0
@@ -109,6 +117,14 @@ class TrainConfig:
             raise ValueError(f"task_answer_t_min must lie in (0, 1]; got {self.task_answer_t_min}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
+        g = self.stage_gate
+        if g is not None:
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < g <= 1.0:
+                raise ValueError(f"stage_gate must be None or a number in (0, 1]; got {g!r}")
+            if "passkey" not in self.task_kinds:
+                raise ValueError(f"stage_gate checks passkey accuracy: task_kinds must include 'passkey'; got {self.task_kinds!r}")
+        if isinstance(self.gate_every, bool) or not isinstance(self.gate_every, int) or self.gate_every < 1:
+            raise ValueError(f"gate_every must be an int >= 1; got {self.gate_every!r}")
         head_positions_for(1, self.head_positions)  # validates
 
     def stage_task_fraction(self, stage) -> float:
@@ -363,6 +379,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
     start_step = 0
+    resumed_stage = 0
     mngr = None
     if cfg.ckpt_dir:
         Path(cfg.ckpt_dir).mkdir(parents=True, exist_ok=True)
@@ -372,15 +389,19 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
         if mngr.latest_step() is not None:
             params, opt_state, m = restore_checkpoint(mngr, params, opt_state)
             start_step = int(m["step"])
+            resumed_stage = int(m.get("stage", 0))
             log_fn(f"resumed from step {start_step}")
     step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps, cfg.full_task_answers, cfg.head_positions,
                          cfg.task_answer_t_min)
 
     seed_seq = np.random.SeedSequence([cfg.seed, start_step])
 
-    def stage_of(progress):
-        """(seq_len, batch, task_fraction) of the stage that covers ``progress``."""
-        stage = next((s for s in cfg.stages if progress < s[0]), cfg.stages[-1])
+    last_stage = len(cfg.stages) - 1
+    stage_idx = resumed_stage  # never goes back: a gate may have moved it past the stage that progress alone gives
+
+    def stage_of(idx):
+        """(seq_len, batch, task_fraction) of ``cfg.stages[idx]``."""
+        stage = cfg.stages[idx]
         return stage[1], stage[2], cfg.stage_task_fraction(stage)
 
     source = None  # (stage, BatchStream) of the current stage; a new stage closes the old builders
@@ -434,7 +455,8 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                 progress = max(progress, elapsed / cfg.time_budget_s)
             if progress >= 1.0:
                 break
-            l, b, tf = stage_of(progress)
+            stage_idx = max(stage_idx, next((i for i, s in enumerate(cfg.stages) if progress < s[0]), last_stage))
+            l, b, tf = stage_of(stage_idx)
             toks, elig = batches((l, b, tf)).get()
             opt_state = _set_lr(opt_state, lr_at(cfg, step, progress))
             key, sub = jax.random.split(key)
@@ -455,8 +477,16 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                 ev = evaluate(step, stage_len=l)
                 history.append(dict(ev, elapsed_s=time.time() - t0))
                 log_fn(json.dumps(ev))
+            if (cfg.stage_gate is not None and stage_idx < last_stage and step % cfg.gate_every == 0
+                    and l >= tasks.MIN_LENGTH):
+                acc = task_accuracy_oneshot(nnx.merge(graphdef, params), passkey_examples(l), plan=AttentionPlan.dense())
+                passed = acc >= cfg.stage_gate
+                history.append(dict(step=step, gate_acc=acc, seq_len=l, passed=passed, elapsed_s=time.time() - t0))
+                if passed:
+                    stage_idx += 1
+                    log_fn(json.dumps(dict(step=step, stage_gate_passed=acc, seq_len=l, next_seq_len=cfg.stages[stage_idx][1])))
             if mngr is not None and step % cfg.ckpt_every == 0:
-                save_checkpoint(mngr, step, params, opt_state)
+                save_checkpoint(mngr, step, params, opt_state, extra=dict(stage=stage_idx))
     finally:
         bar.close()
         if source is not None:
@@ -466,7 +496,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     log_fn(json.dumps(final))
     if mngr is not None:
         if mngr.latest_step() != step:
-            save_checkpoint(mngr, step, params, opt_state)
+            save_checkpoint(mngr, step, params, opt_state, extra=dict(stage=stage_idx))
         mngr.wait_until_finished()
     model = nnx.merge(graphdef, params)
     return dict(history=history, model=model, steps=step, seconds=time.time() - t0)

@@ -127,6 +127,39 @@ def test_train_stages_set_their_own_task_fraction():
         TrainConfig(stages=((1.0, 64),))
 
 
+def test_stage_gate_moves_on_when_the_check_passes_and_not_before(monkeypatch):
+    import baatt.train as train_mod
+    from baatt.data import corpus
+    from baatt.train import TrainConfig, train
+
+    val = corpus.load_tokens("val")
+    cfg = TrainConfig(model="tiny", model_overrides=(("max_len", 512),), stages=((0.9, 64, 2, 1.0), (1.0, 96, 2, 1.0)),
+                      steps=12, warmup_steps=1, eval_every=0, eval_tasks=2, task_kinds=("passkey",), progress=False,
+                      stage_gate=0.8, gate_every=2)
+    real = train_mod.task_accuracy_oneshot
+    scripted = iter([0.5, 0.75, 0.8125])  # the gate checks at steps 2, 4, 6: the third passes
+
+    def check(model, examples, **kw):
+        return real(model, examples, **kw) if kw.get("diagnostics") else next(scripted)
+
+    monkeypatch.setattr(train_mod, "task_accuracy_oneshot", check)
+    r = train(cfg, train_stream=val, val_stream=val, log_fn=lambda s: None)
+    gates = [(h["step"], h["gate_acc"], h["seq_len"], h["passed"]) for h in r["history"] if "gate_acc" in h]
+    assert gates == [(2, 0.5, 64, False), (4, 0.75, 64, False), (6, 0.8125, 64, True)]
+    # Losses are logged every 10 steps: step 10 ran 96-token rows after the gate, 64-token ones without it
+    # (progress alone leaves the first stage at step 11).
+    assert [(h["step"], h["seq_len"]) for h in r["history"] if "loss" in h] == [(10, 96), (12, 96)]
+    r = train(dataclasses.replace(cfg, stage_gate=None), train_stream=val, val_stream=val, log_fn=lambda s: None)
+    assert not [h for h in r["history"] if "gate_acc" in h]
+    assert [(h["step"], h["seq_len"]) for h in r["history"] if "loss" in h] == [(10, 64), (12, 96)]
+    with pytest.raises(ValueError, match="stage_gate must be None or a number in"):
+        TrainConfig(stage_gate=0.0)
+    with pytest.raises(ValueError, match="task_kinds must include 'passkey'"):
+        TrainConfig(stage_gate=0.5, task_kinds=("multikey_niah",))
+    with pytest.raises(ValueError, match="gate_every must be an int >= 1"):
+        TrainConfig(gate_every=0)
+
+
 def test_one_step_decoding_is_the_argmax_of_one_forward(model):
     """steps=1 over the whole span (eval_dlm --task-decode oneshot) = argmax below the mask id of one forward pass."""
     x = _canvas(b=3, prompt=30, gen=5, seed=4)

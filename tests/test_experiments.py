@@ -97,6 +97,10 @@ def test_train_dlm_presets_are_valid():
     assert qs.stages == mid.stages == p4k.stages and qs.passkey_question_every == mid.passkey_question_every == 512
     assert qs.passkey_middle_share is None and mid.passkey_middle_share == 0.7 and mid.passkey_digits == (5, 5)
     assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
+    gated = train_dlm.get_config("gpu_passkey_gated")
+    assert [s[1] for s in gated.stages] == [128, 512, 1024, 4096] and 0.5 <= gated.stage_gate <= 1.0
+    assert gated.passkey_middle_share == mid.passkey_middle_share and gated.time_budget_s == mid.time_budget_s
+    assert all(train_dlm.get_config(n).stage_gate is None for n in train_dlm.PRESETS if n != "gpu_passkey_gated")
 
 
 def test_eval_dlm_merges_per_length_results(tmp_path):
