@@ -18,6 +18,11 @@ class ModelConfig:
     output_bias: a learnt per-token bias on the logits (see ``DiffusionLM.set_output_bias``):
       without it a tied, RMS-normed model must learn the unigram through the
       embedding itself, which stalls training at the unigram loss.
+    short_conv: 0 = off; w >= 2 = before each attention, the normed input gets a learnt depthwise
+      convolution over the token and its w - 1 predecessors added (zero-initialised, so the model
+      starts as without it). Each position then carries its neighbours' tokens into its query and
+      key, so one attention layer can match "the token k places after X" (how an answer slot finds
+      the k-th token of a key) without first composing a previous-token head.
     dtype: compute dtype (bf16 on GPU); param_dtype: storage dtype of the weights.
     """
 
@@ -34,6 +39,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     output_bias: bool = False
+    short_conv: int = 0
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
 
@@ -46,6 +52,9 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.num_kv_heads must divide num_heads (GQA); got {self.num_kv_heads} and {self.num_heads}"
             )
+        sc = self.short_conv
+        if isinstance(sc, bool) or not isinstance(sc, int) or sc < 0 or sc == 1:
+            raise ValueError(f"ModelConfig.short_conv must be 0 (off) or an int >= 2 (window in tokens); got {sc!r}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even (rotary embeddings); got {self.head_dim}")
         if not 0 <= self.mask_id < self.vocab_size:

@@ -1,6 +1,6 @@
 """LLaDA-style bidirectional transformer (Flax NNX) with pluggable attention.
 
-Token embedding (with the mask token) -> N x [RMSNorm -> GQA attention with
+Token embedding (with the mask token) -> N x [RMSNorm -> (optional short convolution) -> GQA attention with
 rotary embeddings -> residual; RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
 tied or untied head. No causal mask: every token sees every token (masked
 diffusion). Attention per layer comes from an :class:`AttentionPlan`, given at
@@ -82,18 +82,44 @@ class MLP(nnx.Module):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
+class ShortConv(nnx.Module):
+    """x + depthwise convolution of x over each token and its ``width - 1`` predecessors.
+
+    Weights [width, d] start at zero (the identity). Positions where ``key_mask`` is False are
+    zeroed first, so padding never leaks into real tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        del rngs  # zero-initialised
+        self.width = cfg.short_conv
+        self.weight = nnx.Param(jnp.zeros((cfg.short_conv, cfg.d_model), cfg.weight_dtype))
+
+    def __call__(self, x, key_mask=None):
+        src = x if key_mask is None else jnp.where(key_mask[..., None], x, 0)
+        length = x.shape[1]
+        padded = jnp.pad(src, ((0, 0), (self.width - 1, 0), (0, 0)))
+        w = self.weight[...].astype(x.dtype)
+        # term j: the token j places back (padded[:, width-1-j : width-1-j+L])
+        mixed = sum(w[j] * padded[:, self.width - 1 - j: self.width - 1 - j + length] for j in range(self.width))
+        return x + mixed.astype(x.dtype)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         # Norms compute in float32 (the projections after them cast to the compute dtype): the scale's
         # gradient is a sum over every token, which a bfloat16 norm would accumulate in bfloat16.
         kw = dict(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.weight_dtype, rngs=rngs)
         self.attn_norm = nnx.RMSNorm(cfg.d_model, **kw)
+        self.conv = ShortConv(cfg, rngs=rngs) if cfg.short_conv else None
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(cfg.d_model, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, cos, sin, **kw):
-        h, info = self.attn(self.attn_norm(x), cos, sin, **kw)
+        a = self.attn_norm(x)
+        if self.conv is not None:
+            a = self.conv(a, kw.get("key_mask"))
+        h, info = self.attn(a, cos, sin, **kw)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), info
 
