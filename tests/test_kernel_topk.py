@@ -106,6 +106,6 @@ def test_rejects_bad_input():
 
 
 def test_default_route_off_the_gpu_is_xla():
-    # Not enabled by default (see DEFAULT_ON_GPU); never on a machine without a GPU.
+    # On by default only where a CUDA GPU is present (see DEFAULT_ON_GPU); never on a machine without one.
     if not any(d.platform == "gpu" for d in jax.devices()):
         assert not budget._use_top_blocks_kernel(256, 26)
