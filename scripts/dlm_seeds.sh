@@ -2,7 +2,7 @@
 # Train one DLM preset with several seeds at once, one seed per GPU, evaluate each, and tabulate how
 # many seeds learn retrieval (experiments/dlm_seeds.py):
 #
-#   bash scripts/dlm_seeds.sh gpu_passkey_middle OUT_DIR "0 1 2 3" [train_dlm.py args]
+#   bash scripts/dlm_seeds.sh gpu_passkey_conv OUT_DIR "0 1 2 3" [train_dlm.py args]
 #
 # Seed i of the list runs on GPU i (CUDA_VISIBLE_DEVICES), through scripts/dlm_experiment.sh into
 # OUT_DIR/seed<S>/ (its log in OUT_DIR/seed<S>/log), checkpoints in CKPT_ROOT/<preset>_seed<S>.
