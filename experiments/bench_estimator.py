@@ -16,7 +16,9 @@ into sorted block space plus the inverse permutation of an output-sized array.
 Also which sorts and custom calls the compiled estimator holds (whether XLA
 handed the norm sorts to CUB's radix sort, what top-k became). For the plain
 estimator also the fixed-budget selection alone, XLA's route against
-the Pallas top-k kernel on the same scores (time, and whether they agree exactly).
+the Pallas top-k kernel on the same scores (time, and whether they agree exactly);
+per length the norm sorts alone by each ``argsort_rows`` method (time, agreement,
+what XLA compiled them into).
 Writes ``bench_estimator.json`` / ``.md`` (device, jax version, commit, date).
 """
 
@@ -72,6 +74,25 @@ def part_times(q, k, v, bcfg, tm) -> dict:
     return {name: 1e3 * max(sec, 0.0) for name, sec in t.items()}
 
 
+def sort_method_times(q, k, tm) -> dict:
+    """The norm sorts of Q and K (``norm_sort`` permutations only) by each ``argsort_rows`` method:
+    milliseconds, whether the permutations are identical, and what XLA compiled each into."""
+    import jax
+    import jax.numpy as jnp
+
+    from baatt.reference.sorting import ROW_ARGSORT_METHODS, norm_sort
+
+    out, perms = {}, {}
+    for method in ROW_ARGSORT_METHODS:
+        fn = jax.jit(lambda q, k, m=method: (norm_sort(q, method=m)[0], norm_sort(k, method=m)[0]))
+        perms[method] = jax.block_until_ready(fn(q, k))
+        out[f"{method}_ms"] = 1e3 * tm(lambda: fn(q, k))
+        out[f"{method}_calls"] = compiled_calls(fn, q, k)
+    first, *rest = perms.values()
+    out["identical"] = all(bool(jnp.array_equal(a, b)) for other in rest for a, b in zip(first, other))
+    return out
+
+
 def compiled_calls(fn, *args) -> list[str]:
     """Custom-call targets and sort ops of ``fn``'s optimised HLO: shows whether XLA handed a sort
     to CUB (``__cub$DeviceRadixSort...``) or kept its own comparison sort, and what top-k became."""
@@ -79,7 +100,7 @@ def compiled_calls(fn, *args) -> list[str]:
 
     text = fn.lower(*args).compile().as_text()
     found = re.findall(r'custom_call_target="([^"]+)"', text)
-    found += ["sort"] * len(re.findall(r"= [^ ]+ sort\(", text))
+    found += ["sort"] * len(re.findall(r"(?:= [^ (]+|\)) sort\(", text))  # one result, or a tuple of them
     return sorted(set(found))
 
 
@@ -133,6 +154,8 @@ def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True)
                 if parts and s == sparsities[0]:
                     row["parts_ms"] = part_times(q, k, v, bcfg, tm)
                     row["compiled_calls"] = compiled_calls(est, q, k)
+                    if name == "sorted":
+                        row["sort_methods"] = sort_method_times(q, k, tm)
                 if name == "plain":
                     row.update(topk_times(q, k, bcfg, tm))
                 rows.append(row)
@@ -160,6 +183,17 @@ def markdown(meta, rows) -> str:
         for r in with_parts:
             lines.append(f"| {r['L']} | {r['variant']} | " + " | ".join(f"{r['parts_ms'][n]:.2f}" for n in names)
                          + f" | {r['cudnn_fwd_ms']:.1f} | {', '.join(r.get('compiled_calls', [])) or '-'} |")
+    with_sorts = [r for r in rows if "sort_methods" in r]
+    if with_sorts:
+        methods = [k[: -len("_ms")] for k in with_sorts[0]["sort_methods"] if k.endswith("_ms")]
+        lines += ["", "Norm sorts of Q and K alone by `argsort_rows` method (`baatt.reference.sorting`; segmented: "
+                  "one batched sort of the [B, H, L] rows; flat: two 1-D sorts over all rows, by key then by row):", "",
+                  "| L | " + " | ".join(f"{m} ms" for m in methods) + " | identical | " +
+                  " | ".join(f"{m}: compiled" for m in methods) + " |", "|---|" + "---|" * (2 * len(methods) + 1)]
+        for r in with_sorts:
+            sm = r["sort_methods"]
+            lines.append(f"| {r['L']} | " + " | ".join(f"{sm[m + '_ms']:.2f}" for m in methods) + f" | {sm['identical']} | "
+                         + " | ".join(", ".join(sm[m + "_calls"]) or "-" for m in methods) + " |")
     with_topk = [r for r in rows if "topk_xla_ms" in r]
     if with_topk:
         lines += ["", "Fixed-budget selection from the same scores (plain estimator): XLA (`top_k` + sort) "

@@ -175,8 +175,12 @@ def test_bench_estimator_cpu_smoke_with_parts(tmp_path):
         assert (p["sort"] > 0 and p["permute"] > 0) == r["variant"].startswith("sorted")
     (plain,) = [r for r in rows if r["variant"] == "plain"]
     assert plain["topk_kernel_equal"] is True and plain["topk_kernel_ms"] > 0 and plain["topk_xla_ms"] > 0
+    (sorted_row,) = [r for r in rows if "sort_methods" in r]
+    sm = sorted_row["sort_methods"]
+    assert sorted_row["variant"] == "sorted" and sm["identical"] is True and sm["segmented_ms"] > 0 and sm["flat_ms"] > 0
     md = (tmp_path / "est.md").read_text()
-    assert "Parts (ms" in md and "Pallas top-k kernel" in md and md.count("| 256 |") == 2 * len(rows) + 1
+    assert "Parts (ms" in md and "Pallas top-k kernel" in md and "by `argsort_rows` method" in md
+    assert md.count("| 256 |") == 2 * len(rows) + 2
 
 
 def test_dlm_seeds_script_trains_each_seed_and_tabulates(tmp_path):

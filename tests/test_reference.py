@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +92,30 @@ def test_norm_sort_ties_and_integer_comparator():
     comparator = hlo[hlo.index("stablehlo.sort"):]
     comparator = comparator[: comparator.index("stablehlo.return")]
     assert "SIGNED" in comparator and "FLOAT" not in comparator and "TOTALORDER" not in comparator
+    # The flat route (two 1-D sorts) gives the same permutation, ties and padding included, and its
+    # sorts are 1-D with an int32 comparator too.
+    flat, _ = reference.norm_sort(jnp.asarray(x), mask=jnp.asarray(mask), method="flat")
+    np.testing.assert_array_equal(flat, perm)
+    compiled = jax.jit(lambda a: reference.norm_sort(a, method="flat")[0]).lower(jnp.asarray(x)).compile().as_text()
+    sorts = re.findall(r"= \(([^)]*)\) sort\(", compiled)
+    assert len(sorts) == 2 and all(s.count("s32[1800]") == 2 for s in sorts), sorts  # two 1-D (key, index) sorts
+    with pytest.raises(ValueError, match="method must be one of"):
+        reference.norm_sort(jnp.asarray(x), method="radix")
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 70), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_argsort_rows_flat_equals_segmented(b, h, length, key_range, seed):
+    """Random int32 keys with many ties (few distinct values), including the largest ones."""
+    from baatt.reference.sorting import argsort_rows
+
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, key_range, (b, h, length)).astype(np.int32) * (2**31 - 1 - key_range) // key_range
+    want = np.argsort(keys, axis=-1, kind="stable")
+    for method in ("segmented", "flat"):
+        got = np.asarray(argsort_rows(jnp.asarray(keys), method))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
 
 
 @SETTINGS
