@@ -107,8 +107,8 @@ def compiled_calls(fn, *args) -> list[str]:
 def topk_times(q, k, bcfg, tm) -> dict:
     """The fixed-budget selection from the same scores: XLA's two sorts against the Pallas top-k kernel.
 
-    Records whether the two agree exactly, or the kernel's error (it is not on by default until this
-    comparison has run on a GPU)."""
+    Records whether the two agree exactly, or the kernel's error (the kernel is on by default on CUDA
+    GPUs because this comparison found them identical; see ``topk.DEFAULT_ON_GPU``)."""
     import jax
     import jax.numpy as jnp
 

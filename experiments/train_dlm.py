@@ -94,6 +94,13 @@ _PASSKEY_4K = dataclasses.replace(
     _CURRICULUM, stages=((0.1, 128, 128, 0.9), (0.25, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)), task_fraction=0.9
 )
 
+# gpu_passkey_middle with 128 -> 512 -> 1K -> 4K stages under a competence gate (see PRESETS).
+_GATED = dataclasses.replace(
+    _PASSKEY_4K, passkey_question_every=512, passkey_middle_share=0.7,
+    stages=((0.2, 128, 128, 0.9), (0.35, 512, 64, 0.9), (0.55, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)),
+    stage_gate=0.8, gate_every=200,
+)
+
 PRESETS = {
     "cpu_tiny": TrainConfig(model="tiny", stages=((1.0, 128, 8),), steps=40, warmup_steps=5, eval_every=0,
                             task_fraction=0.0, peak_lr=3e-3),
@@ -166,21 +173,14 @@ PRESETS = {
     # end of the 1K stage the failures were at 0-0.19 on 1K, the learners at 0.06-0.5). So: a 512
     # stage between, and each short stage lasts until it is learnt (passkey >= 0.8 at its length,
     # checked every 200 steps) or until its cap, whichever comes first.
-    "gpu_passkey_gated": dataclasses.replace(
-        _PASSKEY_4K, passkey_question_every=512, passkey_middle_share=0.7,
-        stages=((0.2, 128, 128, 0.9), (0.35, 512, 64, 0.9), (0.55, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)),
-        stage_gate=0.8, gate_every=200),
+    "gpu_passkey_gated": _GATED,
     # gpu_passkey_gated over 4 seeds (run 16, H200): 1 retrieves (0.969 at 4K); the others sit at
     # 0.56-0.69 on 128-token rows for thousands of steps, the level of keys whose tokens are copied
     # only where fixed text sits beside them. Copying the k-th token of a key needs a head that
     # matches "k places after 'is'", which plain attention gets only by composing two layers. A short
     # convolution before each attention (ModelConfig.short_conv) puts each token's predecessors into
     # its query and key, so one layer can match them.
-    "gpu_passkey_conv": dataclasses.replace(
-        _PASSKEY_4K, passkey_question_every=512, passkey_middle_share=0.7,
-        model_overrides=(("output_bias", True), ("short_conv", 4)),
-        stages=((0.2, 128, 128, 0.9), (0.35, 512, 64, 0.9), (0.55, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)),
-        stage_gate=0.8, gate_every=200),
+    "gpu_passkey_conv": dataclasses.replace(_GATED, model_overrides=_GATED.model_overrides + (("short_conv", 4),)),
 }
 
 

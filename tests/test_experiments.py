@@ -102,8 +102,8 @@ def test_train_dlm_presets_are_valid():
     assert gated.passkey_middle_share == mid.passkey_middle_share and gated.time_budget_s == mid.time_budget_s
     conv = train_dlm.get_config("gpu_passkey_conv")
     assert conv.model_config().short_conv >= 2 and conv.model_config().output_bias and conv.stages == gated.stages
-    assert all(train_dlm.get_config(n).stage_gate is None for n in train_dlm.PRESETS if not n.startswith("gpu_passkey_gated")
-               and n != "gpu_passkey_conv")
+    assert all(train_dlm.get_config(n).stage_gate is None for n in train_dlm.PRESETS
+               if n not in ("gpu_passkey_gated", "gpu_passkey_conv"))
 
 
 def test_eval_dlm_merges_per_length_results(tmp_path):
