@@ -40,7 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 
 # Used by ``select_from_scores`` when it is not told. On: on an H200 (jax 0.11.2) the GPU
 # tests (tests/test_kernel_topk.py, marked gpu) pass and bench_estimator's comparison found
-# the kernel's picks identical to XLA's route at 32K and 128K tokens, 0.68 ms against 2.28 ms
+# the kernel's picks identical to XLA's route at 32K and 128K tokens, 0.69 ms against 2.31 ms
 # at 128K (experiments/results/bench_estimator_h200.md).
 DEFAULT_ON_GPU = True
 
