@@ -9,7 +9,11 @@ for the plain estimator, with compensation, with norm sorting of Q and K, and
 with both (the paper's recipe), and of ``baatt.attention`` end to end for each
 (sorting adds the permutations of Q/K/V and the inverse permutation of the
 output), both as a fraction of cuDNN's dense forward time measured in the same
-run. Per length and variant (at the first sparsity) also the cost of each part, as
+run. Also the sparse kernel alone on the same selection, prepared beforehand (block
+space for sorted selections, the caller's layout otherwise, as the pipeline does):
+end to end minus kernel is what estimating and permuting cost inside the compiled
+pipeline, where XLA shares the sorted Q/K gathers between the statistics and the
+kernel's inputs (``overhead``). Per length and variant (at the first sparsity) also the cost of each part, as
 prefixes that XLA compiles on their own and their differences: norm sorts,
 block statistics, pooled scores, top-k selection, and the permutations of Q/K/V
 into sorted block space plus the inverse permutation of an output-sized array.
@@ -128,10 +132,33 @@ def topk_times(q, k, bcfg, tm) -> dict:
     return row
 
 
+def kernel_only(q, k, v, sel, impl_name: str):
+    """A jitted call of the sparse operator of ``impl_name`` on ``sel``, with its inputs prepared as
+    ``baatt.api._pipeline`` prepares them (not timed): the same branch, the same layout."""
+    import math
+
+    import jax
+
+    from baatt import api, layout
+
+    impl = api._REGISTRY[impl_name]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    kw = dict(scale=scale, block_q=sel.block_q, block_k=sel.block_k)
+    if (impl.positional is not None and sel.q_perm is None and sel.k_perm is None
+            and q.shape[1] % sel.block_q == 0 and k.shape[1] % sel.block_k == 0):
+        fn = jax.jit(lambda q, k, v, i, c: impl.positional(q, k, v, i, c, **kw))
+        return lambda: fn(q, k, v, sel.indices, sel.counts)
+    space = jax.block_until_ready(jax.jit(lambda q, k, v: layout.to_block_space(
+        q, k, v, block_q=sel.block_q, block_k=sel.block_k, q_perm=sel.q_perm, k_perm=sel.k_perm))(q, k, v))
+    fn = jax.jit(lambda sp, i, c: impl.sparse(sp, i, c, scale=scale))
+    return lambda: fn(space, sel.indices, sel.counts)
+
+
 def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True):
     import jax
 
     import baatt
+    from baatt import api
     from baatt.selection import select_blocks
 
     cfg = Config(lengths=tuple(lengths))
@@ -149,8 +176,15 @@ def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True)
                 est = jax.jit(lambda q, k, c=bcfg: select_blocks(q, k, c))
                 full = jax.jit(lambda q, k, v, c=bcfg: baatt.attention(q, k, v, config=c, implementation=impl))
                 t_est, t_full = tm(lambda: est(q, k)), tm(lambda: full(q, k, v))
-                row = dict(L=L, sparsity=s, variant=name, est_ms=1e3 * t_est, full_ms=1e3 * t_full,
-                           cudnn_fwd_ms=1e3 * t_dense, est_frac_cudnn=t_est / t_dense, full_vs_cudnn=t_dense / t_full)
+                impl_name = api._resolve(impl, q, k, v, bcfg, False).name
+                kern = kernel_only(q, k, v, jax.block_until_ready(est(q, k)), impl_name)
+                # Kernel and pipeline timed back to back, twice, so drift of the card hits both alike.
+                t_kern = min(tm(kern), tm(kern))
+                t_full = min(t_full, tm(lambda: full(q, k, v)))
+                row = dict(L=L, sparsity=s, variant=name, impl=impl_name, est_ms=1e3 * t_est, full_ms=1e3 * t_full,
+                           kernel_ms=1e3 * t_kern, overhead_ms=1e3 * (t_full - t_kern),
+                           cudnn_fwd_ms=1e3 * t_dense, est_frac_cudnn=t_est / t_dense, full_vs_cudnn=t_dense / t_full,
+                           overhead_frac_cudnn=(t_full - t_kern) / t_dense)
                 if parts and s == sparsities[0]:
                     row["parts_ms"] = part_times(q, k, v, bcfg, tm)
                     row["compiled_calls"] = compiled_calls(est, q, k)
@@ -168,11 +202,16 @@ def markdown(meta, rows) -> str:
     lines = [f"# Estimator cost ({meta['device']}, jax {meta['jax_version']}, commit {meta['commit']}, {meta['date']})",
              "", f"B=1, H=32, D=128, bf16, block 128, implementation {meta['impl']}. est: `select_blocks` alone; "
              f"full: `baatt.attention` end to end; both against {dense} dense forward in the same run.", "",
-             f"| L | sparsity | variant | est ms | est / {dense} fwd | full ms | speedup vs {dense} |",
-             "|---|---|---|---|---|---|---|"]
+             "kernel: the sparse operator alone on the same selection; overhead = full - kernel (estimator, "
+             "permutations and layout as compiled into the pipeline). "
+             f"Norm sorts by `argsort_rows` method `{meta.get('row_argsort', 'segmented')}`.", "",
+             f"| L | sparsity | variant | est ms | est / {dense} fwd | full ms | kernel ms | overhead ms "
+             f"| overhead / {dense} fwd | speedup vs {dense} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['L']} | {r['sparsity']} | {r['variant']} | {r['est_ms']:.2f} | {100 * r['est_frac_cudnn']:.2f}% "
-                     f"| {r['full_ms']:.2f} | {r['full_vs_cudnn']:.2f}x |")
+                     f"| {r['full_ms']:.2f} | {r['kernel_ms']:.2f} | {r['overhead_ms']:.2f} "
+                     f"| {100 * r['overhead_frac_cudnn']:.2f}% | {r['full_vs_cudnn']:.2f}x |")
     with_parts = [r for r in rows if "parts_ms" in r]
     if with_parts:
         names = list(with_parts[0]["parts_ms"])
@@ -215,9 +254,17 @@ def main(argv=None):
     ap.add_argument("--name", default="bench_estimator")
     ap.add_argument("--dense-impl", default="cudnn", help="dense baseline (xla for a CPU smoke run)")
     ap.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
+    ap.add_argument("--row-argsort", default=None, help="norm sorts' argsort_rows method for this run "
+                    "(default: baatt.reference.sorting.ROW_ARGSORT)")
     args = ap.parse_args(argv)
+    from baatt.reference import sorting
+
+    if args.row_argsort is not None:
+        if args.row_argsort not in sorting.ROW_ARGSORT_METHODS:
+            ap.error(f"--row-argsort must be one of {sorting.ROW_ARGSORT_METHODS}")
+        sorting.ROW_ARGSORT = args.row_argsort
     rows = run(args.lengths, args.sparsities, args.impl, dense_impl=args.dense_impl, parts=not args.no_parts)
-    meta = run_meta(impl=args.impl or "auto", dense_impl=args.dense_impl)
+    meta = run_meta(impl=args.impl or "auto", dense_impl=args.dense_impl, row_argsort=sorting.ROW_ARGSORT)
     write_results(args.out, args.name, meta, rows, markdown(meta, rows))
     return dict(meta=meta, rows=rows)
 

@@ -386,6 +386,77 @@ def run_tune(cfg: Config) -> list[dict]:
     return rows
 
 
+MOSAIC_FWD_VARIANTS = {  # name -> mosaic_gpu.Tuning keyword arguments
+    "default": dict(),
+    "persistent": dict(persistent=True),
+    "persistent_tile_major": dict(persistent=True, tile_major=True),
+}
+
+
+def run_tune_mosaic(cfg: Config, lengths=(32768, 131072), sparsities=(0.0, 0.5, 0.9)) -> list[dict]:
+    """Mosaic GPU forward variants (``MOSAIC_FWD_VARIANTS``) on BA-Att selections, in the caller's layout
+    (the path ``baatt.attention`` takes without sorting), against cuDNN's dense forward in the same run;
+    each variant's output is compared with the default's."""
+    import jax
+    import jax.numpy as jnp
+
+    import baatt
+    from baatt.kernels import mosaic_gpu
+    from baatt.selection import select_blocks
+
+    rows = []
+    sync = jax.block_until_ready
+    tm = lambda call: _median_time(call, sync, target_s=cfg.target_s, min_reps=5)
+    bs, d = cfg.block, cfg.head_dim
+    for L in lengths:
+        q, k, v = synthetic_qkv(jax.random.PRNGKey(L), cfg, L)
+        cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=cfg.dense_impl))
+        t_dense = tm(lambda: cud(q, k, v))
+        dense_tflops = 4.0 * L * L * d * cfg.heads * cfg.batch / t_dense / 1e12
+        print(json.dumps(dict(L=L, variant="cudnn_dense", fwd_ms=t_dense * 1e3, fwd_tflops=dense_tflops)), flush=True)
+        for s in sparsities:
+            sel = sync(jax.jit(lambda q, k: select_blocks(q, k, baatt.BAConfig(block_size=bs, sparsity=s)))(q, k))
+            flops = 4.0 * bs * bs * d * float(jnp.sum(sel.counts))
+            ref_out = None
+            for name, kw in MOSAIC_FWD_VARIANTS.items():
+                tun = mosaic_gpu.Tuning(**kw)
+                f = jax.jit(lambda q, k, v, i, c, t=tun: mosaic_gpu.positional_attention(
+                    q, k, v, i, c, scale=d ** -0.5, block_q=bs, block_k=bs, tuning=t))
+                row = dict(L=L, sparsity=s, variant=name, cudnn_fwd_ms=t_dense * 1e3)
+                try:
+                    out = sync(f(q, k, v, sel.indices, sel.counts))[0]
+                    ref_out = out if ref_out is None else ref_out
+                    row["max_abs_diff_vs_default"] = float(jnp.max(jnp.abs(out.astype(jnp.float32)
+                                                                           - ref_out.astype(jnp.float32))))
+                    t = tm(lambda: f(q, k, v, sel.indices, sel.counts))
+                    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12,
+                               frac_cudnn_throughput=flops / t / 1e12 / dense_tflops)
+                except Exception as e:  # noqa: BLE001 - a variant that fails is a result to report
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        del q, k, v
+    return rows
+
+
+def tune_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# Mosaic GPU forward variants ({meta['device']}, jax {meta['jax_version']}, commit {meta['commit'][:10]}, "
+             f"{meta['date']})", "", "B=1 H=32 D=128 bf16, block 128, BA-Att selections, caller's layout; throughput "
+             "over computed blocks against cuDNN's dense forward in the same run.", "",
+             "| L | sparsity | variant | fwd ms | TFLOP/s | % cuDNN thr. | max abs diff vs default |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "sparsity" not in r:
+            continue
+        if "error" in r:
+            lines.append(f"| {r['L'] // 1024}K | {r['sparsity']} | {r['variant']} | failed: {r['error'][:120]} | | | |")
+            continue
+        lines.append(f"| {r['L'] // 1024}K | {int(round(100 * r['sparsity']))}% | {r['variant']} | {r['fwd_ms']:.2f} "
+                     f"| {r['fwd_tflops']:.0f} | {100 * r['frac_cudnn_throughput']:.1f}% "
+                     f"| {r['max_abs_diff_vs_default']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -447,6 +518,12 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     if args.torch_only:
         run_torch(cfg, cfg.lengths, args.torch_only)
+        return
+    if args.tune and cfg.impl == "mosaic_gpu":
+        rows = run_tune_mosaic(cfg, **({"lengths": cfg.lengths} if args.lengths else {}),
+                               **({"sparsities": cfg.sparsities} if args.sparsities else {}))
+        meta = run_meta(config=dataclasses.asdict(cfg))
+        write_results(args.out, "bench_sparse_mosaic_gpu_fwd_tune", meta, rows, tune_markdown(meta, rows))
         return
     if args.tune:
         rows = run_tune(cfg)

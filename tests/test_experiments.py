@@ -161,14 +161,21 @@ def test_dlm_experiment_script_trains_evaluates_and_merges(tmp_path):
             assert row[task] == sum(c["acc"] * c["n"] for c in split.values())
 
 
-def test_bench_estimator_cpu_smoke_with_parts(tmp_path):
+def test_bench_estimator_cpu_smoke_with_parts(tmp_path, monkeypatch):
     """The estimator benchmark runs end to end on a CPU (XLA dense baseline) and reports every part."""
+    from baatt.reference import sorting
     from experiments import bench_estimator
 
+    monkeypatch.setattr(sorting, "ROW_ARGSORT", sorting.ROW_ARGSORT)  # the run sets it; restored afterwards
     res = bench_estimator.main(["--out", str(tmp_path), "--lengths", "256", "--sparsities", "0.5",
-                                "--dense-impl", "xla", "--impl", "reference", "--name", "est"])
+                                "--dense-impl", "xla", "--impl", "reference", "--name", "est",
+                                "--row-argsort", "flat"])
     rows = res["rows"]
     assert [r["variant"] for r in rows] == list(bench_estimator.VARIANTS)
+    assert res["meta"]["row_argsort"] == "flat"
+    for r in rows:  # the kernel alone, and what the rest of the pipeline costs
+        assert r["impl"] == "reference" and r["kernel_ms"] > 0
+        assert r["overhead_ms"] == pytest.approx(r["full_ms"] - r["kernel_ms"])
     for r in rows:
         p = r["parts_ms"]
         assert set(p) == {"sort", "stats", "scores", "topk", "permute"} and all(x >= 0 for x in p.values())
@@ -180,7 +187,9 @@ def test_bench_estimator_cpu_smoke_with_parts(tmp_path):
     assert sorted_row["variant"] == "sorted" and sm["identical"] is True and sm["segmented_ms"] > 0 and sm["flat_ms"] > 0
     md = (tmp_path / "est.md").read_text()
     assert "Parts (ms" in md and "Pallas top-k kernel" in md and "by `argsort_rows` method" in md
-    assert md.count("| 256 |") == 2 * len(rows) + 2
+    assert md.count("| 256 |") == 2 * len(rows) + 2 and "method `flat`" in md
+    with pytest.raises(SystemExit):
+        bench_estimator.main(["--row-argsort", "bitonic"])
 
 
 def test_dlm_seeds_script_trains_each_seed_and_tabulates(tmp_path):
@@ -233,3 +242,19 @@ def test_dlm_seeds_table_of_committed_run():
     assert by_seed[3]["first_learnt_step"] is None
     md = dlm_seeds.markdown(json.loads(json.dumps(s)))
     assert "3 of 7 seeds retrieve" in md
+
+
+def test_bench_sparse_mosaic_forward_tuning_runs_and_reports(tmp_path):
+    """The Mosaic GPU forward-variant benchmark runs end to end off Hopper, reporting each variant's failure
+    (a variant that cannot run is a row with its error, never a crash or a missing row)."""
+    import dataclasses
+
+    from experiments import bench_sparse
+
+    cfg = dataclasses.replace(bench_sparse.get_config(smoke=True), block=128, target_s=0.001)
+    rows = bench_sparse.run_tune_mosaic(cfg, lengths=(256,), sparsities=(0.5,))
+    variants = [r for r in rows if "sparsity" in r]
+    assert [r["variant"] for r in variants] == list(bench_sparse.MOSAIC_FWD_VARIANTS)
+    assert all(("error" in r) != ("fwd_ms" in r) for r in variants)
+    md = bench_sparse.tune_markdown(dict(device="cpu", jax_version="x", commit="0" * 40, date="today"), rows)
+    assert all(f"| {name} |" in md for name in bench_sparse.MOSAIC_FWD_VARIANTS)

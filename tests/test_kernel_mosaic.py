@@ -23,18 +23,18 @@ from hypothesis import strategies as st
 
 import baatt
 from baatt.kernels import mosaic_gpu
-from baatt.kernels.mosaic_gpu.block_sparse import DEFAULT_BWD_TUNING, BwdTuning
+from baatt.kernels.mosaic_gpu.block_sparse import DEFAULT_BWD_TUNING, DEFAULT_TUNING, BwdTuning, Tuning
 from tests.test_kernel_pallas import check_against_reference, check_poison, fwd_and_grads, make_case, rel_err
 
 
-def _kernel_fn(c, interpret, bwd=DEFAULT_BWD_TUNING):
+def _kernel_fn(c, interpret, bwd=DEFAULT_BWD_TUNING, fwd=DEFAULT_TUNING):
     del interpret
     all_valid = bool(np.all(np.asarray(c["kv_valid"])))
 
     def f(q, k, v):
         return mosaic_gpu.block_sparse_attention(q, k, v, c["kv_valid"], c["indices"], c["counts"], scale=c["scale"],
                                                  block_q=c["block_q"], block_k=c["block_k"], all_valid=all_valid,
-                                                 backward_tuning=bwd)
+                                                 tuning=fwd, backward_tuning=bwd)
     return f
 
 
@@ -46,9 +46,10 @@ def _on_hopper() -> bool:
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
 class TestMosaicGPU:
     bwd = DEFAULT_BWD_TUNING  # the backward kernels under test
+    fwd = DEFAULT_TUNING  # and the forward
 
     def kernel_fn(self, c, interpret):
-        return _kernel_fn(c, interpret, bwd=self.bwd)
+        return _kernel_fn(c, interpret, bwd=self.bwd, fwd=self.fwd)
 
     def check(self, c):
         check_against_reference(c, False, make_kernel=self.kernel_fn)
@@ -128,7 +129,7 @@ class TestMosaicGPU:
             def f(q, k, v):
                 out, lse = mosaic_gpu.positional_attention(hm(q), hm(k), hm(v), c_["indices"], c_["counts"],
                                                            scale=c_["scale"], block_q=c_["block_q"],
-                                                           block_k=c_["block_k"],
+                                                           block_k=c_["block_k"], tuning=self.fwd,
                                                            backward_tuning=self.bwd)
                 return hm(out), lse
             return f
@@ -184,6 +185,44 @@ class TestMosaicGPUBackwardVariants:
         suite.test_positional_layout()
 
 
+PERSISTENT = [Tuning(persistent=True, ctas=3), Tuning(persistent=True, ctas=5, tile_major=True, rotate=False),
+              Tuning(persistent=True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
+@pytest.mark.parametrize("fwd", PERSISTENT, ids=["3ctas", "5ctas_tile_major", "one_per_sm"])
+class TestMosaicGPUPersistentForward:
+    """The persistent forward: a few CTAs each walk many work items of ragged length (zero-length ones
+    too), so the K/V ring, the turn-taking and the double-buffered Q/output run on across items."""
+
+    def suite(self, fwd):
+        suite = TestMosaicGPU()
+        suite.fwd = fwd
+        return suite
+
+    def test_masked_gqa_and_empty_rows(self, fwd):
+        c = make_case(21, batch=2, q_heads=4, kv_heads=2, length=900, block_q=128, block_k=64, kmax=6,
+                      masked_frac=0.1)
+        c["counts"] = c["counts"].at[0, 1, 2].set(0).at[1, 3, :3].set(0)  # rows that see nothing
+        out, lse, _ = fwd_and_grads(_kernel_fn(c, False, fwd=fwd), c, c["q"], c["k"], c["v"])
+        assert np.all(np.asarray(out[0, 1, 256:384], np.float32) == 0) and np.all(np.isneginf(np.asarray(lse[1, 3, :384])))
+        check_against_reference(c, False, make_kernel=functools.partial(_kernel_fn, fwd=fwd))
+
+    def test_all_valid_many_items(self, fwd):
+        # 2 x 8 x 12 = 192 work items: more than one per SM even with a CTA per SM.
+        c = make_case(22, batch=2, q_heads=8, kv_heads=2, length=1536, head_dim=128, block_q=128, block_k=128,
+                      kmax=5)
+        check_against_reference(c, False, make_kernel=functools.partial(_kernel_fn, fwd=fwd))
+
+    def test_blocks_256_and_positional(self, fwd):
+        self.suite(fwd).test_block_q_256_block_k_256()
+        self.suite(fwd).test_positional_layout()
+
+    def test_nan_poison(self, fwd):
+        self.suite(fwd).test_nan_poison()
+
+
 # ----------------------------------------------------------------------------- dispatch (any machine)
 
 
@@ -235,7 +274,8 @@ def test_supported_shapes_have_no_reason():
 
 @pytest.mark.parametrize("positional", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_kernel_body_traces(positional, masked):
+@pytest.mark.parametrize("tuning", [DEFAULT_TUNING, Tuning(persistent=True, ctas=3)], ids=["default", "persistent"])
+def test_kernel_body_traces(positional, masked, tuning):
     # Builds the kernel's jaxpr on any machine (the GPU tests compile and run it).
     from baatt.kernels.mosaic_gpu.block_sparse import forward
     b, hq, hkv, d, l = 1, 4, 2, 128, 512
@@ -245,7 +285,7 @@ def test_kernel_body_traces(positional, masked):
         sel = mosaic_gpu.pack_selection(jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32))
         bias = jnp.zeros((b, hkv, l), jnp.float32) if masked else None
         jaxpr = jax.make_jaxpr(lambda q, k, s, bi: forward(q, k, k, s, bi, scale=0.1, block_q=bq, block_k=bk,
-                                                           positional=positional))(q, k, sel, bias)
+                                                           positional=positional, tuning=tuning))(q, k, sel, bias)
         assert "wgmma" in str(jaxpr)
 
 
@@ -282,3 +322,9 @@ def test_tuning_resolution_fits_shared_memory():
         mosaic_gpu.Tuning(tile_k=32).resolve(128, 128, 2)
     with pytest.raises(ValueError, match="shared memory"):
         mosaic_gpu.Tuning(stages=8).resolve(128, 128, 2)
+    # Persistent: the double-buffered Q still leaves a ring of two K/V stages at head dim 128.
+    assert mosaic_gpu.Tuning(persistent=True).resolve(128, 128, 2).stages == 2
+    with pytest.raises(ValueError, match="Tuning.ctas"):
+        mosaic_gpu.Tuning(ctas=4).resolve(128, 128, 2)
+    with pytest.raises(ValueError, match="Tuning.ctas"):
+        mosaic_gpu.Tuning(persistent=True, ctas=0).resolve(128, 128, 2)

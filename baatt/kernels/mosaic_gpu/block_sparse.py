@@ -71,7 +71,10 @@ class Tuning:
     stages: shared-memory slots in the K/V ring (>= 2).
     rotate: start each CTA's walk at a different selected tile.
     tile_major: launch order with query tiles fastest (CTAs running together share a head's K/V
-      in L2) instead of heads fastest.
+      in L2) instead of heads fastest (for ``persistent``: the order in which CTAs take work items).
+    persistent: one CTA per SM walks many (query tile, head, batch) items with the K/V ring running
+      on across them and the next item's Q double-buffered (see ``forward``).
+    ctas: with ``persistent``, how many CTAs (None: one per SM; tests use a few to make each walk long).
     None means "derive" (see ``resolve``).
     """
 
@@ -79,14 +82,19 @@ class Tuning:
     stages: int | None = None
     rotate: bool = True
     tile_major: bool = False
+    persistent: bool = False
+    ctas: int | None = None
 
     def resolve(self, block_k: int, head_dim: int, itemsize: int) -> "Tuning":
         tile_k = self.tile_k or min(block_k, 128)
         if tile_k not in (64, 128) or block_k % tile_k:
             raise ValueError(f"Tuning.tile_k must be 64 or 128 and divide block_k={block_k}; got {tile_k}")
         per_stage = 2 * tile_k * head_dim * itemsize + 4 * tile_k
-        fixed = TILE_Q * head_dim * itemsize + 4 * TILE_Q + 4096
+        q_bufs = 2 if self.persistent else 1  # Q tile (output staging) and lse, double-buffered when persistent
+        fixed = q_bufs * (TILE_Q * head_dim * itemsize + 4 * TILE_Q) + 4096
         stages = self.stages or max(2, min(4, (_SMEM_BYTES - fixed) // per_stage))
+        if self.ctas is not None and (not self.persistent or self.ctas < 1):
+            raise ValueError(f"Tuning.ctas must be a positive int and needs persistent=True; got {self.ctas}")
         if stages < 2:
             raise ValueError(f"Tuning.stages must be >= 2; got {stages}")
         if fixed + stages * per_stage > _SMEM_BYTES:
@@ -206,6 +214,13 @@ def _launch(body, out_type, grid_and_names, *, interpret: bool = False):
     )
 
 
+def _num_sms() -> int:
+    """Streaming multiprocessors of the first GPU (132 on an H100/H200 SXM when there is none, e.g. when
+    lowering on a CPU)."""
+    gpus = [dev for dev in jax.devices() if dev.platform == "gpu"] if jax.default_backend() == "gpu" else []
+    return int(getattr(gpus[0], "core_count", 0) or 132) if gpus else 132
+
+
 def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tuning: Tuning = DEFAULT_TUNING,
             positional: bool = False, interpret: bool = False):
     """out [B, Hq, Lq, D], lse [B, Hq, Lq] (natural log).
@@ -214,6 +229,9 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
     -inf masked; K/V rows already zeroed there) or None when every key is valid.
     positional: q/out are [B, Lq, Hq, D] and k/v [B, Lk, Hkv, D] (the caller's
       layout, no permutation): TMA reads strided rows, so no transpose is needed.
+    ``tuning.persistent``: one CTA per SM walks the work items (query tile, head, batch) cta, cta + #CTAs,
+      ...; the K/V ring runs on across items and the next item's Q is loaded during the current one, so
+      the per-item start (launch, first loads) and the output stores overlap the tensor-core work.
     """
     if positional:
         batch, lq, q_heads, d = q.shape
@@ -230,16 +248,45 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
     rows_per_sel = block_q // TILE_Q  # CTAs sharing one selection row
     masked = bias is not None
     qk_scale = float(scale) * LOG2E
+    tiles = lq // TILE_Q
+    n_items = q_heads * tiles * batch
+    num_ctas = min(n_items, t.ctas or _num_sms()) if t.persistent else None
+    q_bufs = 2 if t.persistent else 1  # the next item's Q lands beside the current one
 
     def body(q_ref, k_ref, v_ref, sel_ref, *rest):
         bias_ref, (out_ref, lse_ref) = _bias_and_outputs(rest, masked)
-        b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
-        qt = lax.axis_index("q_tile")
-        srow = lax.div(qt, jnp.int32(rows_per_sel)) if rows_per_sel > 1 else qt
-        steps = sel_ref[b, h, srow, 0] * per_block
-        tile_start = functools.partial(_walk_tile_start, sel_ref, b, h, srow, qt, steps, block_k=block_k,
-                                       tile_k=tile_k, rotate=t.rotate)
+        if t.persistent:
+            cta = lax.axis_index("cta")
+            n_mine = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(num_ctas)) + 1  # items cta, cta + #CTAs, ...
+
+            def item(i):
+                w = cta + i * num_ctas
+                first, second = (tiles, q_heads) if t.tile_major else (q_heads, tiles)
+                a, rest_ = lax.rem(w, jnp.int32(first)), lax.div(w, jnp.int32(first))
+                c, bb = lax.rem(rest_, jnp.int32(second)), lax.div(rest_, jnp.int32(second))
+                return (bb, c, a) if t.tile_major else (bb, a, c)  # (batch, head, query tile)
+        else:
+            n_mine = 1
+
+            def item(i):
+                del i
+                return lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
+
+        def walk_item(i):
+            b, h, qt = item(i)
+            srow = lax.div(qt, jnp.int32(rows_per_sel)) if rows_per_sel > 1 else qt
+            steps = sel_ref[b, h, srow, 0] * per_block
+            return b, h, qt, steps, functools.partial(_walk_tile_start, sel_ref, b, h, srow, qt, steps,
+                                                      block_k=block_k, tile_k=tile_k, rotate=t.rotate)
+
+        first = None if t.persistent else walk_item(0)
+
+        def walk(i):
+            """(b, h, q tile, number of steps, first key row of a step) of the CTA's i-th item."""
+            return walk_item(i) if t.persistent else first
+
+        def ring_slot(n):
+            return lax.rem(n, jnp.int32(stages))
 
         def kernel(scratch, barriers):
             q_smem, k_smem, v_smem, bias_smem, lse_smem = scratch
@@ -250,115 +297,174 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
             @pl.when(wg < CONSUMERS)
             def _consumer():
                 plgpu.set_max_registers(232, action="increase")
-                my_q = q_smem.at[wg]
-                row0 = qt * TILE_Q + wg * WG_ROWS
-                plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, pl.ds(row0, WG_ROWS)), my_q, q_ready.at[wg])
-                plgpu.barrier_wait(q_ready.at[wg])
-                m = plgpu.layout_cast(jnp.full((WG_ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                l = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                acc = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-                @pl.when(steps > 0)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[0])
+                # Buffer ``buf`` of this warpgroup's Q tile (which then stages its output), lse, Q barrier.
+                if t.persistent:
+                    my_buf = lambda buf: (q_smem.at[buf, wg], lse_smem.at[buf, wg], q_ready.at[buf * CONSUMERS + wg])
+                else:
+                    my_buf = lambda buf: (q_smem.at[wg], lse_smem.at[wg], q_ready.at[wg])
 
-                # Warpgroup 1 starts one turn behind, so the two alternate on the tensor cores.
-                pl.when(wg == 1)(take_turn)
+                def load_q(i, buf):
+                    b, h, qt = item(i) if t.persistent else first[:3]
+                    my_q, _, ready = my_buf(buf)
+                    plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, pl.ds(qt * TILE_Q + wg * WG_ROWS, WG_ROWS)), my_q,
+                                            ready)
 
-                def step_fn(step, carry):
-                    acc, m, l = carry
-                    slot = lax.rem(step, jnp.int32(stages))
-
-                    def scores(acc_ref):
-                        plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].transpose((1, 0)))
-                        take_turn()
-                        return acc_ref[...]
-
-                    s = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, tile_k), jnp.float32))
-                    if masked:
-                        plgpu.barrier_wait(bias_ready.at[slot])
-                        kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                        s = s * qk_scale + lax.broadcast_in_dim(kb, s.shape, [1])
-                        plgpu.barrier_arrive(k_free.at[slot])
-                        m_new = jnp.maximum(m, s.max(axis=1))
-                        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    else:
-                        plgpu.barrier_arrive(k_free.at[slot])
-                        # Scale folded into the exponent (one FMA per score), SPEC.md section 6.
-                        m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
-                        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    alpha = jnp.exp2(m - m_new)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    l = l * alpha + p.sum(axis=1)
-                    p_lo = p.astype(dtype)
-                    acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
-                    plgpu.barrier_arrive(turn)  # softmax done
-                    plgpu.barrier_wait(v_ready.at[slot])
-                    plgpu.barrier_wait(turn)  # the tensor cores are ours
-
-                    def values(acc_ref):
-                        plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
-                        nxt = step + 1
-
-                        @pl.when(nxt < steps)
+                def attend(i, base):
+                    """The i-th item; ``base``: ring steps taken before it. Returns the ring steps after it."""
+                    b, h, qt, steps, _ = walk(i)
+                    buf = lax.rem(i, 2) if t.persistent else 0
+                    my_q, my_lse, q_ready_ = my_buf(buf)
+                    row0 = qt * TILE_Q + wg * WG_ROWS
+                    if not t.persistent:
+                        load_q(i, 0)
+                    plgpu.barrier_wait(q_ready_)
+                    if t.persistent:
+                        @pl.when(i + 1 < n_mine)
                         def _():
-                            plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(stages))])
+                            # The other buffer staged the previous item's output: once the TMA store has
+                            # read it, it takes the next item's Q.
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            load_q(i + 1, 1 - buf)
+                    slot_of = (lambda s: ring_slot(s + base)) if t.persistent else ring_slot
+                    m = plgpu.layout_cast(jnp.full((WG_ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    l = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    acc = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-                    acc = pl.run_state(values)(plgpu.ACC.init(acc))
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l
+                    @pl.when(steps > 0)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[ring_slot(base) if t.persistent else 0])
 
-                acc, m, l = lax.fori_loop(0, steps, step_fn, (acc, m, l))
-                pl.when(wg == 0)(take_turn)
+                    if not t.persistent:
+                        # Warpgroup 1 starts one turn behind, so the two alternate on the tensor cores.
+                        pl.when(wg == 1)(take_turn)
 
-                seen = l > 0.0
-                l_safe = jnp.where(seen, l, 1.0)
-                inv = 1.0 / l_safe
-                my_q[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-                lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(my_q, rows_of(out_ref, b, h, pl.ds(row0, WG_ROWS)))
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, WG_ROWS)])
+                    def step_fn(step, carry):
+                        acc, m, l = carry
+                        slot = slot_of(step)
+
+                        def scores(acc_ref):
+                            plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                            take_turn()
+                            return acc_ref[...]
+
+                        s = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, tile_k), jnp.float32))
+                        if masked:
+                            plgpu.barrier_wait(bias_ready.at[slot])
+                            kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                            s = s * qk_scale + lax.broadcast_in_dim(kb, s.shape, [1])
+                            plgpu.barrier_arrive(k_free.at[slot])
+                            m_new = jnp.maximum(m, s.max(axis=1))
+                            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                        else:
+                            plgpu.barrier_arrive(k_free.at[slot])
+                            # Scale folded into the exponent (one FMA per score), SPEC.md section 6.
+                            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+                            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                        alpha = jnp.exp2(m - m_new)
+                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                        l = l * alpha + p.sum(axis=1)
+                        p_lo = p.astype(dtype)
+                        acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
+                        plgpu.barrier_arrive(turn)  # softmax done
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        plgpu.barrier_wait(turn)  # the tensor cores are ours
+
+                        def values(acc_ref):
+                            plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
+                            nxt = step + 1
+
+                            @pl.when(nxt < steps)
+                            def _():
+                                plgpu.barrier_wait(k_ready.at[slot_of(nxt)])
+
+                        acc = pl.run_state(values)(plgpu.ACC.init(acc))
+                        plgpu.barrier_arrive(v_free.at[slot])
+                        return acc, m_new, l
+
+                    acc, m, l = lax.fori_loop(0, steps, step_fn, (acc, m, l))
+                    if not t.persistent:
+                        pl.when(wg == 0)(take_turn)
+
+                    seen = l > 0.0
+                    l_safe = jnp.where(seen, l, 1.0)
+                    inv = 1.0 / l_safe
+                    my_q[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+                    my_lse[...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(my_q, rows_of(out_ref, b, h, pl.ds(row0, WG_ROWS)))
+                    plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[b, h, pl.ds(row0, WG_ROWS)])
+                    return base + steps
+
+                if t.persistent:
+                    load_q(0, 0)
+                    # One turn offset for the whole walk: at an item boundary one warpgroup stores its
+                    # output while the other finishes its last tile.
+                    pl.when(wg == 1)(take_turn)
+                    lax.fori_loop(0, n_mine, attend, jnp.int32(0))
+                    pl.when(wg == 0)(take_turn)
+                else:
+                    attend(0, 0)
                 plgpu.wait_smem_to_gmem(0)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
-                kvh = lax.div(h, jnp.int32(group)) if group > 1 else h
 
-                def fill(step, slot, refill=False):
+                def wait_free(refill, barrier):
+                    if refill is True:
+                        plgpu.barrier_wait(barrier)
+                    elif refill is not False:  # known only at run time
+                        pl.when(refill)(lambda: plgpu.barrier_wait(barrier))
+
+                def fill(tile_start, b, kvh, step, slot, refill=False):
                     # refill: the slot held an earlier tile; wait for both consumers to release K (then V).
                     rows = pl.ds(tile_start(step), tile_k)
-                    if refill:
-                        plgpu.barrier_wait(k_free.at[slot])
+                    wait_free(refill, k_free.at[slot])
                     plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), k_smem.at[slot], k_ready.at[slot])
                     if masked:
                         plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
-                    if refill:
-                        plgpu.barrier_wait(v_free.at[slot])
+                    wait_free(refill, v_free.at[slot])
                     plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
 
-                for i in range(stages):  # fill the ring
-                    @pl.when(i < steps)
-                    def _(i=i):
-                        fill(jnp.int32(i), i)
+                def kv_head(h):
+                    return lax.div(h, jnp.int32(group)) if group > 1 else h
 
-                @pl.loop(0, jnp.maximum(steps - stages, 0))
-                def _(step):
-                    slot = lax.rem(step, jnp.int32(stages))
-                    fill(step + stages, slot, refill=True)
+                if t.persistent:
+                    def produce(i, n):
+                        b, h, _, steps, tile_start = walk(i)
+
+                        def step(s, n):
+                            fill(tile_start, b, kv_head(h), s, ring_slot(n), refill=n >= stages)
+                            return n + 1
+
+                        return lax.fori_loop(0, steps, step, n)
+
+                    lax.fori_loop(0, n_mine, produce, jnp.int32(0))
+                else:
+                    b, h, _, steps, tile_start = walk(0)
+                    kvh = kv_head(h)
+                    for i in range(stages):  # fill the ring
+                        @pl.when(i < steps)
+                        def _(i=i):
+                            fill(tile_start, b, kvh, jnp.int32(i), i)
+
+                    @pl.loop(0, jnp.maximum(steps - stages, 0))
+                    def _(step):
+                        slot = ring_slot(step)
+                        fill(tile_start, b, kvh, step + stages, slot, refill=True)
 
         scratch = [
-            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
+            plgpu.SMEM((q_bufs,) * t.persistent + (CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tile_k, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tile_k, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tile_k), jnp.float32) if masked else None,
-            plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),
+            plgpu.SMEM((q_bufs,) * t.persistent + (CONSUMERS, WG_ROWS), jnp.float32),
         ]
         barriers = [
             plgpu.Barrier(num_barriers=stages),  # k_ready
             plgpu.Barrier(num_barriers=stages),  # v_ready
-            plgpu.Barrier(num_barriers=CONSUMERS),  # q_ready
+            plgpu.Barrier(num_barriers=q_bufs * CONSUMERS),  # q_ready
             plgpu.Barrier(num_barriers=stages),  # bias_ready
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
@@ -368,8 +474,8 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
 
     inputs = (q, k, v, sel) + ((bias,) if masked else ())
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, lq), jnp.float32))
-    return _launch(body, out_type, _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major),
-                   interpret=interpret)(*inputs)
+    grid = ((num_ctas,), ("cta",)) if t.persistent else _grid(q_heads, tiles, batch, "q_tile", t.tile_major)
+    return _launch(body, out_type, grid, interpret=interpret)(*inputs)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
