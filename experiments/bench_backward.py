@@ -36,7 +36,7 @@ VARIANTS = {  # name -> BwdTuning keyword arguments ("default" is BwdTuning())
     "default": {},
     "no_rotate": {"rotate": False},
     "pingpong": {"pingpong": True},
-    "tile_major": {"tile_major": True},
+    "heads_fastest": {"tile_major": False},
     "stages3": {"dkv_stages": 3},
 }
 

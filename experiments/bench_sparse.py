@@ -389,7 +389,7 @@ def run_tune(cfg: Config) -> list[dict]:
 MOSAIC_FWD_VARIANTS = {  # name -> mosaic_gpu.Tuning keyword arguments
     "default": dict(),
     "persistent": dict(persistent=True),
-    "persistent_tile_major": dict(persistent=True, tile_major=True),
+    "persistent_heads_fastest": dict(persistent=True, tile_major=False),
 }
 
 

@@ -173,7 +173,7 @@ class TestMosaicGPUBackwardVariants:
     (TestMosaicGPU runs the default on every case)."""
 
     @pytest.mark.parametrize("bwd", [BwdTuning(rotate=False), BwdTuning(pingpong=True),
-                                     BwdTuning(tile_major=True, dkv_stages=3)])
+                                     BwdTuning(tile_major=False, dkv_stages=3)])
     def test_gqa_masked_and_positional(self, bwd):
         c = make_case(15, q_heads=4, kv_heads=2, length=700, head_dim=128, block_q=128, block_k=128, kmax=4,
                       masked_frac=0.05)
@@ -185,13 +185,13 @@ class TestMosaicGPUBackwardVariants:
         suite.test_positional_layout()
 
 
-PERSISTENT = [Tuning(persistent=True, ctas=3), Tuning(persistent=True, ctas=5, tile_major=True, rotate=False),
+PERSISTENT = [Tuning(persistent=True, ctas=3), Tuning(persistent=True, ctas=5, tile_major=False, rotate=False),
               Tuning(persistent=True)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
-@pytest.mark.parametrize("fwd", PERSISTENT, ids=["3ctas", "5ctas_tile_major", "one_per_sm"])
+@pytest.mark.parametrize("fwd", PERSISTENT, ids=["3ctas", "5ctas_heads_fastest", "one_per_sm"])
 class TestMosaicGPUPersistentForward:
     """The persistent forward: a few CTAs each walk many work items of ragged length (zero-length ones
     too), so the K/V ring, the turn-taking and the double-buffered Q/output run on across items."""
