@@ -286,8 +286,11 @@ def run_jax(cfg: Config, fa2: dict, tuning=None, partial_path: str | None = None
             full_fn = jax.jit(lambda q, k, v: baatt.attention(q, k, v, config=bcfg, implementation=cfg.impl,
                                                                    interpret=cfg.interpret))
             t_full = tm(lambda: full_fn(q, k, v))
-            sel_ba = pad_indices(sel.indices, sel.counts, nk)
-            sel_rand = random_selection(jax.random.PRNGKey(L + 7), sel.counts, nk)
+            # Mosaic GPU: the selection's own width, as baatt.attention passes it (the forward picks its
+            # persistent or one-CTA-per-tile variant from it); the portable kernel: width Nk, one compile per L.
+            width = sel.indices.shape[-1] if mosaic else nk
+            sel_ba = pad_indices(sel.indices, sel.counts, nk)[..., :width]
+            sel_rand = random_selection(jax.random.PRNGKey(L + 7), sel.counts, nk)[..., :width]
             for name, idx in (("ba", sel_ba), ("random", sel_rand)):
                 args = ((q, k, v) if mosaic else (space.q, space.k, space.v)) + (space.kv_valid, idx, sel.counts)
                 t_k = tm(lambda: kern(*args))

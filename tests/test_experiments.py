@@ -169,10 +169,10 @@ def test_bench_estimator_cpu_smoke_with_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(sorting, "ROW_ARGSORT", sorting.ROW_ARGSORT)  # the run sets it; restored afterwards
     res = bench_estimator.main(["--out", str(tmp_path), "--lengths", "256", "--sparsities", "0.5",
                                 "--dense-impl", "xla", "--impl", "reference", "--name", "est",
-                                "--row-argsort", "flat"])
+                                "--row-argsort", "segmented"])
     rows = res["rows"]
     assert [r["variant"] for r in rows] == list(bench_estimator.VARIANTS)
-    assert res["meta"]["row_argsort"] == "flat"
+    assert res["meta"]["row_argsort"] == "segmented"
     for r in rows:  # the kernel alone, and what the rest of the pipeline costs
         assert r["impl"] == "reference" and r["kernel_ms"] > 0
         assert r["overhead_ms"] == pytest.approx(r["full_ms"] - r["kernel_ms"])
@@ -187,7 +187,7 @@ def test_bench_estimator_cpu_smoke_with_parts(tmp_path, monkeypatch):
     assert sorted_row["variant"] == "sorted" and sm["identical"] is True and sm["segmented_ms"] > 0 and sm["flat_ms"] > 0
     md = (tmp_path / "est.md").read_text()
     assert "Parts (ms" in md and "Pallas top-k kernel" in md and "by `argsort_rows` method" in md
-    assert md.count("| 256 |") == 2 * len(rows) + 2 and "method `flat`" in md
+    assert md.count("| 256 |") == 2 * len(rows) + 2 and "method `segmented`" in md
     with pytest.raises(SystemExit):
         bench_estimator.main(["--row-argsort", "bitonic"])
 

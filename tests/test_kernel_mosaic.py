@@ -169,11 +169,13 @@ class TestMosaicGPU:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
 class TestMosaicGPUBackwardVariants:
-    """The other backward settings: unrotated walks, warpgroups in turn, tile-major launch with a 3-deep ring
-    (TestMosaicGPU runs the default on every case)."""
+    """The other backward settings: unrotated walks, warpgroups in turn, heads-fastest launch with a 3-deep
+    ring, persistent kernels (a few CTAs walking many items, also in turn; one per SM) (TestMosaicGPU runs
+    the default on every case)."""
 
     @pytest.mark.parametrize("bwd", [BwdTuning(rotate=False), BwdTuning(pingpong=True),
-                                     BwdTuning(tile_major=False, dkv_stages=3)])
+                                     BwdTuning(tile_major=False, dkv_stages=3), BwdTuning(persistent=True, ctas=3),
+                                     BwdTuning(persistent=True, pingpong=True, ctas=5), BwdTuning(persistent=True)])
     def test_gqa_masked_and_positional(self, bwd):
         c = make_case(15, q_heads=4, kv_heads=2, length=700, head_dim=128, block_q=128, block_k=128, kmax=4,
                       masked_frac=0.05)
@@ -185,16 +187,17 @@ class TestMosaicGPUBackwardVariants:
         suite.test_positional_layout()
 
 
-PERSISTENT = [Tuning(persistent=True, ctas=3), Tuning(persistent=True, ctas=5, tile_major=False, rotate=False),
-              Tuning(persistent=True)]
+FORWARD_VARIANTS = [Tuning(persistent=True, ctas=3), Tuning(persistent=True, ctas=5, tile_major=False, rotate=False),
+                    Tuning(persistent=True), Tuning(persistent=False)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
-@pytest.mark.parametrize("fwd", PERSISTENT, ids=["3ctas", "5ctas_heads_fastest", "one_per_sm"])
-class TestMosaicGPUPersistentForward:
-    """The persistent forward: a few CTAs each walk many work items of ragged length (zero-length ones
-    too), so the K/V ring, the turn-taking and the double-buffered Q/output run on across items."""
+@pytest.mark.parametrize("fwd", FORWARD_VARIANTS, ids=["3ctas", "5ctas_heads_fastest", "one_per_sm", "one_per_item"])
+class TestMosaicGPUForwardVariants:
+    """Both forwards whatever the walk length (``TestMosaicGPU`` runs the derived choice: persistent on
+    its short walks). Persistent with a few CTAs: each walks many work items of ragged length (zero-length
+    ones too), so the K/V ring, the turn-taking and the double-buffered Q/output run on across items."""
 
     def suite(self, fwd):
         suite = TestMosaicGPU()
@@ -274,7 +277,8 @@ def test_supported_shapes_have_no_reason():
 
 @pytest.mark.parametrize("positional", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("tuning", [DEFAULT_TUNING, Tuning(persistent=True, ctas=3)], ids=["default", "persistent"])
+@pytest.mark.parametrize("tuning", [Tuning(persistent=False), Tuning(persistent=True, ctas=3)],
+                         ids=["one_per_tile", "persistent"])
 def test_kernel_body_traces(positional, masked, tuning):
     # Builds the kernel's jaxpr on any machine (the GPU tests compile and run it).
     from baatt.kernels.mosaic_gpu.block_sparse import forward
@@ -290,7 +294,9 @@ def test_kernel_body_traces(positional, masked, tuning):
 
 
 @pytest.mark.parametrize("positional", [False, True])
-def test_backward_kernels_trace(positional):
+@pytest.mark.parametrize("tuning", [BwdTuning(persistent=False), BwdTuning(persistent=True, ctas=3)],
+                         ids=["one_per_tile", "persistent"])
+def test_backward_kernels_trace(positional, tuning):
     from baatt.kernels.mosaic_gpu.block_sparse import backward
     b, hq, hkv, d, l = 1, 4, 2, 128, 512
     shape_q, shape_k = ((b, l, hq, d), (b, l, hkv, d)) if positional else ((b, hq, l, d), (b, hkv, l, d))
@@ -301,9 +307,20 @@ def test_backward_kernels_trace(positional):
         for bq, bk in ((128, 128), (256, 256)):
             idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
             bwd = functools.partial(backward, bias=bias, indices=idx, counts=cnt, dlse=None, scale=0.1, block_q=bq,
-                                    block_k=bk, positional=positional)
+                                    block_k=bk, positional=positional, tuning=tuning)
             jaxpr = jax.make_jaxpr(lambda q, k, o, l_, do, f=bwd: f(q, k, k, out=o, lse=l_, do=do))(q, k, q, lse, q)
             assert "wgmma" in str(jaxpr)
+
+
+def test_backward_persistent_choice():
+    limit = mosaic_gpu.block_sparse.PERSISTENT_MAX_STEPS
+    derived = BwdTuning(persistent=None)
+    assert derived.walks_persistent(limit, 128) and not derived.walks_persistent(limit + 1, 128)
+    assert not derived.walks_persistent(limit // 2 + 1, 256)  # block 256: two tiles of 128 keys a block
+    assert BwdTuning(persistent=True).walks_persistent(10**4, 128) and not BwdTuning(persistent=False).walks_persistent(1, 128)
+    for bad in (BwdTuning(persistent=False, ctas=3), BwdTuning(persistent=True, ctas=0)):
+        with pytest.raises(ValueError, match="BwdTuning.ctas"):
+            bad.walks_persistent(4, 128)
 
 
 def test_backward_impl_is_checked():
@@ -318,6 +335,7 @@ def test_tuning_resolution_fits_shared_memory():
         for bk in (64, 128, 256):
             t = mosaic_gpu.Tuning().resolve(bk, d, 2)
             assert t.tile_k in (64, 128) and bk % t.tile_k == 0 and t.stages >= 2
+            assert mosaic_gpu.Tuning(persistent=True).resolve(bk, d, 2).stages >= 2
     with pytest.raises(ValueError, match="Tuning.tile_k"):
         mosaic_gpu.Tuning(tile_k=32).resolve(128, 128, 2)
     with pytest.raises(ValueError, match="shared memory"):
@@ -325,6 +343,13 @@ def test_tuning_resolution_fits_shared_memory():
     # Persistent: the double-buffered Q still leaves a ring of two K/V stages at head dim 128.
     assert mosaic_gpu.Tuning(persistent=True).resolve(128, 128, 2).stages == 2
     with pytest.raises(ValueError, match="Tuning.ctas"):
-        mosaic_gpu.Tuning(ctas=4).resolve(128, 128, 2)
+        mosaic_gpu.Tuning(persistent=False, ctas=4).resolve(128, 128, 2)
+    # Derived: persistent on walks of at most PERSISTENT_MAX_STEPS tiles (block_k 256 walks 2 tiles a block).
+    limit = mosaic_gpu.block_sparse.PERSISTENT_MAX_STEPS
+    assert mosaic_gpu.Tuning().resolve(128, 128, 2, kmax=limit).persistent is True
+    assert mosaic_gpu.Tuning().resolve(128, 128, 2, kmax=limit + 1).persistent is False
+    assert mosaic_gpu.Tuning().resolve(256, 128, 2, kmax=limit // 2 + 1).persistent is False
+    assert mosaic_gpu.Tuning().resolve(128, 128, 2).persistent is False
+    assert mosaic_gpu.Tuning(persistent=False).resolve(128, 128, 2, kmax=4).persistent is False
     with pytest.raises(ValueError, match="Tuning.ctas"):
         mosaic_gpu.Tuning(persistent=True, ctas=0).resolve(128, 128, 2)
