@@ -235,6 +235,21 @@ def _row_walks(persistent: bool, item, sel_ref, *, rows_per_sel: int, per_block:
     return lambda i: first
 
 
+def _produce_items(n_mine, walk, fill) -> None:
+    """A persistent producer over the forward lists: ``fill(walk(i), step, n)`` for every step of each of
+    the CTA's items in turn, ``n`` counting the ring's uses across items."""
+    def produce(i, n):
+        w = walk(i)
+
+        def step(s, n):
+            fill(w, s, n)
+            return n + 1
+
+        return lax.fori_loop(0, w[3], step, n)
+
+    lax.fori_loop(0, n_mine, produce, jnp.int32(0))
+
+
 def _bias_and_outputs(rest, masked: bool):
     """The kernel refs after the inputs: (key bias or None, outputs)."""
     return (rest[0], rest[1:]) if masked else (None, rest)
@@ -475,16 +490,8 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                     return lax.div(h, jnp.int32(group)) if group > 1 else h
 
                 if t.persistent:
-                    def produce(i, n):
-                        b, h, _, steps, tile_start = walk(i)
-
-                        def step(s, n):
-                            fill(tile_start, b, kv_head(h), s, ring_slot(n), refill=n >= stages)
-                            return n + 1
-
-                        return lax.fori_loop(0, steps, step, n)
-
-                    lax.fori_loop(0, n_mine, produce, jnp.int32(0))
+                    _produce_items(n_mine, walk, lambda w, s, n: fill(w[4], w[0], kv_head(w[1]), s, ring_slot(n),
+                                                                      refill=n >= stages))
                 else:
                     b, h, _, steps, tile_start = walk(0)
                     kvh = kv_head(h)
@@ -804,17 +811,7 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                     return lax.div(h, jnp.int32(group)) if group > 1 else h
 
                 if persistent:
-                    def produce(i, n):
-                        b, h, _, steps, tile_start = walk(i)
-                        kvh = kv_head(h)
-
-                        def step(s, n):
-                            fill(b, kvh, tile_start, s, n)
-                            return n + 1
-
-                        return lax.fori_loop(0, steps, step, n)
-
-                    lax.fori_loop(0, n_mine, produce, jnp.int32(0))
+                    _produce_items(n_mine, walk, lambda w, s, n: fill(w[0], kv_head(w[1]), w[4], s, n))
                 else:
                     b, h, _, steps, tile_start = walk(0)
                     kvh = kv_head(h)
