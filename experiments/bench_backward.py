@@ -38,7 +38,6 @@ VARIANTS = {  # name -> BwdTuning keyword arguments ("default" is BwdTuning())
     "pingpong": {"pingpong": True},
     "heads_fastest": {"tile_major": False},
     "stages3": {"dkv_stages": 3},
-    "persistent": {"persistent": True},
 }
 
 def random_selection(key, counts, width: int, nk: int):

@@ -65,7 +65,7 @@ def variants(quick: bool = False):
     tunings = {
         "alt": (mgpu.Tuning(tile_major=False, rotate=False), mgpu.BwdTuning(pingpong=True, rotate=False, tile_major=False)),
         "pingpong": (mgpu.Tuning(stages=2), mgpu.BwdTuning(pingpong=True, dkv_stages=2)),
-        "persistent": (mgpu.Tuning(persistent=True, ctas=3), mgpu.BwdTuning(persistent=True, ctas=3)),
+        "persistent": (mgpu.Tuning(persistent=True, ctas=3), mgpu.BwdTuning()),
     }
     for name, (tn, bt) in tunings.items():
         add(f"tuning_{name}",

@@ -170,12 +170,10 @@ class TestMosaicGPU:
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
 class TestMosaicGPUBackwardVariants:
     """The other backward settings: unrotated walks, warpgroups in turn, heads-fastest launch with a 3-deep
-    ring, persistent kernels (a few CTAs walking many items, also in turn; one per SM) (TestMosaicGPU runs
-    the default on every case)."""
+    ring (TestMosaicGPU runs the default on every case)."""
 
     @pytest.mark.parametrize("bwd", [BwdTuning(rotate=False), BwdTuning(pingpong=True),
-                                     BwdTuning(tile_major=False, dkv_stages=3), BwdTuning(persistent=True, ctas=3),
-                                     BwdTuning(persistent=True, pingpong=True, ctas=5), BwdTuning(persistent=True)])
+                                     BwdTuning(tile_major=False, dkv_stages=3)])
     def test_gqa_masked_and_positional(self, bwd):
         c = make_case(15, q_heads=4, kv_heads=2, length=700, head_dim=128, block_q=128, block_k=128, kmax=4,
                       masked_frac=0.05)
@@ -294,9 +292,7 @@ def test_kernel_body_traces(positional, masked, tuning):
 
 
 @pytest.mark.parametrize("positional", [False, True])
-@pytest.mark.parametrize("tuning", [BwdTuning(persistent=False), BwdTuning(persistent=True, ctas=3)],
-                         ids=["one_per_tile", "persistent"])
-def test_backward_kernels_trace(positional, tuning):
+def test_backward_kernels_trace(positional):
     from baatt.kernels.mosaic_gpu.block_sparse import backward
     b, hq, hkv, d, l = 1, 4, 2, 128, 512
     shape_q, shape_k = ((b, l, hq, d), (b, l, hkv, d)) if positional else ((b, hq, l, d), (b, hkv, l, d))
@@ -307,20 +303,9 @@ def test_backward_kernels_trace(positional, tuning):
         for bq, bk in ((128, 128), (256, 256)):
             idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
             bwd = functools.partial(backward, bias=bias, indices=idx, counts=cnt, dlse=None, scale=0.1, block_q=bq,
-                                    block_k=bk, positional=positional, tuning=tuning)
+                                    block_k=bk, positional=positional)
             jaxpr = jax.make_jaxpr(lambda q, k, o, l_, do, f=bwd: f(q, k, k, out=o, lse=l_, do=do))(q, k, q, lse, q)
             assert "wgmma" in str(jaxpr)
-
-
-def test_backward_persistent_choice():
-    limit = mosaic_gpu.block_sparse.PERSISTENT_MAX_STEPS
-    derived = BwdTuning(persistent=None)
-    assert derived.walks_persistent(limit, 128) and not derived.walks_persistent(limit + 1, 128)
-    assert not derived.walks_persistent(limit // 2 + 1, 256)  # block 256: two tiles of 128 keys a block
-    assert BwdTuning(persistent=True).walks_persistent(10**4, 128) and not BwdTuning(persistent=False).walks_persistent(1, 128)
-    for bad in (BwdTuning(persistent=False, ctas=3), BwdTuning(persistent=True, ctas=0)):
-        with pytest.raises(ValueError, match="BwdTuning.ctas"):
-            bad.walks_persistent(4, 128)
 
 
 def test_backward_impl_is_checked():

@@ -129,28 +129,12 @@ class BwdTuning:
     rotate: each CTA starts its walk at a different selected tile (the sums are order-free); on an
       H200 1.5-3.5% faster than walking every list from its start.
     tile_major: tiles vary fastest in the launch order (default); False: heads fastest (slower on an H200).
-    persistent: both kernels as persistent ones, like the forward's (``Tuning.persistent``): one CTA per SM
-      walks many work items with the ring running on across them (own tiles single-buffered: the ring
-      needs the shared memory). None: persistent when the forward's walk of a row is at most
-      ``PERSISTENT_MAX_STEPS`` tiles.
-    ctas: with ``persistent``, how many CTAs (None: one per SM).
     """
 
     pingpong: bool = False
     dkv_stages: int | None = None
     rotate: bool = True
     tile_major: bool = True
-    persistent: bool | None = False
-    ctas: int | None = None
-
-    def walks_persistent(self, kmax: int, block_k: int) -> bool:
-        """Whether the kernels run persistent for id lists of width ``kmax`` (tiles of 128 keys)."""
-        if self.ctas is not None and (self.persistent is False or self.ctas < 1):
-            raise ValueError(f"BwdTuning.ctas must be a positive int and not set with persistent=False; "
-                             f"got {self.ctas}")
-        if self.persistent is None:
-            return kmax * (block_k // min(block_k, 128)) <= PERSISTENT_MAX_STEPS
-        return self.persistent
 
 
 DEFAULT_BWD_TUNING = BwdTuning()
@@ -682,8 +666,7 @@ def _bwd_stages(per_stage: int, fixed: int) -> int:
     return max(2, min(3, (_SMEM_BYTES - fixed) // per_stage))  # dq: 2 stages of K/V fit beside Q and dO
 
 
-def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k, positional, t: BwdTuning,
-             persistent: bool = False):
+def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k, positional, t: BwdTuning):
     if positional:
         batch, lq, q_heads, d = q.shape
         kv_heads = k.shape[2]
@@ -699,15 +682,12 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
     masked = bias is not None
     qk_scale = float(scale) * LOG2E
     stages = _bwd_stages(2 * tile_k * d * isz + 4 * tile_k, 2 * TILE_Q * d * isz + 8 * TILE_Q + 4096)
-    tiles = lq // TILE_Q
-    num_ctas = min(q_heads * tiles * batch, t.ctas or _num_sms()) if persistent else None
 
     def body(q_ref, k_ref, v_ref, sel_ref, lse_ref, delta_ref, do_ref, *rest):
         bias_ref, (dq_ref,) = _bias_and_outputs(rest, masked)
-        n_mine, item = _work_items(persistent, num_ctas, q_heads, tiles, batch, "q_tile", t.tile_major)
-
-        walk = _row_walks(persistent, item, sel_ref, rows_per_sel=rows_per_sel, per_block=per_block,
-                          block_k=block_k, tile_k=tile_k, rotate=t.rotate)
+        _, item = _work_items(False, None, q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major)
+        b, h, qt, steps, tile_start = _row_walks(False, item, sel_ref, rows_per_sel=rows_per_sel, per_block=per_block,
+                                                 block_k=block_k, tile_k=tile_k, rotate=t.rotate)(0)
 
         def kernel(scratch, barriers):
             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem = scratch
@@ -718,82 +698,67 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
             @pl.when(wg < CONSUMERS)
             def _consumer():
                 plgpu.set_max_registers(232, action="increase")
+                row0 = qt * TILE_Q + wg * WG_ROWS
+                rows = pl.ds(row0, WG_ROWS)
+                my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+                _load_own_tiles([(rows_of(q_ref, b, h, rows), my_q), (rows_of(do_ref, b, h, rows), my_do),
+                                 (lse_ref.at[b, h, rows], lse_smem.at[wg]),
+                                 (delta_ref.at[b, h, rows], delta_smem.at[wg])], in_ready, wg)
+                lse2 = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                dlt = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                dq = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
-                def attend(i, base):
-                    """The i-th item; ``base``: ring steps taken before it. Returns the ring steps after it."""
-                    b, h, qt, steps, _ = walk(i)
-                    row0 = qt * TILE_Q + wg * WG_ROWS
-                    rows = pl.ds(row0, WG_ROWS)
-                    my_q, my_do = q_smem.at[wg], do_smem.at[wg]
-                    if persistent:
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dq has left my_q
-                    _load_own_tiles([(rows_of(q_ref, b, h, rows), my_q), (rows_of(do_ref, b, h, rows), my_do),
-                                     (lse_ref.at[b, h, rows], lse_smem.at[wg]),
-                                     (delta_ref.at[b, h, rows], delta_smem.at[wg])], in_ready, wg)
-                    lse2 = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                    dlt = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                    dq = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-                    if not persistent:
-                        pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
+                def step_fn(step, dq):
+                    slot = lax.rem(step, jnp.int32(stages))
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
 
-                    def step_fn(step, dq):
-                        slot = lax.rem(step + base if persistent else step, jnp.int32(stages))
-                        plgpu.barrier_wait(k_ready.at[slot])
-                        plgpu.barrier_wait(v_ready.at[slot])
+                    def probs(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(dp_ref, my_do, v_smem.at[slot].transpose((1, 0)))
+                        take_turn()
+                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1) * qk_scale  # dP still running
+                        if masked:
+                            plgpu.barrier_wait(bias_ready.at[slot])
+                            kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                            s = s + lax.broadcast_in_dim(kb, s.shape, [1])
+                        p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                        dp = dp_ref[...]
+                        return (p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))).astype(dtype)
 
-                        def probs(s_ref, dp_ref):
-                            plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
-                            plgpu.wgmma(dp_ref, my_do, v_smem.at[slot].transpose((1, 0)))
-                            take_turn()
-                            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1) * qk_scale  # dP still running
-                            if masked:
-                                plgpu.barrier_wait(bias_ready.at[slot])
-                                kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                                s = s + lax.broadcast_in_dim(kb, s.shape, [1])
-                            p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
-                            dp = dp_ref[...]
-                            return (p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))).astype(dtype)
+                    acc = plgpu.ACC((WG_ROWS, tile_k), jnp.float32)
+                    ds = pl.run_scoped(probs, acc, acc)
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    if t.pingpong:
+                        ds = lax.optimization_barrier(ds)
+                    take_turn()  # element-wise part done; then the tensor cores are ours
 
-                        acc = plgpu.ACC((WG_ROWS, tile_k), jnp.float32)
-                        ds = pl.run_scoped(probs, acc, acc)
-                        plgpu.barrier_arrive(v_free.at[slot])
-                        if t.pingpong:
-                            ds = lax.optimization_barrier(ds)
-                        take_turn()  # element-wise part done; then the tensor cores are ours
+                    def grad_q(acc_ref):
+                        plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
 
-                        def grad_q(acc_ref):
-                            plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+                    dq = pl.run_state(grad_q)(plgpu.ACC.init(dq))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return dq
 
-                        dq = pl.run_state(grad_q)(plgpu.ACC.init(dq))
-                        plgpu.barrier_arrive(k_free.at[slot])
-                        return dq
-
-                    dq = lax.fori_loop(0, steps, step_fn, dq)
-                    if not persistent:
-                        pl.when(wg == 0)(take_turn)
-                    my_q[...] = (dq * float(scale)).astype(dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(my_q, rows_of(dq_ref, b, h, rows))
-                    return base + steps
-
-                if persistent:
-                    pl.when(wg == 1)(take_turn)  # one turn offset for the whole walk
-                    lax.fori_loop(0, n_mine, attend, jnp.int32(0))
-                    pl.when(wg == 0)(take_turn)
-                else:
-                    attend(0, 0)
+                dq = lax.fori_loop(0, steps, step_fn, dq)
+                pl.when(wg == 0)(take_turn)
+                my_q[...] = (dq * float(scale)).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_q, rows_of(dq_ref, b, h, rows))
                 plgpu.wait_smem_to_gmem(0)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
+                kvh = lax.div(h, jnp.int32(group)) if group > 1 else h
 
-                def fill(b, kvh, tile_start, step, n):
-                    """Tile ``step`` of an item's walk into the ring's ``n``-th use (n = step: one item)."""
-                    slot = lax.rem(n, jnp.int32(stages))
+                @pl.loop(0, steps)
+                def _(step):
+                    slot = lax.rem(step, jnp.int32(stages))
                     rows = pl.ds(tile_start(step), tile_k)
 
-                    @pl.when(n >= stages)
+                    @pl.when(step >= stages)
                     def _():
                         plgpu.barrier_wait(k_free.at[slot])
 
@@ -801,24 +766,11 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                     if masked:
                         plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
 
-                    @pl.when(n >= stages)
+                    @pl.when(step >= stages)
                     def _():
                         plgpu.barrier_wait(v_free.at[slot])
 
                     plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
-
-                def kv_head(h):
-                    return lax.div(h, jnp.int32(group)) if group > 1 else h
-
-                if persistent:
-                    _produce_items(n_mine, walk, lambda w, s, n: fill(w[0], kv_head(w[1]), w[4], s, n))
-                else:
-                    b, h, _, steps, tile_start = walk(0)
-                    kvh = kv_head(h)
-
-                    @pl.loop(0, steps)
-                    def _(step):
-                        fill(b, kvh, tile_start, step, step)
 
         scratch = [
             plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
@@ -841,12 +793,11 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
         _run_warp_specialized(kernel, scratch, barriers)
 
     inputs = (q, k, v, sel, lse2, delta, do) + ((bias,) if masked else ())
-    grid = ((num_ctas,), ("cta",)) if persistent else _grid(q_heads, tiles, batch, "q_tile", t.tile_major)
-    return _launch(body, jax.ShapeDtypeStruct(q.shape, dtype), grid)(*inputs)
+    return _launch(body, jax.ShapeDtypeStruct(q.shape, dtype),
+                   _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major))(*inputs)
 
 
-def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning,
-              persistent: bool = False):
+def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
     batch, d = q.shape[0], q.shape[3]
     q_heads = q.shape[2] if positional else q.shape[1]
     lk, kv_heads = (k.shape[1], k.shape[2]) if positional else (k.shape[2], k.shape[1])
@@ -863,35 +814,26 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
     stages = t.dkv_stages or max(2, min(4, (_SMEM_BYTES - fixed) // per_stage))
     if fixed + stages * per_stage > _SMEM_BYTES:
         raise ValueError(f"BwdTuning.dkv_stages={stages} needs more than {_SMEM_BYTES} bytes of shared memory")
-    tiles = lk // TILE_Q
-    num_ctas = min(kv_heads * tiles * batch, t.ctas or _num_sms()) if persistent else None
 
     def body(q_ref, k_ref, v_ref, selt_ref, lse_ref, delta_ref, do_ref, *rest):
         bias_ref, (dk_ref, dv_ref) = _bias_and_outputs(rest, masked)
-        n_mine, item = _work_items(persistent, num_ctas, kv_heads, tiles, batch, "k_tile", t.tile_major)
+        b = lax.axis_index("batch")
+        kvh = lax.axis_index("heads")
+        kt = lax.axis_index("k_tile")
+        kblk = lax.div(kt, jnp.int32(tiles_per_block)) if tiles_per_block > 1 else kt
 
-        def walk_item(i):
-            """(b, kv head, key tile, steps of query head g, first query row of a step) of the i-th item."""
-            b, kvh, kt = item(i)
-            kblk = lax.div(kt, jnp.int32(tiles_per_block)) if tiles_per_block > 1 else kt
+        def head_steps(g):
+            return selt_ref[b, kvh * group + g, kblk, 0] * per_q
 
-            def head_steps(g):
-                return selt_ref[b, kvh * group + g, kblk, 0] * per_q
-
-            def q_start(g, step):
-                if t.rotate:
-                    n = jnp.maximum(head_steps(g), 1)
-                    step = lax.rem(step + lax.rem(kt, n), n)
-                j = lax.div(step, jnp.int32(per_q)) if per_q > 1 else step
-                start = selt_ref[b, kvh * group + g, kblk, 1 + j] * block_q
-                if per_q > 1:
-                    start = start + lax.rem(step, jnp.int32(per_q)) * tq
-                return start
-
-            return b, kvh, kt, head_steps, q_start
-
-        first = None if persistent else walk_item(0)
-        walk = walk_item if persistent else (lambda i: first)
+        def q_start(g, step):
+            if t.rotate:
+                n = jnp.maximum(head_steps(g), 1)
+                step = lax.rem(step + lax.rem(kt, n), n)
+            j = lax.div(step, jnp.int32(per_q)) if per_q > 1 else step
+            start = selt_ref[b, kvh * group + g, kblk, 1 + j] * block_q
+            if per_q > 1:
+                start = start + lax.rem(step, jnp.int32(per_q)) * tq
+            return start
 
         def kernel(scratch, barriers):
             k_smem, v_smem, kbias_smem, q_smem, do_smem, lse_smem, delta_smem = scratch
@@ -902,114 +844,87 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
             @pl.when(wg < CONSUMERS)
             def _consumer():
                 plgpu.set_max_registers(232, action="increase")
+                row0 = kt * TILE_Q + wg * WG_ROWS
+                rows = pl.ds(row0, WG_ROWS)
+                my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+                own = [(rows_of(k_ref, b, kvh, rows), my_k), (rows_of(v_ref, b, kvh, rows), my_v)]
+                _load_own_tiles(own + ([(bias_ref.at[b, kvh, rows], kbias_smem.at[wg])] if masked else []),
+                                own_ready, wg)
+                kbias = plgpu.load(kbias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1)) if masked else None
+                zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
-                def attend(i, n0):
-                    """The i-th item; ``n0``: ring steps taken before it. Returns the ring steps after it."""
-                    b, kvh, kt, head_steps, _ = walk(i)
-                    row0 = kt * TILE_Q + wg * WG_ROWS
-                    rows = pl.ds(row0, WG_ROWS)
-                    my_k, my_v = k_smem.at[wg], v_smem.at[wg]
-                    own = [(rows_of(k_ref, b, kvh, rows), my_k), (rows_of(v_ref, b, kvh, rows), my_v)]
-                    if persistent:
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dk/dv have left
-                    _load_own_tiles(own + ([(bias_ref.at[b, kvh, rows], kbias_smem.at[wg])] if masked else []),
-                                    own_ready, wg)
-                    kbias = (plgpu.load(kbias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                             if masked else None)
-                    zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-                    if not persistent:
-                        pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
-
-                    def step_fn(step, carry):
-                        dk, dv, n = carry
-                        slot = lax.rem(n, jnp.int32(stages))
-                        plgpu.barrier_wait(q_ready.at[slot])
-                        plgpu.barrier_wait(do_ready.at[slot])
-
-                        def probs(st_ref, dpt_ref):  # rows keys, columns queries
-                            plgpu.wgmma(st_ref, my_k, q_smem.at[slot].transpose((1, 0)))
-                            plgpu.wgmma(dpt_ref, my_v, do_smem.at[slot].transpose((1, 0)))
-                            take_turn()
-                            plgpu.barrier_wait(lse_ready.at[slot])
-                            lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                            st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1) * qk_scale  # dP^T still running
-                            if masked:
-                                st = st + lax.broadcast_in_dim(kbias, st.shape, [0])
-                            pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
-                            plgpu.barrier_wait(delta_ready.at[slot])
-                            dlt = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                            dpt = dpt_ref[...]
-                            dst = pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
-                            return pt.astype(dtype), dst.astype(dtype)
-
-                        acc = plgpu.ACC((WG_ROWS, tq), jnp.float32)
-                        pt, dst = pl.run_scoped(probs, acc, acc)
-                        if t.pingpong:
-                            pt, dst = lax.optimization_barrier((pt, dst))
-                        take_turn()  # element-wise part done; then the tensor cores are ours
-
-                        def grads(refs):
-                            dv_ref, dk_ref = refs
-                            plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
-                            plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
-
-                        dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-                        plgpu.barrier_arrive(q_free.at[slot])
-                        return dk, dv, n + 1
-
-                    carry = (zeros, zeros, n0)
-                    for g in range(group):
-                        carry = lax.fori_loop(0, head_steps(g), step_fn, carry)
+                def step_fn(step, carry):
                     dk, dv, n = carry
-                    if not persistent:
-                        pl.when(wg == 0)(take_turn)
-                    my_k[...] = (dk * float(scale)).astype(dtype)
-                    my_v[...] = dv.astype(dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(my_k, rows_of(dk_ref, b, kvh, rows))
-                    plgpu.copy_smem_to_gmem(my_v, rows_of(dv_ref, b, kvh, rows))
-                    return n
+                    slot = lax.rem(n, jnp.int32(stages))
+                    plgpu.barrier_wait(q_ready.at[slot])
+                    plgpu.barrier_wait(do_ready.at[slot])
 
-                if persistent:
-                    pl.when(wg == 1)(take_turn)  # one turn offset for the whole walk
-                    lax.fori_loop(0, n_mine, attend, jnp.int32(0))
-                    pl.when(wg == 0)(take_turn)
-                else:
-                    attend(0, jnp.int32(0))
+                    def probs(st_ref, dpt_ref):  # rows keys, columns queries
+                        plgpu.wgmma(st_ref, my_k, q_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(dpt_ref, my_v, do_smem.at[slot].transpose((1, 0)))
+                        take_turn()
+                        plgpu.barrier_wait(lse_ready.at[slot])
+                        lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1) * qk_scale  # dP^T still running
+                        if masked:
+                            st = st + lax.broadcast_in_dim(kbias, st.shape, [0])
+                        pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+                        plgpu.barrier_wait(delta_ready.at[slot])
+                        dlt = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        dpt = dpt_ref[...]
+                        dst = pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+                        return pt.astype(dtype), dst.astype(dtype)
+
+                    acc = plgpu.ACC((WG_ROWS, tq), jnp.float32)
+                    pt, dst = pl.run_scoped(probs, acc, acc)
+                    if t.pingpong:
+                        pt, dst = lax.optimization_barrier((pt, dst))
+                    take_turn()  # element-wise part done; then the tensor cores are ours
+
+                    def grads(refs):
+                        dv_ref, dk_ref = refs
+                        plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
+                        plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
+
+                    dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv, n + 1
+
+                carry = (zeros, zeros, jnp.int32(0))
+                for g in range(group):
+                    carry = lax.fori_loop(0, head_steps(g), step_fn, carry)
+                dk, dv, _ = carry
+                pl.when(wg == 0)(take_turn)
+                my_k[...] = (dk * float(scale)).astype(dtype)
+                my_v[...] = dv.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_k, rows_of(dk_ref, b, kvh, rows))
+                plgpu.copy_smem_to_gmem(my_v, rows_of(dv_ref, b, kvh, rows))
                 plgpu.wait_smem_to_gmem(0)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
+                n = jnp.int32(0)
+                for g in range(group):
+                    h = kvh * group + g
 
-                def produce(i, n):
-                    b, kvh, _, head_steps, q_start = walk(i)
-                    for g in range(group):
-                        h = kvh * group + g
+                    def prod(step, n, g=g, h=h):
+                        slot = lax.rem(n, jnp.int32(stages))
+                        rows = pl.ds(q_start(g, step), tq)
 
-                        def prod(step, n, g=g, h=h):
-                            slot = lax.rem(n, jnp.int32(stages))
-                            rows = pl.ds(q_start(g, step), tq)
+                        @pl.when(n >= stages)
+                        def _():
+                            plgpu.barrier_wait(q_free.at[slot])
 
-                            @pl.when(n >= stages)
-                            def _():
-                                plgpu.barrier_wait(q_free.at[slot])
+                        plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, rows), q_smem.at[slot], q_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), do_smem.at[slot], do_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], delta_ready.at[slot])
+                        return n + 1
 
-                            plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, rows), q_smem.at[slot], q_ready.at[slot])
-                            plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), do_smem.at[slot],
-                                                    do_ready.at[slot])
-                            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_ready.at[slot])
-                            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot],
-                                                    delta_ready.at[slot])
-                            return n + 1
-
-                        n = lax.fori_loop(0, head_steps(g), prod, n)
-                    return n
-
-                if persistent:
-                    lax.fori_loop(0, n_mine, produce, jnp.int32(0))
-                else:
-                    produce(0, jnp.int32(0))
+                    n = lax.fori_loop(0, head_steps(g), prod, n)
 
         scratch = [
             plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
@@ -1033,8 +948,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
 
     inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ())
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-    grid = ((num_ctas,), ("cta",)) if persistent else _grid(kv_heads, tiles, batch, "k_tile", t.tile_major)
-    return _launch(body, out_type, grid)(*inputs)
+    return _launch(body, out_type, _grid(kv_heads, lk // TILE_Q, batch, "k_tile", t.tile_major))(*inputs)
 
 
 def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k,
@@ -1057,9 +971,8 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block
     sel = pack_selection(indices, counts)
     indices_t, counts_t = triton_kernel.transpose_selection(indices, counts, nk)
     selt = pack_selection(indices_t, counts_t)
-    persistent = tuning.walks_persistent(indices.shape[-1], block_k)
     dq = _dq_call(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k, tile_k=tile_k,
-                  positional=positional, t=tuning, persistent=persistent)
+                  positional=positional, t=tuning)
     dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
-                       positional=positional, t=tuning, persistent=persistent)
+                       positional=positional, t=tuning)
     return dq, dk, dv
