@@ -79,6 +79,21 @@ class _Suite:
         np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
         np.testing.assert_array_equal(np.asarray(a.counts), np.asarray(b.counts))
 
+    def test_gradients_pass_around_the_selection(self):
+        # The selection is discrete: differentiating through a model that selects (jax.grad of
+        # baatt.attention) must treat the kept ids as constants on either route, never fail to linearise.
+        x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 2, 4, 24)), jnp.float32)
+        cfg = baatt.BAConfig(block_size=16, sparsity=0.6)
+
+        def kept_sum(x, kernel):
+            sel = budget.select_from_scores(x * 2.0, cfg, kernel=kernel, interpret=self.interpret)
+            return jnp.sum(jnp.take_along_axis(x, sel.indices, axis=-1) ** 2)
+
+        g_kernel = jax.grad(kept_sum)(x, True)
+        g_xla = jax.grad(kept_sum)(x, False)
+        np.testing.assert_array_equal(np.asarray(g_kernel), np.asarray(g_xla))
+        assert np.count_nonzero(np.asarray(g_kernel)) > 0
+
 
 class TestTopBlocksInterpret(_Suite):
     interpret = True

@@ -93,7 +93,9 @@ def select_from_scores(
     """
     b, h, nq, nk = scores.shape
     kmax = config.kmax(nk)
-    scores = scores.astype(jnp.float32)
+    # The kept ids are discrete: no gradient flows through them (and the top-k kernel has no JVP rule).
+    scores = jax.lax.stop_gradient(scores.astype(jnp.float32))
+    probs = None if probs is None else jax.lax.stop_gradient(probs)
     valid = scores > -jnp.inf
     n_valid = jnp.sum(valid, axis=-1)
     priority = jnp.where(valid, scores, -jnp.inf)
