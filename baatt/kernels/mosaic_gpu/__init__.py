@@ -1,6 +1,7 @@
 """Hopper (sm90) block-sparse attention in Pallas Mosaic GPU; registers ``implementation="mosaic_gpu"``.
 
-Forward: warp-specialised TMA + wgmma kernel (``block_sparse.py``). Backward:
+Forward: warp-specialised TMA + wgmma kernel (``block_sparse.py``), one CTA per query tile or, on
+short walks, persistent (``Tuning.persistent``). Backward:
 warp-specialised dq and dk/dv kernels (``BwdTuning``), or the portable Pallas kernels. Picked first by
 ``implementation=None`` on a GPU of compute capability 9.x for bf16/f16 inputs,
 head dim 64 or 128, block_q 128 or 256 and block_k 64, 128 or 256; anything

@@ -14,6 +14,10 @@ One CTA per (query head, 128-row query tile, batch) with three warpgroups:
   and streams the selected K/V tiles into a ring of ``stages`` shared-memory
   slots with TMA; a slot is refilled once both consumers have released it.
 
+Persistent forward (``Tuning.persistent``, picked on short walks): one CTA per SM takes (query tile,
+head, batch) items in launch order; the ring runs on from one item into the next, the next item's Q
+is loaded into a second buffer during the current one, and each output store overlaps the next item.
+
 GQA: the producer loads from kv head ``h // (Hq // Hkv)``; K/V are never repeated.
 The walk over a row's selected tiles starts at a row-dependent offset and wraps
 (softmax is order-free), so CTAs running at the same time read different K/V.
