@@ -291,6 +291,19 @@ def test_kernel_body_traces(positional, masked, tuning):
         assert "wgmma" in str(jaxpr)
 
 
+def test_forward_picks_persistent_from_the_walk_length():
+    # The default tuning reads the selection's width: persistent (a 1-D grid of CTAs over work items)
+    # up to PERSISTENT_MAX_STEPS tiles a row, one CTA per query tile beyond.
+    from baatt.kernels.mosaic_gpu.block_sparse import PERSISTENT_MAX_STEPS, forward
+    b, h, d = 1, 2, 64
+    for kmax, persistent in ((2, True), (PERSISTENT_MAX_STEPS, True), (PERSISTENT_MAX_STEPS + 1, False)):
+        l = 128 * (PERSISTENT_MAX_STEPS + 1)
+        x = jax.ShapeDtypeStruct((b, h, l, d), jnp.bfloat16)
+        sel = jax.ShapeDtypeStruct((b, h, l // 128, 1 + kmax), jnp.int32)
+        jaxpr = str(jax.make_jaxpr(lambda q, s: forward(q, q, q, s, None, scale=0.1, block_q=128, block_k=128))(x, sel))
+        assert ("grid_names=('cta',)" in jaxpr) == persistent, kmax
+
+
 @pytest.mark.parametrize("positional", [False, True])
 def test_backward_kernels_trace(positional):
     from baatt.kernels.mosaic_gpu.block_sparse import backward
