@@ -146,6 +146,14 @@ def attention(
     return out, stats
 
 
+def takes_positional_path(impl: Implementation, q, k, key_mask, selection: BlockSelection, interpret: bool) -> bool:
+    """Whether ``impl`` runs on the caller's [B, L, H, D] arrays (no block-space copies): it offers a
+    positional operator, the selection is unpermuted, there is no key mask and lengths are whole blocks."""
+    return (impl.positional is not None and not interpret and key_mask is None and selection.q_perm is None
+            and selection.k_perm is None and q.shape[1] % selection.block_q == 0
+            and k.shape[1] % selection.block_k == 0)
+
+
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
 def _pipeline(q, k, v, key_mask, selection, config, impl_name, interpret, scale):
     """estimate -> select -> permute into block space -> sparse operator -> scatter back."""
@@ -154,9 +162,7 @@ def _pipeline(q, k, v, key_mask, selection, config, impl_name, interpret, scale)
         selection = impl.select(q, k, config, key_mask=key_mask, interpret=interpret)
     elif selection is None:
         selection = get_selector(config.selector)(q, k, config, key_mask=key_mask)
-    if (impl.positional is not None and not interpret and key_mask is None and selection.q_perm is None
-            and selection.k_perm is None and q.shape[1] % selection.block_q == 0
-            and k.shape[1] % selection.block_k == 0):
+    if takes_positional_path(impl, q, k, key_mask, selection, interpret):
         out, lse = impl.positional(q, k, v, selection.indices, selection.counts, scale=scale,
                                    block_q=selection.block_q, block_k=selection.block_k)
         return out, lse, selection

@@ -144,8 +144,7 @@ def kernel_only(q, k, v, sel, impl_name: str):
     impl = api._REGISTRY[impl_name]
     scale = 1.0 / math.sqrt(q.shape[-1])
     kw = dict(scale=scale, block_q=sel.block_q, block_k=sel.block_k)
-    if (impl.positional is not None and sel.q_perm is None and sel.k_perm is None
-            and q.shape[1] % sel.block_q == 0 and k.shape[1] % sel.block_k == 0):
+    if api.takes_positional_path(impl, q, k, None, sel, interpret=False):
         fn = jax.jit(lambda q, k, v, i, c: impl.positional(q, k, v, i, c, **kw))
         return lambda: fn(q, k, v, sel.indices, sel.counts)
     space = jax.block_until_ready(jax.jit(lambda q, k, v: layout.to_block_space(

@@ -289,8 +289,9 @@ def _launch(body, out_type, grid_and_names, *, interpret: bool = False):
 def _num_sms() -> int:
     """Streaming multiprocessors of the first GPU (132 on an H100/H200 SXM when there is none, e.g. when
     lowering on a CPU)."""
-    gpus = [dev for dev in jax.devices() if dev.platform == "gpu"] if jax.default_backend() == "gpu" else []
-    return int(getattr(gpus[0], "core_count", 0) or 132) if gpus else 132
+    if jax.default_backend() != "gpu":
+        return 132
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tuning: Tuning = DEFAULT_TUNING,
