@@ -673,6 +673,7 @@ def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, 
 # and written by strided TMA (no transposes around the kernels).
 
 BWD_TILE_Q = 64  # query rows per dk/dv step
+DS_BUFS = 3  # fused backward: dS^T buffers shared by the two consumer warpgroups
 SUPPORTED_BWD_BLOCK_K = (128, 256)
 
 
@@ -829,8 +830,8 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
     dh = d // CONSUMERS  # dq columns per consumer warpgroup (fused)
     qk_scale = float(scale) * LOG2E
     per_stage, fixed = 2 * tq * d * isz + 8 * tq, 2 * TILE_Q * d * isz + 4 * TILE_Q + 4096
-    if fused:  # two dS^T buffers [128 keys, 64 queries] and an f32 dQ staging tile per warpgroup
-        fixed += 2 * TILE_Q * tq * isz + CONSUMERS * tq * dh * 4
+    if fused:  # dS^T buffers [128 keys, 64 queries] and an f32 dQ staging tile per warpgroup
+        fixed += DS_BUFS * TILE_Q * tq * isz + CONSUMERS * tq * dh * 4
     stages = t.dkv_stages or max(2, min(4, (_SMEM_BYTES - fixed) // per_stage))
     if fixed + stages * per_stage > _SMEM_BYTES:
         raise ValueError(f"BwdTuning.dkv_stages={stages} needs more than {_SMEM_BYTES} bytes of shared memory")
@@ -859,7 +860,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
 
         def kernel(scratch, barriers):
             k_smem, v_smem, kbias_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, stage_smem = scratch
-            own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, turn, ds_ready, k_done = barriers
+            own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, turn, ds_ready, ds_free, k_done = barriers
             wg = lax.axis_index("wg")
             take_turn = functools.partial(_take_turn, turn) if t.pingpong else (lambda: None)
 
@@ -879,7 +880,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                 pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
                 def step_fn(g, step, carry):
-                    dk, dv, n = carry
+                    dk, dv, n = carry[:3]
                     slot = lax.rem(n, jnp.int32(stages))
                     plgpu.barrier_wait(q_ready.at[slot])
                     plgpu.barrier_wait(do_ready.at[slot])
@@ -915,39 +916,59 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                         plgpu.barrier_arrive(q_free.at[slot])
                         return dk, dv, n + 1
 
-                    # Fused: publish this warpgroup's dS^T rows; dQ[:, my D half] = dS [64, 128 keys] K[:, half]
-                    # once both halves are in. Two dS buffers: a warpgroup writes buffer n % 2 again only
-                    # after passing step n + 1's barrier, i.e. after the other finished step n's product.
-                    buf = lax.rem(n, jnp.int32(2))
+                    # Fused: publish this warpgroup's dS^T rows of step n, then (with dV, dK of step n) form
+                    # dQ[:, my D half] = dS [64, 128 keys] K[:, half] of step n - 1, whose two halves are in
+                    # by now: one step of slack, so the warpgroups need not run in lockstep. A dS buffer is
+                    # written again once both warpgroups' products have read it (ds_free).
+                    dk, dv, n, prev = carry[0], carry[1], carry[2], carry[3:]
+                    buf = lax.rem(n, jnp.int32(DS_BUFS))
+
+                    @pl.when(n >= DS_BUFS)
+                    def _():
+                        plgpu.barrier_wait(ds_free.at[buf])
+
                     ds_smem.at[buf, pl.ds(wg * WG_ROWS, WG_ROWS)][...] = dst
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(ds_ready.at[buf])
-                    cols = pl.ds(wg * dh, dh)
 
                     def grads_fused(refs):
                         dv_ref, dk_ref, dq_part = refs
                         plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
                         plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
-                        plgpu.barrier_wait(ds_ready.at[buf])
-                        plgpu.wgmma(dq_part, ds_smem.at[buf].transpose((1, 0)), k_smem.at[:, cols])
+                        dq_product(dq_part, n - 1)
 
-                    dq0 = plgpu.layout_cast(jnp.full((tq, dh), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                     dv, dk, dq_part = pl.run_state(grads_fused)(
-                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zeros)))
                     plgpu.barrier_arrive(q_free.at[slot])
+                    add_dq(dq_part, n - 1, *prev)
+                    return dk, dv, n + 1, kvh * group + g, lax.div(q_start(g, step), jnp.int32(tq))  # row in tiles
+
+                def dq_product(acc_ref, m):
+                    """dQ half of step m (none before the first step: the product then reads whatever the
+                    buffer holds and add_dq drops it)."""
+                    prev_buf = lax.rem(m + DS_BUFS, jnp.int32(DS_BUFS))
+                    pl.when(m >= 0)(lambda: plgpu.barrier_wait(ds_ready.at[prev_buf]))
+                    plgpu.wgmma(acc_ref, ds_smem.at[prev_buf].transpose((1, 0)), k_smem.at[:, pl.ds(wg * dh, dh)])
+
+                def add_dq(dq_part, m, head, row_tile):
+                    pl.when(m >= 0)(lambda: plgpu.barrier_arrive(ds_free.at[lax.rem(m + DS_BUFS, jnp.int32(DS_BUFS))]))
                     my_stage = stage_smem.at[wg]
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's add has read it
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read it
                     my_stage[...] = dq_part
                     plgpu.commit_smem()
-                    qrows = pl.ds(q_start(g, step), tq)
-                    plgpu.copy_smem_to_gmem(my_stage, rows_of(dq_ref, b, kvh * group + g, qrows).at[:, cols],
-                                            reduction_op="add")
-                    return dk, dv, n + 1
+                    plgpu.copy_smem_to_gmem(my_stage, rows_of(dq_ref, b, head, pl.ds(row_tile * tq, tq)).at[:, pl.ds(wg * dh, dh)],
+                                            predicate=m >= 0, reduction_op="add")
 
-                carry = (zeros, zeros, jnp.int32(0))
+                if fused:
+                    dq_zeros = plgpu.layout_cast(jnp.full((tq, dh), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                carry = (zeros, zeros, jnp.int32(0)) + ((jnp.int32(0), jnp.int32(0)) if fused else ())
                 for g in range(group):
                     carry = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g), carry)
-                dk, dv, _ = carry
+                if fused:  # the last step's dQ
+                    n_all = carry[2]
+                    dq_part = pl.run_state(lambda r: dq_product(r, n_all - 1))(plgpu.ACC.init(dq_zeros))
+                    add_dq(dq_part, n_all - 1, *carry[3:])
+                dk, dv = carry[:2]
                 pl.when(wg == 0)(take_turn)
                 if fused:  # the other warpgroup's last dQ product may still read our K rows
                     plgpu.barrier_arrive(k_done)
@@ -990,7 +1011,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
             plgpu.SMEM((stages, tq, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tq), jnp.float32),
             plgpu.SMEM((stages, tq), jnp.float32),
-            plgpu.SMEM((2, TILE_Q, tq), dtype, **_SWIZZLED) if fused else None,
+            plgpu.SMEM((DS_BUFS, TILE_Q, tq), dtype, **_SWIZZLED) if fused else None,
             plgpu.SMEM((CONSUMERS, tq, dh), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
                                                                      plgpu.SwizzleTransform(128))) if fused else None,
         ]
@@ -1004,9 +1025,10 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
             plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
         ]
         if fused:
-            barriers += [plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),  # ds_ready
+            barriers += [plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=DS_BUFS),  # ds_ready
+                         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=DS_BUFS),  # ds_free
                          plgpu.Barrier(num_arrivals=CONSUMERS)]  # k_done
-        _run_warp_specialized(kernel, scratch, barriers + [None] * (9 - len(barriers)))
+        _run_warp_specialized(kernel, scratch, barriers + [None] * (10 - len(barriers)))
 
     inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ()) + ((dq_acc,) if fused else ())
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
