@@ -931,6 +931,8 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(ds_ready.at[buf])
 
+                    wait_ds(n - 1)
+
                     def grads_fused(refs):
                         dv_ref, dk_ref, dq_part = refs
                         plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
@@ -938,16 +940,22 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                         dq_product(dq_part, n - 1)
 
                     dv, dk, dq_part = pl.run_state(grads_fused)(
-                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zeros)))
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zeros())))
                     plgpu.barrier_arrive(q_free.at[slot])
                     add_dq(dq_part, n - 1, *prev)
                     return dk, dv, n + 1, kvh * group + g, lax.div(q_start(g, step), jnp.int32(tq))  # row in tiles
+
+                def dq_zeros():  # made where used: a zero tile held across the walk would take 32 registers
+                    return plgpu.layout_cast(jnp.full((tq, dh), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+                def wait_ds(m):
+                    # Outside the wgmma region: a branch between asynchronous wgmmas makes ptxas serialise them.
+                    pl.when(m >= 0)(lambda: plgpu.barrier_wait(ds_ready.at[lax.rem(m + DS_BUFS, jnp.int32(DS_BUFS))]))
 
                 def dq_product(acc_ref, m):
                     """dQ half of step m (none before the first step: the product then reads whatever the
                     buffer holds and add_dq drops it)."""
                     prev_buf = lax.rem(m + DS_BUFS, jnp.int32(DS_BUFS))
-                    pl.when(m >= 0)(lambda: plgpu.barrier_wait(ds_ready.at[prev_buf]))
                     plgpu.wgmma(acc_ref, ds_smem.at[prev_buf].transpose((1, 0)), k_smem.at[:, pl.ds(wg * dh, dh)])
 
                 def add_dq(dq_part, m, head, row_tile):
@@ -959,14 +967,13 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                     plgpu.copy_smem_to_gmem(my_stage, rows_of(dq_ref, b, head, pl.ds(row_tile * tq, tq)).at[:, pl.ds(wg * dh, dh)],
                                             predicate=m >= 0, reduction_op="add")
 
-                if fused:
-                    dq_zeros = plgpu.layout_cast(jnp.full((tq, dh), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 carry = (zeros, zeros, jnp.int32(0)) + ((jnp.int32(0), jnp.int32(0)) if fused else ())
                 for g in range(group):
                     carry = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g), carry)
                 if fused:  # the last step's dQ
                     n_all = carry[2]
-                    dq_part = pl.run_state(lambda r: dq_product(r, n_all - 1))(plgpu.ACC.init(dq_zeros))
+                    wait_ds(n_all - 1)
+                    dq_part = pl.run_state(lambda r: dq_product(r, n_all - 1))(plgpu.ACC.init(dq_zeros()))
                     add_dq(dq_part, n_all - 1, *carry[3:])
                 dk, dv = carry[:2]
                 pl.when(wg == 0)(take_turn)
