@@ -271,8 +271,9 @@ def _run_warp_specialized(kernel, scratch, barriers):
     pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers, collective_axes="wg")
 
 
-def _launch(body, out_type, grid_and_names, *, interpret: bool = False):
-    """One CTA per grid point: CONSUMERS consumer warpgroups and one producer."""
+def _launch(body, out_type, grid_and_names, *, name: str, interpret: bool = False):
+    """One CTA per grid point: CONSUMERS consumer warpgroups and one producer. ``name`` is the kernel's name
+    in profilers (e.g. ``ncu --kernel-name regex:baatt_``)."""
     grid, names = grid_and_names
     return plgpu.kernel(
         body,
@@ -283,6 +284,7 @@ def _launch(body, out_type, grid_and_names, *, interpret: bool = False):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=name,
     )
 
 
@@ -515,7 +517,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
     inputs = (q, k, v, sel) + ((bias,) if masked else ())
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, lq), jnp.float32))
     grid = ((num_ctas,), ("cta",)) if t.persistent else _grid(q_heads, tiles, batch, "q_tile", t.tile_major)
-    return _launch(body, out_type, grid, interpret=interpret)(*inputs)
+    return _launch(body, out_type, grid, name="baatt_block_sparse_fwd", interpret=interpret)(*inputs)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -799,7 +801,7 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
 
     inputs = (q, k, v, sel, lse2, delta, do) + ((bias,) if masked else ())
     return _launch(body, jax.ShapeDtypeStruct(q.shape, dtype),
-                   _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major))(*inputs)
+                   _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major), name="baatt_block_sparse_dq")(*inputs)
 
 
 def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
@@ -953,7 +955,8 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
 
     inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ())
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-    return _launch(body, out_type, _grid(kv_heads, lk // TILE_Q, batch, "k_tile", t.tile_major))(*inputs)
+    return _launch(body, out_type, _grid(kv_heads, lk // TILE_Q, batch, "k_tile", t.tile_major),
+                   name="baatt_block_sparse_dkv")(*inputs)
 
 
 def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k,
