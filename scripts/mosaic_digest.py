@@ -66,6 +66,7 @@ def variants(quick: bool = False):
         "alt": (mgpu.Tuning(tile_major=False, rotate=False), mgpu.BwdTuning(pingpong=True, rotate=False, tile_major=False)),
         "pingpong": (mgpu.Tuning(stages=2), mgpu.BwdTuning(pingpong=True, dkv_stages=2)),
         "persistent": (mgpu.Tuning(persistent=True, ctas=3), mgpu.BwdTuning()),
+        "fused_backward": (mgpu.Tuning(), mgpu.BwdTuning(fused=True)),
     }
     for name, (tn, bt) in tunings.items():
         add(f"tuning_{name}",

@@ -185,6 +185,62 @@ class TestMosaicGPUBackwardVariants:
         suite.test_positional_layout()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
+class TestMosaicGPUFusedBackward:
+    """The fused dk/dv/dq backward (head dim 128) on the cases of TestMosaicGPU, at head dim 128."""
+
+    bwd = BwdTuning(fused=True)
+    fwd = DEFAULT_TUNING
+    kernel_fn = TestMosaicGPU.kernel_fn
+    check = TestMosaicGPU.check
+    check_positional = TestMosaicGPU.check_positional
+
+    def test_masked_gqa_padding_holes(self):
+        self.check(make_case(31, q_heads=4, kv_heads=2, length=500, head_dim=128, block_q=128, block_k=128, kmax=5,
+                             masked_frac=0.1))
+
+    def test_f16(self):
+        self.check(make_case(32, q_heads=2, kv_heads=1, length=512, head_dim=128, block_q=128, block_k=128,
+                             dtype=jnp.float16))
+
+    def test_every_block_kept(self):
+        # Long transposed lists: every key tile adds into every query tile's dq, GQA 4:1, batch 2.
+        c = make_case(33, batch=2, q_heads=4, kv_heads=1, length=1024, head_dim=128, block_q=128, block_k=128)
+        self.check(c)
+
+    @pytest.mark.parametrize("blocks", [(256, 256), (256, 128), (128, 256)])
+    def test_other_blocks(self, blocks):
+        self.check(make_case(34, q_heads=2, kv_heads=1, length=1000, head_dim=128, block_q=blocks[0],
+                             block_k=blocks[1], kmax=3, masked_frac=0.05))
+
+    def test_nan_poison(self):
+        check_poison(make_case(35, q_heads=4, kv_heads=2, length=460, head_dim=128, block_q=128, block_k=128, kmax=3,
+                               masked_frac=0.1), False, make_kernel=self.kernel_fn)
+
+    def test_fully_masked_rows_are_zero(self):
+        c = make_case(36, q_heads=2, kv_heads=1, length=320, head_dim=128, block_q=128, block_k=128, single=True)
+        c["indices"] = c["indices"].at[0, 0, 0, :].set(2)
+        c["kv_valid"] = c["kv_valid"].at[0, 0, 256:].set(False)
+        out, lse, grads = fwd_and_grads(self.kernel_fn(c, False), c, c["q"], c["k"], c["v"])
+        assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+        assert np.all(np.asarray(grads[0][0, 0, :128], np.float32) == 0)  # rows without keys: dq = 0
+        self.check(c)
+
+    @pytest.mark.parametrize("blocks", [(128, 128), (256, 256)])
+    def test_positional(self, blocks):
+        self.check_positional(make_case(37, q_heads=4, kv_heads=2, length=1024, head_dim=128, block_q=blocks[0],
+                                        block_k=blocks[1], kmax=3))
+
+    def test_dq_sum_is_stable_across_runs(self):
+        # The reduce-adds land in varying order: dq may differ in the last bits only.
+        c = make_case(38, q_heads=2, kv_heads=1, length=1024, head_dim=128, block_q=128, block_k=128)
+        f = self.kernel_fn(c, False)
+        g1 = fwd_and_grads(f, c, c["q"], c["k"], c["v"])[2][0]
+        g2 = fwd_and_grads(f, c, c["q"], c["k"], c["v"])[2][0]
+        assert rel_err(g1, g2) <= 5e-3
+
+
 FORWARD_VARIANTS = [Tuning(persistent=True, ctas=3), Tuning(persistent=True, ctas=5, tile_major=False, rotate=False),
                     Tuning(persistent=True), Tuning(persistent=False)]
 
@@ -304,8 +360,9 @@ def test_forward_picks_persistent_from_the_walk_length():
         assert ("grid_names=('cta',)" in jaxpr) == persistent, kmax
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("positional", [False, True])
-def test_backward_kernels_trace(positional):
+def test_backward_kernels_trace(positional, fused):
     from baatt.kernels.mosaic_gpu.block_sparse import backward
     b, hq, hkv, d, l = 1, 4, 2, 128, 512
     shape_q, shape_k = ((b, l, hq, d), (b, l, hkv, d)) if positional else ((b, hq, l, d), (b, hkv, l, d))
@@ -316,11 +373,14 @@ def test_backward_kernels_trace(positional):
         for bq, bk in ((128, 128), (256, 256)):
             idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
             bwd = functools.partial(backward, bias=bias, indices=idx, counts=cnt, dlse=None, scale=0.1, block_q=bq,
-                                    block_k=bk, positional=positional)
+                                    block_k=bk, positional=positional, tuning=BwdTuning(fused=fused))
             jaxpr = str(jax.make_jaxpr(lambda q, k, o, l_, do, f=bwd: f(q, k, k, out=o, lse=l_, do=do))(q, k, q, lse, q))
             assert "wgmma" in jaxpr
+            # fused: one kernel (dk/dv grid) adding into dq by TMA; otherwise a dq kernel and a dk/dv kernel
+            assert ("reduction_op=add" in jaxpr) == fused
+            assert ("'q_tile'" in jaxpr) != fused
             # named for profilers (ncu --kernel-name regex:baatt_)
-            assert "baatt_block_sparse_dq" in jaxpr and "baatt_block_sparse_dkv" in jaxpr
+            assert ("baatt_block_sparse_dq" in jaxpr) != fused and "baatt_block_sparse_dkv" in jaxpr
 
 
 def test_backward_impl_is_checked():
