@@ -135,7 +135,9 @@ class BwdTuning:
     tile_major: tiles vary fastest in the launch order (default); False: heads fastest (slower on an H200).
     fused: one kernel for dk, dv and dq (head dim 128): the dk/dv walk also forms dQ += dS K for its
       key tile and adds it into an f32 dq buffer by TMA reduce-add (5 tile products per block pair
-      instead of the two kernels' 7; dq summed in an order that varies from run to run).
+      instead of the two kernels' 7; dq summed in an order that varies from run to run). Experimental,
+      off: earlier versions passed the GPU tests but were slower than the two kernels on an H200
+      (experiments/results/bench_backward_fused_h200.md); this branch-free loop is not yet measured.
     """
 
     pingpong: bool = False
