@@ -383,6 +383,12 @@ def test_backward_kernels_trace(positional, fused):
             assert ("baatt_block_sparse_dq" in jaxpr) != fused and "baatt_block_sparse_dkv" in jaxpr
 
 
+def test_fused_backward_refuses_pingpong():
+    with pytest.raises(ValueError, match="fused=True and pingpong=True"):
+        BwdTuning(fused=True, pingpong=True)
+    assert BwdTuning(fused=True).uses_fused(128) and not BwdTuning(fused=True).uses_fused(64)
+
+
 def test_backward_impl_is_checked():
     x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
     idx, cnt = jnp.zeros((1, 2, 2, 1), jnp.int32), jnp.ones((1, 2, 2), jnp.int32)

@@ -146,6 +146,11 @@ class BwdTuning:
     tile_major: bool = True
     fused: bool = False
 
+    def __post_init__(self):
+        if self.fused and self.pingpong:
+            raise ValueError("BwdTuning: fused=True and pingpong=True cannot be combined (the fused kernel's "
+                             "warpgroups already synchronise through their shared dS buffers)")
+
     def uses_fused(self, head_dim: int) -> bool:
         """The single dk/dv/dq kernel runs for head dim 128 (its dq product splits D between the two
         consumer warpgroups at a 64-column tile boundary); other head dims use the two kernels."""
@@ -1041,7 +1046,9 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
             barriers += [plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=DS_BUFS),  # ds_ready
                          plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=DS_BUFS),  # ds_free
                          plgpu.Barrier(num_arrivals=CONSUMERS)]  # k_done
-        _run_warp_specialized(kernel, scratch, barriers + [None] * (10 - len(barriers)))
+        else:
+            barriers += [None, None, None]
+        _run_warp_specialized(kernel, scratch, barriers)
 
     inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ()) + ((dq_acc,) if fused else ())
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
