@@ -57,7 +57,7 @@ def random_selection(key, counts, width: int, nk: int):
 
 def _split_times(bs, tun, layout, q, k, v, idx, cnt, do, scale, block, tm):
     """dq kernel alone, dk/dv kernel alone (selection lists, lse and delta prepared outside); a fused
-    backward: (None, the one kernel with its f32 dq buffer's zeroing and final cast)."""
+    backward: (None, the one kernel with its f32 dq buffer's zeroing and final scale and cast)."""
     import jax
     import jax.numpy as jnp
 
@@ -75,11 +75,7 @@ def _split_times(bs, tun, layout, q, k, v, idx, cnt, do, scale, block, tm):
     selt = bs.pack_selection(*tk.transpose_selection(idx, cnt, nk))
     kw = {"scale": scale, "block_q": block, "block_k": block}
     if tun.uses_fused(q.shape[-1]):
-        def fused(*a):
-            acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-            dk, dv = bs._dkv_call(*a, acc, positional=positional, t=tun, **kw)
-            return acc[...].astype(q.dtype), dk, dv
-        fused = jax.jit(fused)
+        fused = jax.jit(lambda *a: bs._fused_call(*a, positional=positional, t=tun, **kw))
         return None, tm(lambda: fused(q, k, v, None, selt, lse2, delta, do))
     dq = jax.jit(lambda *a: bs._dq_call(*a, tile_k=block, positional=positional, t=tun, **kw))
     dkv = jax.jit(lambda *a: bs._dkv_call(*a, positional=positional, t=tun, **kw))

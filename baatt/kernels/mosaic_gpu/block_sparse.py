@@ -103,8 +103,7 @@ class Tuning:
         if persistent is None:
             persistent = kmax is not None and kmax * (block_k // tile_k) <= PERSISTENT_MAX_STEPS
         per_stage = 2 * tile_k * head_dim * itemsize + 4 * tile_k
-        q_bufs = 2 if persistent else 1  # Q tile (output staging) and lse, double-buffered when persistent
-        fixed = q_bufs * (TILE_Q * head_dim * itemsize + 4 * TILE_Q) + 4096
+        fixed = _q_bufs(persistent) * (TILE_Q * head_dim * itemsize + 4 * TILE_Q) + 4096
         stages = self.stages or max(2, min(4, (_SMEM_BYTES - fixed) // per_stage))
         if self.ctas is not None and (self.persistent is False or self.ctas < 1):
             raise ValueError(f"Tuning.ctas must be a positive int and not set with persistent=False; got {self.ctas}")
@@ -113,6 +112,12 @@ class Tuning:
         if fixed + stages * per_stage > _SMEM_BYTES:
             raise ValueError(f"Tuning.stages={stages} needs more than {_SMEM_BYTES} bytes of shared memory")
         return dataclasses.replace(self, tile_k=tile_k, stages=stages, persistent=persistent)
+
+
+def _q_bufs(persistent: bool) -> int:
+    """Buffers of the forward's Q tile (which stages the output) and lse: the persistent forward loads the
+    next item's Q beside the current one."""
+    return 2 if persistent else 1
 
 
 # Longest walk (tiles per row) on which ``Tuning.persistent=None`` picks the persistent forward: H200
@@ -342,7 +347,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
     tiles = lq // TILE_Q
     n_items = q_heads * tiles * batch
     num_ctas = min(n_items, t.ctas or _num_sms()) if t.persistent else None
-    q_bufs = 2 if t.persistent else 1  # the next item's Q lands beside the current one
+    q_bufs = _q_bufs(t.persistent)
 
     def body(q_ref, k_ref, v_ref, sel_ref, *rest):
         bias_ref, (out_ref, lse_ref) = _bias_and_outputs(rest, masked)
@@ -931,7 +936,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                     # written again once both warpgroups' products have read it (ds_free). No branches in
                     # this loop (they would make ptxas serialise the wgmmas): the first uses of the barriers
                     # are pre-arrived before it, and step 0's product of "step -1" is dropped by a predicate.
-                    dk, dv, n, prev = carry[0], carry[1], carry[2], carry[3:]
+                    prev = carry[3:]  # head and row tile of step n - 1
                     buf = lax.rem(n, jnp.int32(DS_BUFS))
                     plgpu.barrier_wait(ds_free.at[buf])
                     ds_smem.at[buf, pl.ds(wg * WG_ROWS, WG_ROWS)][...] = dst
@@ -1056,6 +1061,15 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                    name="baatt_block_sparse_dkv")(*inputs)
 
 
+def _fused_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
+    """dq, dk, dv from the fused kernel: dq summed over key tiles by TMA reduce-add into f32 (a Ref: the
+    kernel writes it in place), then scaled and cast."""
+    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc, scale=scale, block_q=block_q, block_k=block_k,
+                       positional=positional, t=t)
+    return (dq_acc[...] * float(scale)).astype(q.dtype), dk, dv
+
+
 def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k,
              tuning: BwdTuning = DEFAULT_BWD_TUNING, positional: bool = False):
     """dq, dk, dv; bias None = every key valid.
@@ -1077,11 +1091,8 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block
     indices_t, counts_t = triton_kernel.transpose_selection(indices, counts, nk)
     selt = pack_selection(indices_t, counts_t)
     if tuning.uses_fused(q.shape[-1]):
-        # dq summed over key tiles by TMA reduce-add into f32 (a Ref: the kernel writes it in place).
-        dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-        dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc, scale=scale, block_q=block_q,
-                           block_k=block_k, positional=positional, t=tuning)
-        return (dq_acc[...] * float(scale)).astype(q.dtype), dk, dv
+        return _fused_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
+                           positional=positional, t=tuning)
     dq = _dq_call(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k, tile_k=tile_k,
                   positional=positional, t=tuning)
     dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
