@@ -15,8 +15,7 @@ Implementations (``--impls``): ``mosaic_gpu`` (the Hopper kernels; ``--variants`
 same Mosaic forward). ``--layout``: ``positional`` = ``positional_attention`` on the caller's
 [B, L, H, D] arrays (what ``baatt.attention`` runs without a key mask), ``block`` =
 ``block_sparse_attention`` in block space ([B, H, L, D], ``all_valid``). ``--split`` also
-times the dq and the dk/dv kernels alone (inputs prepared outside the timing; for a fused
-variant the one dk/dv/dq kernel, in the dk/dv column).
+times the dq and the dk/dv kernels alone (inputs prepared outside the timing).
 
 frac_cudnn_bwd_thr = (density / t_ours) / (1 / t_cudnn_bwd): our throughput on the kept
 blocks as a fraction of cuDNN's dense backward throughput. Writes
@@ -36,10 +35,10 @@ from experiments.bench_sparse import _median_time, run_meta, write_results
 VARIANTS = {  # name -> BwdTuning keyword arguments ("default" is BwdTuning())
     "default": {},
     "no_rotate": {"rotate": False},
-    "pingpong": {"pingpong": True},
+    "no_overlap": {"overlap": False},
+    "pingpong": {"pingpong": True, "overlap": False},
     "heads_fastest": {"tile_major": False},
     "stages3": {"dkv_stages": 3},
-    "fused": {"fused": True},
 }
 
 def random_selection(key, counts, width: int, nk: int):
@@ -56,8 +55,7 @@ def random_selection(key, counts, width: int, nk: int):
 
 
 def _split_times(bs, tun, layout, q, k, v, idx, cnt, do, scale, block, tm):
-    """dq kernel alone, dk/dv kernel alone (selection lists, lse and delta prepared outside); a fused
-    backward: (None, the one kernel with its f32 dq buffer's zeroing and final scale and cast)."""
+    """dq kernel alone, dk/dv kernel alone (selection lists, lse and delta prepared outside)."""
     import jax
     import jax.numpy as jnp
 
@@ -74,9 +72,6 @@ def _split_times(bs, tun, layout, q, k, v, idx, cnt, do, scale, block, tm):
     nk = (k.shape[1] if positional else k.shape[2]) // block
     selt = bs.pack_selection(*tk.transpose_selection(idx, cnt, nk))
     kw = {"scale": scale, "block_q": block, "block_k": block}
-    if tun.uses_fused(q.shape[-1]):
-        fused = jax.jit(lambda *a: bs._fused_call(*a, positional=positional, t=tun, **kw))
-        return None, tm(lambda: fused(q, k, v, None, selt, lse2, delta, do))
     dq = jax.jit(lambda *a: bs._dq_call(*a, tile_k=block, positional=positional, t=tun, **kw))
     dkv = jax.jit(lambda *a: bs._dkv_call(*a, positional=positional, t=tun, **kw))
     t_dq = tm(lambda: dq(q, k, v, None, sel, lse2, delta, do))
@@ -149,7 +144,7 @@ def run(args) -> list[dict]:
                                        frac_cudnn_bwd_thr=(density / t) / (1.0 / t_cudnn))
                             if args.split and impl == "mosaic_gpu":
                                 t_dq, t_dkv = _split_times(bs, tun, layout, *xs[:3], idx, cnt, xs[3], scale, block, tm)
-                                row.update(dq_ms=None if t_dq is None else t_dq * 1e3, dkv_ms=t_dkv * 1e3)
+                                row.update(dq_ms=t_dq * 1e3, dkv_ms=t_dkv * 1e3)
                         except Exception as e:  # noqa: BLE001 - one failing variant must not end the run
                             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                         del xs

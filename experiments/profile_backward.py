@@ -6,7 +6,7 @@
 
 The same inputs as ``bench_backward`` (B=1, H=32, D=128, bf16, block 128, random selection of
 ``ceil((1 - s) * Nk)`` blocks per row): the dq kernel and the dk/dv kernel alone (``--variant``
-picks the ``BwdTuning``; a fused variant runs its one kernel), then cuDNN's backward on the same
+picks the ``BwdTuning``), then cuDNN's backward on the same
 arrays, each ``--reps`` times after one compile. Nothing is timed here: the profiler does it.
 """
 
@@ -51,12 +51,8 @@ def main():
                                                         block_k=block, positional=True))(q, k, v, sel)
     delta = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
     lse2 = lse * bs.LOG2E
-    calls = []
-    if tun.uses_fused(d):
-        calls.append(("fused", jax.jit(lambda *a: bs._fused_call(*a, **kw)), selt))
-    else:
-        calls.append(("dq", jax.jit(lambda *a: bs._dq_call(*a, tile_k=block, **kw)), sel))
-        calls.append(("dkv", jax.jit(lambda *a: bs._dkv_call(*a, **kw)), selt))
+    calls = [("dq", jax.jit(lambda *a: bs._dq_call(*a, tile_k=block, **kw)), sel),
+             ("dkv", jax.jit(lambda *a: bs._dkv_call(*a, **kw)), selt)]
     for name, fn, s in calls:
         for _ in range(args.reps):
             jax.block_until_ready(fn(q, k, v, None, s, lse2, delta, do))

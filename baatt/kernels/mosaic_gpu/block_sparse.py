@@ -138,28 +138,21 @@ class BwdTuning:
     rotate: each CTA starts its walk at a different selected tile (the sums are order-free); on an
       H200 1.5-3.5% faster than walking every list from its start.
     tile_major: tiles vary fastest in the launch order (default); False: heads fastest (slower on an H200).
-    fused: one kernel for dk, dv and dq (head dim 128): the dk/dv walk also forms dQ += dS K for its
-      key tile and adds it into an f32 dq buffer by TMA reduce-add (5 tile products per block pair
-      instead of the two kernels' 7; dq summed in an order that varies from run to run). Experimental,
-      off: earlier versions passed the GPU tests but were slower than the two kernels on an H200
-      (experiments/results/bench_backward_fused_h200.md); this branch-free loop is not yet measured.
+    overlap: a step's gradient products (dQ += dS K; dV += P^T dO and dK += dS^T Q) are left running
+      while the next step's score products are issued behind them, and awaited with those (the
+      tile they read is released one step later); False: awaited at the end of their step.
     """
 
     pingpong: bool = False
     dkv_stages: int | None = None
     rotate: bool = True
     tile_major: bool = True
-    fused: bool = False
+    overlap: bool = True
 
     def __post_init__(self):
-        if self.fused and self.pingpong:
-            raise ValueError("BwdTuning: fused=True and pingpong=True cannot be combined (the fused kernel's "
-                             "warpgroups already synchronise through their shared dS buffers)")
-
-    def uses_fused(self, head_dim: int) -> bool:
-        """The single dk/dv/dq kernel runs for head dim 128 (its dq product splits D between the two
-        consumer warpgroups at a 64-column tile boundary); other head dims use the two kernels."""
-        return self.fused and head_dim == 128
+        if self.pingpong and self.overlap:
+            raise ValueError("BwdTuning: pingpong=True needs overlap=False (a warpgroup hands the tensor cores "
+                             "over only once its gradient products are done)")
 
 
 DEFAULT_BWD_TUNING = BwdTuning()
@@ -687,7 +680,6 @@ def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, 
 # and written by strided TMA (no transposes around the kernels).
 
 BWD_TILE_Q = 64  # query rows per dk/dv step
-DS_BUFS = 3  # fused backward: dS^T buffers shared by the two consumer warpgroups
 SUPPORTED_BWD_BLOCK_K = (128, 256)
 
 
@@ -735,10 +727,10 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                                  (delta_ref.at[b, h, rows], delta_smem.at[wg])], in_ready, wg)
                 lse2 = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
                 dlt = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                dq = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
-                def step_fn(step, dq):
+                def step_fn(dq_ref, step, carry):
                     slot = lax.rem(step, jnp.int32(stages))
                     plgpu.barrier_wait(k_ready.at[slot])
                     plgpu.barrier_wait(v_ready.at[slot])
@@ -747,6 +739,7 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                         plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
                         plgpu.wgmma(dp_ref, my_do, v_smem.at[slot].transpose((1, 0)))
                         take_turn()
+                        # Waits for S, and with overlap for the previous step's dQ product too.
                         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1) * qk_scale  # dP still running
                         if masked:
                             plgpu.barrier_wait(bias_ready.at[slot])
@@ -759,18 +752,23 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                     acc = plgpu.ACC((WG_ROWS, tile_k), jnp.float32)
                     ds = pl.run_scoped(probs, acc, acc)
                     plgpu.barrier_arrive(v_free.at[slot])
+                    if t.overlap:
+                        # The previous step's dQ product is done: its K slot is free (at step 0 this
+                        # releases "step -1" on the last slot, which the producer waits off once).
+                        plgpu.barrier_arrive(k_free.at[lax.rem(step + stages - 1, jnp.int32(stages))])
                     if t.pingpong:
                         ds = lax.optimization_barrier(ds)
                     take_turn()  # element-wise part done; then the tensor cores are ours
+                    plgpu.wgmma(dq_ref, ds, k_smem.at[slot])
+                    if not t.overlap:
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(k_free.at[slot])
+                    return carry
 
-                    def grad_q(acc_ref):
-                        plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+                def walk(dq_ref):  # dQ accumulates in registers over the whole walk
+                    lax.fori_loop(0, steps, functools.partial(step_fn, dq_ref), jnp.int32(0))
 
-                    dq = pl.run_state(grad_q)(plgpu.ACC.init(dq))
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    return dq
-
-                dq = lax.fori_loop(0, steps, step_fn, dq)
+                dq = pl.run_state(walk)(plgpu.ACC.init(zeros))
                 pl.when(wg == 0)(take_turn)
                 my_q[...] = (dq * float(scale)).astype(dtype)
                 plgpu.commit_smem()
@@ -800,6 +798,10 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                         plgpu.barrier_wait(v_free.at[slot])
 
                     plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
+                    if t.overlap:
+                        @pl.when(step == stages - 1)
+                        def _():  # the consumers' release of "step -1" (see step_fn)
+                            plgpu.barrier_wait(k_free.at[slot])
 
         scratch = [
             plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
@@ -826,9 +828,7 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                    _grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major), name="baatt_block_sparse_dq")(*inputs)
 
 
-def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block_q, block_k, positional,
-              t: BwdTuning):
-    """dk, dv; with ``dq_acc`` (an f32 Ref shaped like q) also adds dQ = dS K (unscaled) into it."""
+def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
     batch, d = q.shape[0], q.shape[3]
     q_heads = q.shape[2] if positional else q.shape[1]
     lk, kv_heads = (k.shape[1], k.shape[2]) if positional else (k.shape[2], k.shape[1])
@@ -840,19 +840,13 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
     per_q = block_q // tq
     tiles_per_block = block_k // TILE_Q
     masked = bias is not None
-    fused = dq_acc is not None
-    dh = d // CONSUMERS  # dq columns per consumer warpgroup (fused)
     qk_scale = float(scale) * LOG2E
     per_stage, fixed = 2 * tq * d * isz + 8 * tq, 2 * TILE_Q * d * isz + 4 * TILE_Q + 4096
-    if fused:  # dS^T buffers [128 keys, 64 queries] and an f32 dQ staging tile per warpgroup
-        fixed += DS_BUFS * TILE_Q * tq * isz + CONSUMERS * tq * dh * 4
     stages = t.dkv_stages or max(2, min(4, (_SMEM_BYTES - fixed) // per_stage))
     if fixed + stages * per_stage > _SMEM_BYTES:
         raise ValueError(f"BwdTuning.dkv_stages={stages} needs more than {_SMEM_BYTES} bytes of shared memory")
 
     def body(q_ref, k_ref, v_ref, selt_ref, lse_ref, delta_ref, do_ref, *rest):
-        if fused:
-            rest, dq_ref = rest[:-3] + rest[-2:], rest[-3]
         bias_ref, (dk_ref, dv_ref) = _bias_and_outputs(rest, masked)
         b = lax.axis_index("batch")
         kvh = lax.axis_index("heads")
@@ -873,8 +867,8 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
             return start
 
         def kernel(scratch, barriers):
-            k_smem, v_smem, kbias_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, stage_smem = scratch
-            own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, turn, ds_ready, ds_free, k_done = barriers
+            k_smem, v_smem, kbias_smem, q_smem, do_smem, lse_smem, delta_smem = scratch
+            own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, turn = barriers
             wg = lax.axis_index("wg")
             take_turn = functools.partial(_take_turn, turn) if t.pingpong else (lambda: None)
 
@@ -883,9 +877,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                 plgpu.set_max_registers(232, action="increase")
                 row0 = kt * TILE_Q + wg * WG_ROWS
                 rows = pl.ds(row0, WG_ROWS)
-                # Fused: one [128, D] K tile, as the dQ product reads both warpgroups' keys.
-                my_k = k_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)] if fused else k_smem.at[wg]
-                my_v = v_smem.at[wg]
+                my_k, my_v = k_smem.at[wg], v_smem.at[wg]
                 own = [(rows_of(k_ref, b, kvh, rows), my_k), (rows_of(v_ref, b, kvh, rows), my_v)]
                 _load_own_tiles(own + ([(bias_ref.at[b, kvh, rows], kbias_smem.at[wg])] if masked else []),
                                 own_ready, wg)
@@ -893,8 +885,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                 zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
-                def step_fn(g, step, carry):
-                    dk, dv, n = carry[:3]
+                def step_fn(g, dv_ref, dk_ref, step, n):
                     slot = lax.rem(n, jnp.int32(stages))
                     plgpu.barrier_wait(q_ready.at[slot])
                     plgpu.barrier_wait(do_ready.at[slot])
@@ -905,6 +896,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                         take_turn()
                         plgpu.barrier_wait(lse_ready.at[slot])
                         lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        # Waits for S^T, and with overlap for the previous step's dV, dK products too.
                         st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1) * qk_scale  # dP^T still running
                         if masked:
                             st = st + lax.broadcast_in_dim(kbias, st.shape, [0])
@@ -917,85 +909,27 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
 
                     acc = plgpu.ACC((WG_ROWS, tq), jnp.float32)
                     pt, dst = pl.run_scoped(probs, acc, acc)
+                    if t.overlap:
+                        # The previous step's gradient products are done: its Q/dO slot is free (at step 0
+                        # this releases "step -1" on the last slot, which the producer waits off once).
+                        plgpu.barrier_arrive(q_free.at[lax.rem(n + stages - 1, jnp.int32(stages))])
                     if t.pingpong:
                         pt, dst = lax.optimization_barrier((pt, dst))
                     take_turn()  # element-wise part done; then the tensor cores are ours
-                    if not fused:
-                        def grads(refs):
-                            dv_ref, dk_ref = refs
-                            plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
-                            plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
-
-                        dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                    plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
+                    plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
+                    if not t.overlap:
+                        plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(q_free.at[slot])
-                        return dk, dv, n + 1
+                    return n + 1
 
-                    # Fused: publish this warpgroup's dS^T rows of step n, then (with dV, dK of step n) form
-                    # dQ[:, my D half] = dS [64, 128 keys] K[:, half] of step n - 1, whose two halves are in
-                    # by now: one step of slack, so the warpgroups need not run in lockstep. A dS buffer is
-                    # written again once both warpgroups' products have read it (ds_free). No branches in
-                    # this loop (they would make ptxas serialise the wgmmas): the first uses of the barriers
-                    # are pre-arrived before it, and step 0's product of "step -1" is dropped by a predicate.
-                    prev = carry[3:]  # head and row tile of step n - 1
-                    buf = lax.rem(n, jnp.int32(DS_BUFS))
-                    plgpu.barrier_wait(ds_free.at[buf])
-                    ds_smem.at[buf, pl.ds(wg * WG_ROWS, WG_ROWS)][...] = dst
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(ds_ready.at[buf])
+                def walk(refs):  # dV, dK accumulate in registers over the whole walk
+                    n = jnp.int32(0)
+                    for g in range(group):
+                        n = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g, *refs), n)
 
-                    wait_ds(n - 1)
-
-                    def grads_fused(refs):
-                        dv_ref, dk_ref, dq_part = refs
-                        plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
-                        plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
-                        dq_product(dq_part, n - 1)
-
-                    dv, dk, dq_part = pl.run_state(grads_fused)(
-                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zeros())))
-                    plgpu.barrier_arrive(q_free.at[slot])
-                    add_dq(dq_part, n - 1, *prev)
-                    return dk, dv, n + 1, kvh * group + g, lax.div(q_start(g, step), jnp.int32(tq))  # row in tiles
-
-                def dq_zeros():  # made where used: a zero tile held across the walk would take 32 registers
-                    return plgpu.layout_cast(jnp.full((tq, dh), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-                def wait_ds(m):  # m = -1: buffer DS_BUFS - 1, pre-arrived
-                    plgpu.barrier_wait(ds_ready.at[lax.rem(m + DS_BUFS, jnp.int32(DS_BUFS))])
-
-                def dq_product(acc_ref, m):
-                    """dQ half of step m (none before the first step: the product then reads whatever the
-                    buffer holds and add_dq drops it)."""
-                    prev_buf = lax.rem(m + DS_BUFS, jnp.int32(DS_BUFS))
-                    plgpu.wgmma(acc_ref, ds_smem.at[prev_buf].transpose((1, 0)), k_smem.at[:, pl.ds(wg * dh, dh)])
-
-                def add_dq(dq_part, m, head, row_tile):
-                    # m = -1 (step 0) arrives on buffer DS_BUFS - 1: the first use of that buffer's ds_free.
-                    plgpu.barrier_arrive(ds_free.at[lax.rem(m + DS_BUFS, jnp.int32(DS_BUFS))])
-                    my_stage = stage_smem.at[wg]
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read it
-                    my_stage[...] = dq_part
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(my_stage, rows_of(dq_ref, b, head, pl.ds(row_tile * tq, tq)).at[:, pl.ds(wg * dh, dh)],
-                                            predicate=m >= 0, reduction_op="add")
-
-                if fused:
-                    for i in range(DS_BUFS - 1):
-                        plgpu.barrier_arrive(ds_free.at[i])
-                    plgpu.barrier_arrive(ds_ready.at[DS_BUFS - 1])
-                carry = (zeros, zeros, jnp.int32(0)) + ((jnp.int32(0), jnp.int32(0)) if fused else ())
-                for g in range(group):
-                    carry = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g), carry)
-                if fused:  # the last step's dQ
-                    n_all = carry[2]
-                    wait_ds(n_all - 1)
-                    dq_part = pl.run_state(lambda r: dq_product(r, n_all - 1))(plgpu.ACC.init(dq_zeros()))
-                    add_dq(dq_part, n_all - 1, *carry[3:])
-                dk, dv = carry[:2]
+                dv, dk = pl.run_state(walk)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
                 pl.when(wg == 0)(take_turn)
-                if fused:  # the other warpgroup's last dQ product may still read our K rows
-                    plgpu.barrier_arrive(k_done)
-                    plgpu.barrier_wait(k_done)
                 my_k[...] = (dk * float(scale)).astype(dtype)
                 my_v[...] = dv.astype(dtype)
                 plgpu.commit_smem()
@@ -1022,21 +956,22 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
                         plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), do_smem.at[slot], do_ready.at[slot])
                         plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_ready.at[slot])
                         plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], delta_ready.at[slot])
+                        if t.overlap:
+                            @pl.when(n == stages - 1)
+                            def _():  # the consumers' release of "step -1" (see step_fn)
+                                plgpu.barrier_wait(q_free.at[slot])
                         return n + 1
 
                     n = lax.fori_loop(0, head_steps(g), prod, n)
 
         scratch = [
-            plgpu.SMEM((TILE_Q, d) if fused else (CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
+            plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
             plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
             plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32) if masked else None,
             plgpu.SMEM((stages, tq, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tq, d), dtype, **_SWIZZLED),
             plgpu.SMEM((stages, tq), jnp.float32),
             plgpu.SMEM((stages, tq), jnp.float32),
-            plgpu.SMEM((DS_BUFS, TILE_Q, tq), dtype, **_SWIZZLED) if fused else None,
-            plgpu.SMEM((CONSUMERS, tq, dh), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
-                                                                     plgpu.SwizzleTransform(128))) if fused else None,
         ]
         barriers = [
             plgpu.Barrier(num_barriers=3 * CONSUMERS),  # own_ready (K, V, key bias)
@@ -1047,27 +982,12 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc=None, *, scale, block
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
             plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
         ]
-        if fused:
-            barriers += [plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=DS_BUFS),  # ds_ready
-                         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=DS_BUFS),  # ds_free
-                         plgpu.Barrier(num_arrivals=CONSUMERS)]  # k_done
-        else:
-            barriers += [None, None, None]
         _run_warp_specialized(kernel, scratch, barriers)
 
-    inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ()) + ((dq_acc,) if fused else ())
+    inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ())
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     return _launch(body, out_type, _grid(kv_heads, lk // TILE_Q, batch, "k_tile", t.tile_major),
                    name="baatt_block_sparse_dkv")(*inputs)
-
-
-def _fused_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
-    """dq, dk, dv from the fused kernel: dq summed over key tiles by TMA reduce-add into f32 (a Ref: the
-    kernel writes it in place), then scaled and cast."""
-    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-    dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, dq_acc, scale=scale, block_q=block_q, block_k=block_k,
-                       positional=positional, t=t)
-    return (dq_acc[...] * float(scale)).astype(q.dtype), dk, dv
 
 
 def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k,
@@ -1090,9 +1010,6 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block
     sel = pack_selection(indices, counts)
     indices_t, counts_t = triton_kernel.transpose_selection(indices, counts, nk)
     selt = pack_selection(indices_t, counts_t)
-    if tuning.uses_fused(q.shape[-1]):
-        return _fused_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
-                           positional=positional, t=tuning)
     dq = _dq_call(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k, tile_k=tile_k,
                   positional=positional, t=tuning)
     dk, dv = _dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
