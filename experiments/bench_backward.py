@@ -35,8 +35,7 @@ from experiments.bench_sparse import _median_time, run_meta, write_results
 VARIANTS = {  # name -> BwdTuning keyword arguments ("default" is BwdTuning())
     "default": {},
     "no_rotate": {"rotate": False},
-    "no_overlap": {"overlap": False},
-    "pingpong": {"pingpong": True, "overlap": False},
+    "pingpong": {"pingpong": True},
     "heads_fastest": {"tile_major": False},
     "stages3": {"dkv_stages": 3},
 }

@@ -63,10 +63,9 @@ def variants(quick: bool = False):
     if quick:
         return out[:3]
     tunings = {
-        "alt": (mgpu.Tuning(tile_major=False, rotate=False), mgpu.BwdTuning(pingpong=True, overlap=False, rotate=False, tile_major=False)),
-        "pingpong": (mgpu.Tuning(stages=2), mgpu.BwdTuning(pingpong=True, overlap=False, dkv_stages=2)),
+        "alt": (mgpu.Tuning(tile_major=False, rotate=False), mgpu.BwdTuning(pingpong=True, rotate=False, tile_major=False)),
+        "pingpong": (mgpu.Tuning(stages=2), mgpu.BwdTuning(pingpong=True, dkv_stages=2)),
         "persistent": (mgpu.Tuning(persistent=True, ctas=3), mgpu.BwdTuning()),
-        "no_overlap_backward": (mgpu.Tuning(), mgpu.BwdTuning(overlap=False)),
     }
     for name, (tn, bt) in tunings.items():
         add(f"tuning_{name}",

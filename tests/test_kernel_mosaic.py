@@ -172,8 +172,8 @@ class TestMosaicGPUBackwardVariants:
     """The other backward settings: unrotated walks, warpgroups in turn, heads-fastest launch with a 3-deep
     ring (TestMosaicGPU runs the default on every case)."""
 
-    @pytest.mark.parametrize("bwd", [BwdTuning(rotate=False), BwdTuning(pingpong=True, overlap=False),
-                                     BwdTuning(overlap=False), BwdTuning(tile_major=False, dkv_stages=3)])
+    @pytest.mark.parametrize("bwd", [BwdTuning(rotate=False), BwdTuning(pingpong=True),
+                                     BwdTuning(tile_major=False, dkv_stages=3)])
     def test_gqa_masked_and_positional(self, bwd):
         c = make_case(15, q_heads=4, kv_heads=2, length=700, head_dim=128, block_q=128, block_k=128, kmax=4,
                       masked_frac=0.05)
@@ -188,9 +188,8 @@ class TestMosaicGPUBackwardVariants:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
 class TestMosaicGPUBackwardWalks:
-    """Backward walks of every length at head dim 128: the overlapped gradient products release each
-    ring slot one step late (and a phantom slot at step 0), so walks shorter than the ring, empty walks,
-    walks across GQA heads and walks over every block must all come out right."""
+    """The default backward on walks of every length at head dim 128: shorter than the K/V and Q/dO
+    rings, empty, across the heads of a GQA group, over every block."""
 
     bwd = BwdTuning()
     fwd = DEFAULT_TUNING
@@ -367,9 +366,8 @@ def test_forward_picks_persistent_from_the_walk_length():
         assert ("grid_names=('cta',)" in jaxpr) == persistent, kmax
 
 
-@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("positional", [False, True])
-def test_backward_kernels_trace(positional, overlap):
+def test_backward_kernels_trace(positional):
     from baatt.kernels.mosaic_gpu.block_sparse import backward
     b, hq, hkv, d, l = 1, 4, 2, 128, 512
     shape_q, shape_k = ((b, l, hq, d), (b, l, hkv, d)) if positional else ((b, hq, l, d), (b, hkv, l, d))
@@ -380,18 +378,12 @@ def test_backward_kernels_trace(positional, overlap):
         for bq, bk in ((128, 128), (256, 256)):
             idx, cnt = jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32)
             bwd = functools.partial(backward, bias=bias, indices=idx, counts=cnt, dlse=None, scale=0.1, block_q=bq,
-                                    block_k=bk, positional=positional, tuning=BwdTuning(overlap=overlap))
+                                    block_k=bk, positional=positional)
             jaxpr = str(jax.make_jaxpr(lambda q, k, o, l_, do, f=bwd: f(q, k, k, out=o, lse=l_, do=do))(q, k, q, lse, q))
             assert "wgmma" in jaxpr
             # a dq kernel and a dk/dv kernel, named for profilers (ncu --kernel-name regex:baatt_)
             assert "'q_tile'" in jaxpr and "'k_tile'" in jaxpr
             assert "baatt_block_sparse_dq" in jaxpr and "baatt_block_sparse_dkv" in jaxpr
-
-
-def test_pingpong_needs_overlap_off():
-    with pytest.raises(ValueError, match="pingpong=True needs overlap=False"):
-        BwdTuning(pingpong=True)
-    assert BwdTuning(pingpong=True, overlap=False).pingpong and BwdTuning().overlap
 
 
 def test_backward_impl_is_checked():

@@ -30,7 +30,7 @@ def digest_tool():
 def test_every_variant_lowers_to_its_kernels(digest_tool):
     # A forward lowers one Mosaic GPU kernel; forward + backward three (forward, dq, dk/dv).
     result = digest_tool.digests()
-    assert len(result) == len(digest_tool.variants()) == 36
+    assert len(result) == len(digest_tool.variants()) == 34
     for name, modules in result.items():
         expected = 1 if name.endswith("_fwd") else 3
         assert len(modules) == expected, name

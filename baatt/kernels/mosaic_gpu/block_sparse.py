@@ -138,21 +138,12 @@ class BwdTuning:
     rotate: each CTA starts its walk at a different selected tile (the sums are order-free); on an
       H200 1.5-3.5% faster than walking every list from its start.
     tile_major: tiles vary fastest in the launch order (default); False: heads fastest (slower on an H200).
-    overlap: a step's gradient products (dQ += dS K; dV += P^T dO and dK += dS^T Q) are left running
-      while the next step's score products are issued behind them, and awaited with those (the
-      tile they read is released one step later); False: awaited at the end of their step.
     """
 
     pingpong: bool = False
     dkv_stages: int | None = None
     rotate: bool = True
     tile_major: bool = True
-    overlap: bool = True
-
-    def __post_init__(self):
-        if self.pingpong and self.overlap:
-            raise ValueError("BwdTuning: pingpong=True needs overlap=False (a warpgroup hands the tensor cores "
-                             "over only once its gradient products are done)")
 
 
 DEFAULT_BWD_TUNING = BwdTuning()
@@ -727,10 +718,10 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                                  (delta_ref.at[b, h, rows], delta_smem.at[wg])], in_ready, wg)
                 lse2 = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
                 dlt = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                dq = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
-                def step_fn(dq_ref, step, carry):
+                def step_fn(step, dq):
                     slot = lax.rem(step, jnp.int32(stages))
                     plgpu.barrier_wait(k_ready.at[slot])
                     plgpu.barrier_wait(v_ready.at[slot])
@@ -739,7 +730,6 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                         plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
                         plgpu.wgmma(dp_ref, my_do, v_smem.at[slot].transpose((1, 0)))
                         take_turn()
-                        # Waits for S, and with overlap for the previous step's dQ product too.
                         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1) * qk_scale  # dP still running
                         if masked:
                             plgpu.barrier_wait(bias_ready.at[slot])
@@ -752,23 +742,18 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                     acc = plgpu.ACC((WG_ROWS, tile_k), jnp.float32)
                     ds = pl.run_scoped(probs, acc, acc)
                     plgpu.barrier_arrive(v_free.at[slot])
-                    if t.overlap:
-                        # The previous step's dQ product is done: its K slot is free (at step 0 this
-                        # releases "step -1" on the last slot, which the producer waits off once).
-                        plgpu.barrier_arrive(k_free.at[lax.rem(step + stages - 1, jnp.int32(stages))])
                     if t.pingpong:
                         ds = lax.optimization_barrier(ds)
                     take_turn()  # element-wise part done; then the tensor cores are ours
-                    plgpu.wgmma(dq_ref, ds, k_smem.at[slot])
-                    if not t.overlap:
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(k_free.at[slot])
-                    return carry
 
-                def walk(dq_ref):  # dQ accumulates in registers over the whole walk
-                    lax.fori_loop(0, steps, functools.partial(step_fn, dq_ref), jnp.int32(0))
+                    def grad_q(acc_ref):
+                        plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
 
-                dq = pl.run_state(walk)(plgpu.ACC.init(zeros))
+                    dq = pl.run_state(grad_q)(plgpu.ACC.init(dq))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return dq
+
+                dq = lax.fori_loop(0, steps, step_fn, dq)
                 pl.when(wg == 0)(take_turn)
                 my_q[...] = (dq * float(scale)).astype(dtype)
                 plgpu.commit_smem()
@@ -798,10 +783,6 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                         plgpu.barrier_wait(v_free.at[slot])
 
                     plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
-                    if t.overlap:
-                        @pl.when(step == stages - 1)
-                        def _():  # the consumers' release of "step -1" (see step_fn)
-                            plgpu.barrier_wait(k_free.at[slot])
 
         scratch = [
             plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
@@ -885,7 +866,8 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
                 zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
-                def step_fn(g, dv_ref, dk_ref, step, n):
+                def step_fn(g, step, carry):
+                    dk, dv, n = carry
                     slot = lax.rem(n, jnp.int32(stages))
                     plgpu.barrier_wait(q_ready.at[slot])
                     plgpu.barrier_wait(do_ready.at[slot])
@@ -896,7 +878,6 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
                         take_turn()
                         plgpu.barrier_wait(lse_ready.at[slot])
                         lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                        # Waits for S^T, and with overlap for the previous step's dV, dK products too.
                         st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1) * qk_scale  # dP^T still running
                         if masked:
                             st = st + lax.broadcast_in_dim(kbias, st.shape, [0])
@@ -909,26 +890,23 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
 
                     acc = plgpu.ACC((WG_ROWS, tq), jnp.float32)
                     pt, dst = pl.run_scoped(probs, acc, acc)
-                    if t.overlap:
-                        # The previous step's gradient products are done: its Q/dO slot is free (at step 0
-                        # this releases "step -1" on the last slot, which the producer waits off once).
-                        plgpu.barrier_arrive(q_free.at[lax.rem(n + stages - 1, jnp.int32(stages))])
                     if t.pingpong:
                         pt, dst = lax.optimization_barrier((pt, dst))
                     take_turn()  # element-wise part done; then the tensor cores are ours
-                    plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
-                    plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
-                    if not t.overlap:
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(q_free.at[slot])
-                    return n + 1
 
-                def walk(refs):  # dV, dK accumulate in registers over the whole walk
-                    n = jnp.int32(0)
-                    for g in range(group):
-                        n = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g, *refs), n)
+                    def grads(refs):
+                        dv_ref, dk_ref = refs
+                        plgpu.wgmma(dv_ref, pt, do_smem.at[slot])
+                        plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
 
-                dv, dk = pl.run_state(walk)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                    dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv, n + 1
+
+                carry = (zeros, zeros, jnp.int32(0))
+                for g in range(group):
+                    carry = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g), carry)
+                dk, dv = carry[:2]
                 pl.when(wg == 0)(take_turn)
                 my_k[...] = (dk * float(scale)).astype(dtype)
                 my_v[...] = dv.astype(dtype)
@@ -956,10 +934,6 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
                         plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), do_smem.at[slot], do_ready.at[slot])
                         plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_ready.at[slot])
                         plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], delta_ready.at[slot])
-                        if t.overlap:
-                            @pl.when(n == stages - 1)
-                            def _():  # the consumers' release of "step -1" (see step_fn)
-                                plgpu.barrier_wait(q_free.at[slot])
                         return n + 1
 
                     n = lax.fori_loop(0, head_steps(g), prod, n)
