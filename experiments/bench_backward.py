@@ -36,7 +36,6 @@ VARIANTS = {  # name -> BwdTuning keyword arguments ("default" is BwdTuning())
     "default": {},
     "no_rotate": {"rotate": False},
     "pingpong": {"pingpong": True},
-    "per_copy_barriers": {"step_barrier": False},
     "heads_fastest": {"tile_major": False},
     "stages3": {"dkv_stages": 3},
 }

@@ -63,8 +63,7 @@ def variants(quick: bool = False):
     if quick:
         return out[:3]
     tunings = {
-        "alt": (mgpu.Tuning(tile_major=False, rotate=False),
-                mgpu.BwdTuning(pingpong=True, rotate=False, tile_major=False, step_barrier=False)),
+        "alt": (mgpu.Tuning(tile_major=False, rotate=False), mgpu.BwdTuning(pingpong=True, rotate=False, tile_major=False)),
         "pingpong": (mgpu.Tuning(stages=2), mgpu.BwdTuning(pingpong=True, dkv_stages=2)),
         "persistent": (mgpu.Tuning(persistent=True, ctas=3), mgpu.BwdTuning()),
     }

@@ -172,7 +172,7 @@ class TestMosaicGPUBackwardVariants:
     """The other backward settings: unrotated walks, warpgroups in turn, heads-fastest launch with a 3-deep
     ring (TestMosaicGPU runs the default on every case)."""
 
-    @pytest.mark.parametrize("bwd", [BwdTuning(rotate=False), BwdTuning(pingpong=True), BwdTuning(step_barrier=False),
+    @pytest.mark.parametrize("bwd", [BwdTuning(rotate=False), BwdTuning(pingpong=True),
                                      BwdTuning(tile_major=False, dkv_stages=3)])
     def test_gqa_masked_and_positional(self, bwd):
         c = make_case(15, q_heads=4, kv_heads=2, length=700, head_dim=128, block_q=128, block_k=128, kmax=4,

@@ -138,15 +138,12 @@ class BwdTuning:
     rotate: each CTA starts its walk at a different selected tile (the sums are order-free); on an
       H200 1.5-3.5% faster than walking every list from its start.
     tile_major: tiles vary fastest in the launch order (default); False: heads fastest (slower on an H200).
-    step_barrier: every copy of a ring slot (dq: K, V, key bias; dk/dv: Q, dO, lse, delta) completes
-      on one barrier, so a consumer step waits once; False: a barrier per copy.
     """
 
     pingpong: bool = False
     dkv_stages: int | None = None
     rotate: bool = True
     tile_major: bool = True
-    step_barrier: bool = True
 
 
 DEFAULT_BWD_TUNING = BwdTuning()
@@ -727,8 +724,7 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                 def step_fn(step, dq):
                     slot = lax.rem(step, jnp.int32(stages))
                     plgpu.barrier_wait(k_ready.at[slot])
-                    if not t.step_barrier:
-                        plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
 
                     def probs(s_ref, dp_ref):
                         plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
@@ -736,8 +732,7 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
                         take_turn()
                         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1) * qk_scale  # dP still running
                         if masked:
-                            if not t.step_barrier:
-                                plgpu.barrier_wait(bias_ready.at[slot])
+                            plgpu.barrier_wait(bias_ready.at[slot])
                             kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
                             s = s + lax.broadcast_in_dim(kb, s.shape, [1])
                         p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
@@ -769,7 +764,6 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
                 kvh = lax.div(h, jnp.int32(group)) if group > 1 else h
-                v_done, bias_done = (k_ready, k_ready) if t.step_barrier else (v_ready, bias_ready)
 
                 @pl.loop(0, steps)
                 def _(step):
@@ -782,13 +776,13 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
 
                     plgpu.copy_gmem_to_smem(rows_of(k_ref, b, kvh, rows), k_smem.at[slot], k_ready.at[slot])
                     if masked:
-                        plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_done.at[slot])
+                        plgpu.copy_gmem_to_smem(bias_ref.at[b, kvh, rows], bias_smem.at[slot], bias_ready.at[slot])
 
                     @pl.when(step >= stages)
                     def _():
                         plgpu.barrier_wait(v_free.at[slot])
 
-                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_done.at[slot])
+                    plgpu.copy_gmem_to_smem(rows_of(v_ref, b, kvh, rows), v_smem.at[slot], v_ready.at[slot])
 
         scratch = [
             plgpu.SMEM((CONSUMERS, WG_ROWS, d), dtype, **_SWIZZLED),
@@ -801,10 +795,9 @@ def _dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, ti
         ]
         barriers = [
             plgpu.Barrier(num_barriers=4 * CONSUMERS),  # in_ready
-            # k_ready (with step_barrier: K, V and key bias, one arrival per copy)
-            plgpu.Barrier(num_arrivals=2 + masked if t.step_barrier else 1, num_barriers=stages),
-            None if t.step_barrier else plgpu.Barrier(num_barriers=stages),  # v_ready
-            None if t.step_barrier else plgpu.Barrier(num_barriers=stages),  # bias_ready
+            plgpu.Barrier(num_barriers=stages),  # k_ready
+            plgpu.Barrier(num_barriers=stages),  # v_ready
+            plgpu.Barrier(num_barriers=stages),  # bias_ready
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
             plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
@@ -877,22 +870,19 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
                     dk, dv, n = carry
                     slot = lax.rem(n, jnp.int32(stages))
                     plgpu.barrier_wait(q_ready.at[slot])
-                    if not t.step_barrier:
-                        plgpu.barrier_wait(do_ready.at[slot])
+                    plgpu.barrier_wait(do_ready.at[slot])
 
                     def probs(st_ref, dpt_ref):  # rows keys, columns queries
                         plgpu.wgmma(st_ref, my_k, q_smem.at[slot].transpose((1, 0)))
                         plgpu.wgmma(dpt_ref, my_v, do_smem.at[slot].transpose((1, 0)))
                         take_turn()
-                        if not t.step_barrier:
-                            plgpu.barrier_wait(lse_ready.at[slot])
+                        plgpu.barrier_wait(lse_ready.at[slot])
                         lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
                         st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1) * qk_scale  # dP^T still running
                         if masked:
                             st = st + lax.broadcast_in_dim(kbias, st.shape, [0])
                         pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
-                        if not t.step_barrier:
-                            plgpu.barrier_wait(delta_ready.at[slot])
+                        plgpu.barrier_wait(delta_ready.at[slot])
                         dlt = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
                         dpt = dpt_ref[...]
                         dst = pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
@@ -929,7 +919,6 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
                 n = jnp.int32(0)
-                done = [q_ready] * 4 if t.step_barrier else [q_ready, do_ready, lse_ready, delta_ready]
                 for g in range(group):
                     h = kvh * group + g
 
@@ -941,10 +930,10 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
                         def _():
                             plgpu.barrier_wait(q_free.at[slot])
 
-                        plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, rows), q_smem.at[slot], done[0].at[slot])
-                        plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), do_smem.at[slot], done[1].at[slot])
-                        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], done[2].at[slot])
-                        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], done[3].at[slot])
+                        plgpu.copy_gmem_to_smem(rows_of(q_ref, b, h, rows), q_smem.at[slot], q_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(rows_of(do_ref, b, h, rows), do_smem.at[slot], do_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], delta_ready.at[slot])
                         return n + 1
 
                     n = lax.fori_loop(0, head_steps(g), prod, n)
@@ -960,11 +949,10 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
         ]
         barriers = [
             plgpu.Barrier(num_barriers=3 * CONSUMERS),  # own_ready (K, V, key bias)
-            # q_ready (with step_barrier: Q, dO, lse and delta, one arrival per copy)
-            plgpu.Barrier(num_arrivals=4 if t.step_barrier else 1, num_barriers=stages),
-            None if t.step_barrier else plgpu.Barrier(num_barriers=stages),  # do_ready
-            None if t.step_barrier else plgpu.Barrier(num_barriers=stages),  # lse_ready
-            None if t.step_barrier else plgpu.Barrier(num_barriers=stages),  # delta_ready
+            plgpu.Barrier(num_barriers=stages),  # q_ready
+            plgpu.Barrier(num_barriers=stages),  # do_ready
+            plgpu.Barrier(num_barriers=stages),  # lse_ready
+            plgpu.Barrier(num_barriers=stages),  # delta_ready
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
             plgpu.Barrier(num_arrivals=CONSUMERS),  # turn
         ]
