@@ -53,8 +53,29 @@ def random_selection(key, counts, width: int, nk: int):
     return jnp.where(jnp.arange(width) < counts[..., None], kept, last).astype(jnp.int32)
 
 
-def _split_times(bs, tun, layout, q, k, v, idx, cnt, do, scale, block, tm):
-    """dq kernel alone, dk/dv kernel alone (selection lists, lse and delta prepared outside)."""
+def random_inputs(length: int, heads: int, head_dim: int = 128):
+    """q, k, v, dO: [1, L, H, D] bf16 standard normal (keyed by the length)."""
+    import jax
+    import jax.numpy as jnp
+
+    ks = jax.random.split(jax.random.PRNGKey(length), 4)
+    return [jax.random.normal(kk, (1, length, heads, head_dim), jnp.float32).astype(jnp.bfloat16) for kk in ks]
+
+
+def equal_count_selection(length: int, sparsity: float, heads: int, block: int):
+    """indices, counts, density: ``kappa = ceil((1 - s) * Nk)`` random key blocks in every row (B=1)."""
+    import jax
+    import jax.numpy as jnp
+
+    nk = length // block
+    kappa = max(1, math.ceil((1.0 - sparsity) * nk))
+    cnt = jnp.full((1, heads, nk), kappa, jnp.int32)
+    return random_selection(jax.random.PRNGKey(length + 7), cnt, kappa, nk), cnt, kappa / nk
+
+
+def kernel_calls(bs, tun, layout, q, k, v, idx, cnt, do, scale, block):
+    """{"dq": ..., "dkv": ...}: argument-free calls of the dq kernel alone and the dk/dv kernel alone
+    (selection lists, lse and delta prepared here, outside the calls)."""
     import jax
     import jax.numpy as jnp
 
@@ -73,9 +94,8 @@ def _split_times(bs, tun, layout, q, k, v, idx, cnt, do, scale, block, tm):
     kw = {"scale": scale, "block_q": block, "block_k": block}
     dq = jax.jit(lambda *a: bs._dq_call(*a, tile_k=block, positional=positional, t=tun, **kw))
     dkv = jax.jit(lambda *a: bs._dkv_call(*a, positional=positional, t=tun, **kw))
-    t_dq = tm(lambda: dq(q, k, v, None, sel, lse2, delta, do))
-    t_dkv = tm(lambda: dkv(q, k, v, None, selt, lse2, delta, do))
-    return t_dq, t_dkv
+    return {"dq": lambda: dq(q, k, v, None, sel, lse2, delta, do),
+            "dkv": lambda: dkv(q, k, v, None, selt, lse2, delta, do)}
 
 
 def _bwd_time(bs, impl, tun, layout, q, k, v, do, idx, cnt, *, scale, block, tm):
@@ -98,14 +118,16 @@ def _bwd_time(bs, impl, tun, layout, q, k, v, do, idx, cnt, *, scale, block, tm)
     return tm(lambda: apply(vjp_fn, do))
 
 
-def _cudnn_time(q, k, v, do, dense_impl, tm):
+def dense_backward_call(q, k, v, do, dense_impl):
+    """Argument-free call of the dense backward alone: the vjp of ``jax.nn.dot_product_attention(
+    implementation=dense_impl)`` (forward and residuals computed here, once) applied to ``do``."""
     import jax
 
     def f(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, implementation=dense_impl)
     _, vjp_fn = jax.jit(lambda q, k, v: jax.vjp(f, q, k, v))(q, k, v)
     apply = jax.jit(lambda fn, do: fn(do))
-    return tm(lambda: apply(vjp_fn, do))
+    return lambda: apply(vjp_fn, do)
 
 
 def run(args) -> list[dict]:
@@ -117,20 +139,15 @@ def run(args) -> list[dict]:
     def tm(call):
         return _median_time(call, jax.block_until_ready, target_s=args.target_s, min_reps=3)
 
-    b, h, d, block = 1, args.heads, 128, 128
-    scale = 1.0 / math.sqrt(d)
+    block = 128
+    scale = 1.0 / math.sqrt(128)
     rows = []
     for L in args.lengths:
-        ks = jax.random.split(jax.random.PRNGKey(L), 4)
-        x = [jax.random.normal(kk, (b, L, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks]
-        t_cudnn = _cudnn_time(*x, args.dense_impl, tm)
+        x = random_inputs(L, args.heads)
+        t_cudnn = tm(dense_backward_call(*x, args.dense_impl))
         print(f"[cudnn] L={L} bwd {t_cudnn * 1e3:.2f} ms", flush=True)
-        nk = L // block
         for s in args.sparsities:
-            kappa = max(1, math.ceil((1.0 - s) * nk))
-            cnt = jnp.full((b, h, nk), kappa, jnp.int32)
-            idx = random_selection(jax.random.PRNGKey(L + 7), cnt, kappa, nk)
-            density = kappa / nk
+            idx, cnt, density = equal_count_selection(L, s, args.heads, block)
             for impl in args.impls:
                 for name in (args.variants if impl == "mosaic_gpu" else ["-"]):
                     tun = bs.BwdTuning(**VARIANTS[name]) if impl == "mosaic_gpu" else bs.DEFAULT_BWD_TUNING
@@ -142,8 +159,8 @@ def run(args) -> list[dict]:
                             row.update(bwd_ms=t * 1e3, cudnn_bwd_ms=t_cudnn * 1e3,
                                        frac_cudnn_bwd_thr=(density / t) / (1.0 / t_cudnn))
                             if args.split and impl == "mosaic_gpu":
-                                t_dq, t_dkv = _split_times(bs, tun, layout, *xs[:3], idx, cnt, xs[3], scale, block, tm)
-                                row.update(dq_ms=t_dq * 1e3, dkv_ms=t_dkv * 1e3)
+                                calls = kernel_calls(bs, tun, layout, *xs[:3], idx, cnt, xs[3], scale, block)
+                                row.update(dq_ms=tm(calls["dq"]) * 1e3, dkv_ms=tm(calls["dkv"]) * 1e3)
                         except Exception as e:  # noqa: BLE001 - one failing variant must not end the run
                             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                         del xs

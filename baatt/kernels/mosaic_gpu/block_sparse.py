@@ -866,7 +866,7 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
                 zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
-                def step_fn(g, step, carry):
+                def step_fn(step, carry):
                     dk, dv, n = carry
                     slot = lax.rem(n, jnp.int32(stages))
                     plgpu.barrier_wait(q_ready.at[slot])
@@ -905,8 +905,8 @@ def _dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, 
 
                 carry = (zeros, zeros, jnp.int32(0))
                 for g in range(group):
-                    carry = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g), carry)
-                dk, dv = carry[:2]
+                    carry = lax.fori_loop(0, head_steps(g), step_fn, carry)
+                dk, dv, _ = carry
                 pl.when(wg == 0)(take_turn)
                 my_k[...] = (dk * float(scale)).astype(dtype)
                 my_v[...] = dv.astype(dtype)
