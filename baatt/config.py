@@ -1,31 +1,29 @@
 """Frozen, validated configuration of BA-Att and of every selector.
 
-One dataclass drives the whole pipeline (SPEC.md sections 4-6): block sizes,
+One dataclass drives the whole pipeline (docs/spec.md sections 4-6): block sizes,
 the budget rule (a sparsity ratio or a cumulative-mass threshold ``tau``), the
-norm-sorting and compensation switches, and the always-kept blocks. It is
-hashable, so it can be a static argument of ``jax.jit``.
+norm-sorting and compensation switches, the always-kept blocks, and which
+registered selector makes the selection with which parameters. It is hashable,
+so it can be a static argument of ``jax.jit``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from collections.abc import Hashable
 
-SELECTORS = (
-    "baatt",
-    "meanpool",
-    "oracle",
-    "xattention",
-    "last_query",
-    "sparge_like",
-    "random",
-    "dense",
-)
+from baatt.selector_registry import SELECTORS, SelectorParamError, get_selector
 
-Selector = Literal[
-    "baatt", "meanpool", "oracle", "xattention", "last_query", "sparge_like", "random", "dense"
-]
+# The built-in selectors' parameters as plain BAConfig keywords, kept from before
+# ``selector_params`` existed: keyword -> (selector, field of that selector's params).
+SELECTOR_KEYWORDS = {
+    "xattn_stride": ("xattention", "stride"),
+    "last_query_size": ("last_query", "size"),
+    "last_query_gamma": ("last_query", "gamma"),
+    "sparge_sim_threshold": ("sparge_like", "sim_threshold"),
+    "seed": ("random", "seed"),
+}
 
 
 def _fail(field: str, rule: str, value) -> None:
@@ -48,8 +46,8 @@ class BAConfig:
       tau: cumulative-mass threshold in (0, 1].
       min_blocks / max_blocks: clamps on the number of kept blocks under ``tau``
         (``max_blocks`` also fixes the static width ``kmax`` of the selection).
-      sort_q / sort_k: norm sorting of queries / keys+values (SPEC.md section 4).
-      compensate: add ``beta * Delta`` (SPEC.md section 5).
+      sort_q / sort_k: norm sorting of queries / keys+values (docs/spec.md section 4).
+      compensate: add ``beta * Delta`` (docs/spec.md section 5).
       beta: compensation weight (1 as reported; 1/2 from the log-normal argument).
       count_correction: add ``log(valid keys in block)`` to the scores [ours].
       force_sink: always keep the key block(s) holding ``sink_positions``.
@@ -57,12 +55,29 @@ class BAConfig:
       local_window: always keep the key blocks within this many blocks of each
         query block's positional diagonal (0 = off). Positional, so it needs
         ``sort_q=False`` and ``sort_k=False``.
-      selector: which block selector produces the selection (SPEC.md section 9).
+      selector: name of the registered selector that makes the selection
+        (docs/spec.md section 9); ``baatt.SELECTORS`` lists them.
+      selector_params: the parameters of ``selector``, an instance of its own frozen
+        params dataclass (``baatt.SELECTORS[name].params``), or None for the
+        keywords below / its defaults.
       xattn_stride: anti-diagonal stride of the XAttention selector.
       last_query_size: queries used by the ``last_query`` selector.
       last_query_gamma: mass the vertical and slash lines must cover.
       sparge_sim_threshold: self-similarity below which a block is not ranked.
       seed: seed of the ``random`` selector.
+
+    Selector parameters: each selector owns a small frozen dataclass of its
+    parameters (``XAttentionParams``, ``LastQueryParams``, ``SpargeParams``,
+    ``RandomParams``, or a user selector's own), and ``params_for(name)`` returns
+    the one a selector runs with. The five plain keywords above predate
+    ``selector_params`` and stay valid: each sets one field of a built-in
+    selector's params (``SELECTOR_KEYWORDS``), so
+    ``BAConfig(selector="xattention", xattn_stride=4)`` and
+    ``BAConfig(selector="xattention", selector_params=XAttentionParams(stride=4))``
+    are the same selection. The keywords are validated whatever the selector; a
+    keyword moved off its default beside ``selector_params`` for the same selector
+    is refused. Being frozen, the params are hashable and the config stays a
+    static argument of ``jax.jit``.
     """
 
     block_size: int = 128
@@ -79,7 +94,8 @@ class BAConfig:
     force_sink: bool = False
     sink_positions: tuple[int, ...] = (0,)
     local_window: int = 0
-    selector: Selector = "baatt"
+    selector: str = "baatt"
+    selector_params: Hashable | None = None
     xattn_stride: int = 8
     last_query_size: int = 64
     last_query_gamma: float = 0.9
@@ -128,17 +144,45 @@ class BAConfig:
                 self.local_window,
             )
         if self.selector not in SELECTORS:
-            _fail("selector", f"must be one of {SELECTORS}", self.selector)
-        if not isinstance(self.xattn_stride, int) or self.xattn_stride < 1:
-            _fail("xattn_stride", "must be an int >= 1", self.xattn_stride)
+            _fail("selector", f"must be one of {tuple(SELECTORS)}", self.selector)
+        self._check_selector_keywords()
+        if self.selector_params is not None:
+            self._check_selector_params()
+
+    def _check_selector_keywords(self) -> None:
+        """Each built-in selector's params, built from the plain keywords, must pass that selector's rules."""
+        for name in dict.fromkeys(owner for owner, _ in SELECTOR_KEYWORDS.values()):
+            try:
+                self._params_from_keywords(name)
+            except SelectorParamError as err:
+                keyword = next(kw for kw, (owner, field) in SELECTOR_KEYWORDS.items()
+                               if (owner, field) == (name, err.field))
+                _fail(keyword, err.rule, err.value)
         if self.xattn_stride > self.block_q or self.block_q % self.xattn_stride:
             _fail("xattn_stride", f"must divide block_size ({self.block_q})", self.xattn_stride)
-        if not isinstance(self.last_query_size, int) or self.last_query_size < 1:
-            _fail("last_query_size", "must be an int >= 1", self.last_query_size)
-        if not 0.0 < self.last_query_gamma <= 1.0:
-            _fail("last_query_gamma", "must be in (0, 1]", self.last_query_gamma)
-        if not -1.0 <= self.sparge_sim_threshold <= 1.0:
-            _fail("sparge_sim_threshold", "must be in [-1, 1]", self.sparge_sim_threshold)
+
+    def _check_selector_params(self) -> None:
+        params_type = SELECTORS[self.selector].params
+        if params_type is None:
+            _fail("selector_params", f"must be None: selector {self.selector!r} takes no parameters",
+                  self.selector_params)
+        if not isinstance(self.selector_params, params_type):
+            _fail("selector_params", f"must be an instance of {params_type.__name__} (the parameters of selector "
+                  f"{self.selector!r})", self.selector_params)
+        try:
+            hash(self.selector_params)
+        except TypeError:
+            _fail("selector_params", "must be hashable (a frozen dataclass): BAConfig is a static argument of "
+                  "jax.jit", self.selector_params)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for keyword, (owner, _) in SELECTOR_KEYWORDS.items():
+            if owner == self.selector and getattr(self, keyword) != defaults[keyword]:
+                _fail(keyword, f"and selector_params both set parameters of selector {self.selector!r}: "
+                      "give one", getattr(self, keyword))
+
+    def _params_from_keywords(self, selector: str):
+        values = {field: getattr(self, kw) for kw, (owner, field) in SELECTOR_KEYWORDS.items() if owner == selector}
+        return get_selector(selector).params(**values)
 
     # -- derived -----------------------------------------------------------------
 
@@ -157,7 +201,7 @@ class BAConfig:
     def kmax(self, num_k_blocks: int) -> int:
         """Static width of the selection list for ``num_k_blocks`` key blocks.
 
-        Sparsity budget: ``kappa = ceil((1 - sparsity) * N)`` (SPEC.md section 6),
+        Sparsity budget: ``kappa = ceil((1 - sparsity) * N)`` (docs/spec.md section 6),
         widened to fit the forced blocks. ``tau`` budget: ``max_blocks`` or N.
         """
         n = num_k_blocks
@@ -178,6 +222,22 @@ class BAConfig:
         if self.local_window:
             forced += 2 * self.local_window + 1
         return forced
+
+    def params_for(self, selector: str | None = None) -> Hashable | None:
+        """The parameters ``selector`` (default: this config's) runs with: its params dataclass, or None.
+
+        ``selector_params`` when it is given for that selector; otherwise, for a built-in
+        selector, the plain keywords; otherwise the params dataclass's defaults.
+        """
+        name = self.selector if selector is None else selector
+        params_type = get_selector(name).params
+        if params_type is None:
+            return None
+        if name == self.selector and self.selector_params is not None:
+            return self.selector_params
+        if any(owner == name for owner, _ in SELECTOR_KEYWORDS.values()):
+            return self._params_from_keywords(name)
+        return params_type()
 
     def replace(self, **changes) -> "BAConfig":
         return dataclasses.replace(self, **changes)

@@ -1,6 +1,6 @@
 """Block space: the permuted, padded, head-major layout every sparse operator runs in.
 
-``to_block_space`` gathers Q by ``q_perm`` and K/V by ``k_perm`` (SPEC.md
+``to_block_space`` gathers Q by ``q_perm`` and K/V by ``k_perm`` (docs/spec.md
 section 4), moves heads before length and pads lengths to whole blocks; the
 validity of each key slot travels as a bool mask so that padding, ragged last
 blocks and ``key_mask`` all look the same to a kernel. ``from_block_space``

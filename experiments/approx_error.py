@@ -1,9 +1,10 @@
-"""Approximation error of BA-Att and the peer selectors against the oracle map and dense attention.
+"""python -m experiments.approx_error
 
-    bash scripts/run.sh                                  # the README's main job (this file, CPU defaults)
-    .venv/bin/python experiments/approx_error.py --qk my_qk.npz --out results_local/mine
+Approximation error of BA-Att and the peer selectors against the oracle map and dense attention.
+``bash scripts/run.sh`` runs this at its CPU-sized defaults (about 2.5 minutes); any saved Q/K:
+``python -m experiments.approx_error --qk my_qk.npz --out results_local/mine``.
 
-Measures, at 50/70/90% sparsity (SPEC.md sections 1-3, 6, 9):
+Measures, at 50/70/90% sparsity (docs/spec.md sections 1-3, 6, 9):
 - for every selector: oracle mass kept, recall against the best selection of the
   same size, total variation / KL of its block map against the oracle map, and
   the relative error of the block-sparse output against dense attention;
@@ -13,18 +14,14 @@ Measures, at 50/70/90% sparsity (SPEC.md sections 1-3, 6, 9):
 
 Inputs: synthetic heavy-tailed Q/K/V (``baatt.synthetic``), or any saved
 ``.npz`` with arrays ``q`` and ``k`` (and optionally ``v``) of shape [B, L, H, D].
-Writes ``results.json``, ``table.md`` and PNG plots to ``--out``.
+Writes ``results.json``, ``table.md``, ``selectors.png`` and ``ablation.png`` to ``--out``
+(default ``experiments/results/approx_error/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -37,6 +34,7 @@ import baatt
 from baatt import reference, synthetic
 from baatt.reference import error
 from baatt.selection import block_map
+from experiments import harness
 
 SORTS = {"none": (False, False), "sort Q": (True, False), "sort K": (False, True), "sort Q+K": (True, True)}
 COMPENSATION = {"off": None, "beta 0.5": 0.5, "beta 1": 1.0}
@@ -44,35 +42,32 @@ COMPENSATION = {"off": None, "beta 0.5": 0.5, "beta 1": 1.0}
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    length: int = 8192
-    heads: int = 4
-    head_dim: int = 64
-    block_size: int = 128
-    sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
-    selectors: tuple[str, ...] = ("baatt", "meanpool", "oracle", "xattention", "last_query", "sparge_like", "random")
+    length: int = harness.option(8192, "tokens of the synthetic inputs")
+    heads: int = harness.option(4, "query and key heads of the synthetic inputs")
+    head_dim: int = harness.option(64, "head dimension of the synthetic inputs")
+    block_size: int = harness.option(128, "query and key block size")
+    sparsities: tuple[float, ...] = harness.option((0.5, 0.7, 0.9), "fixed-budget sparsities")
+    selectors: tuple[str, ...] = harness.option(
+        ("baatt", "meanpool", "oracle", "xattention", "last_query", "sparge_like", "random"), "selectors compared",
+        choices=baatt.SELECTORS)
     # The "baatt" row uses the paper's recipe; the ablation covers every other combination.
-    baatt_recipe: tuple[bool, bool, float | None] = (True, True, 1.0)
-    qk: str | None = None
-    out: str = "experiments/results/approx_error"
-    seed: int = 0
+    baatt_recipe: tuple[bool, bool, float | None] = harness.option(
+        (True, True, 1.0), "the baatt row's sort Q, sort K and compensation beta (none: off)")
+    qk: str | None = harness.option(
+        None, ".npz with arrays q, k (and v), shape [B, L, H, D], instead of synthetic inputs")
+    out: str = harness.option(harness.study_dir("approx_error"), "output folder")
+    seed: int = harness.option(0, "seed of the synthetic inputs")
 
 
 def get_config(**overrides) -> Config:
     return dataclasses.replace(Config(), **overrides)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _summary(x) -> float:
     return float(jnp.mean(x))
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, argv=None) -> dict:
     if cfg.qk:
         q, k, v = synthetic.load_qkv(cfg.qk)
         source = os.path.basename(cfg.qk)
@@ -142,7 +137,7 @@ def run(cfg: Config) -> dict:
     for kind, name, s, bcfg in tqdm(jobs, desc="approx-error", unit="run", file=sys.stdout):
         row = dict(name=name, sparsity=s, **measure(bcfg, "baatt" if kind == "ablation" else name))
         results["selectors" if kind == "selector" else "ablation"].append(row)
-    # Bound vs actual deviation, per block space (SPEC.md section 3).
+    # Bound vs actual deviation, per block space (docs/spec.md section 3).
     for sort_name, (a, b) in tqdm(SORTS.items(), desc="bound", unit="space", file=sys.stdout):
         q_perm = reference.norm_sort(q)[0] if a else None
         k_perm = reference.norm_sort(k)[0] if b else None
@@ -153,12 +148,9 @@ def run(cfg: Config) -> dict:
             mean_bound=_summary(u), mean_max_deviation=_summary(dev),
             u_sample=np.asarray(u[0, 0]).ravel()[::7].tolist(), dev_sample=np.asarray(dev[0, 0]).ravel()[::7].tolist(),
         ))
-    results["meta"] = dict(
-        device="cpu" if jax.devices()[0].platform == "cpu" else jax.devices()[0].device_kind,
-        jax_version=jax.__version__, commit=_git_commit(), date=datetime.date.today().isoformat(),
-        python=platform.python_version(), source=source, shape=list(q.shape), kv_shape=list(k.shape),
-        block_size=bs, seconds=round(time.time() - t0, 1), config=dataclasses.asdict(cfg),
-    )
+    results["meta"] = harness.run_metadata(
+        __spec__.name, argv, source=source, shape=list(q.shape), kv_shape=list(k.shape), block_size=bs,
+        seconds=round(time.time() - t0, 1), config=dataclasses.asdict(cfg))
     return results
 
 
@@ -171,8 +163,7 @@ def write_table(results: dict, cfg: Config) -> str:
     pct = [f"{int(round(s * 100))}%" for s in sp]
     meta = results["meta"]
     lines = [
-        f"Inputs: {meta['source']} Q/K/V {meta['shape']}, block {meta['block_size']}; "
-        f"{meta['device']}, jax {meta['jax_version']}, commit {meta['commit']}, {meta['date']}.",
+        f"Inputs: {meta['source']} Q/K/V {meta['shape']}, block {meta['block_size']}; {harness.describe_run(meta)}.",
         "",
         "### Selectors (oracle mass kept / recall vs best same-size selection / TV of the block map / output error)",
         "",
@@ -217,13 +208,14 @@ def write_table(results: dict, cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, cfg: Config, out_dir: str) -> list[str]:
+def plot(results: dict, cfg: Config) -> dict:
+    """{file name: matplotlib figure}: the selectors against sparsity, and the ablation with the bound."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    figures = {}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name in cfg.selectors:
         rows = sorted((r for r in results["selectors"] if r["name"] == name), key=lambda r: r["sparsity"])
@@ -236,9 +228,7 @@ def plot(results: dict, cfg: Config, out_dir: str) -> list[str]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "selectors.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    figures["selectors.png"] = fig
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     names = [f"{s} / {c}" for s in SORTS for c in COMPENSATION]
@@ -256,37 +246,18 @@ def plot(results: dict, cfg: Config, out_dir: str) -> list[str]:
     axes[1].set_title("bound vs deviation (head 0)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "ablation.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    figures["ablation.png"] = fig
+    return figures
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=int, default=Config.length)
-    parser.add_argument("--heads", type=int, default=Config.heads)
-    parser.add_argument("--head-dim", type=int, default=Config.head_dim)
-    parser.add_argument("--block-size", type=int, default=Config.block_size)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=list(Config.sparsities))
-    parser.add_argument("--qk", help=".npz with arrays q, k (and v), shape [B, L, H, D]")
-    parser.add_argument("--out", default=Config.out)
-    parser.add_argument("--seed", type=int, default=Config.seed)
-    args = parser.parse_args(argv)
-    cfg = get_config(length=args.length, heads=args.heads, head_dim=args.head_dim, block_size=args.block_size,
-                     sparsities=tuple(args.sparsities), qk=args.qk, out=args.out, seed=args.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    results = run(cfg)
+    cfg = harness.parse_config(get_config, argv, description=__doc__)
+    results = run(cfg, argv)
     table = write_table(results, cfg)
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(cfg.out, "table.md"), "w") as f:
-        f.write(table)
-    pngs = plot(results, cfg, cfg.out)
+    paths = harness.write_results(cfg.out, {"results.json": results, "table.md": table, **plot(results, cfg)})
     print()
     print(table)
-    print(f"wrote {cfg.out}/results.json, table.md, " + ", ".join(os.path.basename(p) for p in pngs)
-          + f" in {results['meta']['seconds']} s")
+    print(f"wrote {', '.join(map(str, paths))} in {results['meta']['seconds']} s")
     return results
 
 

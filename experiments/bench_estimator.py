@@ -1,42 +1,45 @@
-"""PYTHONPATH=. python3 experiments/bench_estimator.py --out $OUT
+"""python -m experiments.bench_estimator
 
 Cost of the BA-Att estimator variants against cuDNN dense attention, on a GPU.
 
-For each length and sparsity (B=1, H=32, D=128, bf16, block 128, the content-
-structured synthetic Q/K/V of ``bench_sparse``): the time of ``select_blocks``
-(statistics, scores, top-k; with norm sorting also the argsorts of the norms)
-for the plain estimator, with compensation, with norm sorting of Q and K, and
-with both (the paper's recipe), and of ``baatt.attention`` end to end for each
-(sorting adds the permutations of Q/K/V and the inverse permutation of the
-output), both as a fraction of cuDNN's dense forward time measured in the same
-run. Also the sparse kernel alone on the same selection, prepared beforehand (block
-space for sorted selections, the caller's layout otherwise, as the pipeline does):
-end to end minus kernel is what estimating and permuting cost inside the compiled
-pipeline, where XLA shares the sorted Q/K gathers between the statistics and the
-kernel's inputs (``overhead``). Per length and variant (at the first sparsity) also the cost of each part, as
-prefixes that XLA compiles on their own and their differences: norm sorts,
-block statistics, pooled scores, top-k selection, and the permutations of Q/K/V
-into sorted block space plus the inverse permutation of an output-sized array.
-Also which sorts and custom calls the compiled estimator holds (whether XLA
-handed the norm sorts to CUB's radix sort, what top-k became). For the plain
-estimator also the fixed-budget selection alone, XLA's route against
-the Pallas top-k kernel on the same scores (time, and whether they agree exactly);
-per length the norm sorts alone by each ``argsort_rows`` method (time, agreement,
-what XLA compiled them into).
-Writes ``bench_estimator.json`` / ``.md`` (device, jax version, commit, date).
+For each length and sparsity (B=1, H=32, D=128, bf16, block 128, the structured synthetic
+Q/K/V of ``baatt.synthetic``): the time of ``select_blocks`` (statistics, scores, top-k;
+with norm sorting also the argsorts of the norms) for the plain estimator, with
+compensation, with norm sorting of Q and K, and with both (the paper's recipe), and of
+``baatt.attention`` end to end for each (sorting adds the permutations of Q/K/V and the
+inverse permutation of the output), both as a fraction of cuDNN's dense forward time
+measured in the same run. Also the sparse kernel alone on the same selection, prepared
+beforehand (block space for sorted selections, the caller's layout otherwise, as the
+pipeline does): end to end minus kernel is what estimating and permuting cost inside the
+compiled pipeline, where XLA shares the sorted Q/K gathers between the statistics and the
+kernel's inputs (``overhead``). Per length and variant (at the first sparsity) also the cost
+of each part, as prefixes that XLA compiles on their own and their differences: norm sorts,
+block statistics, pooled scores, top-k selection, and the permutations of Q/K/V into sorted
+block space plus the inverse permutation of an output-sized array. Also which sorts and
+custom calls the compiled estimator holds (whether XLA handed the norm sorts to CUB's radix
+sort, what top-k became). For the plain estimator also the fixed-budget selection alone,
+XLA's route against the Pallas top-k kernel on the same scores (time, and whether they agree
+exactly); per length the norm sorts alone by each ``argsort_rows`` method (time, agreement,
+what XLA compiled them into). Writes ``<name>.json`` / ``.md`` under ``--out`` (default
+``experiments/results/bench_estimator/``).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import os
-import sys
-from pathlib import Path
+import math
+import re
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
 
-from experiments.bench_sparse import Config, _median_time, run_meta, synthetic_qkv, write_results  # noqa: E402
+import baatt
+from baatt import api, layout
+from baatt.kernels import BACKENDS
+from baatt.selection import estimator, sorting
+from baatt.selection.budget import select_from_scores
+from experiments import harness
 
 VARIANTS = {
     "plain": dict(),
@@ -44,27 +47,41 @@ VARIANTS = {
     "sorted": dict(sort_q=True, sort_k=True),
     "sorted+compensate": dict(sort_q=True, sort_k=True, compensate=True, beta=1.0),
 }
+HEADS, HEAD_DIM, BLOCK = 32, 128, 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    lengths: tuple[int, ...] = harness.option((32768, 131072), "sequence lengths")
+    sparsities: tuple[float, ...] = harness.option((0.5, 0.9), "fixed-budget sparsities")
+    impl: str | None = harness.option(None, "baatt.attention implementation (none: the best available)")
+    target_s: float = harness.option(0.3, "timing budget per measurement after warm-up (s)")
+    dense_impl: str = harness.option("cudnn", "dense baseline's implementation (xla for a CPU smoke run)")
+    parts: bool = harness.option(True, "time each part of the estimator")
+    row_argsort: str | None = harness.option(
+        None, "norm sorts' argsort_rows method for this run (none: baatt.selection.sorting.ROW_ARGSORT)",
+        choices=sorting.ROW_ARGSORT_METHODS)
+    name: str = harness.option("bench_estimator", "output file stem")
+    out: str = harness.option(harness.study_dir("bench_estimator"), "output folder")
+
+
+def get_config(**overrides) -> Config:
+    return dataclasses.replace(Config(), **overrides)
 
 
 def part_times(q, k, v, bcfg, tm) -> dict:
     """Milliseconds of each estimator part (prefix differences; see the module docstring)."""
-    import jax
-
-    from baatt import layout
-    from baatt.reference import downsample
-    from baatt.selection import select_blocks
-
-    sort = jax.jit(lambda q, k: downsample.sort_permutations(q, k, bcfg))
-    stats = jax.jit(lambda q, k: (lambda e: (e.q_stats, e.k_stats))(downsample._estimate_jit(q, k, None, bcfg)))
-    scores = jax.jit(lambda q, k: downsample._estimate_jit(q, k, None, bcfg).scores)
-    select = jax.jit(lambda q, k: select_blocks(q, k, bcfg))
-    sorting = bcfg.sort_q or bcfg.sort_k
-    t = dict(sort=tm(lambda: sort(q, k)) if sorting else 0.0)
+    sort = jax.jit(lambda q, k: estimator.sort_permutations(q, k, bcfg))
+    stats = jax.jit(lambda q, k: (lambda e: (e.q_stats, e.k_stats))(estimator.estimate(q, k, bcfg)))
+    scores = jax.jit(lambda q, k: estimator.estimate(q, k, bcfg).scores)
+    select = jax.jit(lambda q, k: baatt.select_blocks(q, k, bcfg))
+    sorted_space = bcfg.sort_q or bcfg.sort_k
+    t = dict(sort=tm(lambda: sort(q, k)) if sorted_space else 0.0)
     t["stats"] = tm(lambda: stats(q, k)) - t["sort"]
     t["scores"] = tm(lambda: scores(q, k)) - t["sort"] - t["stats"]
     t["topk"] = tm(lambda: select(q, k)) - t["sort"] - t["stats"] - t["scores"]
     t["permute"] = 0.0
-    if sorting:
+    if sorted_space:
         qp, kp = jax.block_until_ready(sort(q, k))
 
         @jax.jit
@@ -81,14 +98,9 @@ def part_times(q, k, v, bcfg, tm) -> dict:
 def sort_method_times(q, k, tm) -> dict:
     """The norm sorts of Q and K (``norm_sort`` permutations only) by each ``argsort_rows`` method:
     milliseconds, whether the permutations are identical, and what XLA compiled each into."""
-    import jax
-    import jax.numpy as jnp
-
-    from baatt.reference.sorting import ROW_ARGSORT_METHODS, norm_sort
-
     out, perms = {}, {}
-    for method in ROW_ARGSORT_METHODS:
-        fn = jax.jit(lambda q, k, m=method: (norm_sort(q, method=m)[0], norm_sort(k, method=m)[0]))
+    for method in sorting.ROW_ARGSORT_METHODS:
+        fn = jax.jit(lambda q, k, m=method: (sorting.norm_sort(q, method=m)[0], sorting.norm_sort(k, method=m)[0]))
         perms[method] = jax.block_until_ready(fn(q, k))
         out[f"{method}_ms"] = 1e3 * tm(lambda: fn(q, k))
         out[f"{method}_calls"] = compiled_calls(fn, q, k)
@@ -100,8 +112,6 @@ def sort_method_times(q, k, tm) -> dict:
 def compiled_calls(fn, *args) -> list[str]:
     """Custom-call targets and sort ops of ``fn``'s optimised HLO: shows whether XLA handed a sort
     to CUB (``__cub$DeviceRadixSort...``) or kept its own comparison sort, and what top-k became."""
-    import re
-
     text = fn.lower(*args).compile().as_text()
     found = re.findall(r'custom_call_target="([^"]+)"', text)
     found += ["sort"] * len(re.findall(r"(?:= [^ (]+|\)) sort\(", text))  # one result, or a tuple of them
@@ -113,13 +123,7 @@ def topk_times(q, k, bcfg, tm) -> dict:
 
     Records whether the two agree exactly, or the kernel's error (the kernel is on by default on CUDA
     GPUs because this comparison found them identical; see ``topk.DEFAULT_ON_GPU``)."""
-    import jax
-    import jax.numpy as jnp
-
-    from baatt.reference import downsample
-    from baatt.selection.budget import select_from_scores
-
-    scores = jax.block_until_ready(jax.jit(lambda q, k: downsample._estimate_jit(q, k, None, bcfg).scores)(q, k))
+    scores = jax.block_until_ready(jax.jit(lambda q, k: estimator.estimate(q, k, bcfg).scores)(q, k))
     xla = jax.jit(lambda s: select_from_scores(s, bcfg, kernel=False).indices)
     interpret = jax.devices()[0].platform != "gpu"  # CPU smoke runs: the kernel's interpret twin
     kernel = jax.jit(lambda s: select_from_scores(s, bcfg, kernel=True, interpret=interpret).indices)
@@ -132,50 +136,40 @@ def topk_times(q, k, bcfg, tm) -> dict:
     return row
 
 
+def resolved_implementation(q, k, v, bcfg, impl: str | None) -> str:
+    """The name of the implementation ``baatt.attention`` runs for these inputs."""
+    return baatt.attention(q, k, v, config=bcfg, implementation=impl, return_stats=True)[1]["implementation"]
+
+
 def kernel_only(q, k, v, sel, impl_name: str):
     """A jitted call of the sparse operator of ``impl_name`` on ``sel``, with its inputs prepared as
-    ``baatt.api._pipeline`` prepares them (not timed): the same branch, the same layout."""
-    import math
-
-    import jax
-
-    from baatt import api, layout
-
-    impl = api._REGISTRY[impl_name]
+    ``baatt.attention`` prepares them (not timed): the same branch, the same layout."""
+    impl = {i.name: i for i in (*BACKENDS, api.REFERENCE_IMPLEMENTATION)}[impl_name]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    kw = dict(scale=scale, block_q=sel.block_q, block_k=sel.block_k)
     if api.takes_positional_path(impl, q, k, None, sel, interpret=False):
-        fn = jax.jit(lambda q, k, v, i, c: impl.positional(q, k, v, i, c, **kw))
+        fn = jax.jit(lambda q, k, v, i, c: impl.positional_op(q, k, v, i, c, scale=scale, block_q=sel.block_q,
+                                                              block_k=sel.block_k))
         return lambda: fn(q, k, v, sel.indices, sel.counts)
     space = jax.block_until_ready(jax.jit(lambda q, k, v: layout.to_block_space(
         q, k, v, block_q=sel.block_q, block_k=sel.block_k, q_perm=sel.q_perm, k_perm=sel.k_perm))(q, k, v))
-    fn = jax.jit(lambda sp, i, c: impl.sparse(sp, i, c, scale=scale))
+    fn = jax.jit(lambda sp, i, c: impl.sparse_op(sp, i, c, scale=scale))
     return lambda: fn(space, sel.indices, sel.counts)
 
 
-def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True):
-    import jax
-
-    import baatt
-    from baatt import api
-    from baatt.selection import select_blocks
-
-    cfg = Config(lengths=tuple(lengths))
-    sync = jax.block_until_ready
-    tm = lambda call: _median_time(call, sync, target_s=target_s, min_reps=3)
+def run(cfg: Config) -> list[dict]:
+    tm = lambda call: harness.median_time(call, target_s=cfg.target_s, min_reps=3)
+    dense = harness.dense_attention(cfg.dense_impl)
     rows = []
-    for L in lengths:
-        q, k, v = synthetic_qkv(jax.random.PRNGKey(L), cfg, L)
-        sync((q, k, v))
-        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl))
-        t_dense = tm(lambda: cudnn(q, k, v))
-        for s in sparsities:
+    for L in cfg.lengths:
+        q, k, v = jax.block_until_ready(harness.synthetic_inputs(L, heads=HEADS, head_dim=HEAD_DIM, dtype="bfloat16"))
+        t_dense = tm(lambda: dense(q, k, v))
+        for s in cfg.sparsities:
             for name, switches in VARIANTS.items():
-                bcfg = baatt.BAConfig(block_size=cfg.block, sparsity=s, **switches)
-                est = jax.jit(lambda q, k, c=bcfg: select_blocks(q, k, c))
-                full = jax.jit(lambda q, k, v, c=bcfg: baatt.attention(q, k, v, config=c, implementation=impl))
+                bcfg = baatt.BAConfig(block_size=BLOCK, sparsity=s, **switches)
+                est = jax.jit(lambda q, k, c=bcfg: baatt.select_blocks(q, k, c))
+                full = jax.jit(lambda q, k, v, c=bcfg: baatt.attention(q, k, v, config=c, implementation=cfg.impl))
                 t_est, t_full = tm(lambda: est(q, k)), tm(lambda: full(q, k, v))
-                impl_name = api._resolve(impl, q, k, v, bcfg, False).name
+                impl_name = resolved_implementation(q, k, v, bcfg, cfg.impl)
                 kern = kernel_only(q, k, v, jax.block_until_ready(est(q, k)), impl_name)
                 # Kernel and pipeline timed back to back, twice, so drift of the card hits both alike.
                 t_kern = min(tm(kern), tm(kern))
@@ -184,7 +178,7 @@ def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True)
                            kernel_ms=1e3 * t_kern, overhead_ms=1e3 * (t_full - t_kern),
                            cudnn_fwd_ms=1e3 * t_dense, est_frac_cudnn=t_est / t_dense, full_vs_cudnn=t_dense / t_full,
                            overhead_frac_cudnn=(t_full - t_kern) / t_dense)
-                if parts and s == sparsities[0]:
+                if cfg.parts and s == cfg.sparsities[0]:
                     row["parts_ms"] = part_times(q, k, v, bcfg, tm)
                     row["compiled_calls"] = compiled_calls(est, q, k)
                     if name == "sorted":
@@ -198,12 +192,12 @@ def run(lengths, sparsities, impl, target_s=0.3, dense_impl="cudnn", parts=True)
 
 def markdown(meta, rows) -> str:
     dense = {"cudnn": "cuDNN"}.get(meta.get("dense_impl", "cudnn"), meta.get("dense_impl"))
-    lines = [f"# Estimator cost ({meta['device']}, jax {meta['jax_version']}, commit {meta['commit']}, {meta['date']})",
+    lines = [f"# Estimator cost ({harness.describe_run(meta)})",
              "", f"B=1, H=32, D=128, bf16, block 128, implementation {meta['impl']}. est: `select_blocks` alone; "
              f"full: `baatt.attention` end to end; both against {dense} dense forward in the same run.", "",
              "kernel: the sparse operator alone on the same selection; overhead = full - kernel (estimator, "
              "permutations and layout as compiled into the pipeline). "
-             f"Norm sorts by `argsort_rows` method `{meta.get('row_argsort', 'segmented')}`.", "",
+             f"Norm sorts by `argsort_rows` method `{meta['row_argsort']}`.", "",
              f"| L | sparsity | variant | est ms | est / {dense} fwd | full ms | kernel ms | overhead ms "
              f"| overhead / {dense} fwd | speedup vs {dense} |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -224,7 +218,7 @@ def markdown(meta, rows) -> str:
     with_sorts = [r for r in rows if "sort_methods" in r]
     if with_sorts:
         methods = [k[: -len("_ms")] for k in with_sorts[0]["sort_methods"] if k.endswith("_ms")]
-        lines += ["", "Norm sorts of Q and K alone by `argsort_rows` method (`baatt.reference.sorting`; segmented: "
+        lines += ["", "Norm sorts of Q and K alone by `argsort_rows` method (`baatt.selection.sorting`; segmented: "
                   "one batched sort of the [B, H, L] rows; flat: two 1-D sorts over all rows, by key then by row):", "",
                   "| L | " + " | ".join(f"{m} ms" for m in methods) + " | identical | " +
                   " | ".join(f"{m}: compiled" for m in methods) + " |", "|---|" + "---|" * (2 * len(methods) + 1)]
@@ -244,27 +238,16 @@ def markdown(meta, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
-    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.9])
-    ap.add_argument("--impl", default=None, help="baatt.attention implementation (default: the best available)")
-    ap.add_argument("--name", default="bench_estimator")
-    ap.add_argument("--dense-impl", default="cudnn", help="dense baseline (xla for a CPU smoke run)")
-    ap.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
-    ap.add_argument("--row-argsort", default=None, help="norm sorts' argsort_rows method for this run "
-                    "(default: baatt.reference.sorting.ROW_ARGSORT)")
-    args = ap.parse_args(argv)
-    from baatt.reference import sorting
-
-    if args.row_argsort is not None:
-        if args.row_argsort not in sorting.ROW_ARGSORT_METHODS:
-            ap.error(f"--row-argsort must be one of {sorting.ROW_ARGSORT_METHODS}")
-        sorting.ROW_ARGSORT = args.row_argsort
-    rows = run(args.lengths, args.sparsities, args.impl, dense_impl=args.dense_impl, parts=not args.no_parts)
-    meta = run_meta(impl=args.impl or "auto", dense_impl=args.dense_impl, row_argsort=sorting.ROW_ARGSORT)
-    write_results(args.out, args.name, meta, rows, markdown(meta, rows))
+def main(argv=None) -> dict:
+    cfg = harness.parse_config(get_config, argv, description=__doc__)
+    if cfg.row_argsort is not None:
+        sorting.ROW_ARGSORT = cfg.row_argsort
+    rows = run(cfg)
+    meta = harness.run_metadata(__spec__.name, argv, config=dataclasses.asdict(cfg), impl=cfg.impl or "auto",
+                                dense_impl=cfg.dense_impl, row_argsort=sorting.ROW_ARGSORT)
+    md = markdown(meta, rows)
+    harness.write_results(cfg.out, {f"{cfg.name}.json": dict(meta=meta, rows=rows), f"{cfg.name}.md": md})
+    print(md)
     return dict(meta=meta, rows=rows)
 
 

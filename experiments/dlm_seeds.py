@@ -1,7 +1,6 @@
-"""One table for a multi-seed DLM run: how many seeds learn retrieval, and what the selectors keep.
+"""python -m experiments.dlm_seeds --run-dirs RUN_DIR [RUN_DIR ...] --name dlm_seeds
 
-    PYTHONPATH=. python3 experiments/dlm_seeds.py RUN_DIR [RUN_DIR ...] --out DIR --name dlm_seeds
-
+One table for a multi-seed DLM run: how many seeds learn retrieval, and what the selectors keep.
 Each RUN_DIR holds what ``scripts/dlm_experiment.sh`` writes for one training
 (``dlm_train_<preset>.json`` and ``dlm_eval_<preset>.json``); ``scripts/dlm_seeds.sh``
 makes one per seed. Per seed: training steps, the first step at which the
@@ -9,15 +8,30 @@ in-training passkey check reached ``--learnt`` (default 0.5), its final value,
 dense one-shot passkey accuracy and masked NLL per length. For the seeds whose
 dense 4K accuracy reaches ``--learnt`` (the ones that retrieve), every sparse
 variant's passkey accuracy. Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (the
-in-training check per seed against step, and the dense evaluation per length).
+in-training check per seed against step, and the dense evaluation per length) under ``--out``
+(default ``experiments/results/dlm/``).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import sys
 from pathlib import Path
+
+from experiments import harness
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run_dirs: tuple[str, ...] = harness.option((), "one folder per seed, as scripts/dlm_experiment.sh writes it")
+    learnt: float = harness.option(0.5, "accuracy that counts as retrieval learnt")
+    retrieval_length: int = harness.option(4096, "length at which dense accuracy decides retrieval")
+    out: str = harness.option(harness.study_dir("dlm"), "output folder")
+    name: str = harness.option("dlm_seeds", "output file stem")
+
+
+def get_config(**overrides) -> Config:
+    return dataclasses.replace(Config(), **overrides)
 
 
 def _one(path: Path, pattern: str) -> dict:
@@ -84,7 +98,7 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(s: dict, path: Path) -> None:
+def plot(s: dict):
     """In-training passkey check per seed against step (retrieving seeds solid), and the dense
     evaluation per length: the picture of which seeds learn retrieval and when."""
     import matplotlib
@@ -109,28 +123,20 @@ def plot(s: dict, path: Path) -> None:
     bx.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(length) for length in lengths])
     bx.set(xlabel="tokens", ylabel="dense one-shot passkey accuracy", ylim=(0, 1.03), title="evaluation, dense attention")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dirs", nargs="+")
-    ap.add_argument("--out", default="experiments/results")
-    ap.add_argument("--name", default="dlm_seeds")
-    ap.add_argument("--learnt", type=float, default=0.5, help="accuracy that counts as retrieval learnt")
-    ap.add_argument("--retrieval-length", type=int, default=4096)
-    args = ap.parse_args(argv)
-    s = summarize(args.run_dirs, args.learnt, args.retrieval_length)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(s, indent=1))
+def main(argv=None) -> dict:
+    cfg = harness.parse_config(get_config, argv, description=__doc__)
+    if not cfg.run_dirs:
+        raise SystemExit("dlm_seeds: --run-dirs needs at least one run folder")
+    s = summarize(cfg.run_dirs, cfg.learnt, cfg.retrieval_length)
     md = markdown(s)
-    plot(s, out / f"{args.name}.png")
-    (out / f"{args.name}.md").write_text(md + f"\n![seeds]({args.name}.png)\n")
+    harness.write_results(cfg.out, {f"{cfg.name}.json": s, f"{cfg.name}.md": md + f"\n![seeds]({cfg.name}.png)\n",
+                                    f"{cfg.name}.png": plot(s)})
     print(md)
     return s
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

@@ -1,8 +1,8 @@
-"""Evaluate a trained DLM under dense attention and block-sparse selectors.
+"""python -m experiments.eval_dlm --ckpt-dir .ckpt/dlm_small --lengths 4096 2048 8192
 
-    PYTHONPATH=. python3 experiments/eval_dlm.py --ckpt-dir .ckpt/dlm_small --lengths 4096 2048 8192
-    # or one process per length (compilation is host-bound: they overlap), then
-    PYTHONPATH=. python3 experiments/eval_dlm.py --merge a.json b.json c.json --name dlm_eval
+Evaluate a trained DLM under dense attention and block-sparse selectors. Or one process per
+length (compilation is host-bound: they overlap), then one table of them all:
+``python -m experiments.eval_dlm --merge a.json b.json c.json --name dlm_eval``.
 
 For each sequence length and attention variant: masked-token NLL (mean CE per
 masked token at masking ratios 0.15/0.5/0.85 on held-out packed text, same
@@ -17,32 +17,57 @@ and K, compensation with beta=1 in the first and last layers only); ``baatt_ns``
 (no sorting, compensation first/last, beta=0.5); ``meanpool``; ``xattention``
 (stride 8, same top-k budget), each at 50/70/90% sparsity, block size 128. A
 selector that is missing or fails is reported as such, not silently dropped.
-Writes ``dlm_eval.json`` and ``dlm_eval.md`` (device, jax version, commit, date).
+Writes ``<name>.json`` and ``<name>.md`` (device, jax version, commit, date) under ``--out``
+(default ``experiments/results/dlm/``).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from baatt.config import BAConfig
+from baatt.data import corpus, tasks
+from baatt.data.tokenizer import get_tokenizer
+from baatt.diffusion import generate
+from baatt.diffusion.masking import forward_process, masked_ce
+from baatt.nn import AttentionPlan
+from baatt.train import accuracy_split, load_model
+from experiments import harness
 
-from baatt.config import BAConfig  # noqa: E402
-from baatt.data import corpus, tasks  # noqa: E402
-from baatt.data.tokenizer import get_tokenizer  # noqa: E402
-from baatt.diffusion import generate  # noqa: E402
-from baatt.diffusion.masking import forward_process, masked_ce  # noqa: E402
-from baatt.nn import AttentionPlan  # noqa: E402
-from baatt.train import accuracy_split, load_model, run_info  # noqa: E402
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    ckpt_dir: str | None = harness.option(None, "checkpoint folder (train_dlm's --ckpt-dir); needed unless --merge")
+    merge: tuple[str, ...] | None = harness.option(
+        None, "instead of evaluating: merge the rows of these result files (e.g. one process per length) "
+              "into <out>/<name>.json/.md")
+    lengths: tuple[int, ...] = harness.option((4096, 2048, 8192), "sequence lengths")
+    sparsities: tuple[float, ...] = harness.option((0.5, 0.7, 0.9), "fixed-budget sparsities of the sparse variants")
+    num_examples: int = harness.option(16, "task examples per task and length")
+    nll_seqs: int = harness.option(8, "held-out sequences for the masked NLL")
+    batch: int = harness.option(8, "task examples decoded at once")
+    block_size: int = harness.option(128, "block size of the sparse variants")
+    task_decode: str = harness.option(
+        "sampler", "answer decoding for task accuracy: the LLaDA sampler (one token per step) or one forward pass",
+        choices=("sampler", "oneshot"))
+    implementation: str = harness.option("reference", "baatt.attention implementation (auto: the best available)")
+    only: tuple[str, ...] | None = harness.option(None, "variant name prefixes to run (none: all)")
+    time_budget: float | None = harness.option(None, "skip remaining work after this many seconds")
+    out: str = harness.option(harness.study_dir("dlm"), "output folder")
+    name: str = harness.option("dlm_eval", "output file stem")
+
+
+def get_config(**overrides) -> Config:
+    return dataclasses.replace(Config(), **overrides)
 
 
 def variants(sparsities, block_size, implementation):
@@ -64,8 +89,9 @@ _CE = jax.jit(lambda logits, toks, masked: (jnp.sum(masked_ce(logits, toks, mask
 
 
 def eval_nll(model, plan, tokens, key):
-    from baatt.diffusion.sampler import _forward
     from flax import nnx
+
+    from baatt.diffusion.sampler import _forward
 
     gd, st = nnx.split(model)
     mode = "plain" if plan.kind == "dense" else "estimate"
@@ -112,7 +138,7 @@ def eval_task(model, plan, examples, batch, decode="sampler"):
 
 
 def markdown(result) -> str:
-    lines = [f"# DLM evaluation ({result['device']}, jax {result['jax_version']}, commit {result['commit'][:10]}, {result['date']})", ""]
+    lines = [f"# DLM evaluation ({harness.describe_run(result)})", ""]
     lines.append(f"Model: {result['model']} step {result['step']}. Block size {result['block_size']}, implementation "
                  f"{result['implementation']}. NLL: mean CE per masked token (t = 0.15/0.5/0.85), held-out text. "
                  f"Accuracy: exact match of the answer decoded by the {result.get('task_decode', 'sampler')} "
@@ -134,7 +160,7 @@ def markdown(result) -> str:
 
 
 def merge(paths, out_dir: Path, name: str) -> dict:
-    """One result from several eval_dlm.py results of the same checkpoint (rows and notes concatenated)."""
+    """One result from several eval_dlm results of the same checkpoint (rows and notes concatenated)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     first = parts[0]
     for p, r in zip(paths, parts):
@@ -142,64 +168,41 @@ def merge(paths, out_dir: Path, name: str) -> dict:
             raise ValueError(f"--merge needs results of one checkpoint and block size; {p} differs from {paths[0]}")
     result = dict(first, rows=[row for r in parts for row in r["rows"]], notes=[n for r in parts for n in r["notes"]],
                   seconds=max(r.get("seconds", 0.0) for r in parts), merged_from=[str(p) for p in paths])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out_dir / f"{name}.md").write_text(markdown(result))
+    harness.write_results(out_dir, {f"{name}.json": result, f"{name}.md": markdown(result)})
     print(markdown(result))
     return result
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt-dir", default=None)
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="instead of evaluating: merge the rows of these result files (e.g. one process per length) "
-                        "into <out>/<name>.json/.md")
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 2048, 8192])
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
-    p.add_argument("--num-examples", type=int, default=16)
-    p.add_argument("--nll-seqs", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--task-decode", default="sampler", choices=("sampler", "oneshot"),
-                   help="answer decoding for task accuracy: LLaDA sampler (one token per step) or one forward pass")
-    p.add_argument("--implementation", default="reference")
-    p.add_argument("--only", nargs="*", default=None, help="variant name prefixes to run")
-    p.add_argument("--time-budget", type=float, default=None, help="skip remaining work after this many seconds")
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--name", default="dlm_eval")
-    args = p.parse_args(argv)
-    if args.merge:
-        return merge(args.merge, Path(args.out), args.name)
-    if not args.ckpt_dir:
-        p.error("--ckpt-dir is required (unless --merge is given)")
+def main(argv=None) -> dict:
+    cfg = harness.parse_config(get_config, argv, description=__doc__)
+    if cfg.merge:
+        return merge(cfg.merge, Path(cfg.out), cfg.name)
+    if not cfg.ckpt_dir:
+        raise SystemExit("eval_dlm: --ckpt-dir is required (unless --merge is given)")
     t0 = time.time()
-    model, meta = load_model(args.ckpt_dir)
+    model, meta = load_model(cfg.ckpt_dir)
     tok = get_tokenizer()
     val = corpus.load_tokens("val")
-    vs = variants(args.sparsities, args.block_size, None if args.implementation == "auto" else args.implementation)
-    if args.only:
-        vs = {k: v for k, v in vs.items() if any(k.startswith(o) for o in args.only)}
-    result = dict(run_info(), model=meta["model"], step=meta["step"], block_size=args.block_size,
-                  implementation=args.implementation, num_examples=args.num_examples, task_decode=args.task_decode,
-                  rows=[], notes=[])
+    vs = variants(cfg.sparsities, cfg.block_size, None if cfg.implementation == "auto" else cfg.implementation)
+    if cfg.only:
+        vs = {k: v for k, v in vs.items() if any(k.startswith(o) for o in cfg.only)}
+    result = dict(harness.run_metadata(__spec__.name, argv), model=meta["model"], step=meta["step"],
+                  block_size=cfg.block_size, implementation=cfg.implementation, num_examples=cfg.num_examples,
+                  task_decode=cfg.task_decode, rows=[], notes=[])
     if importlib.util.find_spec("baatt.selection.xattention") is None:
         result["notes"].append("xattention selector not present (baatt/selection/xattention.py missing): not run")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     def flush():
-        (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-        (out_dir / f"{args.name}.md").write_text(markdown(result))
+        harness.write_results(cfg.out, {f"{cfg.name}.json": result, f"{cfg.name}.md": markdown(result)})
 
-    for length in args.lengths:
+    for length in cfg.lengths:
         rng = np.random.default_rng(length)
-        nll_tokens = corpus.packed_batch(val, rng, args.nll_seqs, length)
-        exs = {k: [tasks.make_example(k, rng, val, tok, length) for _ in range(args.num_examples)]
+        nll_tokens = corpus.packed_batch(val, rng, cfg.nll_seqs, length)
+        exs = {k: [tasks.make_example(k, rng, val, tok, length) for _ in range(cfg.num_examples)]
                for k in ("passkey", "multikey_niah")}
         key = jax.random.PRNGKey(length)
         for name, plan in vs.items():
-            if args.time_budget and time.time() - t0 > args.time_budget:
+            if cfg.time_budget and time.time() - t0 > cfg.time_budget:
                 result["notes"].append(f"time budget reached: skipped {name} at L={length}")
                 continue
             row = dict(length=length, variant=name)
@@ -210,8 +213,8 @@ def main(argv=None):
             ts = time.time()
             try:
                 nll = eval_nll(model, plan, nll_tokens, key)
-                pk = eval_task(model, plan, exs["passkey"], args.batch, args.task_decode)
-                nh = eval_task(model, plan, exs["multikey_niah"], args.batch, args.task_decode)
+                pk = eval_task(model, plan, exs["passkey"], cfg.batch, cfg.task_decode)
+                nh = eval_task(model, plan, exs["multikey_niah"], cfg.batch, cfg.task_decode)
                 row.update(nll=nll["nll"], nll_by_t={k: v for k, v in nll.items() if k.startswith("t=")},
                            density=float(np.mean([nll["density"], pk["density"], nh["density"]])),
                            passkey=pk["acc"], multikey_niah=nh["acc"], passkey_by_answer_tokens=pk["by_answer_tokens"],

@@ -1,10 +1,13 @@
-"""Train the masked-diffusion LM on the offline corpus mixed with long-context tasks.
+"""python -m experiments.train_dlm --preset cpu_tiny --ckpt-dir /tmp/dlm_tiny
 
-    bash scripts/setup_data.sh                       # once: tokenizer + corpus into .data/
-    PYTHONPATH=. python3 experiments/train_dlm.py --preset gpu_small --ckpt-dir .ckpt/dlm_small
-    .venv/bin/python experiments/train_dlm.py --preset cpu_tiny --ckpt-dir /tmp/dlm_tiny   # a CPU smoke run
+Train the masked-diffusion LM on the offline corpus mixed with long-context tasks (the
+command above is a CPU smoke run of seconds; ``bash scripts/setup_data.sh`` fetches the
+tokenizer and corpus into ``.data/`` once). On a GPU, e.g.
+``python -m experiments.train_dlm --preset gpu_passkey_conv --ckpt-dir .ckpt/conv``;
+``scripts/dlm_experiment.sh`` trains and evaluates in one command. Every ``TrainConfig``
+field is a flag (``--steps``, ``--seed``, ``--stages 1.0:256:128:0.8`` ...) over the preset.
 
-Presets (``get_config(name)`` returns the ``TrainConfig``):
+Presets (``get_config(preset)`` returns them as the ``train`` field of ``Config``):
   cpu_tiny:  tiny model, 128-token sequences, 40 steps (seconds on a CPU).
   gpu_small: small model (~32M parameters, 19M of them the tied GPT-2 embedding),
              stages 256 x 128 (25%) -> 1K x 32 (20%) -> 4K x 8 (45%) -> 8K x 4 (10%)
@@ -14,7 +17,7 @@ Presets (``get_config(name)`` returns the ``TrainConfig``):
              scratch at 1K+ tokens the model stayed at the unigram loss for 3,500
              steps (uniform attention over long rows dilutes the local signal).
              It does NOT learn passkey retrieval in that budget (see
-             experiments/results/dlm_summary.md).
+             experiments/results/dlm/dlm_summary.md).
   gpu_small_tasks: 3/4 task rows, no 8K stage (run 3 of the summary).
   gpu_passkey: small model with a unigram-initialised output bias, 30% passkey rows,
              256 x 512 (40%) -> 1K x 128 (30%) -> 4K x 32 (30%), 320 s of training.
@@ -32,22 +35,17 @@ Presets (``get_config(name)`` returns the ``TrainConfig``):
     soon as passkey accuracy at its length reaches 0.8 (TrainConfig.stage_gate), else at its cap.
   gpu_passkey_conv: gpu_passkey_gated with a 4-token short convolution before each attention
     (ModelConfig.short_conv=4).
-Writes ``<out>/dlm_train_<preset>.json`` (history, device, jax version, commit, date).
+Writes ``<out>/dlm_train_<preset>.json`` (history, device, jax version, commit, date; ``--out``
+default ``experiments/results/dlm/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-from baatt.nn import count_params  # noqa: E402
-from baatt.train import TrainConfig, run_info, train  # noqa: E402
+from baatt.nn import count_params
+from baatt.train import TrainConfig, train
+from experiments import harness
 
 # Retry after run 2: same model plus a unigram-initialised output bias (the plain model sat at the unigram
 # loss for ~1,000 steps in run 2), passkey-only task rows (30%; random keys, so it must retrieve),
@@ -104,7 +102,7 @@ _GATED = dataclasses.replace(
 PRESETS = {
     "cpu_tiny": TrainConfig(model="tiny", stages=((1.0, 128, 8),), steps=40, warmup_steps=5, eval_every=0,
                             task_fraction=0.0, peak_lr=3e-3),
-    # Run 2 of experiments/results/dlm_summary.md (best masked NLL of the runs made).
+    # Run 2 of experiments/results/dlm/dlm_summary.md (best masked NLL of the runs made).
     "gpu_small": TrainConfig(
         model="small",
         stages=((0.25, 256, 128), (0.45, 1024, 32), (0.9, 4096, 8), (1.0, 8192, 4)),
@@ -184,10 +182,20 @@ PRESETS = {
 }
 
 
-def get_config(name: str) -> TrainConfig:
-    if name not in PRESETS:
-        raise ValueError(f"train preset must be one of {tuple(PRESETS)}; got {name!r}")
-    return PRESETS[name]
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One training run: a preset's ``TrainConfig`` (with any overrides) and where its record goes."""
+
+    preset: str = "cpu_tiny"
+    train: TrainConfig = PRESETS["cpu_tiny"]
+    out: str = harness.option(harness.study_dir("dlm"), "output folder of the training record")
+
+
+def get_config(preset: str = "cpu_tiny", **overrides) -> Config:
+    """The preset's configuration, ``overrides`` (``TrainConfig`` fields) applied to its ``train``."""
+    if preset not in PRESETS:
+        raise ValueError(f"train preset must be one of {tuple(PRESETS)}; got {preset!r}")
+    return Config(preset=preset, train=dataclasses.replace(PRESETS[preset], **overrides))
 
 
 def parse_stage(text: str) -> tuple:
@@ -202,56 +210,16 @@ def parse_stage(text: str) -> tuple:
     return stage
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu_tiny", choices=tuple(PRESETS))
-    p.add_argument("--ckpt-dir", default=None)
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--time-budget", type=float, default=None, help="override the wall-clock training budget (s)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--stages", nargs="+", default=None, metavar="END:LEN:BATCH[:TASKS]",
-                   help="override the stages, e.g. 1.0:256:128:0.8 (progress end, seq_len, batch, task fraction)")
-    p.add_argument("--task-fraction", type=float, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--eval-len", type=int, default=None)
-    p.add_argument("--task-answer-t-min", type=float, default=None,
-                   help="task rows mask t ~ U(this, 1] of their answer (default 1: the whole answer)")
-    p.add_argument("--passkey-digits", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="digits of the training passkeys, uniform in [LO, HI] (evaluation keeps 5)")
-    p.add_argument("--passkey-question-every", type=int, default=None, metavar="TOKENS",
-                   help="training passkey rows ask their question once per TOKENS tokens (0: once, at the end)")
-    p.add_argument("--passkey-middle-share", type=float, default=None, metavar="P",
-                   help="share of training passkeys whose answer has a middle token (>= 3 tokens)")
-    p.add_argument("--seed", type=int, default=None, help="initialisation and data seed (default: the preset's)")
-    p.add_argument("--stage-gate", type=float, default=None, metavar="ACC",
-                   help="leave a short stage once one-shot passkey accuracy at its length reaches ACC")
-    p.add_argument("--gate-every", type=int, default=None, metavar="STEPS", help="steps between stage-gate checks")
-    args = p.parse_args(argv)
-    cfg = get_config(args.preset)
-    changes = {}
-    if args.ckpt_dir:
-        changes["ckpt_dir"] = args.ckpt_dir
-    if args.time_budget is not None:
-        changes["time_budget_s"] = args.time_budget
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.stages:
-        changes["stages"] = tuple(parse_stage(x) for x in args.stages)
-    for name in ("task_fraction", "eval_every", "eval_len", "task_answer_t_min", "passkey_question_every",
-                 "passkey_middle_share", "seed", "stage_gate", "gate_every"):
-        if getattr(args, name) is not None:
-            changes[name] = getattr(args, name)
-    if args.passkey_digits is not None:
-        changes["passkey_digits"] = tuple(args.passkey_digits)
-    cfg = dataclasses.replace(cfg, **changes)
-    res = train(cfg)
-    out = dict(run_info(), preset=args.preset, config=dataclasses.asdict(cfg), params=count_params(res["model"]),
-               steps=res["steps"], seconds=res["seconds"], history=res["history"])
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"dlm_train_{args.preset}.json"
-    path.write_text(json.dumps(out, indent=1, default=str))
+def main(argv=None) -> dict:
+    cfg = harness.parse_config(get_config, argv, description=__doc__, presets=tuple(PRESETS),
+                               parsers={"stages": parse_stage}, not_on_cli=("model_overrides",))
+    res = train(cfg.train)
+    out = dict(harness.run_metadata(__spec__.name, argv), preset=cfg.preset, config=dataclasses.asdict(cfg.train),
+               params=count_params(res["model"]), steps=res["steps"], seconds=res["seconds"], history=res["history"])
+    (path,) = harness.write_results(cfg.out, {f"dlm_train_{cfg.preset}.json": out})
     final = [h for h in res["history"] if h.get("final")][-1]
-    print(f"trained {res['steps']} steps in {res['seconds']:.0f}s, params {out['params']:,}; final {final}; wrote {path}")
+    print(f"trained {res['steps']} steps in {res['seconds']:.0f}s, params {out['params']:,}; final {final}; "
+          f"wrote {path}")
     return out
 
 

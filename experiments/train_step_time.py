@@ -1,7 +1,6 @@
-"""Where a training step's time goes: the jitted step alone vs the host-side batch builder.
+"""python -m experiments.train_step_time --preset gpu_passkey_fast
 
-    PYTHONPATH=. python3 experiments/train_step_time.py --preset gpu_passkey_fast
-
+Where a training step's time goes: the jitted step alone vs the host-side batch builder.
 For every (seq_len, batch) stage of a train preset: compile time and mean time
 of the jitted train step on a fixed real batch (device time only, synchronised),
 mean time of ``make_batch`` (packed text + task examples, host CPU), and the
@@ -9,7 +8,8 @@ tokens/s each of them allows. A training run is limited by the slower of the
 two (batches are built in a background thread, or in ``TrainConfig.batch_workers``
 processes: "all builders tok/s" is one builder's rate times their number). Variants: the preset's
 ``head_positions`` and the full head; for the preset's head also the model forward,
-the loss gradient (no optimiser) and one dense attention layer alone. Writes ``train_step_time_<preset>.json``.
+the loss gradient (no optimiser) and one dense attention layer alone (on ``baatt.synthetic`` inputs).
+Writes ``train_step_time_<preset>.json`` under ``--out`` (default ``experiments/results/train_step_time/``).
 
 ``--profile DIR``: also trace a few steps of every stage with ``jax.profiler`` and
 write, per stage, the device ops that take the most time per step (from the
@@ -19,27 +19,38 @@ it), so the step's time is attributed to ops rather than guessed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from baatt.data import corpus
+from baatt.data.batches import make_batch
+from baatt.data.tokenizer import get_tokenizer
+from baatt.nn import DiffusionLM
+from baatt.train import build_step, make_optimizer
+from experiments import harness, train_dlm
 
-from baatt.data import corpus  # noqa: E402
-from baatt.data.tokenizer import get_tokenizer  # noqa: E402
-from baatt.nn import DiffusionLM  # noqa: E402
-from baatt.data.batches import make_batch  # noqa: E402
-from baatt.train import build_step, make_optimizer, run_info  # noqa: E402
-from experiments.bench_sparse import _median_time  # noqa: E402
-from experiments.train_dlm import get_config  # noqa: E402
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    preset: str = harness.option("gpu_passkey_fast", "train preset (experiments.train_dlm)",
+                                 choices=tuple(train_dlm.PRESETS))
+    iters: int = harness.option(20, "timed train steps per stage (and fewest timed batches of the breakdown)")
+    batches: int = harness.option(10, "make_batch calls timed per stage")
+    stages: tuple[int, ...] | None = harness.option(None, "indices of the preset's stages to run (none: all)")
+    profile: str | None = harness.option(
+        None, "also trace each stage's step and write its top device ops (and optimised HLO) under this folder")
+    out: str = harness.option(harness.study_dir("train_step_time"), "output folder")
+
+
+def get_config(**overrides) -> Config:
+    return dataclasses.replace(Config(), **overrides)
 
 
 def device_op_times(trace_dir: str, steps: int, top: int = 25) -> list[dict]:
@@ -124,7 +135,7 @@ def time_step(cfg, seq_len, batch, toks, elig, iters, head_positions):
 
 def _timeit(f, *args, iters):
     """Median seconds of ``f(*args)`` (the benchmarks' timing loop), at least ``iters`` timed batches."""
-    return _median_time(lambda: f(*args), jax.block_until_ready, target_s=0.3, min_reps=iters)
+    return harness.median_time(lambda: f(*args), target_s=0.3, min_reps=iters)
 
 
 def breakdown(cfg, toks, iters):
@@ -145,10 +156,8 @@ def breakdown(cfg, toks, iters):
 
     grad = jax.jit(jax.grad(loss))
     b, l = toks.shape
-    kq = jax.random.split(jax.random.PRNGKey(1), 3)
-    q = jax.random.normal(kq[0], (b, l, mc.num_heads, mc.head_dim), mc.compute_dtype)
-    k = jax.random.normal(kq[1], (b, l, mc.num_kv_heads, mc.head_dim), mc.compute_dtype)
-    v = jax.random.normal(kq[2], (b, l, mc.num_kv_heads, mc.head_dim), mc.compute_dtype)
+    q, k, v = harness.synthetic_inputs(l, batch=b, heads=mc.num_heads, kv_heads=mc.num_kv_heads,
+                                       head_dim=mc.head_dim, dtype=mc.compute_dtype)
     att = jax.jit(dense_attention)
     att_g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(dense_attention(q, k, v).astype(jnp.float32))))
     return dict(forward_ms=1e3 * _timeit(fwd, params, toks, iters=iters),
@@ -157,53 +166,44 @@ def breakdown(cfg, toks, iters):
                 attn_layer_fwd_bwd_ms=1e3 * _timeit(att_g, q, k, v, iters=iters))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpu_passkey_fast")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--batches", type=int, default=10, help="make_batch calls timed per stage")
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="also trace each stage's step and write its top device ops (and optimised HLO) under DIR")
-    p.add_argument("--stages", type=int, nargs="+", default=None, help="indices of the preset's stages to run (default all)")
-    args = p.parse_args(argv)
-    cfg = get_config(args.preset)
+def main(argv=None) -> dict:
+    cfg = harness.parse_config(get_config, argv, description=__doc__)
+    train_cfg = train_dlm.get_config(cfg.preset).train
     tok, stream = get_tokenizer(), corpus.load_tokens("train")
     rng = np.random.default_rng(0)
     rows, profiles = [], {}
-    stages = [s for i, s in enumerate(cfg.stages) if args.stages is None or i in args.stages]
+    stages = [s for i, s in enumerate(train_cfg.stages) if cfg.stages is None or i in cfg.stages]
     for stage in stages:
         seq_len, batch = stage[1], stage[2]
-        batch_kw = cfg.batch_kwargs(cfg.stage_task_fraction(stage))
+        batch_kw = train_cfg.batch_kwargs(train_cfg.stage_task_fraction(stage))
         make_batch(rng, stream, tok, seq_len, batch, **batch_kw)
         t0 = time.perf_counter()
-        for _ in range(args.batches):
+        for _ in range(cfg.batches):
             toks, elig = make_batch(rng, stream, tok, seq_len, batch, **batch_kw)
-        batch_s = (time.perf_counter() - t0) / args.batches
-        variants = {"preset": cfg.head_positions}
-        if cfg.head_positions is not None:
+        batch_s = (time.perf_counter() - t0) / cfg.batches
+        variants = {"preset": train_cfg.head_positions}
+        if train_cfg.head_positions is not None:
             variants["full_head"] = None
         for name, hp in variants.items():
-            compile_s, step_s = time_step(cfg, seq_len, batch, toks, elig, args.iters, hp)
+            compile_s, step_s = time_step(train_cfg, seq_len, batch, toks, elig, cfg.iters, hp)
             row = dict(seq_len=seq_len, batch=batch, head=name, head_positions=hp, compile_s=compile_s,
                        step_ms=1e3 * step_s, batch_ms=1e3 * batch_s, step_tok_s=seq_len * batch / step_s,
-                       batch_tok_s=seq_len * batch / batch_s, builders=max(1, cfg.batch_workers),
-                       builders_tok_s=max(1, cfg.batch_workers) * seq_len * batch / batch_s)
+                       batch_tok_s=seq_len * batch / batch_s, builders=max(1, train_cfg.batch_workers),
+                       builders_tok_s=max(1, train_cfg.batch_workers) * seq_len * batch / batch_s)
             if name == "preset":
-                row.update(breakdown(cfg, toks, args.iters))
-                if args.profile:
+                row.update(breakdown(train_cfg, toks, cfg.iters))
+                if cfg.profile:
                     tag = f"{seq_len}x{batch}"
-                    profiles[tag] = profile_step(cfg, toks, elig, hp, Path(args.profile), tag)
+                    profiles[tag] = profile_step(train_cfg, toks, elig, hp, Path(cfg.profile), tag)
                     for r in profiles[tag][:40]:
                         print(f"  [{tag}] {r['ms_per_step']:8.3f} ms {r['calls_per_step']:6.1f}x  {r['thread'][:24]:24s} {r['name'][:90]}")
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = dict(run_info(), preset=args.preset, config=dataclasses.asdict(cfg), rows=rows)
+    out = dict(harness.run_metadata(__spec__.name, argv), preset=cfg.preset, config=dataclasses.asdict(train_cfg),
+               rows=rows)
     if profiles:
         out["device_ops"] = profiles
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"train_step_time_{args.preset}.json"
-    path.write_text(json.dumps(out, indent=1, default=str))
+    harness.write_results(cfg.out, {f"train_step_time_{cfg.preset}.json": out})
     print("| L | batch | head | compile s | step ms | step tok/s | batch-builder ms | builder tok/s | builders | all builders tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

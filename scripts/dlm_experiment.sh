@@ -3,18 +3,19 @@
 # lengths (one process per length, in parallel: compilation is host-bound, so they overlap; each
 # takes a share of the GPU memory), then merge the per-length results into one table.
 #
-#   bash scripts/dlm_experiment.sh gpu_passkey_curriculum experiments/results [extra train_dlm.py args]
+#   bash scripts/dlm_experiment.sh gpu_passkey_curriculum experiments/results/dlm [extra train_dlm args]
 #
+# (python -m experiments.train_dlm, then python -m experiments.eval_dlm.)
 # Environment: PYTHON (default python3), LENGTHS (default "4096 2048 8192"), EVAL_ARGS (extra
-# eval_dlm.py arguments, default "--implementation auto --only dense baatt@ baatt_ns@ meanpool xattention
+# eval_dlm arguments, default "--implementation auto --only dense baatt@ baatt_ns@ meanpool xattention
 # --task-decode oneshot --num-examples 32": the presets mask whole answers in training, so one-shot
 # decoding is the one they were trained for),
 # CKPT_DIR (default .ckpt/<preset>), MEM_FRACTION (GPU memory share of each eval process, default 0.28).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-preset="${1:?usage: dlm_experiment.sh PRESET OUT_DIR [train_dlm.py args]}"
-out="${2:?usage: dlm_experiment.sh PRESET OUT_DIR [train_dlm.py args]}"
+preset="${1:?usage: dlm_experiment.sh PRESET OUT_DIR [train_dlm args]}"
+out="${2:?usage: dlm_experiment.sh PRESET OUT_DIR [train_dlm args]}"
 shift 2
 py="${PYTHON:-python3}"
 lengths="${LENGTHS:-4096 2048 8192}"
@@ -23,14 +24,14 @@ ckpt="${CKPT_DIR:-.ckpt/$preset}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out" "$ckpt/eval"
 
-"$py" experiments/train_dlm.py --preset "$preset" --ckpt-dir "$ckpt" --out "$out" "$@"
+"$py" -m experiments.train_dlm --preset "$preset" --ckpt-dir "$ckpt" --out "$out" "$@"
 
 read -r -a lens <<<"$lengths"
 pids=()
 parts=()
 for L in "${lens[@]}"; do
   # shellcheck disable=SC2086  # EVAL_ARGS is a list of arguments
-  XLA_PYTHON_CLIENT_MEM_FRACTION="${MEM_FRACTION:-0.28}" "$py" experiments/eval_dlm.py --ckpt-dir "$ckpt" \
+  XLA_PYTHON_CLIENT_MEM_FRACTION="${MEM_FRACTION:-0.28}" "$py" -m experiments.eval_dlm --ckpt-dir "$ckpt" \
     --lengths "$L" $eval_args --out "$ckpt/eval" --name "eval_$L" >"$ckpt/eval/log_$L" 2>&1 &
   pids+=("$!")
   parts+=("$ckpt/eval/eval_$L.json")
@@ -45,5 +46,5 @@ done
 have=()
 for p in "${parts[@]}"; do [ -f "$p" ] && have+=("$p"); done
 [ "${#have[@]}" -gt 0 ] || { echo "dlm_experiment: no evaluation result to merge" >&2; exit 1; }
-"$py" experiments/eval_dlm.py --merge "${have[@]}" --out "$out" --name "dlm_eval_$preset"
+"$py" -m experiments.eval_dlm --merge "${have[@]}" --out "$out" --name "dlm_eval_$preset"
 exit "$status"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train one DLM preset with several seeds at once, one seed per GPU, evaluate each, and tabulate how
-# many seeds learn retrieval (experiments/dlm_seeds.py):
+# many seeds learn retrieval (python -m experiments.dlm_seeds):
 #
-#   bash scripts/dlm_seeds.sh gpu_passkey_conv OUT_DIR "0 1 2 3" [train_dlm.py args]
+#   bash scripts/dlm_seeds.sh gpu_passkey_conv OUT_DIR "0 1 2 3" [train_dlm args]
 #
 # Seed i of the list runs on GPU i (CUDA_VISIBLE_DEVICES), through scripts/dlm_experiment.sh into
 # OUT_DIR/seed<S>/ (its log in OUT_DIR/seed<S>/log), checkpoints in CKPT_ROOT/<preset>_seed<S>.
@@ -12,7 +12,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-usage="usage: dlm_seeds.sh PRESET OUT_DIR \"SEED ...\" [train_dlm.py args]"
+usage="usage: dlm_seeds.sh PRESET OUT_DIR \"SEED ...\" [train_dlm args]"
 preset="${1:?$usage}"
 out="${2:?$usage}"
 read -r -a seeds <<<"${3:?$usage}"
@@ -49,5 +49,5 @@ for s in "${seeds[@]}"; do
   fi
 done
 [ "${#done_dirs[@]}" -gt 0 ] || { echo "dlm_seeds: no seed finished" >&2; exit 1; }
-PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" experiments/dlm_seeds.py "${done_dirs[@]}" \
-  --out "$out" --name "dlm_seeds_$preset"
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" -m experiments.dlm_seeds \
+  --run-dirs "${done_dirs[@]}" --out "$out" --name "dlm_seeds_$preset"

@@ -29,7 +29,7 @@ import jax.experimental.mosaic.gpu.core as mosaic_core  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import export  # noqa: E402
 
-from baatt.kernels.mosaic_gpu import block_sparse as mgpu  # noqa: E402
+from baatt.kernels import mosaic_gpu as mgpu  # noqa: E402
 
 L = 512
 

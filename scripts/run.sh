@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: bootstraps .venv if needed, then runs the approximation-error study
-# (experiments/approx_error.py) at its CPU-sized defaults. Extra arguments are passed on.
+# (python -m experiments.approx_error) at its CPU-sized defaults, writing
+# experiments/results/approx_error/. Extra arguments are passed on.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$root/scripts/bootstrap.sh")"
 cd "$root"
-exec "$venv/bin/python" experiments/approx_error.py "$@"
+exec "$venv/bin/python" -m experiments.approx_error "$@"

@@ -1,6 +1,6 @@
 """Independent float64 NumPy implementations of the specification, written loop-first for clarity.
 
-They share nothing with the package: every formula is re-derived from SPEC.md.
+They share nothing with the package: every formula is re-derived from docs/spec.md.
 """
 
 from __future__ import annotations

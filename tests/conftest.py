@@ -4,19 +4,13 @@ os.environ.setdefault("JAX_PLATFORMS", os.environ.get("BAATT_TEST_PLATFORM", "")
 # Tests compile many small programs once each: cheap compilation beats fast code here.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
-
-def _on_gpu() -> bool:
-    try:
-        return jax.devices()[0].platform == "gpu"
-    except RuntimeError:
-        return False
+from baatt import platform  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if _on_gpu():
+    if platform.has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -244,6 +244,28 @@ def test_bad_key_mask_and_implementation_raise():
         baatt.attention(q, k, v, config={"sparsity": 0.5})
 
 
+def test_unavailable_implementations_raise_with_every_reason(monkeypatch):
+    q, k, v = _qkv()
+    reasons = {"tpu_only": "needs a TPU; head dim 16 is not supported", "sm100_only": "needs an sm100 GPU"}
+    for name, why in reasons.items():
+        impl = baatt.Implementation(name=name, priority=-1, why_unavailable=lambda *args, why=why: why,
+                                    sparse_op=baatt.api.REFERENCE_IMPLEMENTATION.sparse_op)
+        monkeypatch.setitem(baatt.api._REGISTRY, name, impl)
+    with pytest.raises(baatt.ImplementationUnavailable, match=r"requested implementation\(s\) cannot run: "
+                       r"tpu_only: needs a TPU; head dim 16 is not supported; sm100_only: needs an sm100 GPU") as err:
+        baatt.attention(q, k, v, implementation=("tpu_only", "sm100_only"))
+    assert isinstance(err.value, NotImplementedError) and err.value.reasons == reasons
+    # The first of the sequence that can run is taken.
+    _, stats = baatt.attention(q, k, v, implementation=("tpu_only", "reference"), return_stats=True)
+    assert stats["implementation"] == "reference"
+    with pytest.raises(ValueError, match="impl must be a baatt.Implementation"):
+        baatt.register_implementation("reference")
+
+
+def test_one_public_dense_attention():
+    assert baatt.dense_attention is reference.dense_attention
+
+
 def test_empty_or_out_of_range_selection_raises():
     q, k, v = _qkv()
     sel = _hand_selection(1, 2, 2, {0}, 16)

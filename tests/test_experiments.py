@@ -1,7 +1,9 @@
-"""The main job end to end at a small size, on synthetic and on saved Q/K."""
+"""The experiments: the main job end to end at a small size (on synthetic and on saved Q/K), the
+shared harness (command-line configuration, run records), and each study's CPU-sized checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -76,33 +78,33 @@ def test_train_dlm_presets_are_valid():
     from experiments import train_dlm
 
     for name in train_dlm.PRESETS:
-        cfg = train_dlm.get_config(name)
+        cfg = train_dlm.get_config(name).train
         assert max(s[1] for s in cfg.stages) <= cfg.model_config().max_len
-    pk = train_dlm.get_config("gpu_passkey")
+    pk = train_dlm.get_config("gpu_passkey").train
     assert pk.model_config().output_bias and pk.task_kinds == ("passkey",) and pk.eval_len == 4096
     assert pk.stages[-1][1] == 4096 and pk.time_budget_s <= 330
-    fast = train_dlm.get_config("gpu_passkey_fast")
+    fast = train_dlm.get_config("gpu_passkey_fast").train
     assert fast.model_config().output_bias and fast.task_kinds == ("passkey",) and fast.task_fraction == 0.4
     assert [s[1] for s in fast.stages] == [256, 1024, 4096]
     assert 0.25 <= fast.head_positions <= 0.5 and fast.time_budget_s <= 400
-    cur = train_dlm.get_config("gpu_passkey_curriculum")
+    cur = train_dlm.get_config("gpu_passkey_curriculum").train
     assert cur.stages[0][1] <= 256 and cur.stages[0][3] >= 0.75  # retrieval first, on short rows
     assert cur.stages[-1][1] == 4096 and cur.time_budget_s <= 450  # the training process stays under 8 minutes
-    p4k = train_dlm.get_config("gpu_passkey_4k")
+    p4k = train_dlm.get_config("gpu_passkey_4k").train
     assert p4k.stages[-1][1] == 4096 and p4k.stages[-1][0] - p4k.stages[-2][0] >= 0.5 and p4k.time_budget_s <= 450
     assert all(s[3] >= 0.9 for s in p4k.stages)
-    dig = train_dlm.get_config("gpu_passkey_digits")
+    dig = train_dlm.get_config("gpu_passkey_digits").train
     assert dig.passkey_digits[0] <= 5 <= 8 <= dig.passkey_digits[1] and dig.stages == p4k.stages
-    qs, mid = train_dlm.get_config("gpu_passkey_questions"), train_dlm.get_config("gpu_passkey_middle")
+    qs, mid = train_dlm.get_config("gpu_passkey_questions").train, train_dlm.get_config("gpu_passkey_middle").train
     assert qs.stages == mid.stages == p4k.stages and qs.passkey_question_every == mid.passkey_question_every == 512
     assert qs.passkey_middle_share is None and mid.passkey_middle_share == 0.7 and mid.passkey_digits == (5, 5)
-    assert all(train_dlm.get_config(n).head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
-    gated = train_dlm.get_config("gpu_passkey_gated")
+    assert all(train_dlm.get_config(n).train.head_positions is None for n in ("cpu_tiny", "gpu_small", "gpu_small_tasks", "gpu_passkey"))
+    gated = train_dlm.get_config("gpu_passkey_gated").train
     assert [s[1] for s in gated.stages] == [128, 512, 1024, 4096] and 0.5 <= gated.stage_gate <= 1.0
     assert gated.passkey_middle_share == mid.passkey_middle_share and gated.time_budget_s == mid.time_budget_s
-    conv = train_dlm.get_config("gpu_passkey_conv")
+    conv = train_dlm.get_config("gpu_passkey_conv").train
     assert conv.model_config().short_conv >= 2 and conv.model_config().output_bias and conv.stages == gated.stages
-    assert all(train_dlm.get_config(n).stage_gate is None for n in train_dlm.PRESETS
+    assert all(train_dlm.get_config(n).train.stage_gate is None for n in train_dlm.PRESETS
                if n not in ("gpu_passkey_gated", "gpu_passkey_conv"))
 
 
@@ -163,7 +165,7 @@ def test_dlm_experiment_script_trains_evaluates_and_merges(tmp_path):
 
 def test_bench_estimator_cpu_smoke_with_parts(tmp_path, monkeypatch):
     """The estimator benchmark runs end to end on a CPU (XLA dense baseline) and reports every part."""
-    from baatt.reference import sorting
+    from baatt.selection import sorting
     from experiments import bench_estimator
 
     monkeypatch.setattr(sorting, "ROW_ARGSORT", sorting.ROW_ARGSORT)  # the run sets it; restored afterwards
@@ -226,7 +228,7 @@ def test_dlm_seeds_table_of_committed_run():
 
     from experiments import dlm_seeds
 
-    src = Path(__file__).resolve().parents[1] / "experiments/results/dlm_run15_seeds"
+    src = Path(__file__).resolve().parents[1] / "experiments/results/dlm/dlm_run15_seeds"
     with tempfile.TemporaryDirectory() as tmp:
         dirs = []
         for seed in range(7):
@@ -247,14 +249,137 @@ def test_dlm_seeds_table_of_committed_run():
 def test_bench_sparse_mosaic_forward_tuning_runs_and_reports(tmp_path):
     """The Mosaic GPU forward-variant benchmark runs end to end off Hopper, reporting each variant's failure
     (a variant that cannot run is a row with its error, never a crash or a missing row)."""
-    import dataclasses
-
     from experiments import bench_sparse
 
-    cfg = dataclasses.replace(bench_sparse.get_config(smoke=True), block=128, target_s=0.001)
-    rows = bench_sparse.run_tune_mosaic(cfg, lengths=(256,), sparsities=(0.5,))
+    cfg = bench_sparse.get_config("smoke", block=128, target_s=0.001, lengths=(256,), sparsities=(0.5,))
+    rows = bench_sparse.run_tune_mosaic(cfg)
     variants = [r for r in rows if "sparsity" in r]
     assert [r["variant"] for r in variants] == list(bench_sparse.MOSAIC_FWD_VARIANTS)
     assert all(("error" in r) != ("fwd_ms" in r) for r in variants)
     md = bench_sparse.tune_markdown(dict(device="cpu", jax_version="x", commit="0" * 40, date="today"), rows)
     assert all(f"| {name} |" in md for name in bench_sparse.MOSAIC_FWD_VARIANTS)
+
+
+# ----------------------------------------------------------------------------- the shared harness
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    steps: int = 3
+    stages: tuple[tuple, ...] = ((1.0, 8),)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    lengths: tuple[int, ...] = (256, 512)
+    recipe: tuple[bool, bool, float | None] = (True, False, 0.5)
+    budget: float | None = None
+    head: int | float | None = None
+    split: bool = False
+    impl: str = dataclasses.field(default="a", metadata=dict(help="which", choices=("a", "b")))
+    inner: _Inner = _Inner()
+
+
+_PRESETS = {"small": _Outer(), "big": _Outer(lengths=(4096,))}
+
+
+def _get_config(preset: str = "small", **overrides) -> _Outer:
+    return dataclasses.replace(_PRESETS[preset], **overrides)
+
+
+def _parse(argv):
+    from experiments import harness
+
+    return harness.parse_config(_get_config, argv, description="test", presets=tuple(_PRESETS),
+                                parsers={"stages": lambda t: tuple(float(x) for x in t.split(":"))})
+
+
+def test_parse_config_has_one_flag_per_field():
+    assert _parse([]) == _Outer()
+    cfg = _parse(["--preset", "big", "--lengths", "1,2", "3", "--recipe", "false", "true", "none", "--budget", "2.5",
+                  "--head", "7", "--split", "--impl", "b", "--steps", "9", "--stages", "0.5:4", "1:8"])
+    assert cfg.lengths == (1, 2, 3) and cfg.recipe == (False, True, None) and cfg.budget == 2.5 and cfg.split
+    assert cfg.head == 7 and isinstance(cfg.head, int) and _parse(["--head", "0.25"]).head == 0.25
+    assert cfg.impl == "b" and cfg.inner == _Inner(steps=9, stages=((0.5, 4.0), (1.0, 8.0)))
+    assert _parse(["--preset", "big"]).lengths == (4096,) and _parse(["--budget", "none"]).budget is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impl", "c"], "--impl: must be one of a, b; got 'c'"),
+    (["--recipe", "true"], "--recipe: takes 3 values; got 1"),
+    (["--lengths", "x"], "--lengths: invalid literal for int()"),
+    (["--steps", "1.5"], "--steps: invalid literal for int()"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+])
+def test_parse_config_names_the_flag_it_refuses(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_parse_config_prints_the_resolved_config(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(["--print-config", "--steps", "4"])
+    assert exc.value.code == 0 and json.loads(capsys.readouterr().out)["inner"]["steps"] == 4
+
+
+@pytest.mark.parametrize("module, study", [
+    ("approx_error", "approx_error"), ("bench_sparse", "bench_sparse"), ("bench_backward", "bench_backward"),
+    ("bench_estimator", "bench_estimator"), ("bench_oracle", "bench_oracle"), ("train_dlm", "dlm"),
+    ("eval_dlm", "dlm"), ("dlm_seeds", "dlm"), ("train_step_time", "train_step_time"), ("profile_backward", None),
+])
+def test_every_experiment_has_a_config_on_the_command_line(module, study, capsys):
+    """Each experiment: a frozen-dataclass config from ``get_config()``, its flags, its study's folder."""
+    import importlib
+
+    mod = importlib.import_module(f"experiments.{module}")
+    assert mod.__doc__.startswith(f"python -m experiments.{module}")
+    cfg = mod.get_config()
+    assert dataclasses.is_dataclass(cfg) and type(cfg).__dataclass_params__.frozen
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--print-config"])
+    printed = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 0 and printed == json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    assert printed.get("out") == (None if study is None else f"experiments/results/{study}")
+
+
+def test_run_metadata_and_results(tmp_path, monkeypatch):
+    import datetime
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments import harness
+
+    meta = harness.run_metadata("experiments.x", ["--name", "a b"], extra=1)
+    assert meta["device"] == "cpu" and meta["jax_version"] and meta["extra"] == 1
+    assert meta["command"] == "python -m experiments.x --name 'a b'"
+    assert meta["commit"] == "unknown" or len(meta["commit"]) == 40
+    assert datetime.datetime.fromisoformat(meta["date"]).tzinfo is not None
+    monkeypatch.setenv("BAATT_COMMIT", "f" * 40)
+    assert harness.run_metadata("experiments.x", [])["commit"] == "f" * 40
+    fig = plt.figure()
+    paths = harness.write_results(tmp_path / "study", {"r.json": dict(meta=meta), "r.md": "# r\n", "r.png": fig})
+    assert [p.name for p in paths] == ["r.json", "r.md", "r.png"] and all(p.stat().st_size > 0 for p in paths)
+    assert json.loads(paths[0].read_text())["meta"]["commit"] == meta["commit"]
+    with pytest.raises(ValueError, match="writes .json, .md and .png"):
+        harness.write_results(tmp_path, {"r.txt": ""})
+
+
+def test_benchmark_inputs_and_random_selections():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import harness
+
+    q, k, v = harness.synthetic_inputs(256, heads=4, kv_heads=2, head_dim=16, dtype="bfloat16")
+    assert q.shape == (1, 256, 4, 16) and k.shape == v.shape == (1, 256, 2, 16) and q.dtype == jnp.bfloat16
+    again = harness.synthetic_inputs(256, heads=4, kv_heads=2, head_dim=16, dtype="bfloat16")
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip((q, k, v), again))  # seeded by the length
+    counts = jnp.array([[1, 3, 5]], jnp.int32)
+    idx = np.asarray(harness.random_selection(jax.random.PRNGKey(0), counts, 8, width=6))
+    for row, n in zip(idx[0], (1, 3, 5)):
+        kept = row[:n]
+        assert len(set(kept)) == n and list(kept) == sorted(kept) and kept.max() < 8 and all(row[n:] == kept[-1])

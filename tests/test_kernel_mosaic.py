@@ -22,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import baatt
+from baatt import platform
 from baatt.kernels import mosaic_gpu
-from baatt.kernels.mosaic_gpu.block_sparse import DEFAULT_BWD_TUNING, DEFAULT_TUNING, BwdTuning, Tuning
+from baatt.kernels.mosaic_gpu import DEFAULT_BWD_TUNING, DEFAULT_TUNING, BwdTuning, Tuning
 from tests.test_kernel_pallas import check_against_reference, check_poison, fwd_and_grads, make_case, rel_err
 
 
@@ -39,7 +40,7 @@ def _kernel_fn(c, interpret, bwd=DEFAULT_BWD_TUNING, fwd=DEFAULT_TUNING):
 
 
 def _on_hopper() -> bool:
-    return mosaic_gpu.hopper_reason() is None
+    return platform.hopper_reason() is None
 
 
 @pytest.mark.gpu
@@ -292,17 +293,20 @@ def test_registered_with_top_priority():
 
 def test_interpret_is_refused_with_reason():
     q, k, v = _qkv()
-    reason = mosaic_gpu.unavailable(q, k, v, baatt.BAConfig(block_size=128), True)
+    reason = mosaic_gpu.why_unavailable(q, k, v, baatt.BAConfig(block_size=128), True)
     assert reason is not None and "interpret" in reason
-    with pytest.raises(ValueError, match="mosaic_gpu: interpret mode is not offered"):
+    with pytest.raises(baatt.ImplementationUnavailable, match="mosaic_gpu: interpret mode is not offered"):
         baatt.attention(q, k, v, config=baatt.BAConfig(block_size=128), implementation="mosaic_gpu", interpret=True)
 
 
 @pytest.mark.skipif(_on_hopper(), reason="checks the refusal off Hopper")
 def test_off_hopper_refused_and_default_falls_back():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="mosaic_gpu: .*sm90"):
+    with pytest.raises(baatt.ImplementationUnavailable, match="mosaic_gpu: .*sm90"):
         baatt.attention(q, k, v, config=baatt.BAConfig(block_size=128), implementation="mosaic_gpu")
+    # Every reason, not just the first: interpret mode and the missing Hopper GPU.
+    reason = mosaic_gpu.why_unavailable(q, k, v, baatt.BAConfig(block_size=128), True)
+    assert "interpret" in reason and platform.hopper_reason() in reason
     _, stats = baatt.attention(q, k, v, config=baatt.BAConfig(block_size=128), return_stats=True)
     assert stats["implementation"] != "mosaic_gpu"
 
@@ -333,7 +337,7 @@ def test_supported_shapes_have_no_reason():
                          ids=["one_per_tile", "persistent"])
 def test_kernel_body_traces(positional, masked, tuning):
     # Builds the kernel's jaxpr on any machine (the GPU tests compile and run it).
-    from baatt.kernels.mosaic_gpu.block_sparse import forward
+    from baatt.kernels.mosaic_gpu import forward
     b, hq, hkv, d, l = 1, 4, 2, 128, 512
     shape_q, shape_k = ((b, l, hq, d), (b, l, hkv, d)) if positional else ((b, hq, l, d), (b, hkv, l, d))
     q, k = jnp.zeros(shape_q, jnp.bfloat16), jnp.zeros(shape_k, jnp.bfloat16)
@@ -348,7 +352,7 @@ def test_kernel_body_traces(positional, masked, tuning):
 def test_forward_picks_persistent_from_the_walk_length():
     # The default tuning reads the selection's width: persistent (a 1-D grid of CTAs over work items)
     # up to PERSISTENT_MAX_STEPS tiles a row, one CTA per query tile beyond.
-    from baatt.kernels.mosaic_gpu.block_sparse import PERSISTENT_MAX_STEPS, forward
+    from baatt.kernels.mosaic_gpu import PERSISTENT_MAX_STEPS, forward
     b, h, d = 1, 2, 64
     for kmax, persistent in ((2, True), (PERSISTENT_MAX_STEPS, True), (PERSISTENT_MAX_STEPS + 1, False)):
         l = 128 * (PERSISTENT_MAX_STEPS + 1)
@@ -360,7 +364,7 @@ def test_forward_picks_persistent_from_the_walk_length():
 
 @pytest.mark.parametrize("positional", [False, True])
 def test_backward_kernels_trace(positional):
-    from baatt.kernels.mosaic_gpu.block_sparse import backward
+    from baatt.kernels.mosaic_gpu import backward
     b, hq, hkv, d, l = 1, 4, 2, 128, 512
     shape_q, shape_k = ((b, l, hq, d), (b, l, hkv, d)) if positional else ((b, hq, l, d), (b, hkv, l, d))
     q, k = jnp.zeros(shape_q, jnp.bfloat16), jnp.zeros(shape_k, jnp.bfloat16)
@@ -400,7 +404,7 @@ def test_tuning_resolution_fits_shared_memory():
     with pytest.raises(ValueError, match="Tuning.ctas"):
         mosaic_gpu.Tuning(persistent=False, ctas=4).resolve(128, 128, 2)
     # Derived: persistent on walks of at most PERSISTENT_MAX_STEPS tiles (block_k 256 walks 2 tiles a block).
-    limit = mosaic_gpu.block_sparse.PERSISTENT_MAX_STEPS
+    limit = mosaic_gpu.PERSISTENT_MAX_STEPS
     assert mosaic_gpu.Tuning().resolve(128, 128, 2, kmax=limit).persistent is True
     assert mosaic_gpu.Tuning().resolve(128, 128, 2, kmax=limit + 1).persistent is False
     assert mosaic_gpu.Tuning().resolve(256, 128, 2, kmax=limit // 2 + 1).persistent is False

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baatt import layout, reference
+from baatt import layout, platform, reference
 from baatt.kernels.pallas_triton import oracle
 from baatt.reference import downsample as ref_ds
 
@@ -163,7 +163,7 @@ def test_oracle_selector_kernel_route_matches_reference_route():
     q, k, mask = make_inputs(13, batch=1, lq=300, q_heads=2, kv_heads=1, head_dim=64, dtype=jnp.float32, padded=True)
     space = layout.to_block_space(q, k, None, block_q=64, block_k=64, key_mask=mask,
                                   k_perm=reference.norm_sort(k, mask=mask)[0])
-    on_gpu = any(d.platform == "gpu" for d in jax.devices())
+    on_gpu = platform.has_gpu()
     if on_gpu:
         got = oracle_selector.oracle_map(space, 0.125)  # default route: the kernel
     else:
@@ -222,7 +222,7 @@ def test_tile_must_divide_block():
 
 
 def test_without_gpu_asks_for_interpret():
-    if any(dev.platform == "gpu" for dev in jax.devices()):
+    if platform.has_gpu():
         pytest.skip("a GPU is present")
     q, k = _qk()
     with pytest.raises(ValueError, match="interpret=True"):

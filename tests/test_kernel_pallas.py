@@ -4,7 +4,7 @@
 ``TestPallasGPU`` runs the same checks compiled through Triton on a CUDA GPU
 (``gpu`` marker: skipped elsewhere).
 
-Criterion for bf16/f16 (DESIGN.md, testing habits): the kernel's relative error
+Criterion for bf16/f16 (docs/testing.md): the kernel's relative error
 against the float32 reference is at most ~2x the error of the same attention
 computed naively in the kernel's dtype (logits from low-precision inputs,
 probabilities rounded to the dtype before P@V, gradients through the same
@@ -23,8 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import baatt
-from baatt import layout
-from baatt.kernels.pallas_triton import block_sparse_attention, transpose_selection, unavailable
+from baatt import layout, platform
+from baatt.kernels.common import transpose_selection
+from baatt.kernels.pallas_triton import block_sparse_attention, why_unavailable
 from baatt.reference.attention import block_sparse_blocked
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -271,15 +272,8 @@ class TestPallasInterpret(_Suite):
     interpret = True
 
 
-def _on_gpu() -> bool:
-    try:
-        return jax.devices()[0].platform == "gpu"
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not platform.has_gpu(), reason="needs a CUDA GPU")
 class TestPallasGPU(_Suite):
     interpret = False
 
@@ -307,19 +301,19 @@ def _qkv(d=64, dtype=jnp.float32, l=128):
 
 
 def test_unavailable_without_gpu_says_interpret():
-    if any(dev.platform == "gpu" for dev in jax.devices()):
+    if platform.has_gpu():
         pytest.skip("a GPU is present")
     q, k, v = _qkv()
-    reason = unavailable(q, k, v, baatt.BAConfig(block_size=64), False)
+    reason = why_unavailable(q, k, v, baatt.BAConfig(block_size=64), False)
     assert reason is not None and "interpret=True" in reason
-    with pytest.raises(ValueError, match="interpret=True"):
+    with pytest.raises(baatt.ImplementationUnavailable, match="interpret=True"):
         baatt.attention(q, k, v, config=baatt.BAConfig(block_size=64), implementation="pallas")
 
 
 @pytest.mark.parametrize("d", [32, 96, 256])
 def test_unsupported_head_dim_raises(d):
     q, k, v = _qkv(d=d)
-    with pytest.raises(ValueError, match=r"head dim must be one of \(64, 128\).*got " + str(d)):
+    with pytest.raises(baatt.ImplementationUnavailable, match=r"head dim must be one of \(64, 128\).*got " + str(d)):
         baatt.attention(q, k, v, config=baatt.BAConfig(block_size=64), implementation="pallas", interpret=True)
 
 
@@ -331,19 +325,25 @@ def test_unsupported_dtype_raises():
 
         reason = unsupported_reason((1, 2, 128, 64), (1, 2, 128, 64), (1, 2, 128, 64), np.float64, 64, 64)
     else:
-        reason = unavailable(q, k, v, baatt.BAConfig(block_size=64), True)
+        reason = why_unavailable(q, k, v, baatt.BAConfig(block_size=64), True)
     assert reason is not None and "dtype must be bfloat16, float16 or float32" in reason and "float64" in reason
 
 
 def test_unsupported_block_size_raises():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"block_q must be a power of two in \[16, 256\].*got 8"):
+    with pytest.raises(baatt.ImplementationUnavailable, match=r"block_q must be a power of two in \[16, 256\].*got 8"):
         baatt.attention(q, k, v, config=baatt.BAConfig(block_size=8), implementation="pallas", interpret=True)
+
+
+def test_every_broken_rule_is_reported():
+    q, k, v = _qkv(d=32)
+    reason = why_unavailable(q, k, v, baatt.BAConfig(block_size=8), True)
+    assert all(f"{rule} must be" in reason for rule in ("head dim", "block_q", "block_k"))
 
 
 def test_default_dispatch_prefers_pallas_only_where_it_runs():
     q, k, v = _qkv()
     _, stats = baatt.attention(q, k, v, config=baatt.BAConfig(block_size=64), return_stats=True)
-    on_gpu = any(dev.platform == "gpu" for dev in jax.devices())
+    on_gpu = platform.has_gpu()
     # block 64 is outside the Mosaic GPU kernel's block sizes, so "pallas" is the best on any GPU.
     assert stats["implementation"] == ("pallas" if on_gpu else "reference")

@@ -160,7 +160,7 @@ def test_hidden_and_logits_split_the_forward():
     for cfg in (CFG, CFG.replace(tie_embeddings=False, output_bias=True)):
         m = DiffusionLM(cfg, rngs=nnx.Rngs(2))
         if m.out_bias is not None:
-            m.out_bias.value = jax.random.normal(jax.random.PRNGKey(1), (cfg.vocab_size,))
+            m.out_bias[...] = jax.random.normal(jax.random.PRNGKey(1), (cfg.vocab_size,))
         x = _tokens(2, 48)
         full = _run(m, x)
         h, aux = hidden(m, x)
@@ -182,7 +182,7 @@ def test_embedding_gradient_accumulates_in_float32():
     tokens = jnp.asarray(np.where(rng.uniform(size=(8, 512)) < 0.5, 7, rng.integers(0, 64, (8, 512))), jnp.int32)
     w = jnp.asarray(rng.normal(size=(8, 512, 16)), jnp.bfloat16)  # cotangents, as a bf16 network would send back
     emb = nnx.Embed(64, 16, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    emb.embedding.value = table
+    emb.embedding[...] = table
     np.testing.assert_array_equal(np.asarray(embed_tokens(table, tokens, jnp.bfloat16), np.float32),
                                   np.asarray(emb(tokens), np.float32))
     exact = np.zeros((64, 16))
@@ -234,7 +234,7 @@ def test_short_conv_starts_as_identity_and_mixes_only_predecessors():
 
     layer = ShortConv(cfg.replace(short_conv=3), rngs=nnx.Rngs(0))
     w = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3, cfg.d_model)))
-    layer.weight.value = jnp.asarray(w)
+    layer.weight[...] = jnp.asarray(w)
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (2, 9, cfg.d_model)))
     want = x.copy()
     for t in range(9):
@@ -256,6 +256,64 @@ def test_short_conv_starts_as_identity_and_mixes_only_predecessors():
         return jnp.mean(m(tokens).astype(jnp.float32) ** 2)
 
     grads = nnx.grad(loss)(conv)
-    assert float(jnp.abs(grads.blocks[0].conv.weight.value).sum()) > 0
+    assert float(jnp.abs(grads.blocks[0].conv.weight[...]).sum()) > 0
     with pytest.raises(ValueError, match="short_conv must be 0"):
         cfg.replace(short_conv=1)
+
+
+def test_causal_and_block_causal_masks():
+    from baatt.nn import dense_attention
+
+    x = _tokens(2, 40, seed=5)
+    changed = x.at[:, 20].set((x[:, 20] + 1) % 511)  # one token of block 2 (positions 16..23 for blocks of 8)
+    run = nnx.jit(lambda m, x: m(x))
+    models = {name: DiffusionLM(CFG.replace(**kw), rngs=nnx.Rngs(0)) for name, kw in {
+        "bidirectional": {},
+        "causal": dict(causality="causal"),
+        "block8": dict(causality="block_causal", causal_block_size=8),
+        "block1": dict(causality="block_causal", causal_block_size=1),
+        "block64": dict(causality="block_causal", causal_block_size=64),
+    }.items()}
+    out = {name: (np.asarray(run(m, x)), np.asarray(run(m, changed))) for name, m in models.items()}
+    moved = {name: np.abs(a - b).max(axis=(0, 2)) > 1e-6 for name, (a, b) in out.items()}  # [L]: position changed
+    assert not moved["causal"][:20].any() and moved["causal"][20:].all()
+    assert not moved["block8"][:16].any() and moved["block8"][16:].all()
+    assert moved["bidirectional"].all()
+    np.testing.assert_allclose(out["block1"][0], out["causal"][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["block64"][0], out["bidirectional"][0], rtol=1e-5, atol=1e-5)
+
+    # the mask itself, against the explicit mask of jax.nn.dot_product_attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 12, 2, 8)) for i in range(3))
+    visible = (jnp.arange(12)[None, :] // 4 <= jnp.arange(12)[:, None] // 4)[None, None]
+    np.testing.assert_allclose(np.asarray(dense_attention(q, k, v, causality="block_causal", causal_block_size=4)),
+                               np.asarray(jax.nn.dot_product_attention(q, k, v, mask=visible)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="sparse causal attention is not supported yet"):
+        models["causal"](x, attention=AttentionPlan.ba(BAConfig(block_size=16)))
+
+
+def test_interleaved_rope_is_the_halves_rope_on_permuted_dimensions():
+    from baatt.nn import apply_rope, rope_tables
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 3, 16))
+    cos, sin = rope_tables(10, 16, 10_000.0)
+    interleave = lambda a: a.reshape(*a.shape[:-1], 2, 8).swapaxes(-1, -2).reshape(a.shape)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(apply_rope(interleave(x), cos, sin, "interleaved")),
+                               np.asarray(interleave(apply_rope(x, cos, sin, "half"))), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="rope style must be"):
+        apply_rope(x, cos, sin, "neox")
+
+
+def test_causality_rope_and_mask_token_fields():
+    assert CFG.causality == "bidirectional" and CFG.rope_style == "half" and CFG.causal_block_size is None
+    with pytest.raises(ValueError, match="rope_style must be one of"):
+        CFG.replace(rope_style="gptj")
+    with pytest.raises(ValueError, match="causality must be one of"):
+        CFG.replace(causality="prefix")
+    with pytest.raises(ValueError, match="causal_block_size must be a positive int"):
+        CFG.replace(causality="block_causal")
+    with pytest.raises(ValueError, match="causal_block_size applies to causality='block_causal' only"):
+        CFG.replace(causal_block_size=8)
+    # a causal LM has no mask token: the unigram bias then covers every token
+    m = DiffusionLM(CFG.replace(mask_id=None, causality="causal", output_bias=True), rngs=nnx.Rngs(0))
+    m.set_output_bias(np.ones(CFG.vocab_size))
+    np.testing.assert_allclose(np.asarray(m.out_bias[...]), np.log(1 / CFG.vocab_size), rtol=1e-5)

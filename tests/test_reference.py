@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import baatt
 from baatt import reference
+from baatt.selection import estimator, sorting
 from tests import bruteforce as bf
 
 SETTINGS = settings(max_examples=8, deadline=None)
@@ -85,35 +86,33 @@ def test_norm_sort_ties_and_integer_comparator():
     x[:, 10:40] = 0.0
     x[:, 50:60] = x[:, 49:50]
     mask = rng.uniform(size=(2, 300)) < 0.8
-    perm, _ = reference.norm_sort(jnp.asarray(x), mask=jnp.asarray(mask))
+    perm, _ = sorting.norm_sort(jnp.asarray(x), mask=jnp.asarray(mask))
     norms = np.where(mask[:, :, None], np.linalg.norm(x, axis=-1), np.inf).transpose(0, 2, 1)
     np.testing.assert_array_equal(perm, np.argsort(norms, axis=-1, kind="stable"))
-    hlo = jax.jit(lambda a: reference.norm_sort(a)[0]).lower(jnp.asarray(x)).as_text()
+    hlo = jax.jit(lambda a: sorting.norm_sort(a)[0]).lower(jnp.asarray(x)).as_text()
     comparator = hlo[hlo.index("stablehlo.sort"):]
     comparator = comparator[: comparator.index("stablehlo.return")]
     assert "SIGNED" in comparator and "FLOAT" not in comparator and "TOTALORDER" not in comparator
     # The flat route (two 1-D sorts) gives the same permutation, ties and padding included, and its
     # sorts are 1-D with an int32 comparator too.
-    flat, _ = reference.norm_sort(jnp.asarray(x), mask=jnp.asarray(mask), method="flat")
+    flat, _ = sorting.norm_sort(jnp.asarray(x), mask=jnp.asarray(mask), method="flat")
     np.testing.assert_array_equal(flat, perm)
-    compiled = jax.jit(lambda a: reference.norm_sort(a, method="flat")[0]).lower(jnp.asarray(x)).compile().as_text()
+    compiled = jax.jit(lambda a: sorting.norm_sort(a, method="flat")[0]).lower(jnp.asarray(x)).compile().as_text()
     sorts = re.findall(r"= \(([^)]*)\) sort\(", compiled)
     assert len(sorts) == 2 and all(s.count("s32[1800]") == 2 for s in sorts), sorts  # two 1-D (key, index) sorts
     with pytest.raises(ValueError, match="method must be one of"):
-        reference.norm_sort(jnp.asarray(x), method="radix")
+        sorting.norm_sort(jnp.asarray(x), method="radix")
 
 
 @SETTINGS
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 70), st.integers(1, 6), st.integers(0, 2**31 - 1))
 def test_argsort_rows_flat_equals_segmented(b, h, length, key_range, seed):
     """Random int32 keys with many ties (few distinct values), including the largest ones."""
-    from baatt.reference.sorting import argsort_rows
-
     rng = np.random.default_rng(seed)
     keys = rng.integers(0, key_range, (b, h, length)).astype(np.int32) * (2**31 - 1 - key_range) // key_range
     want = np.argsort(keys, axis=-1, kind="stable")
     for method in ("segmented", "flat"):
-        got = np.asarray(argsort_rows(jnp.asarray(keys), method))
+        got = np.asarray(sorting.argsort_rows(jnp.asarray(keys), method))
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, want)
 
@@ -133,6 +132,35 @@ def test_pre_downsample_scores_match_numpy(p, sorts, beta):
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
     fin = np.isfinite(want)
     np.testing.assert_allclose(np.asarray(got)[fin], want[fin], rtol=1e-4, atol=1e-4)
+
+
+@SETTINGS
+@given(problems())
+def test_fast_norm_sort_equals_reference(p):
+    """The estimator's sort (int32 keys, either row route) gives the reference's permutations exactly."""
+    q, k, v, m = jx(p)
+    want_perm, want_inverse = reference.norm_sort(k, mask=m)
+    for method in sorting.ROW_ARGSORT_METHODS:
+        perm, inverse = sorting.norm_sort(k, mask=m, method=method)
+        np.testing.assert_array_equal(perm, want_perm)
+        np.testing.assert_array_equal(inverse, want_inverse)
+
+
+@SETTINGS
+@given(problems(), st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
+       st.sampled_from([None, 0.5]), st.booleans())
+def test_estimator_matches_reference_scores(p, sorts, beta, count_correction):
+    """The fast estimator (one-read statistics, fast sorts) = the reference's plain pre-downsample scores."""
+    q, k, v, m = jx(p)
+    cfg = baatt.BAConfig(block_size=p["block"], sort_q=sorts[0], sort_k=sorts[1], compensate=beta is not None,
+                         beta=1.0 if beta is None else beta, count_correction=count_correction)
+    est = estimator.estimate(q, k, cfg, key_mask=m)
+    want = np.asarray(reference.pre_downsample_scores(q, k, cfg, key_mask=m))
+    np.testing.assert_array_equal(np.isfinite(est.scores), np.isfinite(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(np.asarray(est.scores)[fin], want[fin], rtol=1e-5, atol=1e-5)
+    if sorts[1]:
+        np.testing.assert_array_equal(est.k_perm, reference.norm_sort(k, mask=m)[0])
 
 
 @SETTINGS
@@ -271,7 +299,7 @@ def test_post_downsample_map_runs_at_16k_on_cpu():
 def test_block_stats_positional_equals_head_major_stats(p):
     """The estimator's unsorted path (stats read in [B, L, H, D]) = block_stats on to_block_space's copy."""
     from baatt import layout
-    from baatt.reference.downsample import block_stats, block_stats_positional
+    from baatt.selection.estimator import block_stats, block_stats_positional
 
     q, k, v, m = jx(p)
     b = p["block"]
@@ -288,7 +316,7 @@ def test_block_stats_one_pass_moments_against_float64():
     """The one-read moments (shifted sums) match float64 two-pass moments where a plain
     E[x^2] - E[x]^2 in float32 cancels (|mean| = 1e3 x spread), on masked groups whose first element
     is valid or not, and with_var=False gives the same means without a variance."""
-    from baatt.reference.downsample import block_stats, block_stats_positional
+    from baatt.selection.estimator import block_stats, block_stats_positional
 
     rng = np.random.default_rng(0)
     b, h, n, blk, d = 2, 3, 4, 32, 16

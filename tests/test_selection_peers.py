@@ -1,4 +1,4 @@
-"""The peer selectors (SPEC.md section 9): xattention, last_query, sparge_like.
+"""The peer selectors (docs/spec.md section 9): xattention, last_query, sparge_like.
 
 Each is checked against a brute-force float64 NumPy version written here from
 the papers' descriptions (loops, small sizes), on fresh random inputs drawn by

@@ -1,4 +1,16 @@
-"""Kernel backends. Importing this package registers every backend with ``baatt.api``."""
+"""Kernel backends of ``baatt.attention``: ``BACKENDS`` lists each backend's ``Implementation``.
 
-from baatt.kernels import pallas_triton  # noqa: F401  (registers "pallas")
-from baatt.kernels import mosaic_gpu  # noqa: F401  (registers "mosaic_gpu")
+* ``base.py``: the ``Implementation`` record every backend exports as ``IMPLEMENTATION``;
+* ``common.py``: what the backends share (softmax constants, key masking, selection lists,
+  the backward's row terms);
+* ``pallas_triton/``: portable Pallas kernels (Triton lowering, or interpret mode anywhere);
+* ``mosaic_gpu/``: Hopper (sm90) kernels in Pallas Mosaic GPU.
+
+Nothing here imports ``baatt.api``: the registry there reads ``BACKENDS``.
+"""
+
+from baatt.kernels import mosaic_gpu, pallas_triton
+
+BACKENDS = (pallas_triton.IMPLEMENTATION, mosaic_gpu.IMPLEMENTATION)
+
+__all__ = ["BACKENDS"]

@@ -14,6 +14,10 @@ says which attention each layer runs:
 
 Every attention function has the signature ``fn(q, k, v, *, key_mask) -> out``
 with q [B, L, Hq, D], k/v [B, L, Hkv, D] and key_mask bool [B, L] or None.
+
+Causal and block-causal models (``ModelConfig.causality``) run dense attention
+with their mask; a BA-Att layer in such a model raises ``NotImplementedError``
+(the block-sparse operators are bidirectional).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 
 import baatt
 from baatt.config import BAConfig
+from baatt.nn.config import CAUSALITIES
 
 
 def _on_gpu() -> bool:
@@ -36,17 +41,34 @@ def _on_gpu() -> bool:
         return False
 
 
-def dense_attention(q, k, v, *, key_mask=None, implementation: str | None = None):
-    """Bidirectional softmax attention through ``jax.nn.dot_product_attention``.
+def block_causal_mask(length: int, block_size: int):
+    """bool [length, length]: query i sees key j when j's block (of ``block_size`` tokens) is not after i's."""
+    block = jnp.arange(length) // block_size
+    return block[None, :] <= block[:, None]
 
-    implementation: None picks cuDNN on a GPU when it applies (bf16/f16, no key
-    mask, head_dim <= 128 and a multiple of 8), else XLA; or force "xla"/"cudnn".
+
+def dense_attention(q, k, v, *, key_mask=None, implementation: str | None = None, causality: str = "bidirectional",
+                    causal_block_size: int | None = None):
+    """Softmax attention through ``jax.nn.dot_product_attention``.
+
+    causality: "bidirectional", "causal" or "block_causal" (with ``causal_block_size``), as
+      ``ModelConfig.causality``.
+    implementation: None picks cuDNN on a GPU when it applies (bf16/f16, no key mask or
+      block-causal mask, head_dim <= 128 and a multiple of 8), else XLA; or force "xla"/"cudnn".
     """
-    if implementation is None:
-        ok = _on_gpu() and key_mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-        implementation = "cudnn" if ok else "xla"
+    if causality not in CAUSALITIES:
+        raise ValueError(f"causality must be one of {CAUSALITIES}; got {causality!r}")
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if causality == "block_causal":
+        if causal_block_size is None or causal_block_size < 1:
+            raise ValueError(f"causal_block_size must be a positive int for block_causal; got {causal_block_size!r}")
+        blocks = block_causal_mask(q.shape[1], causal_block_size)[None, None]
+        mask = blocks if mask is None else mask & blocks
+    if implementation is None:
+        ok = _on_gpu() and mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+        implementation = "cudnn" if ok else "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causality == "causal",
+                                        implementation=implementation)
 
 
 _LayerSpec = BAConfig | None
@@ -131,21 +153,31 @@ class AttentionPlan:
         return out
 
 
-def run_layer_attention(plan: AttentionPlan, layer: int, num_layers: int, q, k, v, *, key_mask=None, selection=None):
+def run_layer_attention(plan: AttentionPlan, layer: int, num_layers: int, q, k, v, *, key_mask=None, selection=None,
+                        causality: str = "bidirectional", causal_block_size: int | None = None):
     """Attention of one layer under ``plan``.
 
     selection: a ``baatt.BlockSelection`` to reuse (skips the estimator; runs
       ``baatt.reference.block_sparse_attention``). Returns (out, info) where info
       holds ``selection`` and ``density`` [B, Hq] (None for dense layers).
+    causality, causal_block_size: the model's mask (``ModelConfig``); anything but
+      "bidirectional" runs dense attention only.
     """
     cfg = plan.layer_config(layer, num_layers)
+    if causality != "bidirectional" and (cfg is not None or selection is not None):
+        what = "a reused block selection" if selection is not None else f"BA-Att ({cfg.selector}, sparsity={cfg.sparsity})"
+        raise NotImplementedError(
+            f"sparse causal attention is not supported yet: layer {layer} would run {what} in a model with "
+            f"causality={causality!r}; use AttentionPlan.dense() for causal and block-causal models"
+        )
     if selection is not None:
         out, _ = baatt.reference.block_sparse_attention(q, k, v, selection, key_mask=key_mask)
         nk = -(-k.shape[1] // selection.block_k)
         return out, dict(selection=selection, density=selection.density(nk))
     if cfg is None:
         impl = plan.implementation if plan.kind == "dense" else plan.dense_implementation
-        out = dense_attention(q, k, v, key_mask=key_mask, implementation=impl)
+        out = dense_attention(q, k, v, key_mask=key_mask, implementation=impl, causality=causality,
+                              causal_block_size=causal_block_size)
         return out, dict(selection=None, density=jnp.ones((q.shape[0], q.shape[2]), jnp.float32))
     out, stats = baatt.attention(q, k, v, config=cfg, key_mask=key_mask, implementation=plan.implementation, return_stats=True)
     return out, dict(selection=stats["selection"], density=stats["density"])

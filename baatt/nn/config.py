@@ -7,12 +7,17 @@ import dataclasses
 import jax.numpy as jnp
 
 
+ROPE_STYLES = ("half", "interleaved")
+CAUSALITIES = ("bidirectional", "causal", "block_causal")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """LLaDA-style bidirectional transformer.
+    """Llama-family transformer: bidirectional (LLaDA-style masked diffusion, the default) or causal.
 
     vocab_size: embedding rows (GPT-2 BPE 50257 + mask, padded to a multiple of 64).
-    mask_id: id of the mask token. max_len: longest sequence the model accepts.
+    mask_id: id of the mask token; None for a model without one (a causal LM).
+    max_len: longest sequence the model accepts.
     num_kv_heads: GQA key/value heads (divides num_heads).
     tie_embeddings: share the token embedding with the output head.
     output_bias: a learnt per-token bias on the logits (see ``DiffusionLM.set_output_bias``):
@@ -23,11 +28,19 @@ class ModelConfig:
       starts as without it). Each position then carries its neighbours' tokens into its query and
       key, so one attention layer can match "the token k places after X" (how an answer slot finds
       the k-th token of a key) without first composing a previous-token head.
+    rope_style: which dimensions of a head rotary embeddings rotate together. "half": pairs
+      (i, i + head_dim/2) (Hugging Face Llama, LLaDA); "interleaved": adjacent pairs (2i, 2i + 1)
+      (GGUF files: llama.cpp permutes the rows of the Q and K projections so that its adjacent-pair
+      rotation computes the same attention as "half" on the original weights).
+    causality: "bidirectional" (every token sees every token), "causal" (a token sees itself and
+      its predecessors) or "block_causal" (a token sees its own block of ``causal_block_size``
+      tokens and every earlier block: semi-autoregressive, block-wise diffusion decoding).
+    causal_block_size: block length of "block_causal"; must be None for the other kinds.
     dtype: compute dtype (bf16 on GPU); param_dtype: storage dtype of the weights.
     """
 
     vocab_size: int = 50304
-    mask_id: int = 50257
+    mask_id: int | None = 50257
     d_model: int = 384
     num_layers: int = 8
     num_heads: int = 6
@@ -40,6 +53,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     output_bias: bool = False
     short_conv: int = 0
+    rope_style: str = "half"
+    causality: str = "bidirectional"
+    causal_block_size: int | None = None
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
 
@@ -57,8 +73,25 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.short_conv must be 0 (off) or an int >= 2 (window in tokens); got {sc!r}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even (rotary embeddings); got {self.head_dim}")
-        if not 0 <= self.mask_id < self.vocab_size:
-            raise ValueError(f"ModelConfig.mask_id must lie in [0, vocab_size={self.vocab_size}); got {self.mask_id}")
+        if self.mask_id is not None and not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(
+                f"ModelConfig.mask_id must be None or lie in [0, vocab_size={self.vocab_size}); got {self.mask_id}"
+            )
+        if self.rope_style not in ROPE_STYLES:
+            raise ValueError(f"ModelConfig.rope_style must be one of {ROPE_STYLES}; got {self.rope_style!r}")
+        if self.causality not in CAUSALITIES:
+            raise ValueError(f"ModelConfig.causality must be one of {CAUSALITIES}; got {self.causality!r}")
+        block = self.causal_block_size
+        if self.causality == "block_causal":
+            if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+                raise ValueError(
+                    f"ModelConfig.causal_block_size must be a positive int when causality='block_causal'; got {block!r}"
+                )
+        elif block is not None:
+            raise ValueError(
+                f"ModelConfig.causal_block_size applies to causality='block_causal' only (must be None for "
+                f"{self.causality!r}); got {block!r}"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"ModelConfig.{name} must be 'float32', 'bfloat16' or 'float16'; got {getattr(self, name)!r}")

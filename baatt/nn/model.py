@@ -1,9 +1,11 @@
-"""LLaDA-style bidirectional transformer (Flax NNX) with pluggable attention.
+"""Llama-family transformer (Flax NNX) with pluggable attention: a masked-diffusion LM or a causal LM.
 
-Token embedding (with the mask token) -> N x [RMSNorm -> (optional short convolution) -> GQA attention with
+Token embedding -> N x [RMSNorm -> (optional short convolution) -> GQA attention with
 rotary embeddings -> residual; RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
-tied or untied head. No causal mask: every token sees every token (masked
-diffusion). Attention per layer comes from an :class:`AttentionPlan`, given at
+tied or untied head. ``ModelConfig.causality`` sets who sees whom: by default every
+token sees every token (LLaDA-style masked diffusion); "causal" is a Llama LM (the
+checkpoints of ``baatt.nn.loaders``), "block_causal" a block-wise diffusion LM.
+Attention per layer comes from an :class:`AttentionPlan`, given at
 construction (default) or per call (``attention=``), so one set of weights can
 be evaluated under dense attention and under any BA-Att configuration.
 """
@@ -25,12 +27,21 @@ def rope_tables(length: int, head_dim: int, theta: float):
     return jnp.cos(ang), jnp.sin(ang)
 
 
-def apply_rope(x, cos, sin):
-    """Rotary embedding on x [B, L, H, D] (halves layout: pairs (i, i + D/2))."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+def apply_rope(x, cos, sin, style: str = "half"):
+    """Rotary embedding on x [B, L, H, D]; pair j turns by the angle of frequency j (``rope_tables``).
+
+    style "half": pair j is dimensions (j, j + D/2); "interleaved": dimensions (2j, 2j + 1).
+    """
     c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+    xf = x.astype(jnp.float32)
+    if style == "half":
+        half = x.shape[-1] // 2
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+    if style == "interleaved":
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        return jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x.shape).astype(x.dtype)
+    raise ValueError(f"rope style must be 'half' or 'interleaved'; got {style!r}")
 
 
 def embed_tokens(table, tokens, dtype):
@@ -60,15 +71,24 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg, cfg.d_model, cfg.num_kv_heads * cfg.head_dim, rngs)
         self.o_proj = _linear(cfg, cfg.num_heads * cfg.head_dim, cfg.d_model, rngs, std=out_std)
 
-    def __call__(self, x, cos, sin, *, plan, layer, key_mask=None, selection=None):
+    def project(self, x, cos, sin):
+        """Queries [B, L, Hq, D], keys and values [B, L, Hkv, D] of the normed input x, rotary embeddings applied."""
         cfg = self.cfg
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, info = run_layer_attention(plan, layer, cfg.num_layers, q, k, v, key_mask=key_mask, selection=selection)
-        return self.o_proj(out.reshape(b, l, -1)), info
+        return apply_rope(q, cos, sin, cfg.rope_style), apply_rope(k, cos, sin, cfg.rope_style), v
+
+    def __call__(self, x, cos, sin, *, plan, layer, key_mask=None, selection=None, capture=False):
+        """(output [B, L, d_model], info); with ``capture``, info also holds the layer's q, k, v (as ``project``)."""
+        cfg = self.cfg
+        q, k, v = self.project(x, cos, sin)
+        out, info = run_layer_attention(plan, layer, cfg.num_layers, q, k, v, key_mask=key_mask, selection=selection,
+                                        causality=cfg.causality, causal_block_size=cfg.causal_block_size)
+        if capture:
+            info = dict(info, q=q, k=k, v=v)
+        return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1)), info
 
 
 class MLP(nnx.Module):
@@ -125,7 +145,7 @@ class Block(nnx.Module):
 
 
 class DiffusionLM(nnx.Module):
-    """Masked-diffusion LM.
+    """Masked-diffusion LM; with ``ModelConfig.causality="causal"``, a causal LM (e.g. a loaded Llama).
 
     ``model(tokens)`` -> logits [B, L, vocab] (compute dtype). Options:
       key_mask: bool [B, L] (True = real token) for padded batches.
@@ -163,8 +183,10 @@ class DiffusionLM(nnx.Module):
         c = jnp.asarray(counts, jnp.float32)
         if c.shape != (self.cfg.vocab_size,):
             raise ValueError(f"counts must have shape ({self.cfg.vocab_size},); got {c.shape}")
-        c = c.at[self.cfg.mask_id].set(0.0) + smoothing
-        self.out_bias.value = jnp.log(c / jnp.sum(c)).astype(self.cfg.weight_dtype)
+        if self.cfg.mask_id is not None:
+            c = c.at[self.cfg.mask_id].set(0.0)
+        c = c + smoothing
+        self.out_bias[...] = jnp.log(c / jnp.sum(c)).astype(self.cfg.weight_dtype)
 
     def __call__(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
                  return_aux: bool = False):
@@ -180,12 +202,11 @@ class DiffusionLM(nnx.Module):
         out = self.embed.attend(h) if self.head is None else self.head(h)
         if self.out_bias is not None:
             # added in float32 so that its gradient (a sum over every position) accumulates in float32
-            out = (out.astype(jnp.float32) + self.out_bias.value.astype(jnp.float32)).astype(out.dtype)
+            out = (out.astype(jnp.float32) + self.out_bias[...].astype(jnp.float32)).astype(out.dtype)
         return out
 
-    def hidden(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
-               return_aux: bool = False):
-        """Final hidden states [B, L, d_model] (after ``final_norm``, before the head); options as ``__call__``."""
+    def embed_inputs(self, tokens):
+        """(token embeddings [B, L, d_model], rotary cos, sin [L, head_dim/2]): what the first block takes."""
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, length]; got {tokens.shape}")
@@ -194,11 +215,17 @@ class DiffusionLM(nnx.Module):
             raise ValueError(f"sequence length must be at most ModelConfig.max_len={cfg.max_len}; got {length}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer ids; got dtype {tokens.dtype}")
+        cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta)
+        return embed_tokens(self.embed.embedding[...], tokens, cfg.compute_dtype), cos, sin
+
+    def hidden(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
+               return_aux: bool = False):
+        """Final hidden states [B, L, d_model] (after ``final_norm``, before the head); options as ``__call__``."""
+        cfg = self.cfg
         plan = self.attention if attention is None else attention
         if selections is not None and len(selections) != cfg.num_layers:
             raise ValueError(f"selections must hold one entry per layer ({cfg.num_layers}); got {len(selections)}")
-        cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta)
-        x = embed_tokens(self.embed.embedding[...], tokens, cfg.compute_dtype)
+        x, cos, sin = self.embed_inputs(tokens)
         infos = []
         for i, block in enumerate(self.blocks):
             sel = None if selections is None else selections[i]

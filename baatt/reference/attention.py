@@ -106,7 +106,7 @@ def block_sparse_blocked(space: layout.BlockSpace, indices: jax.Array, counts: j
 
 
 def block_sparse_attention(q, k, v, selection: BlockSelection, *, key_mask=None, scale: float | None = None):
-    """Block-sparse attention over ``selection`` (SPEC.md section 7), in positional layout.
+    """Block-sparse attention over ``selection`` (docs/spec.md section 7), in positional layout.
 
     Permutes Q by ``selection.q_perm`` and K/V by ``selection.k_perm``, streams
     over the selected blocks, and scatters the rows back. With every block

@@ -1,4 +1,4 @@
-"""Formal approximation-error metrics (SPEC.md section 3).
+"""Formal approximation-error metrics (docs/spec.md section 3).
 
 Everything works in a block space (positional, or norm-sorted through
 ``q_perm`` / ``k_perm``) and streams over key blocks, so the metrics run at
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from baatt import layout
-from baatt.reference.downsample import _stream_logits, block_stats
+from baatt.reference.downsample import _stream_logits, block_moments
 from baatt.selection.types import BlockSelection
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -30,10 +30,10 @@ def _space(q, k, block_size, block_size_k, key_mask, q_perm, k_perm):
 
 def _radius_and_max_norm(x: jax.Array, valid: jax.Array, block: int):
     """Block radius R = max ||x_i - mean|| and max norm M = max ||x_i|| over valid tokens: [B, H, N] each."""
-    stats = block_stats(x, valid, block)
+    mean, _, _ = block_moments(x, valid, block)
     xb = layout.block_view(x.astype(jnp.float32), block)
     vb = layout.block_view(jnp.broadcast_to(valid, x.shape[:3]), block)
-    dist = jnp.linalg.norm(xb - stats.mean[..., None, :], axis=-1)
+    dist = jnp.linalg.norm(xb - mean[..., None, :], axis=-1)
     norm = jnp.linalg.norm(xb, axis=-1)
     return jnp.max(jnp.where(vb, dist, 0.0), -1), jnp.max(jnp.where(vb, norm, 0.0), -1)
 
@@ -61,17 +61,17 @@ def logit_deviation(
 ):
     """Actual deviation |l_ij - l_bar[a,b]| per block pair, reduced by ``max`` or ``mean``: [B, Hq, Nq, Nk].
 
-    ``l_bar`` is the uncompensated pooled logit (SPEC.md section 2). Pairs with
+    ``l_bar`` is the uncompensated pooled logit (docs/spec.md section 2). Pairs with
     no valid key are 0. Streamed over key blocks.
     """
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean'; got {reduce!r}")
     space = _space(q, k, block_size, block_size_k, key_mask, q_perm, k_perm)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    qs = block_stats(space.q, space.q_valid[:, None, :], space.block_q)
-    ks = block_stats(space.k, space.kv_valid, space.block_k)
+    q_mean, _, _ = block_moments(space.q, space.q_valid[:, None, :], space.block_q)
+    k_mean, _, _ = block_moments(space.k, space.kv_valid, space.block_k)
     hm = layout.head_map(q.shape[2], k.shape[2])
-    l_bar = jnp.einsum("bhad,bhnd->bhan", qs.mean, jnp.take(ks.mean, hm, axis=1), precision=HIGHEST) * scale
+    l_bar = jnp.einsum("bhad,bhnd->bhan", q_mean, jnp.take(k_mean, hm, axis=1), precision=HIGHEST) * scale
     logits = _stream_logits(space, scale)
     b, hq = q.shape[0], q.shape[2]
     nq, bq = space.num_q_blocks, space.block_q

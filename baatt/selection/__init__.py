@@ -1,28 +1,38 @@
-"""Block selectors behind one interface: ``(q, k, config, *, key_mask) -> BlockSelection``.
+"""Block selectors behind one interface, and the two entry points over them.
 
-SPEC.md section 9. Every selector ends in the same budget step
+docs/spec.md section 9. A selector is one module that defines
+``select(q, k, config, *, key_mask) -> BlockSelection``, ``block_map`` (its own
+estimate of the block attention map) and, if it takes any, a frozen params
+dataclass, and registers them with ``register_selector`` when imported. This
+package imports the built-in ones once, below; a user's selector module registers
+when it is imported. Every selector ends in the same budget step
 (``budget.select_from_scores``), so they compare at equal budgets.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 
 import jax
-import jax.numpy as jnp
 
-from baatt.config import SELECTORS, BAConfig
-from baatt.reference.downsample import estimate, post_downsample_map, sort_permutations
+from baatt.config import BAConfig
 from baatt.selection.budget import forced_blocks, select_from_scores
 from baatt.selection.types import BlockSelection
+from baatt.selector_registry import SELECTORS, Selector, SelectorParamError, get_selector, register_selector
 from baatt.validation import check_finite, check_qk
 
+# The built-in selectors register themselves on import; this order is the order of baatt.SELECTORS.
+from baatt.selection import baatt, meanpool, oracle, xattention, last_query, sparge_like, random, dense  # noqa: F401
+from baatt.selection.last_query import LastQueryParams
+from baatt.selection.random import RandomParams
+from baatt.selection.sparge_like import SpargeParams
+from baatt.selection.xattention import XAttentionParams
 
-def get_selector(name: str):
-    if name not in SELECTORS:
-        raise ValueError(f"selector must be one of {SELECTORS}; got {name!r}")
-    return importlib.import_module(f"baatt.selection.{name}").select
+
+def _selector_name(config: BAConfig, selector: str | None) -> str:
+    name = config.selector if selector is None else selector
+    get_selector(name)  # an unknown name raises here, naming the registered ones
+    return name
 
 
 def select_blocks(q, k, config: BAConfig | None = None, *, selector: str | None = None, key_mask=None) -> BlockSelection:
@@ -33,16 +43,17 @@ def select_blocks(q, k, config: BAConfig | None = None, *, selector: str | None 
     config = BAConfig() if config is None else config
     if not isinstance(config, BAConfig):
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
+    name = _selector_name(config, selector)
     check_qk(q, k, key_mask=key_mask)
     check_finite(q=q, k=k, key_mask=key_mask)
-    return _select_jit(q, k, key_mask, config, config.selector if selector is None else selector)
+    return _select_jit(q, k, key_mask, config, name)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _select_jit(q, k, key_mask, config, selector):
     # One compiled program per (shapes, config): eager op-by-op dispatch of the
     # selectors costs seconds per new shape.
-    return get_selector(selector)(q, k, config, key_mask=key_mask)
+    return get_selector(selector).select(q, k, config, key_mask=key_mask)
 
 
 def block_map(q, k, config: BAConfig | None = None, *, selector: str | None = None, key_mask=None):
@@ -50,34 +61,35 @@ def block_map(q, k, config: BAConfig | None = None, *, selector: str | None = No
 
     In the selector's block space (sorted when BA-Att sorts), so that it can be
     compared with the oracle ``M_hat`` of the same space (total variation, KL).
-    baatt/meanpool: softmax of the block logits (SPEC.md section 2); oracle:
-    ``M_hat``; xattention / last_query: their block mass; sparge_like: softmax
-    of its pooled logits; random / dense: uniform over non-empty blocks.
+    Each selector's ``block_map`` says what it is: baatt/meanpool the softmax of
+    the block logits (docs/spec.md section 2); oracle ``M_hat``; xattention and
+    last_query their block mass; sparge_like the softmax of its pooled logits;
+    random and dense uniform over the non-empty blocks.
     """
     config = BAConfig() if config is None else config
+    name = _selector_name(config, selector)
     check_qk(q, k, key_mask=key_mask)
-    return _block_map_jit(q, k, key_mask, config, config.selector if selector is None else selector)
+    return _block_map_jit(q, k, key_mask, config, name)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _block_map_jit(q, k, key_mask, config, selector):
-    if selector == "meanpool":
-        config, selector = config.replace(sort_q=False, sort_k=False, compensate=False), "baatt"
-    if selector == "baatt":
-        return jax.nn.softmax(estimate(q, k, config, key_mask=key_mask).scores, axis=-1)
-    if selector == "oracle":
-        q_perm, k_perm = sort_permutations(q, k, config, key_mask)
-        return post_downsample_map(q, k, block_size=config.block_q, block_size_k=config.block_k,
-                                   key_mask=key_mask, q_perm=q_perm, k_perm=k_perm)
-    if selector in ("xattention", "last_query"):
-        mass = importlib.import_module(f"baatt.selection.{selector}").block_scores(q, k, config, key_mask=key_mask)[1]
-        return mass / jnp.maximum(jnp.sum(mass, axis=-1, keepdims=True), 1e-30)
-    if selector == "sparge_like":
-        logits = importlib.import_module("baatt.selection.sparge_like").block_scores(q, k, config, key_mask=key_mask)[2]
-        return jax.nn.softmax(logits, axis=-1)
-    est = estimate(q, k, config.replace(sort_q=False, sort_k=False), key_mask=key_mask)
-    return jax.nn.softmax(jnp.where(jnp.isfinite(est.scores), 0.0, -jnp.inf), axis=-1)
+    return get_selector(selector).block_map(q, k, config, key_mask=key_mask)
 
 
 __all__ = [
-    "block_map","BlockSelection", "forced_blocks", "get_selector", "select_blocks", "select_from_scores"]
+    "SELECTORS",
+    "BlockSelection",
+    "LastQueryParams",
+    "RandomParams",
+    "Selector",
+    "SelectorParamError",
+    "SpargeParams",
+    "XAttentionParams",
+    "block_map",
+    "forced_blocks",
+    "get_selector",
+    "register_selector",
+    "select_blocks",
+    "select_from_scores",
+]

@@ -1,4 +1,4 @@
-"""From block scores to the compact selection, under one budget rule (SPEC.md section 6).
+"""From block scores to the compact selection, under one budget rule (docs/spec.md section 6).
 
 Every selector ends here, so a comparison between selectors is like for like:
 same budget, same forced blocks, same tie handling.
@@ -9,7 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from baatt import platform
 from baatt.config import BAConfig
+from baatt.kernels.pallas_triton import topk
 from baatt.selection.types import BlockSelection
 
 _FORCED_BONUS = 1e30  # above any real score, still finite so ordering stays total
@@ -64,9 +66,7 @@ def top_blocks_reference(priority: jax.Array, count: jax.Array, kmax: int) -> ja
 
 
 def _use_top_blocks_kernel(num_k_blocks: int, kmax: int) -> bool:
-    from baatt.kernels.pallas_triton import _has_cuda_gpu, topk  # lazy: kernels import baatt.api
-
-    return topk.DEFAULT_ON_GPU and topk.unsupported_reason(num_k_blocks, kmax) is None and _has_cuda_gpu()
+    return topk.DEFAULT_ON_GPU and topk.unsupported_reason(num_k_blocks, kmax) is None and platform.has_gpu()
 
 
 def select_from_scores(
@@ -119,9 +119,7 @@ def select_from_scores(
     if config.tau is not None:
         indices = _ascending_kept(top_idx, count, nk)
     elif kernel if kernel is not None else _use_top_blocks_kernel(nk, kmax):
-        from baatt.kernels.pallas_triton.topk import top_blocks
-
-        indices = top_blocks(priority, count, kmax=kmax, interpret=interpret)
+        indices = topk.top_blocks(priority, count, kmax=kmax, interpret=interpret)
     else:
         indices = top_blocks_reference(priority, count, kmax)
     return BlockSelection(indices, count, q_perm, k_perm, config.block_q, config.block_k)

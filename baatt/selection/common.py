@@ -1,4 +1,4 @@
-"""Pieces every selector shares: block space, valid key blocks, and the final budget step."""
+"""Pieces every selector shares: block space, valid key blocks, the final budget step, block maps."""
 
 from __future__ import annotations
 
@@ -34,3 +34,16 @@ def finish(
 
 def positional_space(q, k, config: BAConfig, key_mask=None) -> layout.BlockSpace:
     return layout.to_block_space(q, k, None, block_q=config.block_q, block_k=config.block_k, key_mask=key_mask)
+
+
+def normalised_rows(mass: jax.Array) -> jax.Array:
+    """Block mass [B, Hq, Nq, Nk] (>= 0) as a block map: each row divided by its sum."""
+    return mass / jnp.maximum(jnp.sum(mass, axis=-1, keepdims=True), 1e-30)
+
+
+def uniform_block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
+    """Uniform over the key blocks that hold a valid key: the block map of a selector without scores."""
+    space = positional_space(q, k, config, key_mask)
+    kcount = key_block_counts(space.kv_valid, config.block_k, q.shape[2])
+    flat = jnp.zeros((q.shape[0], q.shape[2], space.num_q_blocks, space.num_k_blocks))
+    return jax.nn.softmax(mask_empty(flat, kcount), axis=-1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from baatt.config import BAConfig
-from baatt.selection.common import finish, key_block_counts, mask_empty, positional_space
+from baatt.selection.common import finish, key_block_counts, mask_empty, positional_space, uniform_block_map
 from baatt.selection.types import BlockSelection
+from baatt.selector_registry import register_selector
 
 
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
@@ -15,3 +16,6 @@ def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     scores = jnp.zeros((q.shape[0], q.shape[2], space.num_q_blocks, space.num_k_blocks))
     dense = config.replace(sparsity=None, tau=None, force_sink=False, local_window=0)
     return finish(mask_empty(scores, kcount), q, k, dense)
+
+
+register_selector("dense", select=select, block_map=uniform_block_map)

@@ -1,16 +1,16 @@
-"""Last-query vertical-slash selection (SPEC.md section 9).
+"""Last-query vertical-slash selection (docs/spec.md section 9).
 
 Follows MInference's vertical-slash pattern (Jiang et al., arXiv 2407.02490),
 with the cumulative-mass rule that FlexPrefill (Lai et al., arXiv 2502.20766)
 uses to size it:
 
-1. exact softmax of the last ``n = last_query_size`` real queries against all
+1. exact softmax of the last ``n = size`` real queries against all
    valid keys, per query head;
 2. vertical importance of key ``j``: the column sum of those probabilities;
    slash importance of offset ``o = j - i`` (key position minus query
    position): the sum of the probabilities along that diagonal. Both are
    normalised to distributions (each sums to 1);
-3. keep the fewest (largest) verticals whose mass reaches ``last_query_gamma``
+3. keep the fewest (largest) verticals whose mass reaches ``gamma``
    and, separately, the fewest slashes that reach it;
 4. map the kept lines to key blocks for every query block: a vertical at key
    ``j`` hits key block ``j // block_k`` in every row; a slash at offset ``o``
@@ -42,23 +42,43 @@ Where we deviate:
   (``- 0.25 * b / Nk``). Their mass (``probs``) stays 0, so under ``tau`` they
   are only reached when the lines' mass is already covered.
 - Ties between lines of exactly equal mass at the gamma cut are all kept.
+
+Parameters: ``LastQueryParams`` (``BAConfig(last_query_size=..., last_query_gamma=...)``
+or ``BAConfig(selector_params=LastQueryParams(...))``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
 from baatt.config import BAConfig
-from baatt.selection.common import finish, key_block_counts, mask_empty
+from baatt.selection.common import finish, key_block_counts, mask_empty, normalised_rows
 from baatt.selection.types import BlockSelection
+from baatt.selector_registry import SelectorParamError, register_selector
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
 # Score of a key block no kept line hits: far below any log mass (float32 log >= -104).
 ZERO_MASS_SCORE = -1.0e4
+
+
+@dataclasses.dataclass(frozen=True)
+class LastQueryParams:
+    """size: how many of the last real queries are scored (``last_query_size``);
+    gamma: the mass the kept vertical and slash lines must each cover (``last_query_gamma``)."""
+
+    size: int = 64
+    gamma: float = 0.9
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 1:
+            raise SelectorParamError(self, "size", "must be an int >= 1")
+        if not 0.0 < self.gamma <= 1.0:
+            raise SelectorParamError(self, "gamma", "must be in (0, 1]")
 
 
 def last_queries(length_q: int, length_k: int, n: int, key_mask):
@@ -95,7 +115,7 @@ def line_masses(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, ja
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
-    n = min(config.last_query_size, lq)
+    n = min(config.params_for("last_query").size, lq)
     qpos, qok = last_queries(lq, lk, n, key_mask)
     qpos = jnp.broadcast_to(qpos, (b, n))
     qok = jnp.broadcast_to(qok, (b, n))
@@ -128,7 +148,7 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
     bq, bk = config.block_q, config.block_k
     nq, nk = config.num_blocks(lq, lk)
     vertical, slash = line_masses(q, k, config, key_mask=key_mask)
-    gamma = config.last_query_gamma
+    gamma = config.params_for("last_query").gamma
     v_kept = jnp.where(keep_lines(vertical, gamma), vertical, 0.0)
     s_kept = jnp.where(keep_lines(slash, gamma), slash, 0.0)
 
@@ -167,3 +187,11 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     scores, mass = block_scores(q, k, config, key_mask=key_mask)
     return finish(scores, q, k, config, probs=mass)
+
+
+def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
+    """The kept lines' mass per block, rows normalised."""
+    return normalised_rows(block_scores(q, k, config, key_mask=key_mask)[1])
+
+
+register_selector("last_query", select=select, block_map=block_map, params=LastQueryParams)

@@ -1,4 +1,4 @@
-"""Oracle: top blocks of the exact post-downsample map M_hat (SPEC.md section 1).
+"""Oracle: top blocks of the exact post-downsample map M_hat (docs/spec.md section 1).
 
 The upper bound of any selector in the same block space: with ``sort_q`` /
 ``sort_k`` on, ``M_hat`` is pooled over norm-sorted blocks. Costs a dense
@@ -14,26 +14,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-from baatt import layout
+from baatt import layout, platform
 from baatt.config import BAConfig
-from baatt.reference.downsample import post_downsample_blocked, sort_permutations
+from baatt.kernels.pallas_triton import oracle as oracle_kernel
+from baatt.reference.downsample import post_downsample_blocked, post_downsample_map
 from baatt.selection.common import finish, key_block_counts, mask_empty
+from baatt.selection.estimator import sort_permutations
 from baatt.selection.types import BlockSelection
-
-
-def _on_gpu() -> bool:
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
+from baatt.selector_registry import register_selector
 
 
 def oracle_map(space: layout.BlockSpace, scale: float, *, kernel: bool | None = None) -> jax.Array:
     """M_hat [B, Hq, Nq, Nk] of a block space; kernel None = the GPU kernel where it applies."""
-    from baatt.kernels.pallas_triton import oracle as oracle_kernel  # lazy: kernels import baatt.api
-
     if kernel is None:
-        kernel = _on_gpu() and oracle_kernel.unsupported_reason(
+        kernel = platform.has_gpu() and oracle_kernel.unsupported_reason(
             space.q.shape, space.k.shape, space.k.shape, space.q.dtype, space.block_q, space.block_k) is None
     if kernel:
         return oracle_kernel.post_downsample_blocked(space.q, space.k, space.kv_valid, space.q_valid, scale=scale,
@@ -51,3 +45,13 @@ def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     kcount = key_block_counts(space.kv_valid, config.block_k, q.shape[2])
     scores = mask_empty(jnp.log(jnp.maximum(m_hat, 1e-38)), kcount)
     return finish(scores, q, k, config, q_perm=q_perm, k_perm=k_perm, probs=m_hat)
+
+
+def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
+    """``M_hat`` itself (the reference's streamed map), in the (sorted) block space of the selection."""
+    q_perm, k_perm = sort_permutations(q, k, config, key_mask)
+    return post_downsample_map(q, k, block_size=config.block_q, block_size_k=config.block_k,
+                               key_mask=key_mask, q_perm=q_perm, k_perm=k_perm)
+
+
+register_selector("oracle", select=select, block_map=block_map)

@@ -1,4 +1,4 @@
-"""SpargeAttn-like selection: pooled scores gated by block self-similarity (SPEC.md section 9).
+"""SpargeAttn-like selection: pooled scores gated by block self-similarity (docs/spec.md section 9).
 
 Follows the first stage of SpargeAttn (Zhang et al., arXiv 2502.18137):
 
@@ -7,7 +7,7 @@ Follows the first stage of SpargeAttn (Zhang et al., arXiv 2502.18137):
    tokens over all ordered pairs, self-pairs included (as in their kernel:
    the sum of the Gram matrix of the normalised tokens over ``n**2``), i.e.
    ``||sum_i q_i/||q_i||||**2 / n**2``;
-3. a K block whose similarity is ``<= sparge_sim_threshold`` is not
+3. a K block whose similarity is ``<= sim_threshold`` is not
    represented by its mean, so it is not ranked but always computed (forced
    for every query block); a Q block below the threshold attends to every
    valid key block;
@@ -53,10 +53,14 @@ Where we deviate:
 - Padding and ``key_mask``: statistics use valid tokens only; a token with
   zero norm counts as a zero unit vector (their kernel would divide by zero).
   GQA: query head ``h`` uses kv head ``h // (Hq // Hkv)``.
+
+Parameters: ``SpargeParams`` (``BAConfig(sparge_sim_threshold=...)`` or
+``BAConfig(selector_params=SpargeParams(...))``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -64,12 +68,25 @@ import jax.numpy as jnp
 
 from baatt import layout
 from baatt.config import BAConfig
-from baatt.reference.downsample import block_stats
 from baatt.selection.budget import forced_blocks
 from baatt.selection.common import finish, key_block_counts, mask_empty, positional_space
+from baatt.selection.estimator import block_stats
 from baatt.selection.types import BlockSelection
+from baatt.selector_registry import SelectorParamError, register_selector
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class SpargeParams:
+    """sim_threshold: block self-similarity at or below which a block is not represented by its mean
+    (``BAConfig(sparge_sim_threshold=...)``)."""
+
+    sim_threshold: float = 0.5
+
+    def __post_init__(self):
+        if not -1.0 <= self.sim_threshold <= 1.0:
+            raise SelectorParamError(self, "sim_threshold", "must be in [-1, 1]")
 
 
 def self_similarity(x: jax.Array, valid: jax.Array, block: int) -> jax.Array:
@@ -101,7 +118,7 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None):
     hm = layout.head_map(hq, hkv)
     q_stats = block_stats(space.q, space.q_valid[:, None, :], config.block_q)
     k_stats = block_stats(space.k, space.kv_valid, config.block_k)
-    threshold = config.sparge_sim_threshold
+    threshold = config.params_for("sparge_like").sim_threshold
     q_similar = self_similarity(space.q, space.q_valid[:, None, :], config.block_q) > threshold
     k_similar = jnp.take(self_similarity(space.k, space.kv_valid, config.block_k) > threshold, hm, axis=1)
     kmean = jnp.take(k_stats.mean, hm, axis=1)
@@ -130,3 +147,11 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None):
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     scores, probs, *_ = block_scores(q, k, config, key_mask=key_mask)
     return finish(scores, q, k, config, probs=probs)
+
+
+def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
+    """Softmax of the pooled logits over every valid key block."""
+    return jax.nn.softmax(block_scores(q, k, config, key_mask=key_mask)[2], axis=-1)
+
+
+register_selector("sparge_like", select=select, block_map=block_map, params=SpargeParams)

@@ -12,7 +12,7 @@ import numpy as np
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockSelection:
-    """Which key blocks each query block attends to (SPEC.md section 6).
+    """Which key blocks each query block attends to (docs/spec.md section 6).
 
     Block ids refer to the block space the selection was made in: when
     ``q_perm`` / ``k_perm`` are given, query block ``a`` holds the queries at

@@ -1,4 +1,4 @@
-"""XAttention: antidiagonal scoring of strided block pairs (SPEC.md section 9).
+"""XAttention: antidiagonal scoring of strided block pairs (docs/spec.md section 9).
 
 Follows XAttention (Xu et al., arXiv 2503.16428). With stride ``S``:
 
@@ -32,21 +32,26 @@ Where we deviate from the paper / its public code:
 - GQA: query head ``h`` is scored against kv head ``h // (Hq // Hkv)``.
 - The block sums are accumulated in log space (log-sum-exp), so blocks whose
   mass underflows float32 keep a finite, correctly ranked score.
-- ``block_k`` must be a multiple of the stride (so that a strided key row
-  never straddles two key blocks); ``BAConfig`` already requires that of
-  ``block_q``.
+- ``block_q`` and ``block_k`` must be multiples of the stride (so that a
+  strided row never straddles two blocks); ``BAConfig`` checks ``block_q``
+  against the ``xattn_stride`` keyword when it is built.
+
+Parameters: ``XAttentionParams`` (``BAConfig(xattn_stride=...)`` or
+``BAConfig(selector_params=XAttentionParams(...))``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
 from baatt.config import BAConfig
-from baatt.selection.common import finish, key_block_counts, mask_empty, positional_space
+from baatt.selection.common import finish, key_block_counts, mask_empty, normalised_rows, positional_space
 from baatt.selection.types import BlockSelection
+from baatt.selector_registry import SelectorParamError, register_selector
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -54,12 +59,25 @@ HIGHEST = jax.lax.Precision.HIGHEST
 _TILE_ELEMENTS = 1 << 25
 
 
-def _check(config: BAConfig) -> None:
-    stride = config.xattn_stride
-    if config.block_k % stride:
-        raise ValueError(
-            f"xattention needs block_k ({config.block_k}) to be a multiple of xattn_stride ({stride})"
-        )
+@dataclasses.dataclass(frozen=True)
+class XAttentionParams:
+    """stride: the antidiagonal stride ``S`` (``BAConfig(xattn_stride=...)``)."""
+
+    stride: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise SelectorParamError(self, "stride", "must be an int >= 1")
+
+
+def _stride(config: BAConfig) -> int:
+    """The stride this config runs with, after checking that it divides both block sizes."""
+    stride = config.params_for("xattention").stride
+    for name, block in (("block_q", config.block_q), ("block_k", config.block_k)):
+        if block % stride:
+            raise ValueError(f"xattention needs {name} ({block}) to be a multiple of the stride "
+                             f"(xattn_stride / XAttentionParams.stride = {stride})")
+    return stride
 
 
 def strided_rows(space, stride: int):
@@ -86,8 +104,7 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
 
     Key blocks with no valid key get log mass ``-inf`` and mass 0.
     """
-    _check(config)
-    stride = config.xattn_stride
+    stride = _stride(config)
     space = positional_space(q, k, config, key_mask)
     qs, qs_valid, ks, ks_valid = strided_rows(space, stride)
     b, hq, nrows, sd = qs.shape
@@ -127,3 +144,11 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     scores, mass = block_scores(q, k, config, key_mask=key_mask)
     return finish(scores, q, k, config, probs=mass)
+
+
+def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
+    """The block mass, rows normalised."""
+    return normalised_rows(block_scores(q, k, config, key_mask=key_mask)[1])
+
+
+register_selector("xattention", select=select, block_map=block_map, params=XAttentionParams)

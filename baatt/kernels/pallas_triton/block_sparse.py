@@ -13,19 +13,21 @@ Layout of the work:
   key/value block at ``id * bk`` by a dynamic slice of the whole K/V of its kv
   head (``h // (Hq // Hkv)``: GQA without copying K/V). Online softmax in
   float32, base 2 (``exp2``), output + log-sum-exp (natural log).
-* backward (FA2 style): ``delta = rowsum(dO * O)`` in XLA; a dq kernel over the
+* backward (FA2 style): ``delta = rowsum(dO * O)`` in XLA
+  (``baatt.kernels.common.backward_row_terms``); a dq kernel over the
   forward list; a dk/dv kernel over the transposed list (for every key block,
   the query blocks that selected it), one program per (key tile, batch, kv
   head) that loops over the query heads of its GQA group, so dk/dv are summed
   over the group without atomics and without a [B, Hq, L, D] temporary.
 * the transposed list is built on device (sort + scatter), see
-  ``transpose_selection``.
+  ``baatt.kernels.common.transpose_selection``.
 
 NaN safety: before the kernels, masked keys (kv_valid False) get their K/V
 rows replaced by zeros with ``jnp.where`` (one XLA pass over K/V) and a key
-bias of ``-inf`` (0 for valid keys) that is added to the logits; so NaN/Inf
-stored in masked K/V cannot reach the output or the gradients, and the
-kernels keep K/V tiles untouched between shared memory and the tensor cores.
+bias of ``-inf`` (0 for valid keys) that is added to the logits
+(``baatt.kernels.common.sanitize_masked_keys``); so NaN/Inf stored in masked
+K/V cannot reach the output or the gradients, and the kernels keep K/V tiles
+untouched between shared memory and the tensor cores.
 Unselected blocks and the unused tail of an index list are never read.
 """
 
@@ -33,18 +35,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-# Finite start of the running max: a row that has seen only masked keys keeps
-# this value, so exp2(-inf - m) is 0, never NaN.
-_M_INIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+from baatt.kernels.common import (
+    LN2,
+    LOG2E,
+    RUNNING_MAX_INIT,
+    backward_row_terms,
+    dot_precision,
+    join_reasons,
+    pack_selection,
+    sanitize_masked_keys,
+    tile_start,
+    transpose_selection,
+)
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -103,9 +111,22 @@ class Tuning:
 DEFAULT_TUNING = Tuning()
 
 
-def _precision(dtype):
-    # float32 inputs: full IEEE products (Triton would otherwise use tf32).
-    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+def unsupported_reason(q_shape, k_shape, v_shape, dtype, block_q: int, block_k: int) -> str | None:
+    """Every rule these shapes/dtype break for this kernel, joined with "; ", or None."""
+    d = q_shape[-1]
+    reasons = []
+    if d not in SUPPORTED_HEAD_DIMS:
+        reasons.append(f"head dim must be one of {SUPPORTED_HEAD_DIMS} for the pallas kernel; got {d}")
+    if k_shape[-1] != d or v_shape[-1] != d:
+        reasons.append(f"q, k and v must share the head dim for the pallas kernel; got {q_shape[-1]}, "
+                       f"{k_shape[-1]}, {v_shape[-1]}")
+    if jnp.dtype(dtype) not in [jnp.dtype(t) for t in SUPPORTED_DTYPES]:
+        reasons.append(f"dtype must be bfloat16, float16 or float32 for the pallas kernel; got {jnp.dtype(dtype).name}")
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if b & (b - 1) or not MIN_BLOCK <= b <= MAX_BLOCK:
+            reasons.append(f"{name} must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}] for the pallas kernel; "
+                           f"got {b}")
+    return join_reasons(*reasons)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -127,7 +148,7 @@ def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale
         if rotate:
             t = t + offset
             t = jnp.where(t >= steps, t - steps, t)
-        rows = pl.ds(pl.multiple_of(_tile_start(lambda j: sel_ref[j + 2], t, block_k, tk), tk), tk)
+        rows = pl.ds(pl.multiple_of(tile_start(lambda j: sel_ref[j + 2], t, block_k, tk), tk), tk)
         k = k_ref[rows, :]
         v = v_ref[rows, :]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
@@ -143,7 +164,7 @@ def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale
 
     init = (
         jnp.zeros((tq, d), jnp.float32),
-        jnp.full((tq,), _M_INIT, jnp.float32),
+        jnp.full((tq,), RUNNING_MAX_INIT, jnp.float32),
         jnp.zeros((tq,), jnp.float32),
     )
     # Rows whose selected blocks are all fully valid (the common case) skip the bias add.
@@ -156,24 +177,6 @@ def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale
     l_safe = jnp.where(has, l, 1.0)
     o_ref[...] = jnp.where(has[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
-
-
-def _sanitize(k, v, kv_valid):
-    """Zero masked K/V rows with ``where`` (NaN/Inf there cannot leak) and build the -inf key bias.
-
-    Done once per call in XLA (one pass over K/V), so that the kernels feed
-    K/V tiles straight from shared memory to the tensor cores: a select on a
-    tile inside the loop would force a round trip through registers.
-    """
-    keep = kv_valid[..., None]
-    zero = jnp.zeros((), k.dtype)
-    bias = jnp.where(kv_valid, 0.0, -jnp.inf).astype(jnp.float32)
-    return jnp.where(keep, k, zero), jnp.where(keep, v, zero), bias
-
-
-def _pack_selection(indices, counts):
-    """[B, H, N, kmax] + [B, H, N] -> [B, H, N, 1 + kmax]: the count first, then the ids."""
-    return jnp.concatenate([counts[..., None].astype(jnp.int32), indices.astype(jnp.int32)], axis=-1)
 
 
 def _pack_forward_selection(indices, counts, kv_valid, block_k):
@@ -197,7 +200,7 @@ def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret):
     per_block = block_q // tq
     width = sel.shape[-1]
     kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, tk=tuning.fwd_k,
-                               precision=_precision(q.dtype), rotate=tuning.fwd_rotate)
+                               precision=dot_precision(q.dtype), rotate=tuning.fwd_rotate)
     grid = (lq // tq, batch, q_heads)
     return pl.pallas_call(
         kernel,
@@ -226,18 +229,6 @@ def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret):
 # ----------------------------------------------------------------------------- backward
 
 
-def _tile_start(block_id, t, block, tile):
-    """Row offset of inner step ``t`` when each selected block is walked in ``block // tile`` tiles.
-
-    ``block_id(j)`` reads the j-th selected block id.
-    """
-    steps = block // tile
-    if steps == 1:
-        return block_id(t) * block
-    # lax.div / lax.rem on non-negative ints (jnp's floor semantics add selects Triton cannot type).
-    return block_id(jax.lax.div(t, steps)) * block + jax.lax.rem(t, steps) * tile
-
-
 def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, bias_ref, dq_ref, *,
                scale, block_k, tk, precision):
     count = sel_ref[0]
@@ -248,7 +239,7 @@ def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, bias_re
     qk_scale = scale * LOG2E
 
     def body(t, dq):
-        base = _tile_start(lambda j: sel_ref[j + 1], t, block_k, tk)
+        base = tile_start(lambda j: sel_ref[j + 1], t, block_k, tk)
         rows = pl.ds(pl.multiple_of(base, tk), tk)
         k = k_ref[rows, :]
         v = v_ref[rows, :]
@@ -276,7 +267,7 @@ def _dkv_kernel(selt_ref, k_ref, v_ref, bias_ref, q_ref, do_ref, lse_ref, delta_
 
         def body(t, carry):
             dk, dv = carry
-            base = _tile_start(lambda j: selt_ref[g, j + 1], t, block_q, tq)
+            base = tile_start(lambda j: selt_ref[g, j + 1], t, block_q, tq)
             rows = pl.ds(pl.multiple_of(base, tq), tq)
             q = q_ref[g, rows, :]
             do = do_ref[g, rows, :]
@@ -299,53 +290,21 @@ def _dkv_kernel(selt_ref, k_ref, v_ref, bias_ref, q_ref, do_ref, lse_ref, delta_
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def transpose_selection(indices: jax.Array, counts: jax.Array, num_k_blocks: int) -> tuple[jax.Array, jax.Array]:
-    """For every key block, the query blocks that selected it (on device, jit-able).
+def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale: float, block_q: int, block_k: int,
+             tuning: Tuning, interpret: bool = False):
+    """dq, dk, dv in block space from the forward's out and lse (and the cotangents do, dlse).
 
-    Args:
-      indices: int32 [B, H, Nq, kmax]; counts: int32 [B, H, Nq].
-      num_k_blocks: Nk (static).
-
-    Returns:
-      indices_t int32 [B, H, Nk, Nq] (query block ids, ascending; entries at
-      positions >= counts_t are 0 and never read), counts_t int32 [B, H, Nk].
-
-    Sort-based: live entries become keys ``kid * Nq + qid`` (dead ones a
-    sentinel past every real key); one sort per (batch, head) groups them by key
-    block with query ids ascending; the rank of an entry inside its group is
-    its sorted position minus the group's start (an exclusive cumsum of the
-    per-key-block counts, themselves a scatter-add).
+    k, v: the sanitised K/V (masked rows zeroed) and bias their float32 key bias
+    (``baatt.kernels.common.sanitize_masked_keys``); tuning: resolved
+    (``Tuning.resolve``). Also the fallback of the Mosaic GPU backward.
     """
-    batch, heads, nq, kmax = indices.shape
-    nk = num_k_blocks
-    live = jnp.arange(kmax, dtype=jnp.int32) < counts[..., None]
-    qid = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (nq, kmax))
-    keys = jnp.where(live, indices.astype(jnp.int32) * nq + qid, nk * nq).reshape(batch, heads, nq * kmax)
-    keys = jnp.sort(keys, axis=-1)
-    kid = keys // nq
-    bi = jnp.arange(batch, dtype=jnp.int32)[:, None, None]
-    hi = jnp.arange(heads, dtype=jnp.int32)[None, :, None]
-    counts_t = jnp.zeros((batch, heads, nk + 1), jnp.int32).at[bi, hi, kid].add(1)[..., :nk]
-    starts = jnp.cumsum(counts_t, axis=-1) - counts_t
-    starts = jnp.concatenate([starts, jnp.zeros((batch, heads, 1), jnp.int32)], axis=-1)
-    rank = jnp.arange(nq * kmax, dtype=jnp.int32) - jnp.take_along_axis(starts, kid, axis=-1)
-    indices_t = jnp.zeros((batch, heads, nk, nq), jnp.int32).at[bi, hi, kid, rank].set(keys % nq, mode="drop")
-    return indices_t, counts_t
-
-
-def _backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k, tuning, interpret):
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = k.shape
     group = q_heads // kv_heads
     nk = lk // block_k
-    precision = _precision(q.dtype)
-    do = do.astype(q.dtype)
-    # d lse_i / d s_ij = p_ij, so a cotangent on lse folds into delta: ds = p * (dp - (delta - dlse)).
-    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, Hq, Lq]
-    if dlse is not None:
-        delta = delta - jnp.where(jnp.isneginf(lse), 0.0, dlse.astype(jnp.float32))
-    lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
-    sel = _pack_selection(indices, counts)
+    precision = dot_precision(q.dtype)
+    do, delta, lse2 = backward_row_terms(out, lse, do, dlse)
+    sel = pack_selection(indices, counts)
     width = sel.shape[-1]
 
     # dq over the forward list.
@@ -373,7 +332,7 @@ def _backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, bloc
 
     # dk, dv over the transposed list.
     indices_t, counts_t = transpose_selection(indices, counts, nk)
-    selt = _pack_selection(indices_t, counts_t)  # [B, Hq, Nk, 1 + Nq]
+    selt = pack_selection(indices_t, counts_t)  # [B, Hq, Nk, 1 + Nq]
     width_t = selt.shape[-1]
     tk, tq = tuning.dkv_k, tuning.dkv_q
     per_block = block_k // tk
@@ -411,7 +370,7 @@ def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning,
 
 
 def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret):
-    kc, vc, bias = _sanitize(k, v, kv_valid)
+    kc, vc, bias = sanitize_masked_keys(kv_valid, k, v)
     sel = _pack_forward_selection(indices, counts, kv_valid, block_k)
     out, lse = _forward(q, kc, vc, bias, sel, scale=scale, block_q=block_q, block_k=block_k,
                         tuning=tuning, interpret=interpret)
@@ -422,8 +381,8 @@ def _attend_bwd(scale, block_q, block_k, tuning, interpret, res, cts):
     # Gradients w.r.t. the sanitised K/V are exactly those w.r.t. K/V: masked rows get p = 0, so 0.
     q, kc, vc, bias, indices, counts, out, lse = res
     do, dlse = cts
-    dq, dk, dv = _backward(q, kc, vc, bias, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
-                           block_k=block_k, tuning=tuning, interpret=interpret)
+    dq, dk, dv = backward(q, kc, vc, bias, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
+                          block_k=block_k, tuning=tuning, interpret=interpret)
     return dq, dk, dv, None, None, None
 
 
@@ -449,17 +408,3 @@ def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, 
     return _attend(q, k, v, kv_valid, indices.astype(jnp.int32), counts.astype(jnp.int32), float(scale),
                    block_q, block_k, tuning, interpret)
 
-
-def unsupported_reason(q_shape, k_shape, v_shape, dtype, block_q: int, block_k: int) -> str | None:
-    """Why these shapes/dtype cannot run in this kernel, or None."""
-    d = q_shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
-        return f"head dim must be one of {SUPPORTED_HEAD_DIMS} for the pallas kernel; got {d}"
-    if k_shape[-1] != d or v_shape[-1] != d:
-        return f"q, k and v must share the head dim for the pallas kernel; got {q_shape[-1]}, {k_shape[-1]}, {v_shape[-1]}"
-    if jnp.dtype(dtype) not in [jnp.dtype(t) for t in SUPPORTED_DTYPES]:
-        return f"dtype must be bfloat16, float16 or float32 for the pallas kernel; got {jnp.dtype(dtype).name}"
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if b & (b - 1) or not MIN_BLOCK <= b <= MAX_BLOCK:
-            return f"{name} must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}] for the pallas kernel; got {b}"
-    return None

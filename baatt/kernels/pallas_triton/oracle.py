@@ -1,4 +1,4 @@
-"""The oracle post-downsample map ``M_hat`` (SPEC.md section 1) in portable Pallas (Triton lowering).
+"""The oracle post-downsample map ``M_hat`` (docs/spec.md section 1) in portable Pallas (Triton lowering).
 
 Semantics: ``baatt.reference.downsample.post_downsample_map`` (and, in block
 space, ``post_downsample_blocked``):
@@ -26,10 +26,11 @@ Two streaming passes, never an L x L array; memory is linear in L (plus the
 Masking (NaN safe, never by multiplication): before the kernels, masked keys
 (kv_valid False) get their K rows replaced by zeros with ``jnp.where`` and a key
 bias of ``-inf`` (0 for valid keys) added to the logits, as in
-``block_sparse.py``; rows that are padding (q_valid False) or see no valid key
-get ``lse2 = +inf`` (so every ``p`` of theirs is ``exp2(-inf) = 0``) and their
-per-row sums are dropped with ``where`` inside the kernel, so NaN stored in
-padded query rows or masked keys cannot reach ``M_hat``.
+``block_sparse.py`` (``baatt.kernels.common.sanitize_masked_keys``); rows that
+are padding (q_valid False) or see no valid key get ``lse2 = +inf`` (so every
+``p`` of theirs is ``exp2(-inf) = 0``) and their per-row sums are dropped with
+``where`` inside the kernel, so NaN stored in padded query rows or masked keys
+cannot reach ``M_hat``.
 
 Math in float32, base 2 (``exp2``) inside the kernels; bf16/f16 inputs go to
 the tensor cores as they are (exact products, float32 accumulation), float32
@@ -49,8 +50,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from baatt import layout
-from baatt.kernels.pallas_triton.block_sparse import LN2, LOG2E, _M_INIT, _precision, unsupported_reason
+from baatt import layout, platform
+from baatt.kernels.common import LN2, LOG2E, RUNNING_MAX_INIT, dot_precision, sanitize_masked_keys
+from baatt.kernels.pallas_triton.block_sparse import unsupported_reason
 from baatt.validation import check_qk
 
 
@@ -99,7 +101,7 @@ def _lse_kernel(q_ref, k_ref, bias_ref, lse2_ref, *, qk_scale, tk, num_tiles, pr
         l = l * jnp.exp2(m - m_new) + jnp.sum(jnp.exp2(s - m_new[:, None]), axis=1)
         return m_new, l
 
-    init = (jnp.full((tq,), _M_INIT, jnp.float32), jnp.zeros((tq,), jnp.float32))
+    init = (jnp.full((tq,), RUNNING_MAX_INIT, jnp.float32), jnp.zeros((tq,), jnp.float32))
     m, l = jax.lax.fori_loop(0, num_tiles, body, init)
     has = l > 0.0
     lse2_ref[...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
@@ -135,19 +137,13 @@ def _map_kernel(q_ref, lse2_ref, k_ref, bias_ref, o_ref, *, qk_scale, block_k, t
 # ----------------------------------------------------------------------------- passes
 
 
-def _sanitize_k(k, kv_valid):
-    """Zero masked K rows with ``where`` (NaN/Inf there cannot leak) and build the -inf key bias."""
-    return (jnp.where(kv_valid[..., None], k, jnp.zeros((), k.dtype)),
-            jnp.where(kv_valid, 0.0, -jnp.inf).astype(jnp.float32))
-
-
 def _row_lse2(q, kc, bias, *, scale, tuning, interpret):
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = kc.shape
     group = q_heads // kv_heads
     tq, tk = tuning.q, tuning.k
     kernel = functools.partial(_lse_kernel, qk_scale=scale * LOG2E, tk=tk, num_tiles=lk // tk,
-                               precision=_precision(q.dtype))
+                               precision=dot_precision(q.dtype))
     return pl.pallas_call(
         kernel,
         grid=(lq // tq, batch, q_heads),
@@ -172,7 +168,7 @@ def _tile_mass(q, lse2, kc, bias, *, scale, block_k, tuning, interpret):
     tq, tk = tuning.q, tuning.k
     nk = lk // block_k
     kernel = functools.partial(_map_kernel, qk_scale=scale * LOG2E, block_k=block_k, tk=tk, num_blocks=nk,
-                               precision=_precision(q.dtype))
+                               precision=dot_precision(q.dtype))
     return pl.pallas_call(
         kernel,
         grid=(lq // tq, batch, q_heads),
@@ -215,7 +211,7 @@ def row_logsumexp(q, k, kv_valid, *, scale: float, block_q: int, block_k: int,
     """
     _check_block_space(q, k, block_q, block_k)
     tuning = tuning.resolve(block_q, block_k, q.shape[-1])
-    kc, bias = _sanitize_k(k, kv_valid)
+    kc, bias = sanitize_masked_keys(kv_valid, k)
     return _row_lse2(q, kc, bias, scale=float(scale), tuning=tuning, interpret=interpret) * LN2
 
 
@@ -236,7 +232,7 @@ def post_downsample_blocked(q, k, kv_valid, q_valid, *, scale: float, block_q: i
     tuning = tuning.resolve(block_q, block_k, q.shape[-1])
     scale = float(scale)
     batch, q_heads, lq, _ = q.shape
-    kc, bias = _sanitize_k(k, kv_valid)
+    kc, bias = sanitize_masked_keys(kv_valid, k)
     lse2 = _row_lse2(q, kc, bias, scale=scale, tuning=tuning, interpret=interpret)
     # Dead rows (padding, or no valid key) get +inf: every p of theirs is exp2(-inf) = 0.
     dead = ~q_valid[:, None, :] | ~(lse2 > -jnp.inf)
@@ -251,18 +247,11 @@ def post_downsample_blocked(q, k, kv_valid, q_valid, *, scale: float, block_q: i
 # ----------------------------------------------------------------------------- public entry point
 
 
-def _has_cuda_gpu() -> bool:
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
-
-
 def post_downsample_map(
     q, k, *, block_size: int, block_size_k: int | None = None, key_mask=None, q_perm=None, k_perm=None,
     scale: float | None = None, tuning: Tuning = DEFAULT_TUNING, interpret: bool = False,
 ) -> jax.Array:
-    """The oracle ``M_hat`` [B, Hq, Nq, Nk] float32 (SPEC.md section 1), computed by the Pallas kernels.
+    """The oracle ``M_hat`` [B, Hq, Nq, Nk] float32 (docs/spec.md section 1), computed by the Pallas kernels.
 
     Same arguments and result as ``baatt.reference.post_downsample_map``: q
     [B, Lq, Hq, D], k [B, Lk, Hkv, D] (Hkv divides Hq), ``key_mask`` bool [B, Lk]
@@ -282,7 +271,7 @@ def post_downsample_map(
     block_k = block_size if block_size_k is None else block_size_k
     if reason := unsupported_reason(q.shape, k.shape, k.shape, q.dtype, block_size, block_k):
         raise ValueError(reason)
-    if not interpret and not _has_cuda_gpu():
+    if not interpret and not platform.has_gpu():
         raise ValueError("no CUDA GPU found; pass interpret=True to run the Pallas kernel in interpret mode "
                          "(slow, for tests)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -1,4 +1,4 @@
-"""Budgeted block selection (the fixed-budget step of SPEC.md section 6) in portable Pallas (Triton lowering).
+"""Budgeted block selection (the fixed-budget step of docs/spec.md section 6) in portable Pallas (Triton lowering).
 
 Semantics: ``baatt.selection.budget.top_blocks_reference``. For each row of
 block priorities (one query block's scores over all key blocks, forced blocks
@@ -7,10 +7,10 @@ block id as ``jax.lax.top_k`` breaks them, and write the kept ids ascending,
 entries from ``count`` on repeating the last kept id.
 
 Why a kernel: XLA does this as two sorts (``top_k`` sorts each row of
-``Nk`` scores, then the ``kmax`` kept ids are sorted again); at 128K tokens
-(32 heads x 1024 x 1024 scores) that was 2.3 ms on an H200, the largest part
-of the default estimator (`experiments/results/bench_estimator_h200.md`). Here each program
-reads its rows once and finds the ``count``-th largest value by radix
+``Nk`` scores, then the ``kmax`` kept ids are sorted again), at long lengths
+the largest part of the default estimator (measurements:
+``experiments/results/bench_estimator/bench_estimator_h200.md``). Here each
+program reads its rows once and finds the ``count``-th largest value by radix
 selection in registers, 32 rounds of compare-and-count over one bit each:
 
 1. Scores become int32 keys with the same order (non-negative floats keep
@@ -40,8 +40,8 @@ from jax.experimental.pallas import triton as plgpu
 
 # Used by ``select_from_scores`` when it is not told. On: on an H200 (jax 0.11.2) the GPU
 # tests (tests/test_kernel_topk.py, marked gpu) pass and bench_estimator's comparison found
-# the kernel's picks identical to XLA's route at 32K and 128K tokens, 0.69 ms against 2.31 ms
-# at 128K (experiments/results/bench_estimator_h200.md).
+# the kernel's picks identical to XLA's route at 32K and 128K tokens, and the kernel faster
+# (experiments/results/bench_estimator/bench_estimator_h200.md).
 DEFAULT_ON_GPU = True
 
 _INT_MIN = -(2**31)

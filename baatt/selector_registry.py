@@ -1,0 +1,86 @@
+"""The registry of block selectors: the one list of names ``BAConfig.selector`` may hold.
+
+A selector is a module that calls :func:`register_selector` when it is imported: the
+built-in ones are imported once by ``baatt.selection``; a user's selector registers
+when the user imports its module. ``baatt.SELECTORS`` is a live, read-only view of
+this registry, and ``BAConfig``, ``select_blocks`` and ``block_map`` all look names
+up here.
+
+This module imports nothing from baatt. It sits below ``baatt.config`` (which
+validates names against it) and therefore outside the ``baatt.selection`` package,
+whose selectors import ``baatt.config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Callable, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """A registered block selector.
+
+    Attributes:
+      name: what ``BAConfig(selector=...)``, ``select_blocks(selector=...)`` and
+        ``block_map(selector=...)`` accept.
+      select: ``(q, k, config, *, key_mask) -> BlockSelection``.
+      block_map: ``(q, k, config, *, key_mask) -> [B, Hq, Nq, Nk]`` float32, each row
+        summing to 1: the selector's own estimate of the block attention map, in the
+        block space its selection refers to.
+      params: the frozen dataclass of its parameters (an instance goes in
+        ``BAConfig.selector_params``), or None when it takes none.
+    """
+
+    name: str
+    select: Callable
+    block_map: Callable
+    params: type | None = None
+
+
+class SelectorParamError(ValueError):
+    """A selector parameter outside its rule.
+
+    It carries the field, the rule and the value, so that ``BAConfig`` can name the
+    keyword the value came from (``xattn_stride`` rather than ``XAttentionParams.stride``).
+    """
+
+    def __init__(self, params, field: str, rule: str):
+        self.field, self.rule, self.value = field, rule, getattr(params, field)
+        super().__init__(f"{type(params).__name__}.{field} {rule}; got {self.value!r}")
+
+
+_REGISTERED: dict[str, Selector] = {}
+
+# Live and read-only: name -> Selector, in registration order.
+SELECTORS: Mapping[str, Selector] = types.MappingProxyType(_REGISTERED)
+
+
+def register_selector(name: str, *, select: Callable, block_map: Callable, params: type | None = None) -> Selector:
+    """Add a selector under ``name`` and return its record.
+
+    ``select`` and ``block_map`` take ``(q, k, config, *, key_mask)``; ``params`` is the
+    frozen dataclass of the selector's parameters (its fields need defaults: with
+    ``selector_params=None`` the selector runs on ``params()``). A name can be
+    registered once.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"selector name must be a non-empty str; got {name!r}")
+    if name in _REGISTERED:
+        raise ValueError(f"selector {name!r} is already registered")
+    for arg, fn in (("select", select), ("block_map", block_map)):
+        if not callable(fn):
+            raise ValueError(f"{arg} of selector {name!r} must be callable; got {fn!r}")
+    if params is not None and not (isinstance(params, type) and dataclasses.is_dataclass(params)):
+        raise ValueError(f"params of selector {name!r} must be a dataclass type or None; got {params!r}")
+    _REGISTERED[name] = Selector(name, select, block_map, params)
+    return _REGISTERED[name]
+
+
+def get_selector(name: str) -> Selector:
+    """The registered selector ``name``; ValueError naming every registered one otherwise."""
+    try:
+        return _REGISTERED[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"selector must be one of {tuple(_REGISTERED)}; got {name!r}") from None

@@ -1,0 +1,50 @@
+"""The Python examples of the README and of docs/ run as written, and the documentation's relative links resolve."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+# A fenced block opened by ```python and closed by the next ``` at the start of a line.
+_PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+# [text](target): the targets that are not web addresses or in-page anchors are paths in the repository.
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(first line number, source) of every ```python block of ``path``."""
+    text = path.read_text()
+    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in _PYTHON_BLOCK.finditer(text)]
+
+
+EXAMPLES = [(path, line, source) for path in (README, *DOCS) for line, source in python_blocks(path)]
+
+
+def test_readme_has_examples():
+    assert python_blocks(README), "README.md should show its usage in a ```python block"
+
+
+@pytest.mark.parametrize("path, line, source", EXAMPLES,
+                         ids=[f"{p.relative_to(ROOT).as_posix()}:{line}" for p, line, _ in EXAMPLES])
+def test_example_runs(path, line, source):
+    # Each block is self-contained: its own namespace, no state from the blocks before it.
+    # Padding with newlines makes a traceback point at the file's own line numbers.
+    code = compile("\n" * (line - 1) + source, str(path), "exec")
+    exec(code, {"__name__": "__example__"})
+
+
+@pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_resolve(path):
+    missing = []
+    for target in _LINK.findall(path.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        if not (path.parent / target.split("#")[0]).exists():
+            missing.append(target)
+    assert not missing, f"{path.relative_to(ROOT)} links to files that do not exist: {missing}"
