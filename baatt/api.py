@@ -12,12 +12,14 @@ reasons, never falls back silently.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 from collections.abc import Sequence
-from typing import Literal, TypedDict, overload
+from typing import Literal, overload
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
 
 from baatt import layout
 from baatt.config import BAConfig
@@ -26,7 +28,16 @@ from baatt.kernels.base import Implementation
 from baatt.reference.attention import block_sparse_blocked
 from baatt.selection import get_selector
 from baatt.selection.types import BlockSelection
-from baatt.validation import check_finite, check_qkv
+from baatt.validation import (
+    check_finite,
+    check_qkv,
+    check_scale,
+    check_sink_positions,
+    debug_check_finite,
+    is_concrete,
+    nan_where,
+    nonfinite_poison,
+)
 
 
 class ImplementationUnavailable(NotImplementedError):
@@ -42,18 +53,32 @@ class ImplementationUnavailable(NotImplementedError):
         super().__init__(f"{what}: " + "; ".join(f"{name}: {why}" for name, why in reasons.items()))
 
 
-class AttentionStats(TypedDict):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionStats:
     """What ``attention(..., return_stats=True)`` returns beside the output.
 
-    implementation: the name of the implementation that ran; density [B, Hq]: the
-    fraction of block pairs computed; selection: the ``BlockSelection`` used (reusable
-    through ``attention(selection=...)``); lse [B, Hq, Lq]: the log-sum-exp of each row.
+    A pytree whose leaves are the arrays and whose ``implementation`` is static
+    metadata, so that stats leave ``jax.jit`` and pass through ``vmap`` and ``scan``
+    like the output. Fields read as attributes or by name (``stats["density"]``).
+
+    Attributes:
+      implementation: the name of the implementation that ran.
+      density: [B, Hq], the fraction of block pairs computed.
+      selection: the ``BlockSelection`` used (reusable through ``attention(selection=...)``).
+      lse: [B, Hq, Lq], the log-sum-exp of each row (-inf for a row that sees no key,
+        NaN where the output row is NaN).
     """
 
-    implementation: str
+    implementation: str = dataclasses.field(metadata=dict(static=True))
     density: jax.Array
     selection: BlockSelection
     lse: jax.Array
+
+    def __getitem__(self, name: str):
+        if name not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(f"AttentionStats has no field {name!r}")
+        return getattr(self, name)
 
 
 def _reference_sparse_op(space, indices, counts, *, scale, interpret=False):
@@ -117,6 +142,7 @@ def attention(
     interpret: bool = False,
     scale: float | None = None,
     selection: BlockSelection | None = None,
+    debug_checks: bool = False,
 ) -> jax.Array: ...
 
 
@@ -133,6 +159,7 @@ def attention(
     interpret: bool = False,
     scale: float | None = None,
     selection: BlockSelection | None = None,
+    debug_checks: bool = False,
 ) -> tuple[jax.Array, AttentionStats]: ...
 
 
@@ -148,35 +175,57 @@ def attention(
     interpret: bool = False,
     scale: float | None = None,
     selection: BlockSelection | None = None,
+    debug_checks: bool = False,
 ) -> jax.Array | tuple[jax.Array, AttentionStats]:
     """Block approximate sparse attention, a drop-in for ``jax.nn.dot_product_attention``.
 
     Args:
-      q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D] (Hkv divides Hq).
+      q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D] (Hkv divides Hq). Array-likes.
       config: ``BAConfig`` (default ``BAConfig()``: every block kept).
-      key_mask: bool [B, Lk], True = real key; padding never contributes.
+      key_mask: bool [B, Lk] (array-like), True = real key; padding never contributes
+        and is never read. A batch row without any real key attends to nothing: its
+        output is 0 and its lse -inf, in an eager call and under ``jit`` alike
+        (``jax.nn.dot_product_attention`` returns the mean of v over the masked keys).
       implementation: None (best available), a name, or an ordered sequence of names.
       return_stats: also return ``AttentionStats``: ``implementation``, ``density``
         [B, Hq], ``selection`` and ``lse`` [B, Hq, Lq].
       interpret: run Pallas kernels in interpret mode (CPU).
-      scale: logit scale, default 1/sqrt(D).
+      scale: logit scale, a finite positive number, default 1/sqrt(D). A traced scale
+        (under ``jit``) scales q before the sparse operator; where it is not finite
+        and positive the output is NaN.
       selection: reuse a selection made earlier (e.g. by ``baatt.select_blocks``
         or a previous call's stats, across denoising steps) instead of
-        estimating one; ``config`` is then not used to select.
+        estimating one; ``config`` is then not used to select. Its rules are
+        ``BlockSelection.validate``'s; a traced selection that breaks them cannot
+        read out of bounds, and the query rows it breaks them for are NaN.
+      debug_checks: under a transform, also report NaN/Inf inputs and broken
+        selection rules as ``jax.experimental.checkify`` errors; wrap the function in
+        ``checkify.checkify`` to get them (eager calls raise without it).
+
+    Non-finite inputs follow ``jax.nn.dot_product_attention``, whatever blocks are
+    kept: NaN/Inf in a query row makes that output row NaN, and NaN/Inf in k or v at
+    a real key makes every row of the query heads it serves NaN; gradients carry the
+    NaN too. An eager call (every input concrete, closed-over ones included) raises a
+    ``ValueError`` naming the first offending row instead.
 
     Returns:
       out [B, Lq, Hq, D] in q's dtype, or (out, stats).
 
     Raises:
+      ValueError: bad shapes, dtypes, configuration or (in an eager call) values.
       ImplementationUnavailable: (a ``NotImplementedError``) none of the
         implementations asked for can run these inputs here; it lists every reason
         of each.
+      NotImplementedError: second-order derivatives through a kernel implementation
+        (``"pallas"``, ``"mosaic_gpu"``); ``"reference"`` supports them.
     """
     config = BAConfig() if config is None else config
     if not isinstance(config, BAConfig):
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
-    check_qkv(q, k, v, key_mask=key_mask)
-    check_finite(q=q, k=k, v=v, key_mask=key_mask)
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    key_mask = None if key_mask is None else jnp.asarray(key_mask)
+    check_qkv(q, k, v, key_mask=key_mask, require_real_key=False)
+    scale, traced_scale = check_scale(scale, q.shape[-1])
     if selection is not None:
         if not isinstance(selection, BlockSelection):
             raise ValueError(f"selection must be a baatt.BlockSelection; got {type(selection).__name__}")
@@ -184,14 +233,32 @@ def attention(
                            length_q=q.shape[1], length_k=k.shape[1])
         # The kernel's block sizes are those the selection was made with.
         config = config.replace(block_size=selection.block_q, block_size_k=selection.block_k)
+    else:
+        check_sink_positions(config, k.shape[1])
+    if is_concrete(q, k, v, key_mask, selection, traced_scale):
+        check_finite(q=q, k=k, v=v, key_mask=key_mask)
+    elif debug_checks:
+        _debug_checks(q, k, v, key_mask, selection, traced_scale)
     impl = _resolve(implementation, q, k, v, config, interpret)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse, selection = _pipeline(q, k, v, key_mask, selection, config, impl.name, interpret, scale)
+    out, lse, selection = _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl.name, interpret, scale)
     if not return_stats:
         return out
     nk = -(-k.shape[1] // selection.block_k)
     stats = AttentionStats(implementation=impl.name, density=selection.density(nk), selection=selection, lse=lse)
     return out, stats
+
+
+def _debug_checks(q, k, v, key_mask, selection, traced_scale) -> None:
+    """The value rules as ``checkify`` checks, for inputs known only at run time."""
+    debug_check_finite(q, k, v, key_mask)
+    if selection is not None:
+        _, bad_rows = selection.guarded(length_q=q.shape[1], length_k=k.shape[1])
+        batch, row, head = jnp.unravel_index(jnp.argmax(bad_rows), bad_rows.shape)
+        checkify.check(~jnp.any(bad_rows), "selection breaks the rules of BlockSelection.validate for query row "
+                       "{row} (batch {batch}, head {head})", row=row, batch=batch, head=head)
+    if traced_scale is not None:
+        checkify.check(jnp.isfinite(traced_scale) & (traced_scale > 0),
+                       "scale must be a finite positive number; got {scale}", scale=traced_scale)
 
 
 def takes_positional_path(impl: Implementation, q, k, key_mask, selection: BlockSelection, interpret: bool) -> bool:
@@ -202,22 +269,36 @@ def takes_positional_path(impl: Implementation, q, k, key_mask, selection: Block
             and k.shape[1] % selection.block_k == 0)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
-def _pipeline(q, k, v, key_mask, selection, config, impl_name, interpret, scale):
-    """estimate -> select -> permute into block space -> sparse operator -> scatter back."""
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, interpret, scale):
+    """estimate -> select -> permute into block space -> sparse operator -> scatter back -> NaN rules.
+
+    A ``selection`` given by the caller is guarded (``BlockSelection.guarded``). A
+    ``traced_scale`` (``scale`` is then 1.0) scales q for the sparse operator only: the
+    selection is made on the caller's q. The rows that non-finite inputs, a broken
+    selection or a bad traced scale reach get NaN added (``nonfinite_poison``).
+    """
     impl = _REGISTRY[impl_name]
-    if selection is None and impl.estimator is not None:
+    poison = nonfinite_poison(q, k, v, key_mask)
+    if selection is not None:
+        selection, bad_rows = selection.guarded(length_q=q.shape[1], length_k=k.shape[1])
+        poison = poison + nan_where(bad_rows)
+    elif impl.estimator is not None:
         selection = impl.estimator(q, k, config, key_mask=key_mask, interpret=interpret)
-    elif selection is None:
+    else:
         selection = get_selector(config.selector).select(q, k, config, key_mask=key_mask)
+    if traced_scale is not None:
+        acc = jnp.promote_types(q.dtype, jnp.float32)
+        q = (q.astype(acc) * traced_scale.astype(acc)).astype(q.dtype)
+        poison = poison + nan_where(~(jnp.isfinite(traced_scale) & (traced_scale > 0)))
     if takes_positional_path(impl, q, k, key_mask, selection, interpret):
         out, lse = impl.positional_op(q, k, v, selection.indices, selection.counts, scale=scale,
                                       block_q=selection.block_q, block_k=selection.block_k)
-        return out, lse, selection
-    space = layout.to_block_space(
-        q, k, v, block_q=selection.block_q, block_k=selection.block_k,
-        key_mask=key_mask, q_perm=selection.q_perm, k_perm=selection.k_perm,
-    )
-    out_b, lse_b = impl.sparse_op(space, selection.indices, selection.counts, scale=scale, interpret=interpret)
-    out, lse = layout.from_block_space(out_b, lse_b, length_q=q.shape[1], q_perm=selection.q_perm)
-    return out, lse, selection
+    else:
+        space = layout.to_block_space(
+            q, k, v, block_q=selection.block_q, block_k=selection.block_k,
+            key_mask=key_mask, q_perm=selection.q_perm, k_perm=selection.k_perm,
+        )
+        out_b, lse_b = impl.sparse_op(space, selection.indices, selection.counts, scale=scale, interpret=interpret)
+        out, lse = layout.from_block_space(out_b, lse_b, length_q=q.shape[1], q_perm=selection.q_perm)
+    return out + poison[..., None].astype(out.dtype), lse + jnp.swapaxes(poison, 1, 2), selection

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import typing
 from collections.abc import Hashable
 
+from baatt.attention_mask import BIDIRECTIONAL, AttentionMask
 from baatt.selector_registry import SELECTORS, SelectorParamError, get_selector
 
 # The built-in selectors' parameters as plain BAConfig keywords, kept from before
@@ -30,22 +33,54 @@ def _fail(field: str, rule: str, value) -> None:
     raise ValueError(f"BAConfig.{field} {rule}; got {value!r}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# The annotated types a selector's params field is checked against, with the rule each states.
+_PARAM_TYPE_RULES = {
+    int: (_is_int, "must be an int"),
+    float: (_is_number, "must be a number"),
+    bool: (lambda value: isinstance(value, bool), "must be a bool"),
+    str: (lambda value: isinstance(value, str), "must be a str"),
+}
+
+
+def _param_type_rule(params_type: type, field: str, value) -> str | None:
+    """The rule ``value`` breaks for ``field`` of a selector's params dataclass, by its annotation, or None.
+
+    A value of the wrong type would otherwise reach a traced selector and fail there
+    with a tracer error (``seed=1.5`` in ``jax.random.key``). Fields annotated with
+    other types than int, float, bool and str are left to the params' own checks.
+    """
+    check, rule = _PARAM_TYPE_RULES.get(typing.get_type_hints(params_type).get(field), (None, None))
+    return None if check is None or check(value) else rule
+
+
 @dataclasses.dataclass(frozen=True)
 class BAConfig:
     """Configuration of block approximate sparse attention.
 
-    Budget: give exactly one of ``sparsity`` (keep ``ceil((1 - sparsity) * N)``
-    key blocks per query block) or ``tau`` (keep the fewest blocks whose softmax
-    mass reaches ``tau``, clamped to ``[min_blocks, max_blocks]``). With
-    neither, every block is kept (dense, through the same pipeline).
+    Budget: give at most one of ``sparsity`` (keep ``ceil((1 - sparsity) * N)``
+    key blocks per query block), ``tau`` (keep the fewest blocks whose softmax
+    mass reaches ``tau``) or ``peak_margin`` (keep the blocks whose mass is
+    within ``exp(-peak_margin)`` of the row's largest); the last two are clamped
+    to ``[min_blocks, max_blocks]``. With none, every block is kept (dense,
+    through the same pipeline).
 
     Attributes:
       block_size: query block size (and key block size unless ``block_size_k``).
       block_size_k: key block size; defaults to ``block_size``.
       sparsity: fraction of key blocks skipped, in [0, 1).
       tau: cumulative-mass threshold in (0, 1].
-      min_blocks / max_blocks: clamps on the number of kept blocks under ``tau``
-        (``max_blocks`` also fixes the static width ``kmax`` of the selection).
+      peak_margin: peak-relative rule, a margin >= 0 in log mass (nats): keep key
+        block ``b`` when ``log mass_b >= max_b' log mass_b' - peak_margin``.
+      min_blocks / max_blocks: clamps on the number of kept blocks under ``tau`` and
+        ``peak_margin`` (``max_blocks`` also fixes the static width ``kmax`` of the selection).
       sort_q / sort_k: norm sorting of queries / keys+values (docs/spec.md section 4).
       compensate: add ``beta * Delta`` (docs/spec.md section 5).
       beta: compensation weight (1 as reported; 1/2 from the log-normal argument).
@@ -65,6 +100,13 @@ class BAConfig:
       last_query_gamma: mass the vertical and slash lines must cover.
       sparge_sim_threshold: self-similarity below which a block is not ranked.
       seed: seed of the ``random`` selector.
+      mask: who attends to whom (``baatt.AttentionMask``; "bidirectional" and
+        "causal" may be given by name). Under a causal or block-causal mask only
+        the block pairs the mask allows are candidates, the budget is a fraction
+        of those per query block, and a token-causal mask always keeps the
+        blocks on the diagonal. Such a mask is positional, so it needs
+        ``sort_q=False`` and ``sort_k=False``; a block-causal one needs its
+        ``generation_block`` to be a multiple of both block sizes.
 
     Selector parameters: each selector owns a small frozen dataclass of its
     parameters (``XAttentionParams``, ``LastQueryParams``, ``SpargeParams``,
@@ -84,6 +126,7 @@ class BAConfig:
     block_size_k: int | None = None
     sparsity: float | None = None
     tau: float | None = None
+    peak_margin: float | None = None
     min_blocks: int = 1
     max_blocks: int | None = None
     sort_q: bool = False
@@ -101,6 +144,7 @@ class BAConfig:
     last_query_gamma: float = 0.9
     sparge_sim_threshold: float = 0.5
     seed: int = 0
+    mask: AttentionMask = BIDIRECTIONAL
 
     def __post_init__(self):
         for name in ("block_size", "block_size_k"):
@@ -113,6 +157,9 @@ class BAConfig:
                 _fail(name, "must be a power of two >= 8", value)
         if self.sparsity is not None and self.tau is not None:
             _fail("sparsity", "and tau are exclusive: give one budget rule", (self.sparsity, self.tau))
+        if self.peak_margin is not None and (self.sparsity is not None or self.tau is not None):
+            _fail("peak_margin", "excludes sparsity and tau: give one budget rule",
+                  (self.peak_margin, self.sparsity, self.tau))
         if self.sparsity is not None:
             s = self.sparsity
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0.0 <= s < 1.0:
@@ -121,21 +168,25 @@ class BAConfig:
             t = self.tau
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 < t <= 1.0:
                 _fail("tau", "must be a finite number in (0, 1]", t)
-        if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
+        if self.peak_margin is not None:
+            m = self.peak_margin
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+                _fail("peak_margin", "must be a finite number >= 0", m)
+        if not _is_int(self.min_blocks) or self.min_blocks < 1:
             _fail("min_blocks", "must be an int >= 1", self.min_blocks)
         if self.max_blocks is not None:
-            if not isinstance(self.max_blocks, int) or self.max_blocks < self.min_blocks:
+            if not _is_int(self.max_blocks) or self.max_blocks < self.min_blocks:
                 _fail("max_blocks", "must be an int >= min_blocks", self.max_blocks)
-        if not isinstance(self.beta, (int, float)) or not math.isfinite(self.beta):
+        if not _is_number(self.beta) or not math.isfinite(self.beta):
             _fail("beta", "must be a finite number", self.beta)
         for name in ("sort_q", "sort_k", "compensate", "count_correction", "force_sink"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "must be a bool", getattr(self, name))
         if not isinstance(self.sink_positions, tuple) or not self.sink_positions or any(
-            not isinstance(p, int) or p < 0 for p in self.sink_positions
+            not _is_int(p) or p < 0 for p in self.sink_positions
         ):
             _fail("sink_positions", "must be a non-empty tuple of ints >= 0", self.sink_positions)
-        if not isinstance(self.local_window, int) or self.local_window < 0:
+        if not _is_int(self.local_window) or self.local_window < 0:
             _fail("local_window", "must be an int >= 0", self.local_window)
         if self.local_window and (self.sort_q or self.sort_k):
             _fail(
@@ -143,14 +194,33 @@ class BAConfig:
                 "is positional and needs sort_q=False and sort_k=False (sorting scatters positions)",
                 self.local_window,
             )
-        if self.selector not in SELECTORS:
+        self._check_mask()
+        if not isinstance(self.selector, str) or self.selector not in SELECTORS:
             _fail("selector", f"must be one of {tuple(SELECTORS)}", self.selector)
         self._check_selector_keywords()
         if self.selector_params is not None:
             self._check_selector_params()
 
+    def _check_mask(self) -> None:
+        if self.mask in ("bidirectional", "causal"):
+            object.__setattr__(self, "mask", AttentionMask(self.mask))
+        if not isinstance(self.mask, AttentionMask):
+            _fail("mask", "must be a baatt.AttentionMask (or 'bidirectional' / 'causal')", self.mask)
+        if self.mask.is_bidirectional:
+            return
+        for name in ("sort_q", "sort_k"):
+            if getattr(self, name):
+                _fail(name, f"must be False under a {self.mask.kind} mask (sorting scatters the positions the "
+                      "mask is defined on)", True)
+        if rule := self.mask.block_size_rule(self.block_q, self.block_k):
+            _fail("mask", rule, self.mask)
+
     def _check_selector_keywords(self) -> None:
         """Each built-in selector's params, built from the plain keywords, must pass that selector's rules."""
+        for keyword, (owner, field) in SELECTOR_KEYWORDS.items():
+            value = getattr(self, keyword)
+            if rule := _param_type_rule(get_selector(owner).params, field, value):
+                _fail(keyword, rule, value)
         for name in dict.fromkeys(owner for owner, _ in SELECTOR_KEYWORDS.values()):
             try:
                 self._params_from_keywords(name)
@@ -169,6 +239,10 @@ class BAConfig:
         if not isinstance(self.selector_params, params_type):
             _fail("selector_params", f"must be an instance of {params_type.__name__} (the parameters of selector "
                   f"{self.selector!r})", self.selector_params)
+        for field in dataclasses.fields(self.selector_params):
+            value = getattr(self.selector_params, field.name)
+            if rule := _param_type_rule(params_type, field.name, value):
+                _fail("selector_params", f"field {field.name} of {params_type.__name__} {rule}", value)
         try:
             hash(self.selector_params)
         except TypeError:
@@ -202,13 +276,13 @@ class BAConfig:
         """Static width of the selection list for ``num_k_blocks`` key blocks.
 
         Sparsity budget: ``kappa = ceil((1 - sparsity) * N)`` (docs/spec.md section 6),
-        widened to fit the forced blocks. ``tau`` budget: ``max_blocks`` or N.
+        widened to fit the forced blocks. ``tau`` and ``peak_margin``: ``max_blocks`` or N.
         """
         n = num_k_blocks
         if self.sparsity is not None:
             # Round before ceil so that 0.5 * 10 does not become 6 through float error.
             k = math.ceil(round((1.0 - self.sparsity) * n, 9))
-        elif self.tau is not None:
+        elif self.tau is not None or self.peak_margin is not None:
             k = n if self.max_blocks is None else self.max_blocks
         else:
             k = n
@@ -221,6 +295,8 @@ class BAConfig:
             forced += len(set(self.sink_positions))
         if self.local_window:
             forced += 2 * self.local_window + 1
+        if self.mask.kind == "causal":  # the key blocks on the diagonal of a query block
+            forced += max(1, self.block_q // self.block_k)
         return forced
 
     def params_for(self, selector: str | None = None) -> Hashable | None:

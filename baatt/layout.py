@@ -5,6 +5,11 @@ section 4), moves heads before length and pads lengths to whole blocks; the
 validity of each key slot travels as a bool mask so that padding, ragged last
 blocks and ``key_mask`` all look the same to a kernel. ``from_block_space``
 drops the padding and gathers rows back by the inverse of ``q_perm``.
+
+A causal or block-causal mask (``baatt.attention_mask.AttentionMask``) travels
+with the block space as static metadata: rows and key slots stay at their
+positions (no permutation under such a mask), so a kernel derives the mask from
+row and slot indices alone.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from baatt.attention_mask import BIDIRECTIONAL, AttentionMask
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +29,8 @@ class BlockSpace:
 
     q: [B, Hq, Nq*block_q, D]; k, v: [B, Hkv, Nk*block_k, D];
     kv_valid: bool [B, Hkv, Nk*block_k] (False = padding or masked key);
-    q_valid: bool [B, Nq*block_q] (False = rows added to fill the last block).
+    q_valid: bool [B, Nq*block_q] (False = rows added to fill the last block);
+    mask: who sees whom by position (static); keys that no query may see are already False in kv_valid.
     """
 
     q: jax.Array
@@ -34,6 +42,7 @@ class BlockSpace:
     block_k: int = dataclasses.field(metadata=dict(static=True))
     # Known at trace time: no key mask and no padding, so kv_valid is all True (kernels may skip the key bias).
     keys_all_valid: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    mask: AttentionMask = dataclasses.field(default=BIDIRECTIONAL, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:
@@ -73,9 +82,18 @@ def to_block_space(
     key_mask: jax.Array | None = None,
     q_perm: jax.Array | None = None,
     k_perm: jax.Array | None = None,
+    mask: AttentionMask = BIDIRECTIONAL,
 ) -> BlockSpace:
+    """Q, K, V in block space; under a causal ``mask`` the keys that no query may see count as padding."""
     batch, length_q, _, _ = q.shape
     _, length_k, kv_heads, _ = k.shape
+    if not mask.is_bidirectional and (q_perm is not None or k_perm is not None):
+        raise ValueError(f"a {mask.kind} mask is positional: q_perm and k_perm must be None (sorting scatters "
+                         "positions)")
+    visible = mask.visible_keys(length_q, length_k)
+    if visible is not None:
+        visible = jnp.asarray(visible)[None, :]
+        key_mask = visible if key_mask is None else key_mask & visible
     qb = _pad_length(gather_heads_major(q, q_perm), block_q, axis=2)
     kb = _pad_length(gather_heads_major(k, k_perm), block_k, axis=2)
     vb = None if v is None else _pad_length(gather_heads_major(v, k_perm), block_k, axis=2)
@@ -87,7 +105,7 @@ def to_block_space(
         valid = jnp.take_along_axis(valid, k_perm, axis=2)
     kv_valid = _pad_length(valid, block_k, axis=2, value=False)
     q_valid = _pad_length(jnp.ones((batch, length_q), jnp.bool_), block_q, axis=1, value=False)
-    return BlockSpace(qb, kb, vb, kv_valid, q_valid, block_q, block_k, keys_all_valid=all_valid)
+    return BlockSpace(qb, kb, vb, kv_valid, q_valid, block_q, block_k, keys_all_valid=all_valid, mask=mask)
 
 
 def from_block_space(

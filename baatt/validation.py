@@ -1,20 +1,42 @@
-"""Input checks shared by every public entry point: clear errors, never a wrong answer."""
+"""Input checks shared by every public entry point: clear errors, never a silent wrong answer.
+
+Two kinds of rule:
+
+* structure (ranks, shapes, dtypes, configuration against the lengths) is known when a call
+  is traced, so it is checked always, under ``jit``, ``vmap``, ``grad`` and ``scan`` too;
+* values (NaN/Inf in the inputs, empty masks) are checked on the host only when every input of
+  the computation is concrete (an eager call: no ``jax.core.Tracer`` among them, closed-over
+  arrays included). Under a transform the values are unknown when the call is traced, and the
+  rule is compiled into the graph instead: the affected output rows become NaN
+  (:func:`nonfinite_poison`), as ``jax.nn.dot_product_attention`` propagates non-finite
+  inputs, and ``debug_checks`` adds ``jax.experimental.checkify`` errors
+  (:func:`debug_check_finite`).
+"""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+
+from baatt import layout
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def is_concrete(*values) -> bool:
+    """Whether no leaf of ``values`` (pytrees; None allowed) is a tracer: their values are known now."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(values))
 
 
-def check_qk(q, k, *, key_mask=None, names=("q", "k")) -> None:
-    """q [B, Lq, Hq, D], k [B, Lk, Hkv, D], Hkv divides Hq; key_mask bool [B, Lk]."""
+def check_qk(q, k, *, key_mask=None, names=("q", "k"), require_real_key: bool = True) -> None:
+    """q [B, Lq, Hq, D], k [B, Lk, Hkv, D], Hkv divides Hq; key_mask bool [B, Lk].
+
+    require_real_key: refuse, when key_mask is concrete, a batch row without any real key.
+    """
     qn, kn = names
     for name, x in ((qn, q), (kn, k)):
         if getattr(x, "ndim", None) != 4:
@@ -34,33 +56,129 @@ def check_qk(q, k, *, key_mask=None, names=("q", "k")) -> None:
             f"kv heads must divide query heads (GQA); got {k.shape[2]} kv heads for {q.shape[2]} query heads"
         )
     if key_mask is not None:
-        if key_mask.shape != (k.shape[0], k.shape[1]):
-            raise ValueError(f"key_mask must have shape [batch, kv_length] = {(k.shape[0], k.shape[1])}; got {key_mask.shape}")
+        if getattr(key_mask, "shape", None) != (k.shape[0], k.shape[1]):
+            raise ValueError(f"key_mask must have shape [batch, kv_length] = {(k.shape[0], k.shape[1])}; "
+                             f"got {getattr(key_mask, 'shape', None)}")
         if key_mask.dtype != jnp.bool_:
             raise ValueError(f"key_mask must be a bool array (True = real token); got dtype {key_mask.dtype}")
-        if _is_concrete(key_mask) and not np.all(np.asarray(key_mask).any(axis=1)):
+        if require_real_key and is_concrete(key_mask) and not np.all(np.asarray(key_mask).any(axis=1)):
             raise ValueError("key_mask must keep at least one real key in every batch row")
 
 
-def check_qkv(q, k, v, *, key_mask=None) -> None:
-    check_qk(q, k, key_mask=key_mask)
+def check_qkv(q, k, v, *, key_mask=None, require_real_key: bool = True) -> None:
+    check_qk(q, k, key_mask=key_mask, require_real_key=require_real_key)
     if getattr(v, "ndim", None) != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must have shape [batch, kv_length, kv_heads, head_dim_v] matching k {k.shape[:3]}; got {getattr(v, 'shape', None)}")
     if v.dtype != k.dtype:
         raise ValueError(f"v must share the dtype of k ({k.dtype}); got {v.dtype}")
 
 
-def check_finite(*, key_mask=None, **arrays) -> None:
-    """Non-finite inputs would silently corrupt scores, sorting and outputs: refuse them when concrete.
+def _nonfinite_tokens(name: str, x, key_mask):
+    """bool [B, L, H]: tokens of ``x`` holding NaN/Inf; for keys and values only the real ones (key_mask)."""
+    bad = ~jnp.all(jnp.isfinite(x), axis=-1)
+    if name != "q" and key_mask is not None:
+        bad = bad & key_mask[:, :, None]
+    return bad
 
-    ``q`` is checked everywhere; ``k`` and ``v`` only at real keys (``key_mask``),
-    since padding is never read and may hold anything.
+
+def _where_text(name: str) -> str:
+    return ("query row {row} (batch {batch}, head {head})" if name == "q"
+            else "real key {row} (batch {batch}, kv head {head})")
+
+
+def check_finite(*, key_mask=None, **arrays) -> None:
+    """Refuse NaN/Inf in attention inputs, on the host, when all of them are concrete.
+
+    ``q`` is checked everywhere (every query row is real); ``k`` and ``v`` only at
+    real keys (``key_mask``), since padding is never read and may hold anything. When
+    any of them is a tracer nothing is checked here: the graph carries the rule
+    (:func:`nonfinite_poison`).
     """
+    if not is_concrete(key_mask, *arrays.values()):
+        return
     for name, x in arrays.items():
-        if x is None or not _is_concrete(x) or (key_mask is not None and not _is_concrete(key_mask)):
+        if x is None:
             continue
-        finite = jnp.isfinite(x)
-        if name != "q" and key_mask is not None:
-            finite = finite | ~key_mask[:, :, None, None]
-        if not bool(jnp.all(finite)):
-            raise ValueError(f"{name} contains NaN or Inf at real tokens; attention inputs must be finite")
+        bad = np.asarray(_nonfinite_tokens(name, x, key_mask))
+        if bad.any():
+            batch, row, head = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{name} contains NaN or Inf at {_where_text(name).format(row=row, batch=batch, head=head)}; "
+                             "attention inputs must be finite")
+
+
+def debug_check_finite(q, k, v, key_mask=None) -> None:
+    """The rule of :func:`check_finite` as ``jax.experimental.checkify`` checks, for traced inputs.
+
+    Under ``jit`` and the other transforms the caller wraps its function in
+    ``checkify.checkify`` and gets the error (with the first offending row) back as a value.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        bad = _nonfinite_tokens(name, x, key_mask)
+        batch, row, head = jnp.unravel_index(jnp.argmax(bad), bad.shape)
+        checkify.check(~jnp.any(bad), f"{name} contains NaN or Inf at {_where_text(name)}; attention inputs must "
+                       "be finite", row=row, batch=batch, head=head)
+
+
+def check_scale(scale, head_dim: int):
+    """(static scale, traced scale or None) for ``attention(scale=...)``.
+
+    None gives ``1/sqrt(head_dim)``. A concrete value must be a finite positive number and
+    is returned as a Python float (the kernels compile it in). A traced value cannot be
+    checked now: it comes back as the second element, static scale 1.0, and the
+    pipeline scales q by it and makes the output NaN where it is not finite and positive.
+    """
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim), None
+    if isinstance(scale, jax.core.Tracer):
+        if scale.shape != ():
+            raise ValueError(f"scale must be a scalar; got shape {scale.shape}")
+        return 1.0, scale
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a finite positive number; got {scale!r}") from None
+    if isinstance(scale, bool) or not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"scale must be a finite positive number; got {scale!r}")
+    return value, None
+
+
+def check_sink_positions(config, length_k: int) -> None:
+    """With ``force_sink``, every sink position must name a key: refuse positions >= the key length."""
+    if config.force_sink and max(config.sink_positions) >= length_k:
+        raise ValueError(f"BAConfig.sink_positions must lie below the key length {length_k} when force_sink is "
+                         f"on (each names a key whose block is always kept); got {config.sink_positions}")
+
+
+def nan_where(bad: jax.Array) -> jax.Array:
+    """float32: NaN where ``bad``, else 0 (added to an output, it poisons exactly the rows it must)."""
+    return jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(0.0))
+
+
+@jax.custom_jvp
+def nonfinite_poison(q, k, v, key_mask=None) -> jax.Array:
+    """float32 [B, Lq, Hq]: NaN on the output rows that NaN/Inf inputs reach, 0 elsewhere.
+
+    The rule of ``jax.nn.dot_product_attention``, whatever blocks a selection keeps: a
+    query row with NaN/Inf poisons its own output row; NaN/Inf in k or v at a real key
+    (``key_mask`` True) poisons every row of the query heads served by that kv head.
+    Padding is never read. Added to the output (and its log-sum-exp), it costs one read
+    of q, k and v. Its derivative is NaN where it is NaN (see the JVP below), so that
+    gradients carry the NaN too, as they do through ``jax.nn``.
+    """
+    q_bad = _nonfinite_tokens("q", q, None)
+    kv_bad = jnp.any(_nonfinite_tokens("k", k, key_mask) | _nonfinite_tokens("v", v, key_mask), axis=1)  # [B, Hkv]
+    return nan_where(q_bad | jnp.take(kv_bad, layout.head_map(q.shape[2], k.shape[2]), axis=1)[:, None, :])
+
+
+@nonfinite_poison.defjvp
+def _nonfinite_poison_jvp(primals, tangents):
+    # Linear in the tangents and scaled by the poison (0 or NaN): on clean rows the derivative is 0,
+    # on poisoned rows the cotangent reaches the whole q row and the whole k/v of its kv head as NaN.
+    q, k, v, key_mask = primals
+    dq, dk, dv = tangents[:3]
+    poison = nonfinite_poison(q, k, v, key_mask)
+    per_key = jnp.sum(dk, axis=-1, dtype=jnp.float32) + jnp.sum(dv, axis=-1, dtype=jnp.float32)  # [B, Lk, Hkv]
+    if key_mask is not None:
+        per_key = jnp.where(key_mask[:, :, None], per_key, 0.0)
+    per_head = jnp.take(jnp.sum(per_key, axis=1), layout.head_map(q.shape[2], k.shape[2]), axis=1)  # [B, Hq]
+    return poison, poison * (jnp.sum(dq, axis=-1, dtype=jnp.float32) + per_head[:, None, :])

@@ -206,8 +206,7 @@ def parse_config(get_config: Callable[..., object], argv: Sequence[str] | None =
     type has no such form (one call per value of a tuple); ``not_on_cli`` names fields left off.
     With ``presets`` (the names ``get_config`` takes, its default first), ``--preset NAME`` picks
     the starting point ``get_config(NAME)``; a field named ``preset`` is then set by
-    ``get_config``, not by a flag. ``--print-config`` prints the
-    result as JSON and exits.
+    ``get_config``, not by a flag. ``--print-config`` prints the result as JSON and exits.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     base = get_config()
@@ -246,7 +245,8 @@ def parse_config(get_config: Callable[..., object], argv: Sequence[str] | None =
             values = value if isinstance(value, tuple) else (value,)
             wrong = [v for v in values if flag.choices is not None and v is not None and v not in flag.choices]
             if wrong:
-                ap.error(f"argument {flag.name}: must be one of {', '.join(map(str, flag.choices))}; got {wrong[0]!r}")
+                allowed = ", ".join(map(str, flag.choices))
+                ap.error(f"argument {flag.name}: must be one of {allowed}; got {wrong[0]!r}")
             overrides[flag.path] = value
     try:
         config = _replace(base, overrides)

@@ -7,6 +7,7 @@ Union address and a greedy completion. Perplexity on the first 8,192 tokens is 2
 instead of llama.cpp's adjacent pairs would give a perplexity in the hundreds.
 """
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,6 @@ import pytest
 from flax import nnx
 from tokenizers import pre_tokenizers
 
-import gguf
 from baatt.data import data_dir
 from baatt.data.gguf_tokenizer import GGUFTokenizer
 from baatt.nn import load_smollm2, smollm2_path

@@ -19,6 +19,8 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from baatt.data.gguf_file import open_gguf, read_field
+
 # llama.cpp's token types (gguf.TokenType): 3 = control, 4 = user-defined (both are whole-text matches).
 _CONTROL, _USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
 
@@ -40,22 +42,11 @@ class GGUFTokenizer:
     """
 
     def __init__(self, source: str | os.PathLike | gguf.GGUFReader):
-        """source: the GGUF file's path, or a ``gguf.GGUFReader`` of it (parsing the metadata takes seconds)."""
-        if isinstance(source, gguf.GGUFReader):
-            reader, path = source, Path(source.data.filename)
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise FileNotFoundError(f"GGUF file not found: {path}")
-            reader = gguf.GGUFReader(path)
+        """source: the GGUF file's path, or a ``gguf.GGUFReader`` of it (see ``open_gguf``)."""
+        reader, path = open_gguf(source)
 
-        def field(key, default=None):
-            f = reader.get_field(key)
-            if f is None:
-                if default is None:
-                    raise ValueError(f"{path}: GGUF metadata {key!r} is missing")
-                return default
-            return f.contents()
+        def field(key, *default):
+            return read_field(reader, key, path, *default)
 
         kind = field("tokenizer.ggml.model")
         if kind != "gpt2":
@@ -77,9 +68,9 @@ class GGUFTokenizer:
         self.path = str(path)
         self.backend = backend
         self.vocab_size = len(tokens)
-        bos, eos = reader.get_field("tokenizer.ggml.bos_token_id"), reader.get_field("tokenizer.ggml.eos_token_id")
-        self.bos_id = None if bos is None else int(bos.contents())
-        self.eos_id = None if eos is None else int(eos.contents())
+        bos, eos = field("tokenizer.ggml.bos_token_id", None), field("tokenizer.ggml.eos_token_id", None)
+        self.bos_id = None if bos is None else int(bos)
+        self.eos_id = None if eos is None else int(eos)
         self.special_ids = frozenset(vocab[tok] for tok, special in whole if special)
 
     def encode(self, text: str) -> list[int]:

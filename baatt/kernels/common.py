@@ -41,6 +41,23 @@ def tile_start(block_id, step, block: int, tile: int):
     return block_id(jax.lax.div(step, steps)) * block + jax.lax.rem(step, steps) * tile
 
 
+def key_limit(q_pos, span: int):
+    """First key position a query at ``q_pos`` may not see under a causal mask of span ``span`` (1: token
+    causal; G: block causal), traced into kernels: ``(q_pos // span + 1) * span``."""
+    if span == 1:
+        return q_pos + 1
+    return (jax.lax.div(q_pos, span) + 1) * span  # lax.div: non-negative ints, no floor-division selects
+
+
+def hide_past_limit(s, first_row, first_key, span: int):
+    """Logits tile ``s`` [rows, keys] with ``-inf`` where the causal mask hides the key at ``first_key + j``
+    from the query at ``first_row + i``. A select, not an added bias, so a NaN logit of a hidden key
+    cannot survive it. Only tiles on the mask's edge pay for it."""
+    q_pos = first_row + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    k_pos = first_key + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    return jnp.where(k_pos < key_limit(q_pos, span), s, -jnp.inf)
+
+
 def sanitize_masked_keys(kv_valid, *arrays):
     """``(*arrays with masked key rows zeroed, key bias)`` for [B, Hkv, Lk, D] arrays and kv_valid [B, Hkv, Lk].
 

@@ -4,6 +4,11 @@ docs/spec.md section 1 (oracle ``M_hat``), section 2 (pooled logits), section 4
 (norm sorting), section 5 (covariance compensation, count correction). The fast
 estimator (``baatt.selection.estimator``) computes the same scores and is tested
 against ``pre_downsample_scores``.
+
+Under a causal or block-causal mask (``config.mask``, or the ``mask`` of the block
+space) a query's row of logits holds only the keys it may see: the oracle map
+spreads each query's mass over those, and a block pair the mask wholly hides has
+score ``-inf`` and mass 0.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from baatt import layout
+from baatt.attention_mask import AttentionMask, resolve_mask
 from baatt.config import BAConfig
 from baatt.reference.sorting import norm_sort
 from baatt.validation import check_qk
@@ -45,6 +51,12 @@ def pre_downsample_scores(q, k, config: BAConfig, *, key_mask=None) -> jax.Array
     over the blocks of the norm-sorted tokens when ``sort_q`` / ``sort_k`` (section 4);
     ``-inf`` for key blocks without a valid key. ``softmax`` over the last axis gives the
     pre-downsample map ``M`` (section 2).
+
+    Under ``config.mask``: ``-inf`` for the block pairs the mask hides; on a pair the
+    mask cuts (the diagonal of a causal mask) the pooled logit becomes the mean logit
+    over the (query, key) pairs the mask allows, the count term counts the keys a
+    query of the block sees on average, and there is no compensation term: no
+    statistic of a key a query may not see enters its score.
     """
     check_qk(q, k, key_mask=key_mask)
     return _pre_scores_jit(q, k, key_mask, config)
@@ -55,7 +67,7 @@ def _pre_scores_jit(q, k, key_mask, config):
     q_perm = norm_sort(q)[0] if config.sort_q else None
     k_perm = norm_sort(k, mask=key_mask)[0] if config.sort_k else None
     space = layout.to_block_space(q, k, None, block_q=config.block_q, block_k=config.block_k,
-                                  key_mask=key_mask, q_perm=q_perm, k_perm=k_perm)
+                                  key_mask=key_mask, q_perm=q_perm, k_perm=k_perm, mask=config.mask)
     q_mean, q_var, _ = block_moments(space.q, space.q_valid[:, None, :], config.block_q)
     k_mean, k_var, k_count = (jnp.take(a, layout.head_map(q.shape[2], k.shape[2]), axis=1)
                               for a in block_moments(space.k, space.kv_valid, config.block_k))
@@ -67,22 +79,59 @@ def _pre_scores_jit(q, k, key_mask, config):
         scores = scores + config.beta * delta
     if config.count_correction:
         scores = scores + jnp.log(jnp.maximum(k_count, 1.0))[:, :, None, :]
-    return jnp.where(k_count[:, :, None, :] > 0, scores, -jnp.inf)
+    scores = jnp.where(k_count[:, :, None, :] > 0, scores, -jnp.inf)
+    if config.mask.is_bidirectional:
+        return scores
+    allowed, whole = config.mask.block_pairs(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    mean_logit, seen = masked_block_logits(space, 1.0 / math.sqrt(d))
+    cut = mean_logit + (jnp.log(jnp.maximum(seen, 1e-30)) if config.count_correction else 0.0)
+    cut = jnp.where(seen > 0, cut, -jnp.inf)
+    return jnp.where(whole, scores, jnp.where(allowed, cut, -jnp.inf))
+
+
+def masked_block_logits(space: layout.BlockSpace, scale: float) -> tuple[jax.Array, jax.Array]:
+    """Per block pair, over the (real query, key) pairs ``space.mask`` allows: the mean logit and the
+    number of keys a real query of the block sees on average. Both [B, Hq, Nq, Nk]; 0 where no pair is allowed.
+
+    Streamed over key blocks (the reference: every pair, not only those on the mask's edge).
+    """
+    logits = _stream_logits(space, scale)
+    b, hq, nq, bq = space.q.shape[0], space.q.shape[1], space.num_q_blocks, space.block_q
+    qv = space.q_valid.reshape(b, 1, nq, bq, 1)
+    real_rows = jnp.maximum(jnp.sum(qv, axis=(-1, -2)), 1.0)  # [B, 1, Nq]
+
+    def per_key_block(j):
+        s = logits(j).reshape(b, hq, nq, bq, -1)
+        seen = jnp.isfinite(s) & qv
+        total = jnp.sum(jnp.where(seen, s, 0.0), axis=(-1, -2))
+        pairs = jnp.sum(seen, axis=(-1, -2)).astype(jnp.float32)
+        return total / jnp.maximum(pairs, 1.0), pairs / real_rows
+
+    mean, seen = jax.lax.map(per_key_block, jnp.arange(space.num_k_blocks))
+    return jnp.moveaxis(mean, 0, -1), jnp.moveaxis(seen, 0, -1)
 
 
 def _stream_logits(space: layout.BlockSpace, scale: float):
-    """Yields a function of a key-block index giving masked logits [B, Hq, Lq_pad, block_k] (float32)."""
+    """Yields a function of a key-block index giving masked logits [B, Hq, Lq_pad, block_k] (float32).
+
+    ``-inf`` at invalid keys and at the keys ``space.mask`` hides from a row.
+    """
     hq, hkv = space.q.shape[1], space.k.shape[1]
     group = hq // hkv
     b, _, lq, d = space.q.shape
+    bk = space.block_k
     qg = space.q.astype(jnp.float32).reshape(b, hkv, group, lq, d)
-    kb = layout.block_view(space.k.astype(jnp.float32), space.block_k)  # [B, Hkv, Nk, bk, D]
-    validb = layout.block_view(space.kv_valid, space.block_k)
+    kb = layout.block_view(space.k.astype(jnp.float32), bk)  # [B, Hkv, Nk, bk, D]
+    validb = layout.block_view(space.kv_valid, bk)
+    limit = None if space.mask.is_bidirectional else space.mask.key_limit(jnp.arange(lq))
 
     def logits(j):
         kj = jnp.where(validb[:, :, j, :, None], kb[:, :, j], 0.0)
         s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kj, precision=HIGHEST) * scale
-        s = jnp.where(validb[:, :, j][:, :, None, None, :], s, -jnp.inf)
+        seen = validb[:, :, j][:, :, None, None, :]
+        if limit is not None:
+            seen = seen & (j * bk + jnp.arange(bk) < limit[:, None])
+        s = jnp.where(seen, s, -jnp.inf)
         return s.reshape(b, hq, lq, -1)
 
     return logits
@@ -118,6 +167,8 @@ def post_downsample_blocked(space: layout.BlockSpace, *, scale: float) -> jax.Ar
     qv = space.q_valid.reshape(b, -1, space.block_q).astype(jnp.float32)  # [B, Nq, bq]
     nq_real = jnp.maximum(jnp.sum(qv, axis=-1), 1.0)  # [B, Nq]
 
+    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # a row that sees no key puts no mass anywhere
+
     def mass(j):
         p = jnp.sum(jnp.exp(logits(j) - lse[..., None]), axis=-1)  # [B, Hq, Lq_pad]
         pb = layout.block_view(p, space.block_q)  # [B, Hq, Nq, bq]
@@ -129,7 +180,8 @@ def post_downsample_blocked(space: layout.BlockSpace, *, scale: float) -> jax.Ar
 
 def post_downsample_map(
     q, k, *, block_size: int, key_mask=None, block_size_k: int | None = None,
-    q_perm=None, k_perm=None, scale: float | None = None,
+    q_perm=None, k_perm=None, scale: float | None = None, is_causal: bool = False,
+    mask: AttentionMask | None = None,
 ) -> jax.Array:
     """The oracle ``M_hat`` [B, Hq, Nq, Nk] (docs/spec.md section 1).
 
@@ -137,19 +189,22 @@ def post_downsample_map(
     the keys of block ``b``, averaged over the queries: each row sums to 1.
     Blocks are positional unless ``q_perm`` / ``k_perm`` (as returned by
     ``norm_sort``) place it in a sorted block space. Memory is linear in L.
+    ``is_causal`` / ``mask``: the attention mask (as ``dense_attention``); each
+    query's softmax runs over the keys it may see.
     """
     check_qk(q, k, key_mask=key_mask)
+    mask = resolve_mask(is_causal, mask)
     for name, value in (("block_size", block_size), ("block_size_k", block_size_k)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     block_k = block_size if block_size_k is None else block_size_k
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _post_map_jit(q, k, key_mask, q_perm, k_perm, block_size, block_k, scale)
+    return _post_map_jit(q, k, key_mask, q_perm, k_perm, block_size, block_k, scale, mask)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _post_map_jit(q, k, key_mask, q_perm, k_perm, block_q, block_k, scale):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _post_map_jit(q, k, key_mask, q_perm, k_perm, block_q, block_k, scale, mask):
     space = layout.to_block_space(
-        q, k, None, block_q=block_q, block_k=block_k, key_mask=key_mask, q_perm=q_perm, k_perm=k_perm
+        q, k, None, block_q=block_q, block_k=block_k, key_mask=key_mask, q_perm=q_perm, k_perm=k_perm, mask=mask
     )
     return post_downsample_blocked(space, scale=scale)

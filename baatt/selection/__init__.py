@@ -23,7 +23,12 @@ from baatt.validation import check_finite, check_qk
 
 # The built-in selectors register themselves on import; this order is the order of baatt.SELECTORS.
 from baatt.selection import baatt, meanpool, oracle, xattention, last_query, sparge_like, random, dense  # noqa: F401
+from baatt.selection import query_token, max_oracle, mixed, quest, proxy  # noqa: F401
 from baatt.selection.last_query import LastQueryParams
+from baatt.selection.mixed import MixedParams
+from baatt.selection.proxy import ProxyParams
+from baatt.selection.query_token import QueryTokenParams
+from baatt.selection.quest import QuestParams
 from baatt.selection.random import RandomParams
 from baatt.selection.sparge_like import SpargeParams
 from baatt.selection.xattention import XAttentionParams
@@ -81,6 +86,10 @@ __all__ = [
     "SELECTORS",
     "BlockSelection",
     "LastQueryParams",
+    "MixedParams",
+    "ProxyParams",
+    "QueryTokenParams",
+    "QuestParams",
     "RandomParams",
     "Selector",
     "SelectorParamError",

@@ -14,7 +14,7 @@ def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     space = positional_space(q, k, config, key_mask)
     kcount = key_block_counts(space.kv_valid, config.block_k, q.shape[2])
     scores = jnp.zeros((q.shape[0], q.shape[2], space.num_q_blocks, space.num_k_blocks))
-    dense = config.replace(sparsity=None, tau=None, force_sink=False, local_window=0)
+    dense = config.replace(sparsity=None, tau=None, peak_margin=None, force_sink=False, local_window=0)
     return finish(mask_empty(scores, kcount), q, k, dense)
 
 

@@ -6,6 +6,13 @@ docs/spec.md section 2 (pooled logits), section 4 (norm sorting), section 5
 tests compare this against; here the statistics take one read of Q and K
 (shifted one-pass moments, reductions in the caller's layout when nothing is
 sorted) and the sorts take the fast argsort route (``baatt.selection.sorting``).
+
+Under a causal or block-causal ``config.mask`` the scores of the block pairs the
+mask hides are ``-inf``. A block-causal mask whose generation block the block
+sizes divide cuts no pair; a token-causal one cuts the pairs on the diagonal,
+whose score is the mean logit over the (query, key) pairs it allows plus the log
+of the keys a query sees there on average (``diagonal_logits``: one small tile
+per query block, so no statistic of a future key enters a score).
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from baatt import layout
 from baatt.config import BAConfig
+from baatt.selection.budget import allowed_blocks
 from baatt.selection.sorting import norm_sort
 from baatt.validation import check_qk
 
@@ -183,4 +192,88 @@ def _estimate_jit(q, k, key_mask, config):
         if k_perm is not None:
             k_stats = block_stats(space.k, space.kv_valid, config.block_k, with_var=config.compensate)
     scores = pooled_scores(q_stats, k_stats, config, q.shape[-1])
+    scores = apply_mask(scores, q, k, key_mask, config)
     return Estimate(scores, q_perm, k_perm, q_stats, k_stats)
+
+
+def apply_mask(scores: jax.Array, q, k, key_mask, config: BAConfig) -> jax.Array:
+    """Block scores [B, Hq, Nq, Nk] under ``config.mask``: ``-inf`` where it hides the pair; on the
+    diagonal of a token-causal mask, the masked mean logit (+ the log of the mean count of keys seen,
+    with ``count_correction``) instead of the pooled score."""
+    allowed = allowed_blocks(config, scores.shape[-2], scores.shape[-1], q.shape[1], k.shape[1])
+    if allowed is None:
+        return scores
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    if config.mask.kind != "causal":
+        return scores
+    mean_logit, seen = diagonal_logits(q, k, key_mask, config)
+    cut = mean_logit + (jnp.log(jnp.maximum(seen, 1e-30)) if config.count_correction else 0.0)
+    on_edge = seen > 0
+    _, whole = config.mask.block_pairs(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    return jnp.where(whole, scores, jnp.where(on_edge, cut, -jnp.inf))
+
+
+# Elements of the diagonal logit tiles computed at once (per lax.map step); bounds memory.
+_TILE_ELEMENTS = 1 << 25
+
+
+def diagonal_logits(q, k, key_mask, config: BAConfig) -> tuple[jax.Array, jax.Array]:
+    """Under a token-causal mask: per block pair on the diagonal, the mean logit over the (real query,
+    valid key) pairs with key position <= query position, and the number of such keys a real query of
+    the block sees on average. Both [B, Hq, Nq, Nk] float32, 0 off the diagonal.
+
+    The diagonal key blocks of query block ``a`` are ``a*bq // bk`` and the ``max(1, bq // bk) - 1``
+    after it; their logits against the block's queries are one [bq, max(bq, bk)] tile per query block,
+    computed a few query blocks at a time.
+    """
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    bq, bk = config.block_q, config.block_k
+    nq, nk = config.num_blocks(lq, lk)
+    slots = max(1, bq // bk)
+    width = slots * bk
+    chunk = max(1, min(nq, _TILE_ELEMENTS // max(b * hq * bq * width, 1)))
+    n_chunks = -(-nq // chunk)
+    nq_pad = n_chunks * chunk
+    first = (np.arange(nq_pad) * bq) // bk  # first diagonal key block of each query block
+    # Keys padded so that every window [first*bk, first*bk + width) exists; padding is invalid.
+    lk_pad = max(-(-lk // width) * width, int(first[-1]) * bk + width)
+    valid = jnp.ones((b, lk), jnp.bool_) if key_mask is None else key_mask
+    k = jnp.where(valid[:, :, None, None], k, jnp.zeros((), k.dtype))
+    k = jnp.pad(k, ((0, 0), (0, lk_pad - lk), (0, 0), (0, 0)))
+    valid = jnp.pad(valid, ((0, 0), (0, lk_pad - lk)))
+    q = jnp.pad(q, ((0, 0), (0, nq_pad * bq - lq), (0, 0), (0, 0))).reshape(b, nq_pad, bq, hkv, group, d)
+    if bq >= bk:  # the windows tile the keys: a reshape, no copy
+        k_win = k[:, : nq_pad * bq].reshape(b, nq_pad, width, hkv, d)
+        valid_win = valid[:, : nq_pad * bq].reshape(b, nq_pad, width)
+    else:  # a query block sits inside one key block
+        k_win = jnp.take(k.reshape(b, -1, bk, hkv, d), jnp.asarray(first), axis=1)
+        valid_win = jnp.take(valid.reshape(b, -1, bk), jnp.asarray(first), axis=1)
+    precision = HIGHEST if q.dtype in (jnp.float32, jnp.float64) else None
+
+    def one_chunk(c):
+        take = lambda x: lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)
+        a = c * chunk + jnp.arange(chunk)
+        q_pos = a[:, None] * bq + jnp.arange(bq)  # [chunk, bq]
+        k_pos = (a * bq // bk * bk)[:, None] + jnp.arange(width)  # [chunk, width]
+        live = (k_pos[:, None, :] <= q_pos[:, :, None]) & (q_pos[:, :, None] < lq)
+        live = live[None] & take(valid_win)[:, :, None, :]  # [B, chunk, bq, width]
+        s = jnp.einsum("bcqhgd,bckhd->bchgqk", take(q), take(k_win), precision=precision,
+                       preferred_element_type=jnp.promote_types(q.dtype, jnp.float32)).astype(jnp.float32)
+        total = jnp.sum(jnp.where(live[:, :, None, None], s, 0.0), axis=-2)  # [B, chunk, Hkv, G, width]
+        total = jnp.sum(total.reshape(b, chunk, hq, slots, bk), axis=-1)
+        pairs = jnp.sum(live, axis=2).reshape(b, chunk, slots, bk).sum(-1).astype(jnp.float32)
+        return total / math.sqrt(d), pairs
+
+    total, pairs = jax.lax.map(one_chunk, jnp.arange(n_chunks))  # [n_chunks, B, chunk, ...]
+    total = jnp.moveaxis(total, 0, 1).reshape(b, nq_pad, hq, slots)[:, :nq]
+    pairs = jnp.moveaxis(pairs, 0, 1).reshape(b, nq_pad, slots)[:, :nq]
+    real_rows = np.minimum(bq, lq - np.arange(nq) * bq).astype(np.float32)
+    mean = total / jnp.maximum(pairs, 1.0)[:, :, None, :]  # [B, Nq, Hq, slots]
+    per_row = pairs / real_rows[None, :, None]  # [B, Nq, slots]
+    # Scatter the slots to their key-block columns (columns past Nk hold only padding: dropped).
+    onehot = jnp.asarray((first[:nq, None] + np.arange(slots))[:, :, None] == np.arange(nk), jnp.float32)
+    mean = jnp.einsum("bahs,asn->bhan", mean, onehot, precision=HIGHEST)
+    per_row = jnp.einsum("bas,asn->ban", per_row, onehot, precision=HIGHEST)
+    return mean, jnp.broadcast_to(per_row[:, None], mean.shape)

@@ -8,7 +8,14 @@ import jax
 import jax.numpy as jnp
 
 from baatt.config import BAConfig
-from baatt.selection.common import finish, key_block_counts, mask_empty, positional_space, uniform_block_map
+from baatt.selection.common import (
+    finish,
+    key_block_counts,
+    mask_empty,
+    mask_hidden,
+    positional_space,
+    uniform_block_map,
+)
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import register_selector
 
@@ -27,7 +34,7 @@ def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     nq, nk = space.num_q_blocks, space.num_k_blocks
     scores = jax.random.uniform(jax.random.key(seed), (q.shape[0], q.shape[2], nq, nk))
     # Under tau, a random ranking with uniform mass keeps ceil(tau * N) blocks.
-    return finish(mask_empty(scores, kcount), q, k, config, probs=jnp.ones_like(scores))
+    return finish(mask_hidden(mask_empty(scores, kcount), q, k, config), q, k, config, probs=jnp.ones_like(scores))
 
 
 register_selector("random", select=select, block_map=uniform_block_map, params=RandomParams)

@@ -29,6 +29,7 @@ from baatt.kernels.mosaic_gpu.config import (
     unsupported_reason,
 )
 from baatt.kernels.mosaic_gpu.forward_kernel import forward
+from baatt.kernels.pallas_triton.block_sparse import first_order_only
 
 
 def _run_backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k, backward_impl,
@@ -53,6 +54,7 @@ def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning,
 
 def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, all_valid, interpret,
                 backward_impl, bwd_tuning):
+    q, k, v = first_order_only("mosaic_gpu", q, k, v)
     if all_valid:
         kc, vc, bias = k, v, None
     else:
@@ -64,6 +66,7 @@ def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tun
 
 def _attend_bwd(scale, block_q, block_k, tuning, all_valid, interpret, backward_impl, bwd_tuning, res, cts):
     # Gradients w.r.t. the sanitised K/V are exactly those w.r.t. K/V: masked rows get p = 0, so 0.
+    res, cts = first_order_only("mosaic_gpu", res, cts)
     q, kc, vc, bias, indices, counts, out, lse = res
     do, dlse = cts
     dq, dk, dv = _run_backward(q, kc, vc, bias, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
@@ -86,12 +89,14 @@ def _attend_positional(q, k, v, indices, counts, scale, block_q, block_k, tuning
 
 
 def _attend_positional_fwd(q, k, v, indices, counts, scale, block_q, block_k, tuning, backward_impl, bwd_tuning):
+    q, k, v = first_order_only("mosaic_gpu", q, k, v)
     out, lse = forward(q, k, v, pack_selection(indices, counts), None, scale=scale, block_q=block_q,
                        block_k=block_k, tuning=tuning, positional=True)
     return (out, lse), (q, k, v, indices, counts, out, lse)
 
 
 def _attend_positional_bwd(scale, block_q, block_k, tuning, backward_impl, bwd_tuning, res, cts):
+    res, cts = first_order_only("mosaic_gpu", res, cts)
     q, k, v, indices, counts, out, lse = res
     do, dlse = cts
     if backward_impl == "mosaic_gpu" and block_k in SUPPORTED_BWD_BLOCK_K:

@@ -133,28 +133,36 @@ def unsupported_reason(q_shape, k_shape, v_shape, dtype, block_q: int, block_k: 
 
 
 def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, block_k, tk, precision,
-                rotate):
-    # sel row: [count, any selected block holds a masked key (0/1), block ids...]
+                rotate, span):
+    # sel row: [count, any selected block holds a masked key (0/1), block ids...]; under a causal mask
+    # (span not None): [count, that flag, how many leading blocks the block's first row sees whole, ids...].
     count = sel_ref[0]
     q = q_ref[...]  # [tq, D]
     tq, d = q.shape
     qk_scale = scale * LOG2E
+    first_id = 2 if span is None else 3
+    first_row = pl.program_id(0) * tq
 
     steps = count * (block_k // tk)
-    offset = jax.lax.rem(pl.program_id(0), jnp.maximum(steps, 1)) if rotate else None
+    # Under a causal mask the walk over whole blocks comes first (ids ascend); the edge tiles follow it.
+    walk = steps if span is None else sel_ref[2] * (block_k // tk)
+    offset = jax.lax.rem(pl.program_id(0), jnp.maximum(walk, 1)) if rotate else None
 
-    def body(masked, t, carry):
+    def body(masked, on_edge, t, carry):
         acc, m, l = carry
-        if rotate:
+        if rotate and not on_edge:
             t = t + offset
-            t = jnp.where(t >= steps, t - steps, t)
-        rows = pl.ds(pl.multiple_of(tile_start(lambda j: sel_ref[j + 2], t, block_k, tk), tk), tk)
+            t = jnp.where(t >= walk, t - walk, t)
+        start = pl.multiple_of(tile_start(lambda j: sel_ref[j + first_id], t, block_k, tk), tk)
+        rows = pl.ds(start, tk)
         k = k_ref[rows, :]
         v = v_ref[rows, :]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
         if masked:
             # bias: 0 for a valid key, -inf for a masked one (whose K/V rows were zeroed, so s is finite).
             s = s + bias_ref[rows][None, :]
+        if on_edge:
+            s = hide_past_limit(s, first_row, start, span)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -170,17 +178,20 @@ def _fwd_kernel(sel_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale
     # Rows whose selected blocks are all fully valid (the common case) skip the bias add.
     acc, m, l = jax.lax.cond(
         sel_ref[1] != 0,
-        lambda: jax.lax.fori_loop(0, steps, functools.partial(body, True), init),
-        lambda: jax.lax.fori_loop(0, steps, functools.partial(body, False), init),
+        lambda: jax.lax.fori_loop(0, walk, functools.partial(body, True, False), init),
+        lambda: jax.lax.fori_loop(0, walk, functools.partial(body, False, False), init),
     )
+    if span is not None:
+        acc, m, l = jax.lax.fori_loop(walk, steps, functools.partial(body, True, True), (acc, m, l))
     has = l > 0.0
     l_safe = jnp.where(has, l, 1.0)
     o_ref[...] = jnp.where(has[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
 
 
-def _pack_forward_selection(indices, counts, kv_valid, block_k):
-    """[B, Hq, Nq, 2 + kmax]: count, whether any selected block holds a masked key, then the ids."""
+def _pack_forward_selection(indices, counts, kv_valid, block_q, block_k, span):
+    """[B, Hq, Nq, 2 + kmax]: count, whether any selected block holds a masked key, then the ids; under a
+    causal mask [B, Hq, Nq, 3 + kmax], with the number of leading kept blocks seen whole before the ids."""
     batch, q_heads, nq, kmax = indices.shape
     kv_heads = kv_valid.shape[1]
     partial = ~jnp.all(kv_valid.reshape(batch, kv_heads, -1, block_k), axis=-1)  # [B, Hkv, Nk]
@@ -188,11 +199,31 @@ def _pack_forward_selection(indices, counts, kv_valid, block_k):
     partial = jnp.broadcast_to(partial, (batch, q_heads, nq, partial.shape[-1]))
     hit = jnp.take_along_axis(partial, indices, axis=-1) & (jnp.arange(kmax) < counts[..., None])
     flag = jnp.any(hit, axis=-1).astype(jnp.int32)
-    return jnp.concatenate([counts[..., None].astype(jnp.int32), flag[..., None], indices.astype(jnp.int32)],
-                           axis=-1)
+    head = [counts[..., None].astype(jnp.int32), flag[..., None]]
+    if span is not None:
+        head.append(seen_whole(indices, counts, block_q, block_k, span)[..., None])
+    return jnp.concatenate([*head, indices.astype(jnp.int32)], axis=-1)
 
 
-def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret):
+def seen_whole(indices, counts, block_q: int, block_k: int, span: int):
+    """int32 [B, H, Nq]: how many of the kept key blocks (ascending ids) the first row of the query block,
+    hence every row of it, sees whole under a causal mask of span ``span``; the rest need the mask."""
+    nq, kmax = indices.shape[-2:]
+    limit = key_limit(jnp.arange(nq, dtype=jnp.int32) * block_q, span)  # [Nq]
+    whole = ((indices + 1) * block_k <= limit[:, None]) & (jnp.arange(kmax) < counts[..., None])
+    return jnp.sum(whole, axis=-1, dtype=jnp.int32)
+
+
+def edge_first(indices_t, counts_t, block_q: int, block_k: int, span: int):
+    """int32 [B, H, Nk]: how many of the query blocks (ascending ids) that kept each key block do not see
+    all of it under a causal mask of span ``span``: they come first in the transposed list."""
+    nk, nq = indices_t.shape[-2:]
+    end = (jnp.arange(nk, dtype=jnp.int32) + 1) * block_k  # [Nk]
+    cut = (key_limit(indices_t * block_q, span) < end[:, None]) & (jnp.arange(nq) < counts_t[..., None])
+    return jnp.sum(cut, axis=-1, dtype=jnp.int32)
+
+
+def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret, span):
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = k.shape
     group = q_heads // kv_heads
@@ -200,7 +231,7 @@ def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret):
     per_block = block_q // tq
     width = sel.shape[-1]
     kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, tk=tuning.fwd_k,
-                               precision=dot_precision(q.dtype), rotate=tuning.fwd_rotate)
+                               precision=dot_precision(q.dtype), rotate=tuning.fwd_rotate, span=span)
     grid = (lq // tq, batch, q_heads)
     return pl.pallas_call(
         kernel,
@@ -230,50 +261,67 @@ def _forward(q, k, v, bias, sel, *, scale, block_q, block_k, tuning, interpret):
 
 
 def _dq_kernel(sel_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, bias_ref, dq_ref, *,
-               scale, block_k, tk, precision):
+               scale, block_k, tk, precision, span):
+    # sel row: [count, block ids...]; under a causal mask [count, leading blocks seen whole, block ids...].
     count = sel_ref[0]
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...]  # base-2 lse, +inf for rows without keys
     delta = delta_ref[...]
     qk_scale = scale * LOG2E
+    first_id = 1 if span is None else 2
+    first_row = pl.program_id(0) * q.shape[0]
 
-    def body(t, dq):
-        base = tile_start(lambda j: sel_ref[j + 1], t, block_k, tk)
-        rows = pl.ds(pl.multiple_of(base, tk), tk)
+    def body(on_edge, t, dq):
+        base = pl.multiple_of(tile_start(lambda j: sel_ref[j + first_id], t, block_k, tk), tk)
+        rows = pl.ds(base, tk)
         k = k_ref[rows, :]
         v = v_ref[rows, :]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale + bias_ref[rows][None, :]
+        if on_edge:
+            s = hide_past_limit(s, first_row, base, span)
         p = jnp.exp2(s - lse2[:, None])
         dp = plgpu.dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = jax.lax.fori_loop(0, count * (block_k // tk), body, dq)
+    steps = count * (block_k // tk)
+    if span is None:
+        dq = jax.lax.fori_loop(0, steps, functools.partial(body, False), dq)
+    else:  # the blocks seen whole, then the edge tiles
+        whole = sel_ref[1] * (block_k // tk)
+        dq = jax.lax.fori_loop(0, whole, functools.partial(body, False), dq)
+        dq = jax.lax.fori_loop(whole, steps, functools.partial(body, True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(selt_ref, k_ref, v_ref, bias_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                scale, block_q, tq, group, precision):
+                scale, block_q, tq, group, precision, span):
+    # selt row (per query head of the group): [count, query block ids...]; under a causal mask
+    # [count, leading query blocks that do not see the whole key block, query block ids...].
     k = k_ref[...]
     v = v_ref[...]
     bias = bias_ref[...][None, :]  # [1, tk]
     qk_scale = scale * LOG2E
     steps = block_q // tq
+    first_id = 1 if span is None else 2
+    first_key = pl.program_id(0) * k.shape[0]
 
     def head(g, carry):
         count = selt_ref[g, 0]
 
-        def body(t, carry):
+        def body(on_edge, t, carry):
             dk, dv = carry
-            base = tile_start(lambda j: selt_ref[g, j + 1], t, block_q, tq)
-            rows = pl.ds(pl.multiple_of(base, tq), tq)
+            base = pl.multiple_of(tile_start(lambda j: selt_ref[g, j + first_id], t, block_q, tq), tq)
+            rows = pl.ds(base, tq)
             q = q_ref[g, rows, :]
             do = do_ref[g, rows, :]
             lse2 = lse_ref[g, rows]
             delta = delta_ref[g, rows]
             s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale + bias  # [tq, tk]
+            if on_edge:
+                s = hide_past_limit(s, base, first_key, span)
             p = jnp.exp2(s - lse2[:, None])
             dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
             dp = plgpu.dot(do, v, trans_b=True, precision=precision)
@@ -281,7 +329,12 @@ def _dkv_kernel(selt_ref, k_ref, v_ref, bias_ref, q_ref, do_ref, lse_ref, delta_
             dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
             return dk, dv
 
-        return jax.lax.fori_loop(0, count * steps, body, carry)
+        if span is None:
+            return jax.lax.fori_loop(0, count * steps, functools.partial(body, False), carry)
+        # Query blocks ascend: those on the mask's edge come first, then those that see the key block whole.
+        edge = selt_ref[g, 1] * steps
+        carry = jax.lax.fori_loop(0, edge, functools.partial(body, True), carry)
+        return jax.lax.fori_loop(edge, count * steps, functools.partial(body, False), carry)
 
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
@@ -364,12 +417,38 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale: float
 # ----------------------------------------------------------------------------- custom_vjp
 
 
+def first_order_only(implementation: str, *arrays):
+    """``arrays`` unchanged; differentiating through them raises a ``NotImplementedError``.
+
+    The custom VJPs pass their forward inputs and their backward's residuals and
+    cotangents through this. A second derivative (grad of grad, ``jax.hessian``, a jvp
+    of a gradient) would otherwise trace the forward or backward kernels under JVP,
+    which Pallas kernels do not support: it failed with a bare AssertionError.
+    """
+    return _first_order_only(implementation, arrays)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _first_order_only(implementation, arrays):
+    return arrays
+
+
+@_first_order_only.defjvp
+def _refuse_second_order(implementation, primals, tangents):
+    raise NotImplementedError(
+        f"second-order derivatives (grad of grad, jax.hessian, jvp of a gradient) are not supported by "
+        f"implementation {implementation!r}: its kernels have a first derivative only; use "
+        "implementation='reference' for higher-order derivatives"
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret):
     return _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret)[0]
 
 
 def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret):
+    q, k, v = first_order_only("pallas", q, k, v)
     kc, vc, bias = sanitize_masked_keys(kv_valid, k, v)
     sel = _pack_forward_selection(indices, counts, kv_valid, block_k)
     out, lse = _forward(q, kc, vc, bias, sel, scale=scale, block_q=block_q, block_k=block_k,
@@ -379,6 +458,7 @@ def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tun
 
 def _attend_bwd(scale, block_q, block_k, tuning, interpret, res, cts):
     # Gradients w.r.t. the sanitised K/V are exactly those w.r.t. K/V: masked rows get p = 0, so 0.
+    res, cts = first_order_only("pallas", res, cts)
     q, kc, vc, bias, indices, counts, out, lse = res
     do, dlse = cts
     dq, dk, dv = backward(q, kc, vc, bias, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,

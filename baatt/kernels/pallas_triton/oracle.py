@@ -32,6 +32,12 @@ are padding (q_valid False) or see no valid key get ``lse2 = +inf`` (so every
 ``where`` inside the kernel, so NaN stored in padded query rows or masked keys
 cannot reach ``M_hat``.
 
+Causal and block-causal masks (``mask``, static): a query tile walks the key
+tiles up to the last one its last row may see; the tiles wholly visible to its
+first row go through unmasked, the few on the mask's edge get ``-inf`` logits
+where a key lies past a row's limit (``baatt.attention_mask``), and the key
+blocks past the tile's reach are written as 0 without being read.
+
 Math in float32, base 2 (``exp2``) inside the kernels; bf16/f16 inputs go to
 the tensor cores as they are (exact products, float32 accumulation), float32
 inputs with ``Precision.HIGHEST`` (no tf32). Supported like the sparse kernel:
@@ -51,7 +57,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from baatt import layout, platform
-from baatt.kernels.common import LN2, LOG2E, RUNNING_MAX_INIT, dot_precision, sanitize_masked_keys
+from baatt.attention_mask import BIDIRECTIONAL, AttentionMask, resolve_mask
+from baatt.kernels.common import (
+    LN2,
+    LOG2E,
+    RUNNING_MAX_INIT,
+    dot_precision,
+    hide_past_limit,
+    key_limit,
+    sanitize_masked_keys,
+)
 from baatt.kernels.pallas_triton.block_sparse import unsupported_reason
 from baatt.validation import check_qk
 
@@ -87,63 +102,92 @@ DEFAULT_TUNING = Tuning()
 # ----------------------------------------------------------------------------- kernels
 
 
-def _lse_kernel(q_ref, k_ref, bias_ref, lse2_ref, *, qk_scale, tk, num_tiles, precision):
-    """Base-2 log-sum-exp of each row of the tile over all keys (-inf for a row that sees none)."""
+def _lse_kernel(q_ref, k_ref, bias_ref, lse2_ref, *, qk_scale, tk, num_tiles, precision, span):
+    """Base-2 log-sum-exp of each row of the tile over all keys it may see (-inf for a row that sees none)."""
     q = q_ref[...]  # [tq, D]
     tq = q.shape[0]
+    first_row = pl.program_id(0) * tq
 
-    def body(t, carry):
+    def body(on_edge, t, carry):
         m, l = carry
-        rows = pl.ds(pl.multiple_of(t * tk, tk), tk)
+        start = pl.multiple_of(t * tk, tk)
+        rows = pl.ds(start, tk)
         s = plgpu.dot(q, k_ref[rows, :], trans_b=True, precision=precision) * qk_scale
         s = s + bias_ref[rows][None, :]  # -inf at masked keys (their K rows are zero, so s was finite)
+        if on_edge:
+            s = hide_past_limit(s, first_row, start, span)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         l = l * jnp.exp2(m - m_new) + jnp.sum(jnp.exp2(s - m_new[:, None]), axis=1)
         return m_new, l
 
     init = (jnp.full((tq,), RUNNING_MAX_INIT, jnp.float32), jnp.zeros((tq,), jnp.float32))
-    m, l = jax.lax.fori_loop(0, num_tiles, body, init)
+    if span is None:
+        m, l = jax.lax.fori_loop(0, num_tiles, functools.partial(body, False), init)
+    else:
+        # Tiles wholly visible to the first row, then those up to the last row's reach.
+        whole = jnp.minimum(jax.lax.div(key_limit(first_row, span), tk), num_tiles)
+        reach = jnp.minimum(jax.lax.div(key_limit(first_row + tq - 1, span) + tk - 1, tk), num_tiles)
+        carry = jax.lax.fori_loop(0, whole, functools.partial(body, False), init)
+        m, l = jax.lax.fori_loop(whole, reach, functools.partial(body, True), carry)
     has = l > 0.0
     lse2_ref[...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
 
 
-def _map_kernel(q_ref, lse2_ref, k_ref, bias_ref, o_ref, *, qk_scale, block_k, tk, num_blocks, precision):
-    """o[j] = sum over the tile's live rows and block j's valid keys of exp2(s - lse2)."""
+def _map_kernel(q_ref, lse2_ref, k_ref, bias_ref, o_ref, *, qk_scale, block_k, tk, num_blocks, precision, span):
+    """o[j] = sum over the tile's live rows and block j's valid keys (those each row may see) of exp2(s - lse2)."""
     q = q_ref[...]  # [tq, D]
     lse2 = lse2_ref[...]  # [tq]: +inf for padding rows and rows without keys
     live = lse2 < jnp.inf
     tq = q.shape[0]
     steps = block_k // tk
+    first_row = pl.program_id(0) * tq
 
-    def tile(start, acc):
-        rows = pl.ds(pl.multiple_of(start, tk), tk)
+    def tile(on_edge, start, acc):
+        start = pl.multiple_of(start, tk)
+        rows = pl.ds(start, tk)
         s = plgpu.dot(q, k_ref[rows, :], trans_b=True, precision=precision) * qk_scale
-        p = jnp.exp2(s + bias_ref[rows][None, :] - lse2[:, None])  # 0 at masked keys and dead rows
+        s = s + bias_ref[rows][None, :]
+        if on_edge:
+            s = hide_past_limit(s, first_row, start, span)
+        p = jnp.exp2(s - lse2[:, None])  # 0 at masked keys, hidden keys and dead rows
         return acc + jnp.sum(p, axis=1)
 
-    def block(j, carry):
+    def block(on_edge, j, carry):
         base = j * block_k
         zero = jnp.zeros((tq,), jnp.float32)
         if steps == 1:
-            acc = tile(base, zero)
+            acc = tile(on_edge, base, zero)
         else:
-            acc = jax.lax.fori_loop(0, steps, lambda u, a: tile(base + u * tk, a), zero)
+            acc = jax.lax.fori_loop(0, steps, lambda u, a: tile(on_edge, base + u * tk, a), zero)
         o_ref[j] = jnp.sum(jnp.where(live, acc, 0.0))  # where, not a product: NaN rows stay out
         return carry
 
-    jax.lax.fori_loop(0, num_blocks, block, jnp.int32(0))
+    if span is None:
+        jax.lax.fori_loop(0, num_blocks, functools.partial(block, False), jnp.int32(0))
+        return
+    # Blocks wholly visible to the first row, those up to the last row's reach, then zeros.
+    whole = jnp.minimum(jax.lax.div(key_limit(first_row, span), block_k), num_blocks)
+    reach = jnp.minimum(jax.lax.div(key_limit(first_row + tq - 1, span) + block_k - 1, block_k), num_blocks)
+    jax.lax.fori_loop(0, whole, functools.partial(block, False), jnp.int32(0))
+    jax.lax.fori_loop(whole, reach, functools.partial(block, True), jnp.int32(0))
+
+    def hidden(j, carry):
+        o_ref[j] = jnp.float32(0.0)
+        return carry
+
+    jax.lax.fori_loop(reach, num_blocks, hidden, jnp.int32(0))
 
 
 # ----------------------------------------------------------------------------- passes
 
 
-def _row_lse2(q, kc, bias, *, scale, tuning, interpret):
+def _row_lse2(q, kc, bias, *, scale, tuning, interpret, span=None):
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = kc.shape
     group = q_heads // kv_heads
     tq, tk = tuning.q, tuning.k
     kernel = functools.partial(_lse_kernel, qk_scale=scale * LOG2E, tk=tk, num_tiles=lk // tk,
-                               precision=dot_precision(q.dtype))
+                               precision=dot_precision(q.dtype), span=span)
     return pl.pallas_call(
         kernel,
         grid=(lq // tq, batch, q_heads),
@@ -160,7 +204,7 @@ def _row_lse2(q, kc, bias, *, scale, tuning, interpret):
     )(q, kc, bias)
 
 
-def _tile_mass(q, lse2, kc, bias, *, scale, block_k, tuning, interpret):
+def _tile_mass(q, lse2, kc, bias, *, scale, block_k, tuning, interpret, span=None):
     """[B, Hq, Lq/tq, Nk]: per query tile and key block, the summed probability of the tile's live rows."""
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = kc.shape
@@ -168,7 +212,7 @@ def _tile_mass(q, lse2, kc, bias, *, scale, block_k, tuning, interpret):
     tq, tk = tuning.q, tuning.k
     nk = lk // block_k
     kernel = functools.partial(_map_kernel, qk_scale=scale * LOG2E, block_k=block_k, tk=tk, num_blocks=nk,
-                               precision=dot_precision(q.dtype))
+                               precision=dot_precision(q.dtype), span=span)
     return pl.pallas_call(
         kernel,
         grid=(lq // tq, batch, q_heads),
@@ -197,13 +241,15 @@ def _check_block_space(q, k, block_q, block_k):
                          f"{q.shape[1]} query heads")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "interpret", "mask"))
 def row_logsumexp(q, k, kv_valid, *, scale: float, block_q: int, block_k: int,
-                  tuning: Tuning = DEFAULT_TUNING, interpret: bool = False) -> jax.Array:
-    """Pass 1 alone, in block space: each row's natural-log log-sum-exp over all valid keys.
+                  tuning: Tuning = DEFAULT_TUNING, interpret: bool = False,
+                  mask: AttentionMask = BIDIRECTIONAL) -> jax.Array:
+    """Pass 1 alone, in block space: each row's natural-log log-sum-exp over all valid keys it may see.
 
     Args:
       q: [B, Hq, Nq*block_q, D]; k: [B, Hkv, Nk*block_k, D]; kv_valid: bool [B, Hkv, Nk*block_k].
+      mask: the attention mask (static; rows and keys at their positions).
 
     Returns:
       float32 [B, Hq, Nq*block_q] (``-inf`` for a row that sees no valid key);
@@ -212,17 +258,19 @@ def row_logsumexp(q, k, kv_valid, *, scale: float, block_q: int, block_k: int,
     _check_block_space(q, k, block_q, block_k)
     tuning = tuning.resolve(block_q, block_k, q.shape[-1])
     kc, bias = sanitize_masked_keys(kv_valid, k)
-    return _row_lse2(q, kc, bias, scale=float(scale), tuning=tuning, interpret=interpret) * LN2
+    return _row_lse2(q, kc, bias, scale=float(scale), tuning=tuning, interpret=interpret, span=mask.span) * LN2
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "interpret", "mask"))
 def post_downsample_blocked(q, k, kv_valid, q_valid, *, scale: float, block_q: int, block_k: int,
-                            tuning: Tuning = DEFAULT_TUNING, interpret: bool = False) -> jax.Array:
+                            tuning: Tuning = DEFAULT_TUNING, interpret: bool = False,
+                            mask: AttentionMask = BIDIRECTIONAL) -> jax.Array:
     """The oracle map in block space, [B, Hq, Nq, Nk] float32 (both passes).
 
     Args:
       q: [B, Hq, Nq*block_q, D]; k: [B, Hkv, Nk*block_k, D]; kv_valid: bool [B, Hkv, Nk*block_k];
       q_valid: bool [B, Nq*block_q] (False = padding rows, which count for nothing).
+      mask: the attention mask (static; rows and keys at their positions).
 
     Semantics of ``baatt.reference.downsample.post_downsample_blocked``: each row
     ``a`` averages, over the real rows of query block ``a``, their attention mass
@@ -233,11 +281,12 @@ def post_downsample_blocked(q, k, kv_valid, q_valid, *, scale: float, block_q: i
     scale = float(scale)
     batch, q_heads, lq, _ = q.shape
     kc, bias = sanitize_masked_keys(kv_valid, k)
-    lse2 = _row_lse2(q, kc, bias, scale=scale, tuning=tuning, interpret=interpret)
+    lse2 = _row_lse2(q, kc, bias, scale=scale, tuning=tuning, interpret=interpret, span=mask.span)
     # Dead rows (padding, or no valid key) get +inf: every p of theirs is exp2(-inf) = 0.
     dead = ~q_valid[:, None, :] | ~(lse2 > -jnp.inf)
     lse2 = jnp.where(dead, jnp.inf, lse2)
-    mass = _tile_mass(q, lse2, kc, bias, scale=scale, block_k=block_k, tuning=tuning, interpret=interpret)
+    mass = _tile_mass(q, lse2, kc, bias, scale=scale, block_k=block_k, tuning=tuning, interpret=interpret,
+                      span=mask.span)
     nq = lq // block_q
     mass = jnp.sum(mass.reshape(batch, q_heads, nq, block_q // tuning.q, -1), axis=3)
     real = jnp.sum(q_valid.reshape(batch, nq, block_q), axis=-1).astype(jnp.float32)  # [B, Nq]
@@ -250,14 +299,16 @@ def post_downsample_blocked(q, k, kv_valid, q_valid, *, scale: float, block_q: i
 def post_downsample_map(
     q, k, *, block_size: int, block_size_k: int | None = None, key_mask=None, q_perm=None, k_perm=None,
     scale: float | None = None, tuning: Tuning = DEFAULT_TUNING, interpret: bool = False,
+    is_causal: bool = False, mask: AttentionMask | None = None,
 ) -> jax.Array:
     """The oracle ``M_hat`` [B, Hq, Nq, Nk] float32 (docs/spec.md section 1), computed by the Pallas kernels.
 
     Same arguments and result as ``baatt.reference.post_downsample_map``: q
     [B, Lq, Hq, D], k [B, Lk, Hkv, D] (Hkv divides Hq), ``key_mask`` bool [B, Lk]
     (True = real key), ``q_perm`` / ``k_perm`` from ``norm_sort`` for a sorted
-    block space; each row of the result sums to 1. ``interpret=True`` runs the
-    kernels in Pallas interpret mode (any backend; slow, for tests).
+    block space, ``is_causal`` / ``mask`` the attention mask; each row of the
+    result sums to 1. ``interpret=True`` runs the kernels in Pallas interpret
+    mode (any backend; slow, for tests).
 
     Raises:
       ValueError: invalid inputs (``check_qk``), or shapes / dtype / block sizes
@@ -265,6 +316,7 @@ def post_downsample_map(
         CUDA GPU while ``interpret`` is False.
     """
     check_qk(q, k, key_mask=key_mask)
+    mask = resolve_mask(is_causal, mask)
     for name, value in (("block_size", block_size), ("block_size_k", block_size_k)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -275,13 +327,14 @@ def post_downsample_map(
         raise ValueError("no CUDA GPU found; pass interpret=True to run the Pallas kernel in interpret mode "
                          "(slow, for tests)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _post_map_jit(q, k, key_mask, q_perm, k_perm, block_size, block_k, scale, tuning, interpret)
+    return _post_map_jit(q, k, key_mask, q_perm, k_perm, block_size, block_k, scale, tuning, interpret, mask)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _post_map_jit(q, k, key_mask, q_perm, k_perm, block_q, block_k, scale, tuning, interpret):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
+def _post_map_jit(q, k, key_mask, q_perm, k_perm, block_q, block_k, scale, tuning, interpret, mask):
     space = layout.to_block_space(
-        q, k, None, block_q=block_q, block_k=block_k, key_mask=key_mask, q_perm=q_perm, k_perm=k_perm
+        q, k, None, block_q=block_q, block_k=block_k, key_mask=key_mask, q_perm=q_perm, k_perm=k_perm, mask=mask
     )
     return post_downsample_blocked(space.q, space.k, space.kv_valid, space.q_valid, scale=scale,
-                                   block_q=block_q, block_k=block_k, tuning=tuning, interpret=interpret)
+                                   block_q=block_q, block_k=block_k, tuning=tuning, interpret=interpret,
+                                   mask=mask)

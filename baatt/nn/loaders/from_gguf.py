@@ -16,22 +16,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from baatt.data.gguf_file import open_gguf, read_field
 from baatt.nn.config import ModelConfig
 from baatt.nn.loaders.checkpoint import GGUF_LLAMA, StoredTensor, assemble
 from baatt.nn.model import DiffusionLM
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-_REQUIRED = object()
-
-
-def read_field(reader: gguf.GGUFReader, key: str, path: Path, default=_REQUIRED):
-    """The value of metadata ``key``; ``default`` when absent, or ValueError naming key and file if none is given."""
-    field = reader.get_field(key)
-    if field is None:
-        if default is _REQUIRED:
-            raise ValueError(f"{path}: GGUF metadata {key!r} is missing")
-        return default
-    return field.contents()
 
 
 def _stored_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, StoredTensor]:
@@ -49,7 +39,10 @@ def gguf_config(reader: gguf.GGUFReader, path: Path, **overrides) -> ModelConfig
     arch = read_field(reader, "general.architecture", path)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{path}: general.architecture is {arch!r}; load_gguf supports {SUPPORTED_ARCHITECTURES}")
-    field = lambda name, default=_REQUIRED: read_field(reader, f"{arch}.{name}", path, default)  # noqa: E731
+
+    def field(name, *default):
+        return read_field(reader, f"{arch}.{name}", path, *default)
+
     d_model = int(field("embedding_length"))
     num_heads = int(field("attention.head_count"))
     head_dim = int(field("attention.key_length", d_model // num_heads))
@@ -60,13 +53,12 @@ def gguf_config(reader: gguf.GGUFReader, path: Path, **overrides) -> ModelConfig
     scaling = field("rope.scaling.type", "none")
     if scaling != "none":
         raise NotImplementedError(f"{path}: {arch}.rope.scaling.type={scaling!r}; only unscaled rotary embeddings are supported")
-    tensors = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
     vocab = field("vocab_size", None)
-    if vocab is None:
-        embed = next((t for t in reader.tensors if t.name == GGUF_LLAMA.embed), None)
-        if embed is None:
+    if vocab is None:  # older files: the embedding's row count
+        if GGUF_LLAMA.embed not in tensors:
             raise ValueError(f"{path}: tensor {GGUF_LLAMA.embed!r} is missing")
-        vocab = int(embed.shape[-1])
+        vocab = int(tensors[GGUF_LLAMA.embed].shape[-1])
     fields = dict(
         vocab_size=int(vocab),
         mask_id=None,
@@ -86,16 +78,6 @@ def gguf_config(reader: gguf.GGUFReader, path: Path, **overrides) -> ModelConfig
     )
     fields.update(overrides)
     return ModelConfig(**fields)
-
-
-def open_gguf(source: str | os.PathLike | gguf.GGUFReader) -> tuple[gguf.GGUFReader, Path]:
-    """(reader, path) of a GGUF file given by path or as an open reader (parsing the metadata takes seconds)."""
-    if isinstance(source, gguf.GGUFReader):
-        return source, Path(source.data.filename)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    return gguf.GGUFReader(path), path
 
 
 def load_gguf(source: str | os.PathLike | gguf.GGUFReader, *, progress: bool = True,

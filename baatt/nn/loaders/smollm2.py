@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from baatt.data.gguf_file import open_gguf
 from baatt.data.gguf_tokenizer import GGUFTokenizer
 from baatt.data.tokenizer import SETUP_HINT, data_dir
 from baatt.nn.config import ModelConfig
-from baatt.nn.loaders.from_gguf import load_gguf, open_gguf
+from baatt.nn.loaders.from_gguf import load_gguf
 from baatt.nn.model import DiffusionLM
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
