@@ -57,7 +57,11 @@ def _param_type_rule(params_type: type, field: str, value) -> str | None:
     with a tracer error (``seed=1.5`` in ``jax.random.key``). Fields annotated with
     other types than int, float, bool and str are left to the params' own checks.
     """
-    check, rule = _PARAM_TYPE_RULES.get(typing.get_type_hints(params_type).get(field), (None, None))
+    try:
+        annotation = typing.get_type_hints(params_type).get(field)
+    except NameError:  # an annotation naming what its module does not define at run time
+        return None
+    check, rule = _PARAM_TYPE_RULES.get(annotation, (None, None))
     return None if check is None or check(value) else rule
 
 

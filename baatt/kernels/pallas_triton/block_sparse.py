@@ -344,12 +344,13 @@ def _dkv_kernel(selt_ref, k_ref, v_ref, bias_ref, q_ref, do_ref, lse_ref, delta_
 
 
 def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale: float, block_q: int, block_k: int,
-             tuning: Tuning, interpret: bool = False):
+             tuning: Tuning, interpret: bool = False, span: int | None = None):
     """dq, dk, dv in block space from the forward's out and lse (and the cotangents do, dlse).
 
     k, v: the sanitised K/V (masked rows zeroed) and bias their float32 key bias
     (``baatt.kernels.common.sanitize_masked_keys``); tuning: resolved
-    (``Tuning.resolve``). Also the fallback of the Mosaic GPU backward.
+    (``Tuning.resolve``); span: that of the causal mask (``AttentionMask.span``), None
+    when bidirectional. Also the fallback of the Mosaic GPU backward.
     """
     batch, q_heads, lq, d = q.shape
     _, kv_heads, lk, _ = k.shape
@@ -358,13 +359,16 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale: float
     precision = dot_precision(q.dtype)
     do, delta, lse2 = backward_row_terms(out, lse, do, dlse)
     sel = pack_selection(indices, counts)
+    if span is not None:
+        sel = jnp.concatenate([sel[..., :1], seen_whole(indices, counts, block_q, block_k, span)[..., None],
+                               sel[..., 1:]], axis=-1)
     width = sel.shape[-1]
 
     # dq over the forward list.
     tq, tk = tuning.dq_q, tuning.dq_k
     per_block = block_q // tq
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, block_k=block_k, tk=tk, precision=precision),
+        functools.partial(_dq_kernel, scale=scale, block_k=block_k, tk=tk, precision=precision, span=span),
         grid=(lq // tq, batch, q_heads),
         in_specs=[
             pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, h, i // per_block, 0)),
@@ -386,11 +390,15 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale: float
     # dk, dv over the transposed list.
     indices_t, counts_t = transpose_selection(indices, counts, nk)
     selt = pack_selection(indices_t, counts_t)  # [B, Hq, Nk, 1 + Nq]
+    if span is not None:
+        selt = jnp.concatenate([selt[..., :1], edge_first(indices_t, counts_t, block_q, block_k, span)[..., None],
+                                selt[..., 1:]], axis=-1)
     width_t = selt.shape[-1]
     tk, tq = tuning.dkv_k, tuning.dkv_q
     per_block = block_k // tk
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, block_q=block_q, tq=tq, group=group, precision=precision),
+        functools.partial(_dkv_kernel, scale=scale, block_q=block_q, tq=tq, group=group, precision=precision,
+                          span=span),
         grid=(lk // tk, batch, kv_heads),
         in_specs=[
             pl.BlockSpec((None, group, None, width_t), lambda i, b, h: (b, h, i // per_block, 0)),
