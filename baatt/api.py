@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Literal, overload
 
@@ -22,13 +23,16 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from baatt import layout
+from baatt.attention_mask import with_is_causal
 from baatt.config import BAConfig
-from baatt.kernels import BACKENDS
+from baatt.kernels import BACKENDS, mosaic_gpu, pallas_triton
 from baatt.kernels.base import Implementation
 from baatt.reference.attention import block_sparse_blocked
+from baatt.reference.tail import add_pooled_tail
 from baatt.selection import get_selector
 from baatt.selection.types import BlockSelection
 from baatt.validation import (
+    FLOAT_DTYPES,
     check_finite,
     check_qkv,
     check_scale,
@@ -67,7 +71,8 @@ class AttentionStats:
       density: [B, Hq], the fraction of block pairs computed.
       selection: the ``BlockSelection`` used (reusable through ``attention(selection=...)``).
       lse: [B, Hq, Lq], the log-sum-exp of each row (-inf for a row that sees no key,
-        NaN where the output row is NaN).
+        NaN where the output row is NaN); with ``config.tail``, of the kept keys and the
+        pooled estimate of the dropped ones together.
     """
 
     implementation: str = dataclasses.field(metadata=dict(static=True))
@@ -109,6 +114,67 @@ def implementations() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY, key=lambda n: -_REGISTRY[n].priority))
 
 
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """What an implementation accepts, the machine it needs aside (``support_matrix``).
+
+    Attributes:
+      dtypes: names of the accepted dtypes of q, k and v.
+      head_dims: accepted head dims of q and k, or None for any.
+      v_head_dim_may_differ: whether v may have a head dim of its own.
+      block_q, block_k: accepted block sizes among those ``BAConfig`` accepts (powers
+        of two >= 8), or None for all of them.
+    """
+
+    dtypes: tuple[str, ...]
+    head_dims: tuple[int, ...] | None
+    v_head_dim_may_differ: bool
+    block_q: tuple[int, ...] | None
+    block_k: tuple[int, ...] | None
+
+
+# Each built-in implementation's rule on the inputs alone: (q_shape, k_shape, v_shape, dtype, block_q,
+# block_k) -> every rule broken, or None. Its why_unavailable adds what the machine lacks.
+_INPUT_RULES = {
+    "mosaic_gpu": mosaic_gpu.unsupported_reason,
+    "pallas": pallas_triton.unsupported_reason,
+    "reference": lambda q_shape, k_shape, v_shape, dtype, block_q, block_k: None,
+}
+_PROBED_HEAD_DIMS = tuple(range(1, 1025))
+_PROBED_BLOCKS = tuple(2**i for i in range(3, 17))
+
+
+def support_matrix() -> dict[str, Support]:
+    """The inputs each built-in implementation accepts, probed from its own rules (docs/support.md).
+
+    Each axis (dtype, head dim, v's head dim, block_q, block_k) is probed with the
+    others held at a point the implementation accepts; head dims up to 1024 and block
+    sizes up to 65536 are tried, and an axis on which every probe passes reads "any".
+    Implementations in the order ``implementation=None`` tries them.
+    """
+    table = {}
+    for name in (n for n in implementations() if n in _INPUT_RULES):
+        rule = _INPUT_RULES[name]
+
+        def accepts(dtype, head_dim, v_head_dim, block_q, block_k):
+            shape, v_shape = (1, 1, 1, head_dim), (1, 1, 1, v_head_dim)
+            return rule(shape, shape, v_shape, jnp.dtype(dtype), block_q, block_k) is None
+
+        dtype, d, bq, bk = next(point for point in itertools.product(FLOAT_DTYPES, (64, 128), (128,), (128,))
+                                if accepts(point[0], point[1], point[1], point[2], point[3]))
+        head_dims = tuple(x for x in _PROBED_HEAD_DIMS if accepts(dtype, x, x, bq, bk))
+        block_q = tuple(b for b in _PROBED_BLOCKS if accepts(dtype, d, d, b, bk))
+        block_k = tuple(b for b in _PROBED_BLOCKS if accepts(dtype, d, d, bq, b))
+        table[name] = Support(
+            dtypes=tuple(jnp.dtype(t).name for t in FLOAT_DTYPES if accepts(t, d, d, bq, bk)),
+            head_dims=None if head_dims == _PROBED_HEAD_DIMS else head_dims,
+            v_head_dim_may_differ=any(accepts(dtype, d, x, bq, bk) for x in _PROBED_HEAD_DIMS if x != d),
+            block_q=None if block_q == _PROBED_BLOCKS else block_q,
+            block_k=None if block_k == _PROBED_BLOCKS else block_k,
+        )
+    return table
+
+
 def _resolve(implementation, q, k, v, config, interpret) -> Implementation:
     if implementation is None:
         names, explicit = implementations(), False
@@ -143,6 +209,7 @@ def attention(
     scale: float | None = None,
     selection: BlockSelection | None = None,
     debug_checks: bool = False,
+    is_causal: bool = False,
 ) -> jax.Array: ...
 
 
@@ -160,6 +227,7 @@ def attention(
     scale: float | None = None,
     selection: BlockSelection | None = None,
     debug_checks: bool = False,
+    is_causal: bool = False,
 ) -> tuple[jax.Array, AttentionStats]: ...
 
 
@@ -176,6 +244,7 @@ def attention(
     scale: float | None = None,
     selection: BlockSelection | None = None,
     debug_checks: bool = False,
+    is_causal: bool = False,
 ) -> jax.Array | tuple[jax.Array, AttentionStats]:
     """Block approximate sparse attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -201,12 +270,18 @@ def attention(
       debug_checks: under a transform, also report NaN/Inf inputs and broken
         selection rules as ``jax.experimental.checkify`` errors; wrap the function in
         ``checkify.checkify`` to get them (eager calls raise without it).
+      is_causal: query ``i`` sees keys ``j <= i`` (aligned at the top left when Lq != Lk,
+        as ``jax.nn.dot_product_attention``): shorthand for
+        ``config.mask=AttentionMask.causal()``; block-causal attention is
+        ``BAConfig(mask=AttentionMask.block_causal(G))``. A ``selection`` must have been
+        made under the same mask. Keys that no query may see (Lk > Lq) count as padding.
 
     Non-finite inputs follow ``jax.nn.dot_product_attention``, whatever blocks are
-    kept: NaN/Inf in a query row makes that output row NaN, and NaN/Inf in k or v at
-    a real key makes every row of the query heads it serves NaN; gradients carry the
-    NaN too. An eager call (every input concrete, closed-over ones included) raises a
-    ``ValueError`` naming the first offending row instead.
+    kept: NaN/Inf in a query row makes that output row NaN, in k at a real key every
+    row of the query heads its kv head serves, in v at a real key the output dims
+    where v holds it in those heads; gradients carry the NaN too. An eager call
+    (every input concrete, closed-over ones included) raises a ``ValueError`` naming
+    the first offending token instead.
 
     Returns:
       out [B, Lq, Hq, D] in q's dtype, or (out, stats).
@@ -222,15 +297,18 @@ def attention(
     config = BAConfig() if config is None else config
     if not isinstance(config, BAConfig):
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
+    config = with_is_causal(config, is_causal)
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     key_mask = None if key_mask is None else jnp.asarray(key_mask)
     check_qkv(q, k, v, key_mask=key_mask, require_real_key=False)
+    key_mask = layout.visible_key_mask(key_mask, config.mask, q.shape[0], q.shape[1], k.shape[1])
     scale, traced_scale = check_scale(scale, q.shape[-1])
     if selection is not None:
         if not isinstance(selection, BlockSelection):
             raise ValueError(f"selection must be a baatt.BlockSelection; got {type(selection).__name__}")
         selection.validate(batch=q.shape[0], q_heads=q.shape[2], kv_heads=k.shape[2],
                            length_q=q.shape[1], length_k=k.shape[1])
+        _check_selection_mask(selection, config)
         # The kernel's block sizes are those the selection was made with.
         config = config.replace(block_size=selection.block_q, block_size_k=selection.block_k)
     else:
@@ -261,12 +339,20 @@ def _debug_checks(q, k, v, key_mask, selection, traced_scale) -> None:
                        "scale must be a finite positive number; got {scale}", scale=traced_scale)
 
 
+def _check_selection_mask(selection: BlockSelection, config: BAConfig) -> None:
+    if selection.mask != config.mask:
+        raise ValueError(f"selection was made under a {selection.mask.describe()} mask but attention runs under "
+                         f"{config.mask.describe()}: a selection may only run under the mask it was made with "
+                         "(give select_blocks and attention the same is_causal / config.mask)")
+
+
 def takes_positional_path(impl: Implementation, q, k, key_mask, selection: BlockSelection, interpret: bool) -> bool:
     """Whether ``impl`` runs on the caller's [B, L, H, D] arrays (no block-space copies): it offers a
-    positional operator, the selection is unpermuted, there is no key mask and lengths are whole blocks."""
+    positional operator, the selection is unpermuted and bidirectional, there is no key mask and lengths
+    are whole blocks."""
     return (impl.positional_op is not None and not interpret and key_mask is None and selection.q_perm is None
-            and selection.k_perm is None and q.shape[1] % selection.block_q == 0
-            and k.shape[1] % selection.block_k == 0)
+            and selection.k_perm is None and selection.mask.is_bidirectional
+            and q.shape[1] % selection.block_q == 0 and k.shape[1] % selection.block_k == 0)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
@@ -276,10 +362,11 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, int
     A ``selection`` given by the caller is guarded (``BlockSelection.guarded``). A
     ``traced_scale`` (``scale`` is then 1.0) scales q for the sparse operator only: the
     selection is made on the caller's q. The rows that non-finite inputs, a broken
-    selection or a bad traced scale reach get NaN added (``nonfinite_poison``).
+    selection or a bad traced scale reach get NaN added (``nonfinite_poison``), and so
+    do the output dims that NaN/Inf in v reaches.
     """
     impl = _REGISTRY[impl_name]
-    poison = nonfinite_poison(q, k, v, key_mask)
+    poison, poisoned_columns = nonfinite_poison(q, k, v, key_mask)
     if selection is not None:
         selection, bad_rows = selection.guarded(length_q=q.shape[1], length_k=k.shape[1])
         poison = poison + nan_where(bad_rows)
@@ -287,6 +374,7 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, int
         selection = impl.estimator(q, k, config, key_mask=key_mask, interpret=interpret)
     else:
         selection = get_selector(config.selector).select(q, k, config, key_mask=key_mask)
+    _check_selection_mask(selection, config)  # a selector or estimator that dropped the mask
     if traced_scale is not None:
         acc = jnp.promote_types(q.dtype, jnp.float32)
         q = (q.astype(acc) * traced_scale.astype(acc)).astype(q.dtype)
@@ -297,8 +385,13 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, int
     else:
         space = layout.to_block_space(
             q, k, v, block_q=selection.block_q, block_k=selection.block_k,
-            key_mask=key_mask, q_perm=selection.q_perm, k_perm=selection.k_perm,
+            key_mask=key_mask, q_perm=selection.q_perm, k_perm=selection.k_perm, mask=selection.mask,
         )
         out_b, lse_b = impl.sparse_op(space, selection.indices, selection.counts, scale=scale, interpret=interpret)
         out, lse = layout.from_block_space(out_b, lse_b, length_q=q.shape[1], q_perm=selection.q_perm)
-    return out + poison[..., None].astype(out.dtype), lse + jnp.swapaxes(poison, 1, 2), selection
+    if config.tail == "pooled":  # plain JAX after any operator: its (out, lse) and the pooled tail, in log space
+        out, lse = add_pooled_tail(q, k, v, out, lse, selection, key_mask=key_mask, scale=scale,
+                                   group=config.tail_group, refine=config.tail_refine,
+                                   temperature=config.tail_temperature)
+    out = out + (poison[..., None] + poisoned_columns[:, None]).astype(out.dtype)
+    return out, lse + jnp.swapaxes(poison, 1, 2), selection

@@ -51,11 +51,11 @@ class AttentionMask:
                              f"{self.kind!r}); got {g!r}")
 
     @classmethod
-    def causal(cls) -> "AttentionMask":
+    def causal(cls) -> AttentionMask:
         return cls("causal")
 
     @classmethod
-    def block_causal(cls, generation_block: int) -> "AttentionMask":
+    def block_causal(cls, generation_block: int) -> AttentionMask:
         return cls("block_causal", generation_block)
 
     @property
@@ -138,3 +138,19 @@ def resolve_mask(is_causal: bool = False, mask: AttentionMask | None = None) -> 
     if is_causal and mask is not None and mask != CAUSAL:
         raise ValueError(f"is_causal=True asks for a causal mask but mask is {mask.describe()}: give one of them")
     return CAUSAL if is_causal else (BIDIRECTIONAL if mask is None else mask)
+
+
+def with_is_causal(config, is_causal: bool):
+    """``config`` (a ``BAConfig``) under a token-causal mask when ``is_causal`` (``jax.nn``'s keyword).
+
+    ``is_causal=True`` with a config that already holds another causal mask (block-causal) is refused
+    rather than resolved one way or the other.
+    """
+    if not isinstance(is_causal, bool):
+        raise ValueError(f"is_causal must be a bool; got {is_causal!r}")
+    if not is_causal or config.mask == CAUSAL:
+        return config
+    if not config.mask.is_bidirectional:
+        raise ValueError(f"is_causal=True asks for a token-causal mask but config.mask is "
+                         f"{config.mask.describe()}: give one of them")
+    return config.replace(mask=CAUSAL)

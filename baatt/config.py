@@ -18,6 +18,9 @@ from collections.abc import Hashable
 from baatt.attention_mask import BIDIRECTIONAL, AttentionMask
 from baatt.selector_registry import SELECTORS, SelectorParamError, get_selector
 
+# Estimates of the dropped key blocks (BAConfig.tail): none, or one pooled key and value per block or group.
+TAIL_MODES = ("none", "pooled")
+
 # The built-in selectors' parameters as plain BAConfig keywords, kept from before
 # ``selector_params`` existed: keyword -> (selector, field of that selector's params).
 SELECTOR_KEYWORDS = {
@@ -111,6 +114,15 @@ class BAConfig:
         blocks on the diagonal. Such a mask is positional, so it needs
         ``sort_q=False`` and ``sort_k=False``; a block-causal one needs its
         ``generation_block`` to be a multiple of both block sizes.
+      tail: "none", or "pooled": each query also gets a pooled estimate of the key
+        blocks its query block drops, one mean key and value per block (or per
+        ``tail_group`` tokens) weighted by its count of real keys
+        (``baatt.reference.tail``). Runs after the sparse operator of every implementation.
+      tail_group: tokens per pooled key, a power of two dividing the key block
+        (None: one per key block). tail_refine: with ``tail_group``, pool in groups
+        only this many highest-scoring dropped blocks per query block, the others in
+        one key each (0: all in groups). tail_temperature: multiplies the pooled
+        logits; a number or one per query head. All three need ``tail="pooled"``.
 
     Selector parameters: each selector owns a small frozen dataclass of its
     parameters (``XAttentionParams``, ``LastQueryParams``, ``SpargeParams``,
@@ -149,6 +161,10 @@ class BAConfig:
     sparge_sim_threshold: float = 0.5
     seed: int = 0
     mask: AttentionMask = BIDIRECTIONAL
+    tail: str = "none"
+    tail_group: int | None = None
+    tail_refine: int = 0
+    tail_temperature: float | tuple[float, ...] = 1.0
 
     def __post_init__(self):
         for name in ("block_size", "block_size_k"):
@@ -199,11 +215,33 @@ class BAConfig:
                 self.local_window,
             )
         self._check_mask()
+        self._check_tail()
         if not isinstance(self.selector, str) or self.selector not in SELECTORS:
             _fail("selector", f"must be one of {tuple(SELECTORS)}", self.selector)
         self._check_selector_keywords()
         if self.selector_params is not None:
             self._check_selector_params()
+
+    def _check_tail(self) -> None:
+        if self.tail not in TAIL_MODES:
+            _fail("tail", f"must be one of {TAIL_MODES}", self.tail)
+        group = self.tail_group
+        if group is not None and (not _is_int(group) or group < 1 or group & (group - 1) or self.block_k % group):
+            _fail("tail_group", f"must be None or a power of two dividing the key block size ({self.block_k})", group)
+        if not _is_int(self.tail_refine) or self.tail_refine < 0:
+            _fail("tail_refine", "must be an int >= 0", self.tail_refine)
+        if self.tail_refine and (group is None or group == self.block_k):
+            _fail("tail_refine", f"needs a tail_group smaller than the key block size ({self.block_k})",
+                  self.tail_refine)
+        t = self.tail_temperature
+        values = t if isinstance(t, tuple) else (t,)
+        if not values or any(not _is_number(x) or not math.isfinite(x) or x <= 0 for x in values):
+            _fail("tail_temperature", "must be a finite number > 0 or a non-empty tuple of them (one per query head)",
+                  t)
+        if self.tail == "none":
+            for name, default in (("tail_group", None), ("tail_refine", 0), ("tail_temperature", 1.0)):
+                if getattr(self, name) != default:
+                    _fail(name, "applies to tail='pooled' only", getattr(self, name))
 
     def _check_mask(self) -> None:
         if self.mask in ("bidirectional", "causal"):

@@ -90,10 +90,7 @@ def to_block_space(
     if not mask.is_bidirectional and (q_perm is not None or k_perm is not None):
         raise ValueError(f"a {mask.kind} mask is positional: q_perm and k_perm must be None (sorting scatters "
                          "positions)")
-    visible = mask.visible_keys(length_q, length_k)
-    if visible is not None:
-        visible = jnp.asarray(visible)[None, :]
-        key_mask = visible if key_mask is None else key_mask & visible
+    key_mask = visible_key_mask(key_mask, mask, batch, length_q, length_k)
     qb = _pad_length(gather_heads_major(q, q_perm), block_q, axis=2)
     kb = _pad_length(gather_heads_major(k, k_perm), block_k, axis=2)
     vb = None if v is None else _pad_length(gather_heads_major(v, k_perm), block_k, axis=2)
@@ -106,6 +103,16 @@ def to_block_space(
     kv_valid = _pad_length(valid, block_k, axis=2, value=False)
     q_valid = _pad_length(jnp.ones((batch, length_q), jnp.bool_), block_q, axis=1, value=False)
     return BlockSpace(qb, kb, vb, kv_valid, q_valid, block_q, block_k, keys_all_valid=all_valid, mask=mask)
+
+
+def visible_key_mask(key_mask: jax.Array | None, mask: AttentionMask, batch: int, length_q: int, length_k: int):
+    """``key_mask`` [B, Lk] (or None) with the keys that no query may see under ``mask`` (Lk > Lq under
+    a causal one) marked as padding: bool [B, Lk], or None when every key stays."""
+    visible = mask.visible_keys(length_q, length_k)
+    if visible is None:
+        return key_mask
+    visible = jnp.broadcast_to(jnp.asarray(visible), (batch, length_k))
+    return visible if key_mask is None else key_mask & visible
 
 
 def from_block_space(

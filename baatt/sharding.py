@@ -167,6 +167,9 @@ def sharded_attention(
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if not config.mask.is_bidirectional:
+        raise ValueError(f"config.mask must be bidirectional for sharded_attention (causal masks are not "
+                         f"supported across devices yet); got {config.mask.describe()}")
     if mode == "heads":
         head_axis = "heads" if head_axis is None else head_axis
         if context_axis is not None or kv_exchange is not None:
@@ -439,6 +442,9 @@ def _head_parallel_implementation(inner: Implementation, mesh: Mesh, batch_axis:
     shard_map = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
 
     def why_unavailable(q, k, v, config, interpret):
+        if not config.mask.is_bidirectional:
+            return ("causal masks are not supported by sharded implementations yet "
+                    f"(config.mask is {config.mask.describe()})")
         if q.shape[0] % n_batch:
             return f"the batch size ({q.shape[0]}) is not divisible by the {n_batch} shards of {b!r}"
         if k.shape[2] % n_heads:

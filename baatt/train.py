@@ -28,7 +28,7 @@ from flax import nnx
 
 from baatt.data import corpus, tasks
 from baatt.data.batches import BatchStream
-from baatt.data.tokenizer import get_tokenizer
+from baatt.data.tokenizer import Tokenizer, get_tokenizer
 from baatt.diffusion.masking import diffusion_loss_gathered, head_positions_for, masked_ce
 from baatt.nn import AttentionPlan, DiffusionLM, get_config
 
@@ -287,8 +287,10 @@ def _argmax_fn(graphdef, plan):
     if k not in _ARGMAX_CACHE:
         @jax.jit
         def f(state, x):
-            logits = nnx.merge(graphdef, state)(x, attention=plan)
-            return jnp.argmax(logits[..., : 50257], axis=-1)
+            model = nnx.merge(graphdef, state)
+            logits = model(x, attention=plan)
+            # ids from the mask on (the mask token, then any padding rows of the vocabulary) are never answers
+            return jnp.argmax(logits[..., : model.cfg.mask_id], axis=-1)
         _ARGMAX_CACHE[k] = f
     return _ARGMAX_CACHE[k]
 
@@ -322,21 +324,30 @@ def restore_checkpoint(mngr, params, opt_state, step=None):
     return params, got["state"]["opt_state"], got["meta"]
 
 
-def load_model(ckpt_dir, *, step=None) -> tuple[DiffusionLM, dict]:
-    """Model from a checkpoint written by :func:`train` (its config is stored beside it)."""
+def restore_weights(model: DiffusionLM, ckpt_dir, *, step=None) -> int:
+    """Load the weights of a checkpoint written by :func:`train` into ``model`` (same configuration);
+    returns the step restored (default: the latest)."""
     import orbax.checkpoint as ocp
 
-    meta = json.loads((Path(ckpt_dir) / "train_config.json").read_text())
-    mcfg = get_config(meta["model"], **dict(meta.get("model_overrides", {})))
-    model = DiffusionLM(mcfg, rngs=nnx.Rngs(0))
     params = nnx.state(model)
     mngr = _manager(ckpt_dir)
     step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     abstract = dict(params=jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params)))
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         abstract, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(), abstract), partial_restore=True)))
     nnx.replace_by_pure_dict(params, got["state"]["params"])
     nnx.update(model, params)
+    return step
+
+
+def load_model(ckpt_dir, *, step=None) -> tuple[DiffusionLM, dict]:
+    """Model from a checkpoint written by :func:`train` (its config is stored beside it)."""
+    meta = json.loads((Path(ckpt_dir) / "train_config.json").read_text())
+    mcfg = get_config(meta["model"], **dict(meta.get("model_overrides", {})))
+    model = DiffusionLM(mcfg, rngs=nnx.Rngs(0))
+    step = restore_weights(model, ckpt_dir, step=step)
     return model, dict(step=step, **meta)
 
 
@@ -359,19 +370,36 @@ def run_info() -> dict:
 # -- the loop ---------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print) -> dict:
-    """Train; returns {'history': [...], 'model': DiffusionLM, 'steps': n, 'seconds': s}."""
+def train(cfg: TrainConfig, *, model: DiffusionLM | None = None, tokenizer=None, train_stream=None, val_stream=None,
+          log_fn=print) -> dict:
+    """Train; returns {'history': [...], 'model': DiffusionLM, 'steps': n, 'seconds': s}.
+
+    model: the model to start from, e.g. pretrained weights adapted by ``baatt.adapt`` (default: a
+      fresh ``DiffusionLM`` of ``cfg.model_config()``); it needs a mask token. A checkpoint in
+      ``cfg.ckpt_dir`` replaces its weights. tokenizer: the one the streams were made with, for
+      the task examples (default: GPT-2 BPE, that of ``baatt.data.corpus``).
+    A time-budgeted run resumed from a checkpoint goes on from the elapsed time stored with it, so
+    a finished run resumes to its final evaluation without further steps.
+    """
     from tqdm.auto import tqdm
 
-    tokenizer = get_tokenizer()
+    if tokenizer is None:
+        tokenizer = get_tokenizer()
+    elif cfg.batch_workers and not isinstance(tokenizer, Tokenizer):
+        raise ValueError("batch_workers must be 0 with a tokenizer other than GPT-2's (worker processes rebuild "
+                         f"the GPT-2 tokenizer from its path); got {cfg.batch_workers} with {type(tokenizer).__name__}")
     train_stream = corpus.load_tokens("train") if train_stream is None else train_stream
     val_stream = corpus.load_tokens("val") if val_stream is None else val_stream
-    mcfg = cfg.model_config()
+    mcfg = cfg.model_config() if model is None else model.cfg
+    if mcfg.mask_id is None:
+        raise ValueError("the model must have a mask token (ModelConfig.mask_id); got mask_id=None")
     max_len = max(s[1] for s in cfg.stages)
     if max_len > mcfg.max_len:
         raise ValueError(f"stage seq_len must be at most ModelConfig.max_len={mcfg.max_len}; got {max_len}")
-    model = DiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed))
-    if mcfg.output_bias:
+    fresh = model is None
+    if fresh:
+        model = DiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed))
+    if fresh and mcfg.output_bias:
         # Start at the unigram (see DiffusionLM.set_output_bias): on CPU (d=64, 2048-token vocab, 600 steps)
         # held-out masked CE at t=0.15 went 5.02 -> 4.74 (unigram 5.08) with this bias.
         model.set_output_bias(np.bincount(np.asarray(train_stream), minlength=mcfg.vocab_size)[: mcfg.vocab_size])
@@ -380,6 +408,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     opt_state = tx.init(params)
     start_step = 0
     resumed_stage = 0
+    resumed_elapsed = 0.0
     mngr = None
     if cfg.ckpt_dir:
         Path(cfg.ckpt_dir).mkdir(parents=True, exist_ok=True)
@@ -390,6 +419,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
             params, opt_state, m = restore_checkpoint(mngr, params, opt_state)
             start_step = int(m["step"])
             resumed_stage = int(m.get("stage", 0))
+            resumed_elapsed = float(m.get("elapsed_s", 0.0))
             log_fn(f"resumed from step {start_step}")
     step_fn = build_step(graphdef, tx, mcfg.mask_id, cfg.eps, cfg.full_task_answers, cfg.head_positions,
                          cfg.task_answer_t_min)
@@ -442,7 +472,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
 
     history = []
     key = jax.random.PRNGKey(cfg.seed + 1)
-    t0 = time.time()
+    t0 = time.time() - resumed_elapsed
     tok_count, tok_t = 0, time.time()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0 if jax.default_backend() == "cpu" else 15.0)
     step = start_step
@@ -486,7 +516,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
                     stage_idx += 1
                     log_fn(json.dumps(dict(step=step, stage_gate_passed=acc, seq_len=l, next_seq_len=cfg.stages[stage_idx][1])))
             if mngr is not None and step % cfg.ckpt_every == 0:
-                save_checkpoint(mngr, step, params, opt_state, extra=dict(stage=stage_idx))
+                save_checkpoint(mngr, step, params, opt_state, extra=dict(stage=stage_idx, elapsed_s=time.time() - t0))
     finally:
         bar.close()
         if source is not None:
@@ -496,7 +526,7 @@ def train(cfg: TrainConfig, *, train_stream=None, val_stream=None, log_fn=print)
     log_fn(json.dumps(final))
     if mngr is not None:
         if mngr.latest_step() != step:
-            save_checkpoint(mngr, step, params, opt_state, extra=dict(stage=stage_idx))
+            save_checkpoint(mngr, step, params, opt_state, extra=dict(stage=stage_idx, elapsed_s=time.time() - t0))
         mngr.wait_until_finished()
     model = nnx.merge(graphdef, params)
     return dict(history=history, model=model, steps=step, seconds=time.time() - t0)

@@ -155,30 +155,43 @@ def nan_where(bad: jax.Array) -> jax.Array:
 
 
 @jax.custom_jvp
-def nonfinite_poison(q, k, v, key_mask=None) -> jax.Array:
-    """float32 [B, Lq, Hq]: NaN on the output rows that NaN/Inf inputs reach, 0 elsewhere.
+def nonfinite_poison(q, k, v, key_mask=None) -> tuple[jax.Array, jax.Array]:
+    """(rows [B, Lq, Hq], columns [B, Hq, Dv]), float32: NaN where NaN/Inf inputs reach the output, 0 elsewhere.
 
-    The rule of ``jax.nn.dot_product_attention``, whatever blocks a selection keeps: a
-    query row with NaN/Inf poisons its own output row; NaN/Inf in k or v at a real key
-    (``key_mask`` True) poisons every row of the query heads served by that kv head.
-    Padding is never read. Added to the output (and its log-sum-exp), it costs one read
-    of q, k and v. Its derivative is NaN where it is NaN (see the JVP below), so that
+    The rule of ``jax.nn.dot_product_attention``, whatever blocks a selection keeps:
+    NaN/Inf in a query row poisons its own output row; in k at a real key
+    (``key_mask`` True) it poisons every row of the query heads served by that kv
+    head (their logits); in v at a real key it poisons, in those heads, the output
+    dims where v holds it. Padding is never read. The output gets ``rows[..., None] +
+    columns[:, None]`` added, its log-sum-exp ``rows``; that costs one read of q, k
+    and v. The derivative is NaN where the value is (see the JVP below), so that
     gradients carry the NaN too, as they do through ``jax.nn``.
     """
-    q_bad = _nonfinite_tokens("q", q, None)
-    kv_bad = jnp.any(_nonfinite_tokens("k", k, key_mask) | _nonfinite_tokens("v", v, key_mask), axis=1)  # [B, Hkv]
-    return nan_where(q_bad | jnp.take(kv_bad, layout.head_map(q.shape[2], k.shape[2]), axis=1)[:, None, :])
+    head_map = layout.head_map(q.shape[2], k.shape[2])
+    k_bad = jnp.any(_nonfinite_tokens("k", k, key_mask), axis=1)  # [B, Hkv]
+    rows = _nonfinite_tokens("q", q, None) | jnp.take(k_bad, head_map, axis=1)[:, None, :]
+    v_bad = ~jnp.isfinite(v)
+    if key_mask is not None:
+        v_bad = v_bad & key_mask[:, :, None, None]
+    columns = jnp.take(jnp.any(v_bad, axis=1), head_map, axis=1)  # [B, Hq, Dv]
+    return nan_where(rows), nan_where(columns)
 
 
 @nonfinite_poison.defjvp
 def _nonfinite_poison_jvp(primals, tangents):
-    # Linear in the tangents and scaled by the poison (0 or NaN): on clean rows the derivative is 0,
-    # on poisoned rows the cotangent reaches the whole q row and the whole k/v of its kv head as NaN.
+    # Linear in the tangents and scaled by the poison (0 or NaN): on clean rows and columns the derivative is
+    # 0; a poisoned row passes NaN to the cotangent of its whole q row and of its kv head's real keys, a
+    # poisoned column to its dim of v at the real keys.
     q, k, v, key_mask = primals
     dq, dk, dv = tangents[:3]
-    poison = nonfinite_poison(q, k, v, key_mask)
-    per_key = jnp.sum(dk, axis=-1, dtype=jnp.float32) + jnp.sum(dv, axis=-1, dtype=jnp.float32)  # [B, Lk, Hkv]
+    rows, columns = nonfinite_poison(q, k, v, key_mask)
+    head_map = layout.head_map(q.shape[2], k.shape[2])
+    per_key = jnp.sum(dk, axis=-1, dtype=jnp.float32)  # [B, Lk, Hkv]
+    dv = dv.astype(jnp.float32)
     if key_mask is not None:
         per_key = jnp.where(key_mask[:, :, None], per_key, 0.0)
-    per_head = jnp.take(jnp.sum(per_key, axis=1), layout.head_map(q.shape[2], k.shape[2]), axis=1)  # [B, Hq]
-    return poison, poison * (jnp.sum(dq, axis=-1, dtype=jnp.float32) + per_head[:, None, :])
+        dv = jnp.where(key_mask[:, :, None, None], dv, 0.0)
+    per_head = jnp.take(jnp.sum(per_key, axis=1), head_map, axis=1)  # [B, Hq]
+    d_rows = rows * (jnp.sum(dq, axis=-1, dtype=jnp.float32) + per_head[:, None, :])
+    d_columns = columns * jnp.take(jnp.sum(dv, axis=1), head_map, axis=1)
+    return (rows, columns), (d_rows, d_columns)

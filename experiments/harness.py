@@ -397,16 +397,16 @@ def dense_backward_call(q, k, v, do, implementation: str = "cudnn") -> Callable[
 
 
 def flash_attention2_times(lengths: Sequence[int], *, batch: int, heads: int, head_dim: int, dtype: str,
-                           target_s: float, min_reps: int) -> dict | None:
+                           target_s: float, min_reps: int, causal: bool = False) -> dict | None:
     """FlashAttention-2 (torch SDPA, flash backend) forward and forward+backward milliseconds per
     length on [B, H, L, D] ``torch.randn`` inputs (a dense kernel's time does not depend on the
     values), measured with ``median_time`` in a child process so that torch and JAX never share
     the GPU's memory pool: call it before JAX has touched the GPU in this process (JAX reserves
-    most of the memory when it starts). Returns ``{"torch", "torch_device", "fa2": {str(L):
+    most of the memory when it starts). ``causal``: SDPA's ``is_causal=True``. Returns ``{"torch", "torch_device", "fa2": {str(L):
     {"fwd_ms", "fwdbwd_ms"}}}``, or None when the child fails (no torch, no GPU; its output says why).
     """
     spec = dict(lengths=list(lengths), batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-                target_s=target_s, min_reps=min_reps)
+                target_s=target_s, min_reps=min_reps, causal=causal)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fa2.json"
         done = subprocess.run([sys.executable, "-m", "experiments.harness", "flash-attention-2", json.dumps(spec),
@@ -434,11 +434,11 @@ def _time_flash_attention2(spec: dict, out_path: str) -> None:
         shape = (spec["batch"], spec["heads"], length, spec["head_dim"])
         q, k, v, do = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            fwd = tm(lambda: F.scaled_dot_product_attention(q, k, v))
+            fwd = tm(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=spec["causal"]))
             qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
 
             def fwdbwd():
-                out = F.scaled_dot_product_attention(qg, kg, vg)
+                out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=spec["causal"])
                 out.backward(do)
                 qg.grad = kg.grad = vg.grad = None
                 return out

@@ -1,6 +1,10 @@
 """Independent float64 NumPy implementations of the specification, written loop-first for clarity.
 
 They share nothing with the package: every formula is re-derived from docs/spec.md.
+
+``span`` is a causal mask written as a rule on positions: None is bidirectional;
+otherwise query ``i`` sees key ``t`` when ``t // span <= i // span`` (1: causal,
+G: block causal with generation blocks of G tokens).
 """
 
 from __future__ import annotations
@@ -14,10 +18,28 @@ def heads_of(hq, hkv):
     return [h // (hq // hkv) for h in range(hq)]
 
 
-def dense(q, k, v, mask=None):
+def sees(i, t, span):
+    """Whether query position i may see key position t."""
+    return span is None or t // span <= i // span
+
+
+def _softmax_rows(s):
+    """(p, lse) of each row of s; a row without any finite entry gets p = 0 and lse = -inf."""
+    p = np.zeros_like(s)
+    lse = np.full(s.shape[0], -np.inf)
+    for i, row in enumerate(s):
+        if np.isfinite(row).any():
+            m = row[np.isfinite(row)].max()
+            e = np.exp(row - m)
+            lse[i] = m + np.log(e.sum())
+            p[i] = e / e.sum()
+    return p, lse
+
+
+def dense(q, k, v, mask=None, span=None):
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, lq, hq, d = q.shape
-    hkv = k.shape[2]
+    lk, hkv = k.shape[1], k.shape[2]
     out = np.zeros((b, lq, hq, v.shape[-1]))
     lse = np.zeros((b, hq, lq))
     for bi in range(b):
@@ -25,10 +47,12 @@ def dense(q, k, v, mask=None):
             s = q[bi, :, h] @ k[bi, :, g].T / math.sqrt(d)
             if mask is not None:
                 s[:, ~np.asarray(mask[bi])] = -np.inf
-            m = s.max(-1, keepdims=True)
-            p = np.exp(s - m)
-            lse[bi, h] = (m[:, 0] + np.log(p.sum(-1)))
-            out[bi, :, h] = (p / p.sum(-1, keepdims=True)) @ v[bi, :, g]
+            for i in range(lq):
+                for t in range(lk):
+                    if not sees(i, t, span):
+                        s[i, t] = -np.inf
+            p, lse[bi, h] = _softmax_rows(s)
+            out[bi, :, h] = p @ np.where(p.any(0)[:, None], v[bi, :, g], 0.0)
     return out, lse
 
 
@@ -72,11 +96,21 @@ def num_blocks(q, k, block_q, block_k):
     return -(-q.shape[1] // block_q), -(-k.shape[1] // block_k)
 
 
-def pre_scores(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None, beta=None, count_term=True):
+def pre_scores(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None, beta=None, count_term=True,
+               span=None):
+    """BA-Att block logits. Under ``span``: -inf where no (query, key) pair of the blocks is allowed; where
+    only some are, the mean logit over the allowed pairs plus log(allowed pairs / queries), no compensation."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     d = q.shape[-1]
     out = np.full((q.shape[0], q.shape[2]) + num_blocks(q, k, block_q, block_k), -np.inf)
     for bi, h, g, a, j, qi, kj in block_pairs(q, k, block_q, block_k, mask=mask, q_perm=q_perm, k_perm=k_perm):
+        pairs = [(i, t) for i in qi for t in kj if sees(i, t, span)]
+        if not pairs:
+            continue
+        if len(pairs) < len(qi) * len(kj):
+            logits = [q[bi, i, h] @ k[bi, t, g] / math.sqrt(d) for i, t in pairs]
+            out[bi, h, a, j] = np.mean(logits) + (math.log(len(pairs) / len(qi)) if count_term else 0.0)
+            continue
         xq, xk = q[bi, qi, h], k[bi, kj, g]
         qm, qv = xq.mean(0), xq.var(0)
         km, kv = xk.mean(0), xk.var(0)
@@ -89,7 +123,7 @@ def pre_scores(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None, b
     return out
 
 
-def post_map(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None):
+def post_map(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None, span=None):
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -100,8 +134,11 @@ def post_map(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None):
             s = q[bi, :, h] @ k[bi, :, g].T / math.sqrt(d)
             if mask is not None:
                 s[:, ~np.asarray(mask[bi])] = -np.inf
-            a_full = np.exp(s - s.max(-1, keepdims=True))
-            a_full /= a_full.sum(-1, keepdims=True)
+            for i in range(lq):
+                for t in range(lk):
+                    if not sees(i, t, span):
+                        s[i, t] = -np.inf
+            a_full, _ = _softmax_rows(s)
             qb = blocks(None if q_perm is None else q_perm[bi, h], lq, block_q)
             kb = blocks(None if k_perm is None else k_perm[bi, g], lk, block_k)
             for a, qi in enumerate(qb):
@@ -110,8 +147,8 @@ def post_map(q, k, block_q, block_k, *, mask=None, q_perm=None, k_perm=None):
     return out
 
 
-def block_sparse(q, k, v, indices, counts, block_q, block_k, *, mask=None, q_perm=None, k_perm=None):
-    """Exact softmax restricted to the keys of the selected blocks, per query."""
+def block_sparse(q, k, v, indices, counts, block_q, block_k, *, mask=None, q_perm=None, k_perm=None, span=None):
+    """Exact softmax restricted to the keys of the selected blocks (that the query may see), per query."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -125,10 +162,10 @@ def block_sparse(q, k, v, indices, counts, block_q, block_k, *, mask=None, q_per
             for a, qi in enumerate(qb):
                 keys = [t for j in indices[bi, h, a, : counts[bi, h, a]] for t in kb[j] if real[t]]
                 s = q[bi, qi, h] @ k[bi, keys, g].T / math.sqrt(d)
-                m = s.max(-1, keepdims=True)
-                p = np.exp(s - m)
-                lse[bi, h, qi] = m[:, 0] + np.log(p.sum(-1))
-                out[bi, qi, h] = (p / p.sum(-1, keepdims=True)) @ v[bi, keys, g]
+                for r, i in enumerate(qi):
+                    s[r, [c for c, t in enumerate(keys) if not sees(i, t, span)]] = -np.inf
+                p, lse[bi, h, qi] = _softmax_rows(s)
+                out[bi, qi, h] = p @ np.where(p.any(0)[:, None], v[bi, keys, g], 0.0)
     return out, lse
 
 

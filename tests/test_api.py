@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.experimental import checkify
 
 import baatt
 from baatt import reference
@@ -223,6 +229,10 @@ def test_bad_tensors_raise(mutate, message):
         (dict(local_window=1, sort_k=True), "local_window is positional"),
         (dict(xattn_stride=5), "xattn_stride must divide block_size"),
         (dict(sort_q=1), "sort_q must be a bool"),
+        (dict(min_blocks=True), "min_blocks must be an int >= 1"),
+        (dict(seed=1.5), "seed must be an int"),
+        (dict(last_query_gamma="high"), "last_query_gamma must be a number"),
+        (dict(selector=["baatt"]), "selector must be one of"),
     ],
 )
 def test_bad_config_raises(kwargs, message):
@@ -236,8 +246,11 @@ def test_bad_key_mask_and_implementation_raise():
         baatt.attention(q, k, v, key_mask=jnp.ones((1, 5), bool))
     with pytest.raises(ValueError, match="key_mask must be a bool array"):
         baatt.attention(q, k, v, key_mask=jnp.ones((1, 32), jnp.int32))
-    with pytest.raises(ValueError, match="key_mask must keep at least one real key"):
-        baatt.attention(q, k, v, key_mask=jnp.zeros((1, 32), bool))
+    with pytest.raises(ValueError, match="key_mask must be a bool array"):
+        baatt.attention(q, k, v, key_mask=[[1] * 32])
+    for scale in (float("nan"), float("inf"), 0.0, -1.0, "big", jnp.ones(2)):
+        with pytest.raises(ValueError, match="scale must be a finite positive number"):
+            baatt.attention(q, k, v, scale=scale)
     with pytest.raises(ValueError, match="implementation must be one of"):
         baatt.attention(q, k, v, implementation="magic")
     with pytest.raises(ValueError, match="config must be a baatt.BAConfig"):
@@ -294,3 +307,169 @@ def test_reused_selection_gives_the_same_output_as_fresh():
         baatt.attention(q, k, v, selection=stats["selection"].indices)
     with pytest.raises(ValueError, match="selection.indices must have shape"):
         baatt.attention(q[:, :40], k, v, selection=stats["selection"])
+
+
+# ---- regressions: each gave a silent wrong answer, a hidden NaN or an unclear error before --------
+
+
+def _dense_nn(q, k, v, mask=None):
+    """jax.nn.dot_product_attention with a key mask [B, Lk] (the behaviour baatt.attention follows)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :])
+
+
+def test_closed_over_operands_under_jit():
+    """q traced, k and v closed over: the host-side value check ran on the mix and raised TracerBoolConversionError."""
+    q, k, v = make(np.random.default_rng(20), 1, 40, 40, 2, 1)
+    cfg = baatt.BAConfig(block_size=16)
+    out = jax.jit(lambda q: baatt.attention(q, k, v, config=cfg))(q)
+    np.testing.assert_allclose(out, baatt.attention(q, k, v, config=cfg), rtol=1e-6, atol=1e-6)
+    # The closed-over k holds a NaN that this traced call cannot check on the host: it reaches the output.
+    k_nan = k.at[0, 3, 0, 0].set(jnp.nan)
+    assert np.isnan(jax.jit(lambda q: baatt.attention(q, k_nan, v, config=cfg))(q)).all()
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.75])
+def test_nonfinite_inputs_propagate_under_jit_like_jax_nn(sparsity):
+    """A NaN key made its block mean NaN and the selector dropped that block (density 0.75 with BAConfig()); a
+    NaN query row came out as zeros; gradients stayed finite. Now NaN reaches exactly the rows it reaches in
+    jax.nn, whatever blocks are kept, and the gradients."""
+    rng = np.random.default_rng(21)
+    q, k, v = make(rng, 2, 48, 64, 4, 2)
+    mask = jnp.asarray(np.arange(64)[None] < np.asarray([[64], [40]]))
+    cfg = baatt.BAConfig(block_size=16, sparsity=sparsity)
+    attend = jax.jit(lambda q, k, v: baatt.attention(q, k, v, config=cfg, key_mask=mask))
+    planted = {
+        "q row": (q.at[0, 7, 2, 3].set(jnp.nan), k, v),
+        "k at a real key": (q, k.at[1, 5, 1, 0].set(jnp.nan), v),
+        "v at a real key": (q, k, v.at[0, 60, 0, 2].set(jnp.nan)),
+        "k in padding": (q, k.at[1, 50, 0, 0].set(jnp.nan), v),
+    }
+    for what, inputs in planted.items():
+        np.testing.assert_array_equal(np.isnan(attend(*inputs)), np.isnan(_dense_nn(*inputs, mask)), err_msg=what)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    grads = jax.grad(lambda *a: jnp.sum(attend(*a) * w), argnums=(0, 1, 2))(*planted["q row"])
+    assert np.isnan(grads[0][0, 7, 2]).all() and np.isnan(grads[1][0, :, 1]).all()
+    assert np.isfinite(grads[0][1]).all(), "batch row 1 does not see the NaN"
+    err, _ = checkify.checkify(jax.jit(lambda q, k, v: baatt.attention(q, k, v, config=cfg, key_mask=mask,
+                                                                         debug_checks=True)))(*planted["v at a real key"])
+    with pytest.raises(Exception, match=r"v contains NaN or Inf at real key 60 \(batch 0, kv head 0\)"):
+        err.throw()
+
+
+def test_stats_leave_jit_and_vmap():
+    """return_stats=True under jit failed: stats["implementation"] was a str, which jit cannot return."""
+    q, k, v = make(np.random.default_rng(22), 2, 48, 48, 2, 1)
+    cfg = baatt.BAConfig(block_size=16, sparsity=0.5)
+    out, stats = jax.jit(lambda q, k, v: baatt.attention(q, k, v, config=cfg, return_stats=True))(q, k, v)
+    want_out, want = baatt.attention(q, k, v, config=cfg, return_stats=True)
+    assert stats.implementation == stats["implementation"] == "reference"
+    np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+    for name in ("density", "lse"):
+        np.testing.assert_allclose(stats[name], want[name], rtol=1e-6)
+    np.testing.assert_array_equal(stats.selection.indices, want.selection.indices)
+    _, per_row = jax.vmap(lambda q, k, v: baatt.attention(q[None], k[None], v[None], config=cfg, return_stats=True))(q, k, v)
+    np.testing.assert_allclose(per_row.density[:, 0], want.density, rtol=1e-6)
+    with pytest.raises(KeyError, match="no field 'indices'"):
+        stats["indices"]
+
+
+def test_selection_rules_eager_and_under_jit():
+    """A selection listing block 0 twice ran and counted it twice; under jit an id out of range or a zero count
+    gave zeros. Now eager calls raise, and under jit the query blocks concerned are NaN while the others are exact."""
+    q, k, v = make(np.random.default_rng(23), 1, 64, 64, 2, 1)
+    good = _hand_selection(1, 2, 4, {0, 2}, 16)
+    with pytest.raises(ValueError, match=r"ascending order, each once .* query block 0 \(batch 0, head 0\) lists \[0, 0\]"):
+        baatt.attention(q, k, v, selection=baatt.BlockSelection(
+            jnp.zeros((1, 2, 4, 2), jnp.int32), jnp.full((1, 2, 4), 2, jnp.int32), block_q=16, block_k=16))
+    with pytest.raises(ValueError, match=r"q_perm must hold a permutation of range\(64\)"):
+        baatt.attention(q, k, v, selection=baatt.BlockSelection(
+            good.indices, good.counts, q_perm=jnp.zeros((1, 2, 64), jnp.int32), block_q=16, block_k=16))
+    indices = good.indices.at[0, 0, 1].set(jnp.asarray([2, 2])).at[0, 0, 2, 0].set(9)
+    counts = good.counts.at[0, 1, 3].set(0).at[0, 1, 0].set(3)
+    bad = baatt.BlockSelection(indices, counts, block_q=16, block_k=16)
+    out = np.asarray(jax.jit(lambda s: baatt.attention(q, k, v, selection=s))(bad))
+    want, _ = reference.block_sparse_attention(q, k, v, good)
+    broken = np.zeros((64, 2), bool)
+    broken[16:48, 0] = True  # head 0: a repeated id (block 1), an id out of range (block 2)
+    broken[0:16, 1] = broken[48:64, 1] = True  # head 1: count above kmax (block 0), count 0 (block 3)
+    assert np.isnan(out[0][broken]).all()
+    np.testing.assert_allclose(out[0][~broken], np.asarray(want)[0][~broken], rtol=1e-6, atol=1e-6)
+    not_a_permutation = baatt.BlockSelection(good.indices, good.counts, q_perm=jnp.zeros((1, 2, 64), jnp.int32),
+                                             block_q=16, block_k=16)
+    assert np.isnan(jax.jit(lambda s: baatt.attention(q, k, v, selection=s))(not_a_permutation)).all()
+
+
+def test_scale_is_validated_and_a_traced_scale_follows_the_rules():
+    """scale=nan gave a finite output."""
+    q, k, v = make(np.random.default_rng(24), 1, 40, 40, 2, 1)
+    cfg = baatt.BAConfig(block_size=16, sparsity=0.5)
+    with pytest.raises(ValueError, match="scale must be a finite positive number; got nan"):
+        baatt.attention(q, k, v, config=cfg, scale=float("nan"))
+    attend = jax.jit(lambda q, k, v, s: baatt.attention(q, k, v, config=cfg, scale=s))
+    np.testing.assert_allclose(attend(q, k, v, 0.3), baatt.attention(q, k, v, config=cfg, scale=0.3),
+                               rtol=1e-5, atol=1e-6)
+    assert np.isnan(attend(q, k, v, jnp.nan)).all() and np.isnan(attend(q, k, v, -1.0)).all()
+
+
+def test_config_field_types_are_validated():
+    """BAConfig(seed=1.5) was accepted and failed inside the traced selector with a tracer TypeError."""
+    with pytest.raises(ValueError, match=r"BAConfig.seed must be an int; got 1.5"):
+        baatt.BAConfig(selector="random", sparsity=0.5, seed=1.5)
+    with pytest.raises(ValueError, match=r"BAConfig.selector_params field seed of RandomParams must be an int"):
+        baatt.BAConfig(selector="random", selector_params=baatt.selection.RandomParams(seed=1.5))
+
+
+def test_sink_position_beyond_the_keys_is_refused():
+    """sink_positions=(10**6,) on 64 keys was accepted and silently forced nothing."""
+    q, k, v = _qkv()
+    cfg = baatt.BAConfig(block_size=16, sparsity=0.5, force_sink=True, sink_positions=(0, 10**6))
+    with pytest.raises(ValueError, match=r"BAConfig.sink_positions must lie below the key length 32"):
+        baatt.attention(q, k, v, config=cfg)
+
+
+def test_array_like_key_mask():
+    """A Python-list key_mask raised AttributeError."""
+    q, k, v = _qkv()
+    rows = [[i < 20 for i in range(32)]]
+    np.testing.assert_array_equal(baatt.attention(q, k, v, key_mask=rows),
+                                  baatt.attention(q, k, v, key_mask=jnp.asarray(rows)))
+
+
+def test_key_mask_without_real_keys_gives_zeros_eager_and_under_jit():
+    """An all-False key_mask raised in an eager call but returned zeros under jit: now zeros (lse -inf) in both."""
+    q, k, v = make(np.random.default_rng(25), 2, 32, 32, 2, 1)
+    mask = jnp.asarray(np.arange(32)[None] < np.asarray([[0], [32]]))
+    for attend in (baatt.attention, jax.jit(baatt.attention, static_argnames="return_stats")):
+        out, stats = attend(q, k, v, key_mask=mask, return_stats=True)
+        np.testing.assert_array_equal(out[0], 0.0)
+        assert np.isneginf(stats["lse"][0]).all()
+        np.testing.assert_allclose(out[1], _dense_nn(q, k, v, mask)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_query_message_names_the_row():
+    """A NaN in q was reported "at real tokens", even at a row past the real keys: every query row is real."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"q contains NaN or Inf at query row 30 \(batch 0, head 1\)"):
+        baatt.attention(q.at[0, 30, 1, 4].set(jnp.nan), k, v, key_mask=jnp.arange(32)[None] < 8)
+    with pytest.raises(ValueError, match=r"k contains NaN or Inf at real key 5 \(batch 0, kv head 0\)"):
+        baatt.attention(q, k.at[0, 5, 0, 0].set(jnp.inf), v, key_mask=jnp.arange(32)[None] < 8)
+
+
+def test_import_baatt_makes_nn_available():
+    """baatt.nn needed its own import."""
+    code = "import baatt; print(baatt.nn.ba_attention_fn.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "ba_attention_fn", done.stderr
+
+
+def test_support_doc_is_generated_from_the_rules():
+    """docs/support.md is what scripts/support_matrix.py writes from baatt.support_matrix()."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("support_matrix", root / "scripts" / "support_matrix.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert (root / "docs" / "support.md").read_text() == script.render(), "run python scripts/support_matrix.py"
+    table = baatt.support_matrix()
+    assert table["pallas"].head_dims == (64, 128) and table["reference"].head_dims is None
+    assert table["mosaic_gpu"].dtypes == ("bfloat16", "float16")

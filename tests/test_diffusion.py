@@ -227,6 +227,142 @@ def test_schedule_and_sampler_errors(model):
         generate(model, _canvas(), steps=2, reuse_every=0)
 
 
+# -- the sparse-attention recipe ----------------------------------------------------------------------
+
+
+def _spy_attention(monkeypatch):
+    """Record every ``baatt.attention`` call of the model's layers: (selection given, selection used, implementation).
+    The old reuse path through the reference operator must not run."""
+    import baatt
+
+    calls, real = [], baatt.attention
+
+    def spy(q, k, v, **kw):
+        out, stats = real(q, k, v, **kw)
+        calls.append((kw.get("selection"), stats.selection, kw.get("implementation")))
+        return out, stats
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reused selection ran baatt.reference.block_sparse_attention")
+
+    monkeypatch.setattr(baatt, "attention", spy)
+    monkeypatch.setattr(baatt.reference, "block_sparse_attention", refuse)
+    return calls
+
+
+def _same_selection(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in ((a.indices, b.indices), (a.counts, b.counts)))
+
+
+def test_recipe_warms_up_dense_then_reuses_the_selection_estimated_after_it(model, monkeypatch):
+    """dense_warmup as a fraction: those steps never reach baatt.attention; the step after them estimates a
+    selection per layer; every later step passes exactly that selection to baatt.attention on the plan's
+    implementation (run eagerly, so the spy sees values)."""
+    calls = _spy_attention(monkeypatch)
+    plan = AttentionPlan.ba(BAConfig(block_size=16, sparsity=0.5), implementation="reference")
+    with jax.disable_jit():
+        r = generate(model, _canvas(b=1, seed=5), steps=8, block_length=12, plan=plan, dense_warmup=0.25,
+                     reuse_every=None)
+    assert r.step_kind == ["dense", "dense", "estimate"] + ["reuse"] * 5
+    assert r.step_density[:2] == [1.0, 1.0] and all(abs(d - 0.5) < 1e-6 for d in r.step_density[2:])
+    layers = CFG.num_layers
+    assert len(calls) == 6 * layers  # no call in the dense steps
+    estimated = [used for given, used, _ in calls[:layers]]
+    assert all(given is None for given, _, _ in calls[:layers])
+    for i, (given, used, implementation) in enumerate(calls[layers:]):
+        assert implementation == "reference"
+        assert given is not None and _same_selection(given, estimated[i % layers]) and _same_selection(used, given)
+    assert not np.any(r.tokens == MASK)
+
+
+def test_recipe_refresh_cadence(model):
+    plan = AttentionPlan.ba(BAConfig(block_size=16, sparsity=0.5))
+    x = _canvas(seed=6)
+    kinds = lambda **kw: generate(model, x, steps=8, block_length=12, plan=plan, **kw).step_kind
+    assert kinds(dense_warmup=1, reuse_every=3) == ["dense", "estimate", "reuse", "reuse", "estimate", "reuse",
+                                                    "reuse", "estimate"]
+    assert kinds(reuse_every=None) == ["estimate"] + ["reuse"] * 7
+    assert kinds(reuse_every=1, dense_warmup=8) == ["dense"] * 8
+    assert kinds(reuse_every=1) == ["estimate"] * 8
+
+
+def test_recipe_refreshes_on_drift_of_a_key_block(model):
+    """refresh_drift=f: a step estimates again exactly when some key block (16 tokens) had a share >= f of its
+    tokens committed since the last estimate; the committed positions depend on the model's confidence."""
+    plan = AttentionPlan.ba(BAConfig(block_size=16, sparsity=0.5))
+    x = _canvas(b=2, prompt=40, gen=24, seed=7)
+    r = generate(model, x, steps=12, block_length=24, plan=plan, reuse_every=None, refresh_drift=0.25)
+    assert r.step_kind.count("estimate") >= 2
+    last = 0
+    for step, kind in enumerate(r.step_kind):
+        changed = (r.unmask_step >= last) & (r.unmask_step < step)  # committed since the last estimate
+        blocks = np.pad(changed, ((0, 0), (0, -changed.shape[1] % 16))).reshape(2, -1, 16)
+        drift = (blocks.sum(-1) / 16).max() if step else 0.0
+        assert (kind == "estimate") == (step == 0 or drift >= 0.25), (step, kind, drift)
+        last = step if kind == "estimate" else last
+
+
+def test_separate_budgets_for_prompt_and_generation_keys(model, monkeypatch):
+    """prompt_gen keeps ceil((1 - s) * N) blocks of each region, each chosen by the base selector on that region's
+    keys alone; generate(prompt_sparsity=, gen_sparsity=) runs it in every BA-Att layer."""
+    from baatt.diffusion import PromptGenParams
+    from baatt.selection import select_blocks
+
+    q, k = (jax.random.normal(jax.random.PRNGKey(i), (1, 150, 4, 16)) for i in range(2))
+    params = PromptGenParams(prompt_length=70, prompt_sparsity=0.75, gen_sparsity=0.5)
+    cfg = BAConfig(block_size=16, selector="prompt_gen", selector_params=params, force_sink=True, sink_positions=(3,))
+    sel = select_blocks(q, k, cfg)
+    ids, counts = np.asarray(sel.indices), np.asarray(sel.counts)
+    # 70 prompt tokens: 4 whole blocks (0..63) are the prompt, 6 blocks (64..149) the generation
+    assert np.all(counts == 1 + 3)
+    prompt_ids = np.where(np.arange(ids.shape[-1]) < counts[..., None], ids, 99)
+    assert np.all(np.sum(prompt_ids < 4, axis=-1) == 1) and np.all(ids[..., 0] == 0)  # the forced sink block
+    alone = select_blocks(q, k[:, 64:], BAConfig(block_size=16, sparsity=0.5))
+    np.testing.assert_array_equal(ids[..., 1:4], np.asarray(alone.indices) + 4)
+    sel.validate(batch=1, q_heads=4, kv_heads=4, length_q=150, length_k=150)
+
+    calls = _spy_attention(monkeypatch)
+    x = _canvas(b=2, prompt=40, gen=24, seed=8)
+    plan = AttentionPlan.ba(BAConfig(block_size=16, sparsity=0.9), compensate_layers=("last",))
+    r = generate(model, x, steps=4, block_length=12, plan=plan, reuse_every=2, prompt_sparsity=0.5, gen_sparsity=0.0)
+    # 40 prompt tokens: 2 prompt blocks (1 kept) and 2 generation blocks (both kept) for every query block
+    assert all(abs(d - 0.75) < 1e-6 for d in r.step_density)
+    configs = [c for c in (call[1] for call in calls)]
+    assert configs and all(c.kmax == 3 for c in configs)
+    assert not np.any(r.tokens == MASK)
+    with pytest.raises(ValueError, match="prompt_sparsity and gen_sparsity go together"):
+        generate(model, x, steps=4, plan=plan, prompt_sparsity=0.5)
+    with pytest.raises(ValueError, match="need a BA-Att plan"):
+        generate(model, x, steps=4, prompt_sparsity=0.5, gen_sparsity=0.5)
+    with pytest.raises(ValueError, match=r"PromptGenParams.gen_sparsity must be a finite number in \[0, 1\)"):
+        PromptGenParams(gen_sparsity=1.0)
+    with pytest.raises(ValueError, match="PromptGenParams.base must be a registered selector other than"):
+        PromptGenParams(base="prompt_gen")
+    with pytest.raises(ValueError, match="takes its budgets from PromptGenParams"):
+        select_blocks(q, k, cfg.replace(sparsity=0.5))
+    with pytest.raises(ValueError, match="splits keys by position: BAConfig.sort_k must be False"):
+        select_blocks(q, k, cfg.replace(sort_k=True))
+
+
+def test_reference_logprob_scores_each_position_under_the_step_that_commits_it(model):
+    x = _canvas(b=2, prompt=30, gen=6, seed=9)
+    reference = np.random.default_rng(1).integers(0, MASK, x.shape)
+    r = generate(model, x, steps=1, block_length=6, reference=reference)
+    logits = np.asarray(model(jnp.asarray(x)), np.float64)[..., :MASK]
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    want = np.take_along_axis(log_probs, reference[..., None], -1)[..., 0]
+    np.testing.assert_allclose(r.reference_logprob[:, 30:], want[:, 30:], rtol=1e-5, atol=1e-5)
+    assert np.all(np.isnan(r.reference_logprob[:, :30]))
+    assert r.reference_nll == pytest.approx(-want[:, 30:].mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="reference must have the canvas's shape"):
+        generate(model, x, steps=1, reference=reference[:, :5])
+    with pytest.raises(ValueError, match="dense_warmup as a fraction of the steps must lie in"):
+        generate(model, x, steps=1, dense_warmup=1.5)
+    with pytest.raises(ValueError, match="refresh_drift must be None or a share in"):
+        generate(model, x, steps=1, refresh_drift=0.0)
+
+
 def test_train_sets_unigram_output_bias(tmp_path):
     from baatt.data import corpus
     from baatt.train import TrainConfig, load_model, train

@@ -95,10 +95,13 @@ def np_blocks(length, block):
     return [list(range(s, min(s + block, length))) for s in range(0, length, block)]
 
 
-def np_softmax_rows(q, k, valid, scale):
-    """Exact attention rows [Lq, Lk] of one head (float64); masked keys get 0."""
+def np_softmax_rows(q, k, valid, scale, visible=None):
+    """Exact attention rows [Lq, Lk] of one head (float64); masked keys, and keys ``visible`` [Lq, Lk]
+    hides from a row, get 0."""
     s = q @ k.T * scale
     s[:, ~valid] = -np.inf
+    if visible is not None:
+        s[~visible] = -np.inf
     p = np.exp(s - s.max(-1, keepdims=True))
     return p / p.sum(-1, keepdims=True)
 
@@ -122,8 +125,9 @@ def np_aggregate(token_logits, aggregate):
         return np.log(p.max(0) if aggregate == "max" else p.mean(0))
 
 
-def np_token_scores(q, k, key_mask, bq, bk, aggregate, score_fn):
-    """Block scores [B, Hq, Nq, Nk] from per-token block logits ``score_fn(q_i [D], keys [n, D]) -> float``."""
+def np_token_scores(q, k, key_mask, bq, bk, aggregate, score_fn, visible=None):
+    """Block scores [B, Hq, Nq, Nk] from per-token block logits ``score_fn(q_i [D], keys [n, D]) -> float``
+    over the valid keys of the block that the token may see (``visible`` [Lq, Lk], None: all)."""
     batch, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     valid = np_valid_keys(key_mask, batch, lk)
@@ -133,25 +137,26 @@ def np_token_scores(q, k, key_mask, bq, bk, aggregate, score_fn):
         for h, g in enumerate(bf.heads_of(hq, hkv)):
             for a, qi in enumerate(qb):
                 tok = np.full((len(qi), len(kb)), -np.inf)
-                for c, kj in enumerate(kb):
-                    keys = k[b, [j for j in kj if valid[b, j]], g].astype(np.float64)
-                    if len(keys):
-                        tok[:, c] = [score_fn(q[b, i, h].astype(np.float64), keys) for i in qi]
+                for t, i in enumerate(qi):
+                    for c, kj in enumerate(kb):
+                        seen = [j for j in kj if valid[b, j] and (visible is None or visible[i, j])]
+                        if seen:
+                            tok[t, c] = score_fn(q[b, i, h].astype(np.float64), k[b, seen, g].astype(np.float64))
                 out[b, h, a] = np_aggregate(tok, aggregate)
     return out
 
 
-def np_query_token(q, k, key_mask, bq, bk, aggregate, variance_weight):
+def np_query_token(q, k, key_mask, bq, bk, aggregate, variance_weight, visible=None):
     d = q.shape[-1]
 
     def score(qi, keys):
         s = qi @ keys.mean(0) / math.sqrt(d) + math.log(len(keys))
         return s + variance_weight * np.sum(qi**2 * keys.var(0)) / d
 
-    return np_token_scores(q, k, key_mask, bq, bk, aggregate, score)
+    return np_token_scores(q, k, key_mask, bq, bk, aggregate, score, visible)
 
 
-def np_quest(q, k, key_mask, bq, bk, aggregate):
+def np_quest(q, k, key_mask, bq, bk, aggregate, visible=None):
     d = q.shape[-1]
 
     def score(qi, keys):
@@ -159,10 +164,10 @@ def np_quest(q, k, key_mask, bq, bk, aggregate):
         assert bound >= (keys @ qi).max() / math.sqrt(d) - 1e-9  # it is an upper bound
         return bound + math.log(len(keys))
 
-    return np_token_scores(q, k, key_mask, bq, bk, aggregate, score)
+    return np_token_scores(q, k, key_mask, bq, bk, aggregate, score, visible)
 
 
-def np_max_oracle(q, k, key_mask, bq, bk):
+def np_max_oracle(q, k, key_mask, bq, bk, visible=None):
     """M_max [B, Hq, Nq, Nk]: per query block, the largest per-query mass on each key block."""
     batch, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -172,15 +177,18 @@ def np_max_oracle(q, k, key_mask, bq, bk):
     for b in range(batch):
         for h, g in enumerate(bf.heads_of(hq, hkv)):
             a_full = np_softmax_rows(q[b, :, h].astype(np.float64), k[b, :, g].astype(np.float64), valid[b],
-                                     1 / math.sqrt(d))
+                                     1 / math.sqrt(d), visible)
             for a, qi in enumerate(qb):
                 for c, kj in enumerate(kb):
                     out[b, h, a, c] = a_full[np.ix_(qi, kj)].sum(1).max()
     return out
 
 
-def np_mixed(q, k, key_mask, bq, bk, probes, group):
-    """(P, G) [B, Hq, Nq, Nk]: the probe mass and the group-pooled mass of the mixed selector."""
+def np_mixed(q, k, key_mask, bq, bk, probes, group, visible=None):
+    """(P, G) [B, Hq, Nq, Nk]: the probe mass and the group-pooled mass of the mixed selector.
+
+    Under ``visible`` [Lq, Lk] a query group pools only the key groups whose every key its first
+    query may see, and a query group that sees none drops out of its block's average."""
     batch, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     valid = np_valid_keys(key_mask, batch, lk)
@@ -190,25 +198,31 @@ def np_mixed(q, k, key_mask, bq, bk, probes, group):
     for b in range(batch):
         for h, g in enumerate(bf.heads_of(hq, hkv)):
             qh, kh = q[b, :, h].astype(np.float64), k[b, :, g].astype(np.float64)
-            a_full = np_softmax_rows(qh, kh, valid[b], 1 / math.sqrt(d))
+            a_full = np_softmax_rows(qh, kh, valid[b], 1 / math.sqrt(d), visible)
             kg = [[j for j in grp if valid[b, j]] for grp in key_groups]
             for a, qi in enumerate(qb):
                 rows = [qi[min((2 * t + 1) * bq // (2 * probes), len(qi) - 1)] for t in range(probes)]
                 for c, kj in enumerate(kb):
                     probe[b, h, a, c] = a_full[np.ix_(rows, kj)].sum() / probes
-                mass = np.zeros(len(kb))
+                mass, weight = np.zeros(len(kb)), 0
                 for qgrp in np_blocks(len(qi), group):
+                    first = qi[qgrp[0]]
+                    seen = [valid_grp if visible is None or visible[first, grp].all() else []
+                            for grp, valid_grp in zip(key_groups, kg)]
+                    if not any(seen):
+                        continue
                     qmean = qh[[qi[t] for t in qgrp]].mean(0)
                     logits = np.array([qmean @ kh[grp].mean(0) / math.sqrt(d) + math.log(len(grp)) if grp
-                                       else -np.inf for grp in kg])
+                                       else -np.inf for grp in seen])
                     p = np.exp(np_log_softmax(logits))
                     for gi, grp in enumerate(key_groups):
-                        mass[grp[0] // bk] += p[gi] * len(qgrp) / len(qi)
-                pooled[b, h, a] = mass
+                        mass[grp[0] // bk] += p[gi] * len(qgrp)
+                    weight += len(qgrp)
+                pooled[b, h, a] = mass / max(weight, 1)
     return probe, pooled
 
 
-def np_proxy(q, k, key_mask, bq, bk, stride, kv_heads_per_proxy):
+def np_proxy(q, k, key_mask, bq, bk, stride, kv_heads_per_proxy, visible=None):
     """log S [B, Hq, Nq, Nk] of the proxy selector."""
     batch, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -219,13 +233,13 @@ def np_proxy(q, k, key_mask, bq, bk, stride, kv_heads_per_proxy):
     for b in range(batch):
         for p in range(hkv // kv_heads_per_proxy):
             heads = range(p * per_proxy, (p + 1) * per_proxy)
-            qp = q[b, :, heads].astype(np.float64).mean(1)
+            qp = q[b][:, list(heads)].astype(np.float64).mean(1)
             kp = k[b, :, p * kv_heads_per_proxy : (p + 1) * kv_heads_per_proxy].astype(np.float64).mean(1)
-            a_full = np_softmax_rows(qp, kp, valid[b], 1 / math.sqrt(d))
+            a_full = np_softmax_rows(qp, kp, valid[b], 1 / math.sqrt(d), visible)
             for a, qi in enumerate(qb):
                 rows = sorted({qi[min(t, len(qi) - 1)] for t in range(stride - 1, bq, stride)})
                 for c, kj in enumerate(kb):
-                    if valid[b, kj].any():
+                    if valid[b, kj].any() and (visible is None or visible[np.ix_(rows, kj)].any()):
                         with np.errstate(divide="ignore"):
                             out[b, heads, a, c] = np.log(a_full[np.ix_(rows, kj)].max())
     return out
@@ -405,30 +419,36 @@ def test_max_oracle_matches_numpy(name, rule):
     np.testing.assert_allclose(np.exp(np.asarray(scores)), want, atol=2e-6, rtol=1e-4)
     assert np.array_equal(valid, want > 0)
     assert compare_selection(sel, log_want, want, config, q.shape[1], k.shape[1]) > 0
-    np.testing.assert_allclose(np.asarray(block_map(*args[:2], config, key_mask=args[2])), want / want.sum(-1, keepdims=True),
-                               atol=2e-6, rtol=1e-4)
+    got_map = np.asarray(block_map(*args[:2], config, key_mask=args[2]))
+    np.testing.assert_allclose(got_map, want / want.sum(-1, keepdims=True), atol=2e-6, rtol=1e-4)
 
 
-def _needle(length=256, block=32, d=16, seed=0):
+def _needle(key_side: str, length=256, block=32, d=16, seed=0):
     """Block-structured background (a strong offset per block, as topics or a local band make) and one
-    query of block 2 and one key of block 5 sharing a strong direction.
+    query of block 2 that needs key block 5: it shares a strong direction with one key of the block
+    (``key_side="token"``) or with every key of it (``"block"``).
 
-    Mean pooling averages the pair away among the blocks' offsets; a token-level estimator sees it."""
+    Mean pooling averages the query away among its block's offsets; an estimator that keeps the
+    query (and, for a one-key needle, the key) whole sees the pair."""
     q, k, _ = make_inputs(seed, 1, length, length, 1, 1, d, block, structure=3.0)
     q, k = q * 0.5, k * 0.5
     direction = np.random.default_rng(seed + 1).normal(size=d)
     direction *= 10.0 / np.linalg.norm(direction)
     q[0, 2 * block + 7, 0] += direction
-    k[0, 5 * block + 11, 0] += direction
+    if key_side == "token":
+        k[0, 5 * block + 11, 0] += direction
+    else:
+        k[0, 5 * block : 6 * block, 0] += 0.5 * direction
     return jnp.asarray(q), jnp.asarray(k)
 
 
-@pytest.mark.parametrize("selector,params", [
-    ("max_oracle", None), ("query_token", QueryTokenParams(aggregate="max")),
-    ("quest", QuestParams(aggregate="max")), ("proxy", ProxyParams(stride=1)),
+@pytest.mark.parametrize("key_side,selector,params", [
+    ("token", "max_oracle", None), ("token", "quest", QuestParams(aggregate="max")),
+    ("token", "proxy", ProxyParams(stride=1)),
+    ("block", "max_oracle", None), ("block", "query_token", QueryTokenParams(aggregate="max")),
 ])
-def test_needle_found_where_mean_pooling_loses_it(selector, params):
-    q, k = _needle()
+def test_needle_found_where_mean_pooling_loses_it(key_side, selector, params):
+    q, k = _needle(key_side)
     budget = dict(block_size=32, sparsity=0.75)
 
     def kept(config):
@@ -484,8 +504,9 @@ def test_count_correction_switch():
         counts = np.stack([np.add.reduceat(row, np.arange(0, row.size, bk)) for row in key_mask]).astype(float)
         finite = np.isfinite(with_count)
         diff = (with_count - np.where(finite, without, 0.0))[finite]
-        np.testing.assert_allclose(diff, np.broadcast_to(np.log(counts)[:, None, None, :], with_count.shape)[finite],
-                                   atol=1e-4)
+        with np.errstate(divide="ignore"):
+            log_counts = np.broadcast_to(np.log(counts)[:, None, None, :], with_count.shape)
+        np.testing.assert_allclose(diff, log_counts[finite], atol=1e-4)
 
 
 # -- mixed ----------------------------------------------------------------------------------------------------
@@ -534,11 +555,13 @@ def test_mixed_splits_a_fixed_budget_between_the_estimates():
     log_p, log_g = (np.asarray(x) for x in mixed.log_masses(*args[:2], config, key_mask=args[2]))
     sel = select_blocks(*args[:2], config, key_mask=args[2])
     idx, cnt = np.asarray(sel.indices), np.asarray(sel.counts)
-    for b, h, a in np.ndindex(*cnt.shape):
-        kept = set(idx[b, h, a, : cnt[b, h, a]].tolist())
-        top = lambda x, n: set(np.argsort(-x[b, h, a], kind="stable")[:n].tolist())
-        assert top(log_p, -(-cnt[b, h, a] // 2)) <= kept  # the probe's best half is always there
-        assert len(kept & top(log_g, cnt[b, h, a] // 2)) >= 1
+    for row in np.ndindex(*cnt.shape):
+        n = int(cnt[row])
+        kept = set(idx[row][:n].tolist())
+        best_probe = set(np.argsort(-log_p[row], kind="stable")[: -(-n // 2)].tolist())
+        best_group = set(np.argsort(-log_g[row], kind="stable")[: n // 2].tolist())
+        assert best_probe <= kept  # the probe's best half is always there
+        assert len(kept & best_group) >= 1
 
 
 # -- proxy ----------------------------------------------------------------------------------------------------
@@ -668,3 +691,88 @@ def test_shape_rules_name_the_parameter():
     for config, message in cases:
         with pytest.raises(ValueError, match=message):
             select_blocks(q, k, config)
+
+
+# -- causal and block-causal masks ---------------------------------------------------------------------------
+
+MASKED = [
+    ("gqa_holes", baatt.AttentionMask.causal()),
+    ("cross_ragged", baatt.AttentionMask.causal()),  # Lq != Lk: aligned at the top left
+    ("mha_pad", baatt.AttentionMask.block_causal(64)),
+]
+
+
+def _masked(name, mask, selector, params=None):
+    q, k, key_mask, bq, bk = problem(name)
+    config = baatt.BAConfig(block_size=bq, block_size_k=bk, sparsity=0.5, selector=selector,
+                            selector_params=params, mask=mask)
+    return q, k, key_mask, bq, bk, config, mask.token_mask(q.shape[1], k.shape[1])
+
+
+def check_masked_selection(sel, config, q, k):
+    """Every kept pair is one the mask allows; the selection records its mask."""
+    allowed, _ = config.mask.block_pairs(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    kept = np.asarray(sel.kept_mask(allowed.shape[-1]))
+    assert not np.any(kept & ~allowed) and sel.mask == config.mask
+
+
+@pytest.mark.parametrize("name,mask", MASKED)
+def test_query_mass_under_mask_matches_numpy(name, mask):
+    q, k, key_mask, bq, bk, config, visible = _masked(name, mask, "meanpool")
+    jq, jk, jm = jnp_args(q, k, key_mask)
+    sel = select_blocks(jq, jk, config, key_mask=jm)
+    got = np.asarray(error.query_mass(jq, jk, sel, key_mask=jm))
+    batch, lq, hq, d = q.shape
+    valid = np_valid_keys(key_mask, batch, k.shape[1])
+    idx, cnt = np.asarray(sel.indices), np.asarray(sel.counts)
+    kb = np_blocks(k.shape[1], bk)
+    for b in range(batch):
+        for h, g in enumerate(bf.heads_of(hq, k.shape[2])):
+            a_full = np_softmax_rows(q[b, :, h].astype(np.float64), k[b, :, g].astype(np.float64), valid[b],
+                                     1 / math.sqrt(d), visible)
+            for a, qi in enumerate(np_blocks(lq, bq)):
+                keys = [j for c in idx[b, h, a, : cnt[b, h, a]] for j in kb[c]]
+                np.testing.assert_allclose(got[b, h, qi], a_full[np.ix_(qi, keys)].sum(1), atol=2e-6)
+
+
+@pytest.mark.parametrize("name,mask", MASKED)
+def test_max_oracle_under_mask(name, mask):
+    q, k, key_mask, bq, bk, config, visible = _masked(name, mask, "max_oracle")
+    scores, sel = _scores_and_selection(max_oracle, *jnp_args(q, k, key_mask), config)
+    want = np_max_oracle(q, k, key_mask, bq, bk, visible)
+    np.testing.assert_allclose(np.exp(np.asarray(scores)), want, atol=2e-6, rtol=1e-4)
+    check_masked_selection(sel, config, q, k)
+
+
+@pytest.mark.parametrize("name,mask", MASKED)
+@pytest.mark.parametrize("selector", ["query_token", "quest"])
+def test_token_estimators_under_mask(name, mask, selector):
+    """On the block a token's limit cuts, the score uses only the keys the token may see."""
+    aggregate = "logsumexp" if selector == "quest" else "mean"
+    params = QuestParams(aggregate) if selector == "quest" else QueryTokenParams(aggregate, variance_weight=0.5)
+    q, k, key_mask, bq, bk, config, visible = _masked(name, mask, selector, params)
+    module = quest if selector == "quest" else query_token
+    scores, sel = _scores_and_selection(module, *jnp_args(q, k, key_mask), config)
+    if selector == "quest":
+        want = np_quest(q, k, key_mask, bq, bk, aggregate, visible)
+    else:
+        want = np_query_token(q, k, key_mask, bq, bk, aggregate, 0.5, visible)
+    assert_scores_close(scores, want)
+    check_masked_selection(sel, config, q, k)
+
+
+@pytest.mark.parametrize("name,mask", MASKED)
+def test_mixed_under_mask(name, mask):
+    q, k, key_mask, bq, bk, config, visible = _masked(name, mask, "mixed", MixedParams(probes=2, group=8))
+    (scores, mass), sel = _scores_and_selection(mixed, *jnp_args(q, k, key_mask), config)
+    probe, pooled = np_mixed(q, k, key_mask, bq, bk, 2, 8, visible)
+    np.testing.assert_allclose(np.asarray(mass), 0.5 * probe + 0.5 * pooled, atol=2e-6, rtol=1e-4)
+    check_masked_selection(sel, config, q, k)
+
+
+@pytest.mark.parametrize("name,mask", MASKED)
+def test_proxy_under_mask(name, mask):
+    q, k, key_mask, bq, bk, config, visible = _masked(name, mask, "proxy", ProxyParams(stride=8))
+    scores, sel = _scores_and_selection(proxy, *jnp_args(q, k, key_mask), config)
+    assert_scores_close(scores, np_proxy(q, k, key_mask, bq, bk, 8, 1, visible), atol=1e-4)
+    check_masked_selection(sel, config, q, k)

@@ -10,6 +10,10 @@ fills in: mask ``tokens[answer_start:answer_end]`` and compare.
 Tasks: ``passkey`` (one key in the haystack), ``multikey_niah`` (several
 key-value needles, one queried), ``variable_tracking`` (a chain of variable
 assignments plus a distractor chain; answer: every variable of the chain).
+
+The tokenizer is GPT-2's (``baatt.data.get_tokenizer``) or any other with
+``encode``, ``decode`` and ``vocab_size``, e.g. a GGUF model's
+(``baatt.data.gguf_tokenizer.GGUFTokenizer``).
 """
 
 from __future__ import annotations
@@ -73,12 +77,19 @@ def _check_length(length: int) -> None:
         raise ValueError(f"length must be an int in [{MIN_LENGTH}, {MAX_LENGTH}]; got {length!r}")
 
 
+def _token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """One token's text as bytes: GPT-2's tokenizer gives them raw, others (GGUF) through their decoded text."""
+    decode_bytes = getattr(tokenizer, "decode_bytes", None)
+    return decode_bytes([token_id]) if decode_bytes is not None else tokenizer.decode([token_id]).encode("utf-8")
+
+
 def _sentence_ends(tokenizer: Tokenizer) -> np.ndarray:
+    """bool [vocab_size]: the tokens whose text ends a sentence ('.', '!' or '?' before trailing space, or a newline)."""
     cached = getattr(tokenizer, "_sentence_end_table", None)
     if cached is None:
         table = np.zeros(tokenizer.vocab_size, bool)
-        for i in range(50256):
-            b = tokenizer.decode_bytes([i])
+        for i in range(tokenizer.vocab_size):
+            b = _token_bytes(tokenizer, i)
             table[i] = b.rstrip().endswith((b".", b"!", b"?")) or b.endswith(b"\n")
         tokenizer._sentence_end_table = table
         cached = table

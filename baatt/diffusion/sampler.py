@@ -1,4 +1,4 @@
-"""Iterative unmasking sampler for masked-diffusion LMs (LLaDA).
+"""Iterative unmasking sampler for masked-diffusion LMs (LLaDA), with a sparse-attention recipe.
 
 The canvas holds the prompt and the mask token at every position to generate.
 Positions to generate are split, in positional order, into blocks of
@@ -13,63 +13,119 @@ positions over ``s`` steps commits ``m // s`` (+1 for the first ``m % s``
 steps). Prompt tokens are never changed; every generated position is
 committed exactly once.
 
-Sparse attention options:
-  dense_warmup: the first ``dense_warmup`` steps run dense attention.
-  reuse_every: with a BA-Att plan, estimate the block selection at one step
-    and reuse it for the next ``reuse_every - 1`` steps (the estimator runs
-    once; ``baatt.reference.block_sparse_attention`` runs on the reused
-    selection). 1 = estimate at every step.
-The result reports the density (fraction of block pairs computed) of every step.
+Sparse-attention recipe, for a BA-Att plan (each step is one of three kinds):
+
+- ``"dense"``: the first ``dense_warmup`` steps run dense attention (an int: that
+  many steps; a float in [0, 1): that fraction of the steps, rounded up). Early
+  steps see a canvas of mask tokens, whose attention is least like the final one.
+- ``"estimate"``: the first step after the warm-up runs the plan's sparse
+  attention and keeps every layer's block selection.
+- ``"reuse"``: later steps skip the estimator and run the kept selections through
+  ``baatt.attention(..., selection=...)`` on the plan's implementation, until a
+  refresh makes the next step an estimate again: every ``reuse_every``-th sparse
+  step (1: estimate at every step; None: never), or, with ``refresh_drift=f``, the
+  first step after some key block has had a share ``f`` of its tokens changed since
+  the estimate (the estimator scores block means, and a block's mean moves with the
+  share of its tokens that changed).
+
+``prompt_sparsity`` / ``gen_sparsity`` give the keys of the prompt (the positions
+before the first one to generate) and those of the generation budgets of their own:
+every BA-Att layer then selects with the ``"prompt_gen"`` selector
+(``baatt.diffusion.budgets``) around its own selector.
+
+The result reports each step's kind and density (fraction of block pairs computed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from baatt.diffusion import budgets
 from baatt.nn.attention import AttentionPlan
 
 
 @dataclasses.dataclass
 class SampleResult:
-    """tokens [B, L]; unmask_step [B, L] (-1 for prompt positions); per-step density and estimator use."""
+    """The filled canvas and how it was made.
+
+    tokens [B, L]; unmask_step [B, L]: the step that committed each position (-1 for the
+    prompt); step_kind: "dense", "estimate" or "reuse" per step; step_density: fraction
+    of block pairs computed per step (1 for dense steps); reference_logprob [B, L] or
+    None: with ``generate(reference=...)``, the log-probability of the reference token
+    at each generated position under the step that committed it (NaN for the prompt).
+    """
 
     tokens: np.ndarray
     unmask_step: np.ndarray
     step_density: list[float]
-    estimated: list[bool]
+    step_kind: list[str]
+    reference_logprob: np.ndarray | None = None
+
+    @property
+    def estimated(self) -> list[bool]:
+        """Whether each step ran the estimator."""
+        return [kind == "estimate" for kind in self.step_kind]
 
     @property
     def mean_density(self) -> float:
         return float(np.mean(self.step_density)) if self.step_density else 1.0
 
+    @property
+    def reference_nll(self) -> float:
+        """Mean negative log-probability of the reference tokens over the generated positions."""
+        if self.reference_logprob is None:
+            raise ValueError("reference_nll needs generate(..., reference=tokens)")
+        return float(-np.nanmean(self.reference_logprob))
+
+
+def _hidden(model, x, plan: AttentionPlan, kind: str, sels):
+    """(final hidden states, the selections made or None, mean density) of one step kind."""
+    if kind == "dense":
+        return model.hidden(x, attention=AttentionPlan.dense()), None, jnp.float32(1.0)
+    h, aux = model.hidden(x, attention=plan, selections=sels, return_aux=True)
+    density = jnp.mean(jnp.stack([jnp.mean(d) for d in aux["density"]]))
+    return h, aux["selections"] if kind == "estimate" else None, density
+
 
 @functools.lru_cache(maxsize=64)
 def _forward(graphdef, plan: AttentionPlan, mode: str):
-    if mode == "plain":
-        def f(state, x):
-            logits = nnx.merge(graphdef, state)(x, attention=plan)
-            return logits, None
-    elif mode == "estimate":
-        def f(state, x):
-            logits, aux = nnx.merge(graphdef, state)(x, attention=plan, return_aux=True)
-            dens = jnp.mean(jnp.stack([jnp.mean(d) for d in aux["density"]]))
-            return logits, (aux["selections"], dens)
-    else:
-        def f(state, x, sels):
-            logits, aux = nnx.merge(graphdef, state)(x, attention=plan, selections=sels, return_aux=True)
-            dens = jnp.mean(jnp.stack([jnp.mean(d) for d in aux["density"]]))
-            return logits, dens
+    """Jitted logits at every position, for one step kind ("plain" for dense): "plain" -> (logits, None);
+    "estimate" -> (logits, (selections, density)); "reuse" ((state, x, selections) -> (logits, density))."""
+    kind = "dense" if mode == "plain" else mode
+
+    def f(state, x, sels=None):
+        model = nnx.merge(graphdef, state)
+        h, made, density = _hidden(model, x, plan, kind, sels)
+        return model.logits(h), {"dense": None, "estimate": (made, density), "reuse": density}[kind]
+
+    return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_forward(graphdef, plan: AttentionPlan, kind: str):
+    """Jitted (state, x, positions [B, m], selections) -> (logits [B, m, V] at those positions, selections made
+    or None, density): the output head only where a step may commit, not over the whole canvas."""
+
+    def f(state, x, positions, sels):
+        model = nnx.merge(graphdef, state)
+        h, made, density = _hidden(model, x, plan, kind, sels)
+        return model.logits(jnp.take_along_axis(h, positions[..., None], axis=1)), made, density
+
     return jax.jit(f)
 
 
 @functools.partial(jax.jit, static_argnames=("mask_id", "vocab_limit", "remasking", "greedy"))
-def _commit(logits, x, candidate, n_commit, key, temperature, *, mask_id, vocab_limit, remasking, greedy):
+def _commit(logits, x, positions, n_commit, key, temperature, unmask_step, step, reference, reference_logprob, *,
+            mask_id, vocab_limit, remasking, greedy):
+    """Commit the ``n_commit`` most confident predictions among the masked ``positions`` [B, m] (logits
+    [B, m, V] there). Returns the canvas, unmask steps and reference log-probabilities, updated."""
     logits = logits.astype(jnp.float32)
     vocab = jnp.arange(logits.shape[-1])
     logits = jnp.where(vocab < vocab_limit, logits, -jnp.inf)
@@ -78,14 +134,33 @@ def _commit(logits, x, candidate, n_commit, key, temperature, *, mask_id, vocab_
         x0 = jnp.argmax(logits, axis=-1)
     else:
         x0 = jax.random.categorical(k1, logits / temperature, axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1)
-    conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    conf = jnp.exp(jnp.take_along_axis(log_probs, x0[..., None], axis=-1)[..., 0])
     if remasking == "random":
         conf = jax.random.uniform(k2, conf.shape)
+    current = jnp.take_along_axis(x, positions, axis=1)
+    candidate = current == mask_id
     conf = jnp.where(candidate, conf, -jnp.inf)
     rank = jnp.argsort(jnp.argsort(-conf, axis=-1, stable=True), axis=-1, stable=True)
-    commit = candidate & (rank < n_commit[:, None])
-    return jnp.where(commit, x0, x).astype(x.dtype), commit
+    commit = candidate & (rank < n_commit)
+    rows = jnp.arange(x.shape[0])[:, None]
+    x = x.at[rows, positions].set(jnp.where(commit, x0, current).astype(x.dtype))
+    unmask_step = unmask_step.at[rows, positions].set(jnp.where(commit, step, unmask_step[rows, positions]))
+    if reference is not None:
+        scored = jnp.take_along_axis(log_probs, jnp.take_along_axis(reference, positions, axis=1)[..., None],
+                                     axis=-1)[..., 0]
+        reference_logprob = reference_logprob.at[rows, positions].set(
+            jnp.where(commit, scored, reference_logprob[rows, positions]))
+    return x, unmask_step, reference_logprob
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _max_block_change(x, since, *, block: int):
+    """Largest share of changed tokens in any block of ``block`` positions (the last one may be short)."""
+    changed = (x != since).astype(jnp.float32)
+    pad = -x.shape[1] % block
+    sizes = jnp.pad(jnp.ones(x.shape[1]), (0, pad)).reshape(-1, block).sum(-1)
+    return jnp.max(jnp.pad(changed, ((0, 0), (0, pad))).reshape(x.shape[0], -1, block).sum(-1) / sizes)
 
 
 def schedule(num_gen: int, steps: int, block_length: int) -> tuple[int, np.ndarray]:
@@ -108,6 +183,36 @@ def schedule(num_gen: int, steps: int, block_length: int) -> tuple[int, np.ndarr
     return spb, np.asarray(counts, np.int32)
 
 
+def warmup_steps(dense_warmup: int | float, steps: int) -> int:
+    """Dense steps of ``dense_warmup`` (a count, or a fraction of ``steps`` rounded up)."""
+    if isinstance(dense_warmup, bool) or not isinstance(dense_warmup, (int, float)):
+        raise ValueError(f"dense_warmup must be an int >= 0 or a float in [0, 1); got {dense_warmup!r}")
+    if isinstance(dense_warmup, float):
+        if not 0.0 <= dense_warmup < 1.0:
+            raise ValueError(f"dense_warmup as a fraction of the steps must lie in [0, 1); got {dense_warmup}")
+        return math.ceil(round(dense_warmup * steps, 9))
+    if dense_warmup < 0:
+        raise ValueError(f"dense_warmup must be an int >= 0 or a float in [0, 1); got {dense_warmup}")
+    return dense_warmup
+
+
+def with_region_budgets(plan: AttentionPlan, num_layers: int, *, prompt_length: int, prompt_sparsity: float,
+                        gen_sparsity: float) -> AttentionPlan:
+    """``plan`` with every BA-Att layer selecting by ``prompt_gen`` around its own selector (dense layers stay)."""
+    if plan.kind != "ba":
+        raise ValueError("prompt_sparsity and gen_sparsity need a BA-Att plan (AttentionPlan.ba); got a dense plan")
+
+    def split(cfg):
+        if cfg is None:
+            return None
+        params = budgets.PromptGenParams(prompt_length=prompt_length, prompt_sparsity=prompt_sparsity,
+                                         gen_sparsity=gen_sparsity, base=cfg.selector)
+        return cfg.replace(selector=budgets.NAME, selector_params=params, sparsity=None, tau=None, peak_margin=None)
+
+    layers = tuple(split(plan.layer_config(i, num_layers)) for i in range(num_layers))
+    return dataclasses.replace(plan, config=None, compensate_layers=None, layer_configs=layers)
+
+
 def generate(
     model,
     canvas,
@@ -117,8 +222,12 @@ def generate(
     temperature: float = 0.0,
     remasking: str = "low_confidence",
     plan: AttentionPlan | None = None,
-    reuse_every: int = 1,
-    dense_warmup: int = 0,
+    dense_warmup: int | float = 0,
+    reuse_every: int | None = 1,
+    refresh_drift: float | None = None,
+    prompt_sparsity: float | None = None,
+    gen_sparsity: float | None = None,
+    reference=None,
     key=None,
     mask_id: int | None = None,
     vocab_limit: int | None = None,
@@ -132,7 +241,11 @@ def generate(
       temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
       remasking: "low_confidence" or "random".
       plan: attention plan (default: the model's own).
-      reuse_every / dense_warmup: see the module docstring.
+      dense_warmup, reuse_every, refresh_drift, prompt_sparsity, gen_sparsity: the
+        sparse-attention recipe (module docstring); the budgets go together.
+      reference: int [B, L] tokens to score: ``SampleResult.reference_logprob`` holds
+        their log-probability (softmax of the logits at temperature 1, ids below
+        ``vocab_limit``) at each generated position, under the step that commits it.
       vocab_limit: ids >= this are never generated (default: the mask id, so
         neither the mask token nor padding rows of the vocabulary).
     """
@@ -140,10 +253,13 @@ def generate(
     vocab_limit = mask_id if vocab_limit is None else vocab_limit
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random'; got {remasking!r}")
-    if not isinstance(reuse_every, int) or reuse_every < 1:
-        raise ValueError(f"reuse_every must be an int >= 1; got {reuse_every!r}")
-    if not isinstance(dense_warmup, int) or dense_warmup < 0:
-        raise ValueError(f"dense_warmup must be an int >= 0; got {dense_warmup!r}")
+    if reuse_every is not None and (isinstance(reuse_every, bool) or not isinstance(reuse_every, int)
+                                    or reuse_every < 1):
+        raise ValueError(f"reuse_every must be an int >= 1 or None (never re-estimate); got {reuse_every!r}")
+    if refresh_drift is not None and not 0.0 < refresh_drift <= 1.0:
+        raise ValueError(f"refresh_drift must be None or a share in (0, 1]; got {refresh_drift!r}")
+    if (prompt_sparsity is None) != (gen_sparsity is None):
+        raise ValueError(f"prompt_sparsity and gen_sparsity go together; got {prompt_sparsity!r} and {gen_sparsity!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0; got {temperature}")
     x = np.asarray(canvas)
@@ -153,36 +269,55 @@ def generate(
     per_row = gen.sum(axis=1)
     if np.any(per_row != per_row[0]):
         raise ValueError(f"every row of the canvas must hold the same number of mask tokens; got {per_row.tolist()}")
+    if reference is not None and np.shape(reference) != x.shape:
+        raise ValueError(f"reference must have the canvas's shape {x.shape}; got {np.shape(reference)}")
     num_gen = int(per_row[0])
     block_length = num_gen if block_length is None else block_length
     spb, counts = schedule(num_gen, steps, block_length)
-    block_of = np.where(gen, (np.cumsum(gen, axis=1) - 1) // block_length, -1)
+    dense_steps = warmup_steps(dense_warmup, steps)
 
     plan = model.attention if plan is None else plan
+    num_layers = model.cfg.num_layers
+    if prompt_sparsity is not None:
+        plan = with_region_budgets(plan, num_layers, prompt_length=int(np.argmax(gen, axis=1).min()),
+                                   prompt_sparsity=prompt_sparsity, gen_sparsity=gen_sparsity)
+    drift_block = None
+    if refresh_drift is not None and plan.kind == "ba":
+        drift_block = next(c.block_k for c in (plan.layer_config(i, num_layers) for i in range(num_layers)) if c)
     graphdef, state = nnx.split(model)
     key = jax.random.PRNGKey(0) if key is None else key
+    # Positions of each decoding block, row by row [B, m] (every row has the same count in each block).
+    order = np.argsort(~gen, axis=1, kind="stable")[:, :num_gen]
+    block_positions = [jnp.asarray(order[:, j: j + block_length], jnp.int32) for j in range(0, num_gen, block_length)]
     x = jnp.asarray(x, jnp.int32)
-    unmask_step = np.full(x.shape, -1, np.int32)
-    sels = None
-    densities, estimated = [], []
+    unmask_step = jnp.full(x.shape, -1, jnp.int32)
+    if reference is not None:
+        reference = jnp.asarray(reference, jnp.int32)
+        reference_logprob = jnp.full(x.shape, jnp.nan, jnp.float32)
+    else:
+        reference_logprob = None
+    sels = x_at_estimate = None
+    densities, kinds = [], []
+    since_estimate = 0
     for step in range(steps):
-        if step < dense_warmup or plan.kind == "dense":
-            logits, _ = _forward(graphdef, AttentionPlan.dense(), "plain")(state, x)
-            densities.append(1.0)
-            estimated.append(False)
-        elif sels is None or (step - dense_warmup) % reuse_every == 0:
-            logits, (sels, dens) = _forward(graphdef, plan, "estimate")(state, x)
-            densities.append(float(dens))
-            estimated.append(True)
-        else:
-            logits, dens = _forward(graphdef, plan, "reuse")(state, x, sels)
-            densities.append(float(dens))
-            estimated.append(False)
-        still = np.asarray(x) == mask_id
-        candidate = jnp.asarray(still & (block_of == step // spb))
-        n_commit = jnp.full((x.shape[0],), counts[step], jnp.int32)
+        kind = "dense" if step < dense_steps or plan.kind == "dense" else "reuse"
+        if kind == "reuse" and (sels is None or (reuse_every is not None and since_estimate >= reuse_every) or (
+                drift_block is not None
+                and float(_max_block_change(x, x_at_estimate, block=drift_block)) >= refresh_drift)):
+            kind = "estimate"
+        positions = block_positions[step // spb]
+        logits, made, density = _decode_forward(graphdef, plan, kind)(
+            state, x, positions, sels if kind == "reuse" else None)
+        if kind == "estimate":
+            sels, x_at_estimate, since_estimate = made, x, 0
+        if kind != "dense":
+            since_estimate += 1
+        densities.append(density)
+        kinds.append(kind)
         key, sub = jax.random.split(key)
-        x, commit = _commit(logits, x, candidate, n_commit, sub, jnp.float32(max(temperature, 1e-6)),
-                            mask_id=mask_id, vocab_limit=vocab_limit, remasking=remasking, greedy=temperature == 0)
-        unmask_step[np.asarray(commit)] = step
-    return SampleResult(np.asarray(x), unmask_step, densities, estimated)
+        x, unmask_step, reference_logprob = _commit(
+            logits, x, positions, counts[step], sub, jnp.float32(max(temperature, 1e-6)), unmask_step, step,
+            reference, reference_logprob, mask_id=mask_id, vocab_limit=vocab_limit, remasking=remasking,
+            greedy=temperature == 0)
+    return SampleResult(np.asarray(x), np.asarray(unmask_step), [float(d) for d in densities], kinds,
+                        None if reference_logprob is None else np.asarray(reference_logprob))

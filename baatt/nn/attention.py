@@ -15,9 +15,9 @@ says which attention each layer runs:
 Every attention function has the signature ``fn(q, k, v, *, key_mask) -> out``
 with q [B, L, Hq, D], k/v [B, L, Hkv, D] and key_mask bool [B, L] or None.
 
-Causal and block-causal models (``ModelConfig.causality``) run dense attention
-with their mask; a BA-Att layer in such a model raises ``NotImplementedError``
-(the block-sparse operators are bidirectional).
+Causal and block-causal models (``ModelConfig.causality``) run every layer under
+their mask: dense layers through ``jax.nn.dot_product_attention``, BA-Att layers
+through ``baatt.attention`` with the mask in their config.
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 import baatt
+from baatt.attention_mask import AttentionMask
 from baatt.config import BAConfig
 from baatt.nn.config import CAUSALITIES
+from baatt.validation import is_concrete, nan_where
 
 
 def _on_gpu() -> bool:
@@ -153,43 +156,80 @@ class AttentionPlan:
         return out
 
 
+def _model_mask(causality: str, causal_block_size: int | None = None) -> AttentionMask:
+    """The ``baatt.AttentionMask`` of a model's ``causality`` (``ModelConfig``)."""
+    if causality not in CAUSALITIES:
+        raise ValueError(f"causality must be one of {CAUSALITIES}; got {causality!r}")
+    if causality == "block_causal":
+        return AttentionMask.block_causal(causal_block_size)
+    return AttentionMask(causality)
+
+
 def run_layer_attention(plan: AttentionPlan, layer: int, num_layers: int, q, k, v, *, key_mask=None, selection=None,
                         causality: str = "bidirectional", causal_block_size: int | None = None):
     """Attention of one layer under ``plan``.
 
-    selection: a ``baatt.BlockSelection`` to reuse (skips the estimator; runs
-      ``baatt.reference.block_sparse_attention``). Returns (out, info) where info
-      holds ``selection`` and ``density`` [B, Hq] (None for dense layers).
-    causality, causal_block_size: the model's mask (``ModelConfig``); anything but
-      "bidirectional" runs dense attention only.
+    selection: a ``baatt.BlockSelection`` to reuse: the estimator is skipped and the
+      selection runs through ``baatt.attention(..., selection=...)`` on the plan's
+      implementation (the best available by default), with the layer's config for the rest
+      (its ``tail``, say). Returns (out, info) where info holds ``selection`` and
+      ``density`` [B, Hq] (None and 1 for dense layers).
+    causality, causal_block_size: the model's mask (``ModelConfig``). Dense layers run
+      ``dense_attention`` under it; BA-Att layers run with it as their config's ``mask``
+      (so their configs may not sort tokens).
     """
     cfg = plan.layer_config(layer, num_layers)
-    if causality != "bidirectional" and (cfg is not None or selection is not None):
-        what = "a reused block selection" if selection is not None else f"BA-Att ({cfg.selector}, sparsity={cfg.sparsity})"
-        raise NotImplementedError(
-            f"sparse causal attention is not supported yet: layer {layer} would run {what} in a model with "
-            f"causality={causality!r}; use AttentionPlan.dense() for causal and block-causal models"
-        )
-    if selection is not None:
-        out, _ = baatt.reference.block_sparse_attention(q, k, v, selection, key_mask=key_mask)
-        nk = -(-k.shape[1] // selection.block_k)
-        return out, dict(selection=selection, density=selection.density(nk))
-    if cfg is None:
+    if cfg is None and selection is None:
         impl = plan.implementation if plan.kind == "dense" else plan.dense_implementation
         out = dense_attention(q, k, v, key_mask=key_mask, implementation=impl, causality=causality,
                               causal_block_size=causal_block_size)
         return out, dict(selection=None, density=jnp.ones((q.shape[0], q.shape[2]), jnp.float32))
-    out, stats = baatt.attention(q, k, v, config=cfg, key_mask=key_mask, implementation=plan.implementation, return_stats=True)
+    if cfg is None:  # a selection given for a layer the plan runs dense: only the selection's block sizes
+        cfg = BAConfig(block_size=selection.block_q, block_size_k=selection.block_k)
+    cfg = cfg.replace(mask=_model_mask(causality, causal_block_size))
+    out, stats = baatt.attention(q, k, v, config=cfg, key_mask=key_mask, implementation=plan.implementation,
+                                 selection=selection, return_stats=True)
     return out, dict(selection=stats["selection"], density=stats["density"])
 
 
-def ba_attention_fn(config: BAConfig | None = None, *, implementation: str | Sequence[str] | None = None, interpret: bool = False):
+def _key_mask_of(mask, batch_dims: tuple[int, ...]):
+    """(key_mask bool [B, Lk], rows_agree bool [B] or None) of an attention mask [batch..., heads, Lq, Lk].
+
+    ``mask`` is in ``flax.nnx.MultiHeadAttention``'s form (heads and query axes may be 1,
+    any dtype, nonzero = attend). A key is kept when any (head, query) row keeps it.
+    ``rows_agree`` says for each batch element whether every row that keeps a key keeps
+    exactly those, as a key-padding mask does; None when the mask has no head or query
+    axis, so that its rows cannot differ.
+    """
+    m = jnp.asarray(mask) != 0
+    m = m.reshape((1,) * max(0, 3 - m.ndim) + m.shape)
+    m = jnp.broadcast_to(m, batch_dims + m.shape[-3:]).reshape((-1,) + m.shape[-3:])
+    key_mask = jnp.any(m, axis=(1, 2))
+    if m.shape[1] == 1 and m.shape[2] == 1:
+        return key_mask, None
+    keeps_any = jnp.any(m, axis=-1, keepdims=True)
+    return key_mask, jnp.all(~keeps_any | (m == key_mask[:, None, None, :]), axis=(1, 2, 3))
+
+
+def ba_attention_fn(config: BAConfig | None = None, *, implementation: str | Sequence[str] | None = None,
+                    interpret: bool = False, debug_checks: bool = False):
     """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` that runs ``baatt.attention``.
 
     ``nnx.MultiHeadAttention(..., attention_fn=ba_attention_fn(BAConfig(sparsity=0.5)))``.
-    Supports key-padding masks (e.g. ``nnx.make_attention_mask(tokens > 0, tokens > 0)``:
-    a key is kept when any query row keeps it, so padded query rows are not
-    special). Bias, dropout and causal masks are not supported: they raise.
+
+    Masks: key-padding masks only, i.e. masks whose rows (queries and heads) all keep
+    the same keys, e.g. ``nnx.make_attention_mask(tokens > 0, tokens > 0)``. A row that
+    keeps no key (a padded query) is not special: it attends like the others. A mask
+    whose rows differ (causal, banded, per head) is never dropped silently:
+
+    * a concrete mask raises ``ValueError``;
+    * a traced one (under ``nnx.jit`` and the other transforms its values are unknown
+      when the layer is traced) makes the output of every batch element whose mask
+      rows differ NaN; with ``debug_checks=True`` a ``jax.experimental.checkify``
+      error says so as well.
+
+    Bias, dropout and ``is_causal=True`` raise. ``debug_checks`` is passed on to
+    ``baatt.attention``.
     """
     config = BAConfig() if config is None else config
 
@@ -209,19 +249,23 @@ def ba_attention_fn(config: BAConfig | None = None, *, implementation: str | Seq
         v = value.reshape((-1,) + value.shape[-3:])
         if dtype is not None:
             q, k, v = (x.astype(dtype) for x in (q, k, v))
-        key_mask = None
+        key_mask = rows_agree = None
         if mask is not None:
-            m = jnp.broadcast_to(mask, batch_dims + mask.shape[-3:]).reshape((-1,) + mask.shape[-3:])
-            if not isinstance(m, jax.core.Tracer):
-                full = jnp.any(m, axis=(1, 2))
-                rows_ok = jnp.all(jnp.where(jnp.any(m, axis=-1, keepdims=True), m == full[:, None, None, :], True))
-                if not bool(rows_ok):
+            key_mask, rows_agree = _key_mask_of(mask, batch_dims)
+            if rows_agree is not None and is_concrete(rows_agree):
+                if not bool(jnp.all(rows_agree)):
                     raise ValueError(
                         "ba_attention_fn supports key-padding masks only (every query row keeps the same keys); "
-                        "got a mask that differs between query rows (causal or banded)"
+                        "got a mask that differs between query rows or heads (causal or banded)"
                     )
-            key_mask = jnp.any(m, axis=(1, 2))
-        out = baatt.attention(q, k, v, config=config, key_mask=key_mask, implementation=implementation, interpret=interpret)
+                rows_agree = None
+            elif rows_agree is not None and debug_checks:
+                checkify.check(jnp.all(rows_agree), "ba_attention_fn supports key-padding masks only; the mask of "
+                               "batch element {b} differs between query rows or heads", b=jnp.argmin(rows_agree))
+        out = baatt.attention(q, k, v, config=config, key_mask=key_mask, implementation=implementation,
+                              interpret=interpret, debug_checks=debug_checks)
+        if rows_agree is not None:
+            out = out + nan_where(~rows_agree)[:, None, None, None].astype(out.dtype)
         return out.reshape(batch_dims + out.shape[1:])
 
     return attention_fn

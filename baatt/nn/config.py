@@ -36,6 +36,12 @@ class ModelConfig:
       its predecessors) or "block_causal" (a token sees its own block of ``causal_block_size``
       tokens and every earlier block: semi-autoregressive, block-wise diffusion decoding).
     causal_block_size: block length of "block_causal"; must be None for the other kinds.
+    shift_logits: the state that predicts token i is the final state of position i - 1 (position 0
+      keeps its own), as in Dream and DiffuLLaMA. A causal LM's head was trained to predict the
+      *next* token from each position; a masked-diffusion model adapted from one keeps that
+      alignment instead of first relearning to predict a token from its own position, so the
+      pretrained head is right from the first step wherever the preceding tokens are visible.
+      ``DiffusionLM.hidden`` applies the shift, so every loss and decoder reads it unchanged.
     dtype: compute dtype (bf16 on GPU); param_dtype: storage dtype of the weights.
     """
 
@@ -56,6 +62,7 @@ class ModelConfig:
     rope_style: str = "half"
     causality: str = "bidirectional"
     causal_block_size: int | None = None
+    shift_logits: bool = False
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
 
@@ -92,6 +99,8 @@ class ModelConfig:
                 f"ModelConfig.causal_block_size applies to causality='block_causal' only (must be None for "
                 f"{self.causality!r}); got {block!r}"
             )
+        if not isinstance(self.shift_logits, bool):
+            raise ValueError(f"ModelConfig.shift_logits must be a bool; got {self.shift_logits!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"ModelConfig.{name} must be 'float32', 'bfloat16' or 'float16'; got {getattr(self, name)!r}")

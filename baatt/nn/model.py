@@ -220,21 +220,34 @@ class DiffusionLM(nnx.Module):
 
     def hidden(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
                return_aux: bool = False):
-        """Final hidden states [B, L, d_model] (after ``final_norm``, before the head); options as ``__call__``."""
+        """Final hidden states [B, L, d_model] (after ``final_norm``, before the head); options as ``__call__``.
+
+        With ``ModelConfig.shift_logits``, entry i is the state that predicts token i: position i - 1's.
+        """
         cfg = self.cfg
         plan = self.attention if attention is None else attention
         if selections is not None and len(selections) != cfg.num_layers:
             raise ValueError(f"selections must hold one entry per layer ({cfg.num_layers}); got {len(selections)}")
         x, cos, sin = self.embed_inputs(tokens)
+        x, infos = self.run_blocks(x, cos, sin, plan=plan, key_mask=key_mask, selections=selections)
+        x = self.final_norm(x)
+        if cfg.shift_logits:  # position i's prediction comes from position i - 1 (ModelConfig.shift_logits)
+            x = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
+        if not return_aux:
+            return x
+        return x, dict(selections=[i["selection"] for i in infos], density=[i["density"] for i in infos])
+
+    def run_blocks(self, x, cos, sin, *, plan: AttentionPlan, key_mask=None, selections=None):
+        """The blocks in order on embedded inputs x [B, L, d_model]: (output, one info dict per layer).
+
+        Each info holds the layer's ``selection`` (None for dense layers) and ``density`` [B, Hq].
+        """
         infos = []
         for i, block in enumerate(self.blocks):
             sel = None if selections is None else selections[i]
             x, info = block(x, cos, sin, plan=plan, layer=i, key_mask=key_mask, selection=sel)
             infos.append(info)
-        x = self.final_norm(x)
-        if not return_aux:
-            return x
-        return x, dict(selections=[i["selection"] for i in infos], density=[i["density"] for i in infos])
+        return x, infos
 
 
 def count_params(model: nnx.Module) -> int:

@@ -53,10 +53,11 @@ def pre_downsample_scores(q, k, config: BAConfig, *, key_mask=None) -> jax.Array
     pre-downsample map ``M`` (section 2).
 
     Under ``config.mask``: ``-inf`` for the block pairs the mask hides; on a pair the
-    mask cuts (the diagonal of a causal mask) the pooled logit becomes the mean logit
-    over the (query, key) pairs the mask allows, the count term counts the keys a
-    query of the block sees on average, and there is no compensation term: no
-    statistic of a key a query may not see enters its score.
+    mask cuts (the diagonal of a causal mask: some real query may not see some valid
+    key) the pooled logit becomes the mean logit over the (query, key) pairs the mask
+    allows, the count term counts the keys a query of the block sees on average, and
+    there is no compensation term: no statistic of a key a query may not see enters
+    its score.
     """
     check_qk(q, k, key_mask=key_mask)
     return _pre_scores_jit(q, k, key_mask, config)
@@ -82,11 +83,12 @@ def _pre_scores_jit(q, k, key_mask, config):
     scores = jnp.where(k_count[:, :, None, :] > 0, scores, -jnp.inf)
     if config.mask.is_bidirectional:
         return scores
-    allowed, whole = config.mask.block_pairs(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    allowed, _ = config.mask.block_pairs(q.shape[1], k.shape[1], config.block_q, config.block_k)
     mean_logit, seen = masked_block_logits(space, 1.0 / math.sqrt(d))
     cut = mean_logit + (jnp.log(jnp.maximum(seen, 1e-30)) if config.count_correction else 0.0)
-    cut = jnp.where(seen > 0, cut, -jnp.inf)
-    return jnp.where(whole, scores, jnp.where(allowed, cut, -jnp.inf))
+    # Where every real query sees every valid key of the block, the pair is not cut.
+    whole = seen >= k_count[:, :, None, :]
+    return jnp.where(allowed & whole, scores, jnp.where(allowed & (seen > 0), cut, -jnp.inf))
 
 
 def masked_block_logits(space: layout.BlockSpace, scale: float) -> tuple[jax.Array, jax.Array]:

@@ -7,6 +7,10 @@ dataclass, and registers them with ``register_selector`` when imported. This
 package imports the built-in ones once, below; a user's selector module registers
 when it is imported. Every selector ends in the same budget step
 (``budget.select_from_scores``), so they compare at equal budgets.
+
+The attention mask travels in ``config.mask`` (``is_causal=True`` sets a causal
+one): a selector scores only what the mask lets a query see, the budget step
+never keeps a block pair the mask hides, and the selection carries the mask.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import functools
 
 import jax
 
+from baatt import layout
+from baatt.attention_mask import with_is_causal
 from baatt.config import BAConfig
 from baatt.selection.budget import forced_blocks, select_from_scores
 from baatt.selection.types import BlockSelection
@@ -40,16 +46,21 @@ def _selector_name(config: BAConfig, selector: str | None) -> str:
     return name
 
 
-def select_blocks(q, k, config: BAConfig | None = None, *, selector: str | None = None, key_mask=None) -> BlockSelection:
+def select_blocks(q, k, config: BAConfig | None = None, *, selector: str | None = None, key_mask=None,
+                  is_causal: bool = False) -> BlockSelection:
     """Compact block selection of ``selector`` (default: ``config.selector``).
 
     q [B, Lq, Hq, D], k [B, Lk, Hkv, D]; returns indices [B, Hq, Nq, kmax] and counts [B, Hq, Nq].
+    ``is_causal``: select under a causal mask (shorthand for ``config.mask=AttentionMask.causal()``,
+    as in ``baatt.attention``); the selection carries its mask.
     """
     config = BAConfig() if config is None else config
     if not isinstance(config, BAConfig):
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
+    config = with_is_causal(config, is_causal)
     name = _selector_name(config, selector)
     check_qk(q, k, key_mask=key_mask)
+    key_mask = layout.visible_key_mask(key_mask, config.mask, q.shape[0], q.shape[1], k.shape[1])
     check_finite(q=q, k=k, key_mask=key_mask)
     return _select_jit(q, k, key_mask, config, name)
 
@@ -61,7 +72,8 @@ def _select_jit(q, k, key_mask, config, selector):
     return get_selector(selector).select(q, k, config, key_mask=key_mask)
 
 
-def block_map(q, k, config: BAConfig | None = None, *, selector: str | None = None, key_mask=None):
+def block_map(q, k, config: BAConfig | None = None, *, selector: str | None = None, key_mask=None,
+              is_causal: bool = False):
     """The selector's own estimate of the block attention map, rows normalised: [B, Hq, Nq, Nk].
 
     In the selector's block space (sorted when BA-Att sorts), so that it can be
@@ -69,9 +81,10 @@ def block_map(q, k, config: BAConfig | None = None, *, selector: str | None = No
     Each selector's ``block_map`` says what it is: baatt/meanpool the softmax of
     the block logits (docs/spec.md section 2); oracle ``M_hat``; xattention and
     last_query their block mass; sparge_like the softmax of its pooled logits;
-    random and dense uniform over the non-empty blocks.
+    random and dense uniform over the non-empty blocks. Under a causal ``config.mask``
+    (or ``is_causal``) the pairs the mask hides have 0.
     """
-    config = BAConfig() if config is None else config
+    config = with_is_causal(BAConfig() if config is None else config, is_causal)
     name = _selector_name(config, selector)
     check_qk(q, k, key_mask=key_mask)
     return _block_map_jit(q, k, key_mask, config, name)

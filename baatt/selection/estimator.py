@@ -192,14 +192,16 @@ def _estimate_jit(q, k, key_mask, config):
         if k_perm is not None:
             k_stats = block_stats(space.k, space.kv_valid, config.block_k, with_var=config.compensate)
     scores = pooled_scores(q_stats, k_stats, config, q.shape[-1])
-    scores = apply_mask(scores, q, k, key_mask, config)
+    k_count = jnp.take(k_stats.count, layout.head_map(q.shape[2], k.shape[2]), axis=1)
+    scores = apply_mask(scores, k_count, q, k, key_mask, config)
     return Estimate(scores, q_perm, k_perm, q_stats, k_stats)
 
 
-def apply_mask(scores: jax.Array, q, k, key_mask, config: BAConfig) -> jax.Array:
+def apply_mask(scores: jax.Array, k_count: jax.Array, q, k, key_mask, config: BAConfig) -> jax.Array:
     """Block scores [B, Hq, Nq, Nk] under ``config.mask``: ``-inf`` where it hides the pair; on the
-    diagonal of a token-causal mask, the masked mean logit (+ the log of the mean count of keys seen,
-    with ``count_correction``) instead of the pooled score."""
+    diagonal of a token-causal mask, where some real query may not see some valid key, the masked mean
+    logit (+ the log of the mean count of keys seen, with ``count_correction``) instead of the pooled
+    score. k_count: valid keys per key block, [B, Hq, Nk]."""
     allowed = allowed_blocks(config, scores.shape[-2], scores.shape[-1], q.shape[1], k.shape[1])
     if allowed is None:
         return scores
@@ -208,9 +210,9 @@ def apply_mask(scores: jax.Array, q, k, key_mask, config: BAConfig) -> jax.Array
         return scores
     mean_logit, seen = diagonal_logits(q, k, key_mask, config)
     cut = mean_logit + (jnp.log(jnp.maximum(seen, 1e-30)) if config.count_correction else 0.0)
-    on_edge = seen > 0
     _, whole = config.mask.block_pairs(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    return jnp.where(whole, scores, jnp.where(on_edge, cut, -jnp.inf))
+    whole = whole | (seen >= k_count[:, :, None, :])
+    return jnp.where(whole, scores, jnp.where(seen > 0, cut, -jnp.inf))
 
 
 # Elements of the diagonal logit tiles computed at once (per lax.map step); bounds memory.

@@ -29,7 +29,11 @@ Where we deviate:
   ``tau`` with clamps, forced blocks) so that all selectors compare at equal
   budgets. MInference also always keeps the first keys and a local window
   (use ``force_sink`` / ``local_window`` for that).
-- Bidirectional: offsets are both positive and negative (no causal mask).
+- Bidirectional by default: offsets are both positive and negative. Under a
+  causal ``config.mask`` the last queries' softmax runs over the keys each may
+  see (as in MInference, whose pattern comes from causal LMs), so no line
+  gets mass from a key its query may not see, and the block pairs the mask
+  hides get no mass.
 - "Real" queries: when ``key_mask`` is given and ``Lq == Lk`` (self-attention)
   the queries at masked positions are taken as padding too, and the last
   ``n`` queries are the last ``n`` unmasked positions of each batch row;
@@ -56,7 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from baatt.config import BAConfig
-from baatt.selection.common import finish, key_block_counts, mask_empty, normalised_rows
+from baatt.selection.common import finish, key_block_counts, mask_empty, mask_hidden, normalised_rows
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import SelectorParamError, register_selector
 
@@ -124,7 +128,11 @@ def line_masses(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, ja
     qq = qq.reshape(b, n, hkv, group, d)
     kk = jnp.where(kvalid[:, :, None, None], k.astype(jnp.float32), 0.0)
     s = jnp.einsum("bnhgd,bkhd->bhgnk", qq, kk, precision=HIGHEST) / math.sqrt(d)
-    s = jnp.where(kvalid[:, None, None, None, :], s, -jnp.inf)
+    seen = kvalid[:, None, None, None, :]
+    if not config.mask.is_bidirectional:
+        limit = config.mask.key_limit(qpos)  # [B, n]
+        seen = seen & (jnp.arange(lk) < limit[:, :, None])[:, None, None]
+    s = jnp.where(seen, s, -jnp.inf)
     lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
     p = jnp.where(jnp.isfinite(lse), jnp.exp(s - lse), 0.0)
     p = jnp.where(qok[:, None, None, :, None], p, 0.0).reshape(b, hq, n, lk)
@@ -179,8 +187,8 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
     kvalid = jnp.ones((b, lk), jnp.bool_) if key_mask is None else key_mask
     kv_valid = jnp.pad(kvalid, ((0, 0), (0, nk * bk - lk)))[:, None, :]
     kcount = key_block_counts(kv_valid, bk, hq)
-    scores = mask_empty(scores, kcount)
-    mass = jnp.where(kcount[:, :, None, :] > 0, mass, 0.0)
+    scores = mask_hidden(mask_empty(scores, kcount), q, k, config)
+    mass = jnp.where(scores > -jnp.inf, mass, 0.0)
     return scores, mass
 
 

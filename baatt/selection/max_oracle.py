@@ -14,7 +14,8 @@ normalised. Like the oracle it costs a dense attention pass and is a yardstick, 
 selector to deploy; it is computed exactly (each query row's softmax over all keys) for a
 few query blocks at a time, in log space (a block whose mass underflows float32 keeps a
 finite, correctly ranked score), never forming ``L x L``. With ``sort_q`` / ``sort_k`` it
-works in the norm-sorted block space, as the oracle does.
+works in the norm-sorted block space, as the oracle does; under a causal or block-causal
+``BAConfig.mask`` each query's softmax runs over the keys it may see.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from baatt import layout
 from baatt.config import BAConfig
 from baatt.selection.common import finish
 from baatt.selection.estimator import sort_permutations
-from baatt.selection.query_token import key_validity, map_query_blocks, query_blocks
+from baatt.selection.query_token import key_limits, map_query_blocks, masked_keys, query_blocks, visible_keys
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import register_selector
 
@@ -37,28 +38,28 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def log_max_mass(space: layout.BlockSpace, scale: float) -> jax.Array:
     """``log M_max`` [B, Hq, Nq, Nk] float32 of a block space (``-inf`` for key blocks without a valid key)."""
-    k, _ = key_validity(space)
+    k = masked_keys(space)
     key_ok = space.kv_valid[:, :, None, None, :]  # [B, Hkv, 1, 1, Lk_pad]
     nk, bk = space.num_k_blocks, space.block_k
 
     def one_block(args):
-        qa, qva = args  # [B, Hkv, G, bq, D], [B, bq]
+        a, qa, qva = args  # block id, [B, Hkv, G, bq, D], [B, bq]
         s = jnp.einsum("bhgqd,bhkd->bhgqk", qa, k, precision=HIGHEST) * scale
-        s = jnp.where(key_ok, s, -jnp.inf)
+        limit = key_limits(space, a * space.block_q + jnp.arange(space.block_q))
+        s = jnp.where(visible_keys(key_ok, limit), s, -jnp.inf)
         lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
         log_p = jnp.where(jnp.isfinite(lse), s - lse, -jnp.inf)
         log_mass = jax.nn.logsumexp(log_p.reshape(log_p.shape[:-1] + (nk, bk)), axis=-1)  # [B, Hkv, G, bq, Nk]
         return jnp.max(jnp.where(qva[:, None, None, :, None], log_mass, -jnp.inf), axis=-2)
 
-    qb, qvb = query_blocks(space)
     per_block = space.q.shape[0] * space.q.shape[1] * space.block_q * space.k.shape[2]
-    return map_query_blocks(one_block, (qb, qvb), elements_per_block=per_block)
+    return map_query_blocks(one_block, query_blocks(space), elements_per_block=per_block)
 
 
 def _space(q, k, config: BAConfig, key_mask):
     q_perm, k_perm = sort_permutations(q, k, config, key_mask)
     space = layout.to_block_space(q, k, None, block_q=config.block_q, block_k=config.block_k,
-                                  key_mask=key_mask, q_perm=q_perm, k_perm=k_perm)
+                                  key_mask=key_mask, q_perm=q_perm, k_perm=k_perm, mask=config.mask)
     return space, q_perm, k_perm
 
 

@@ -34,6 +34,12 @@ Cost, as a fraction of dense attention's ``4 * Lq * Lk * d`` FLOPs: the probe ro
 Memory: both are computed a few query blocks at a time (``probes x Lk`` and
 ``block_q / group x Lk / group`` per block), never ``L x L``.
 
+Under a causal or block-causal ``BAConfig.mask`` each probe's softmax runs over the keys it may
+see, and a query group's softmax over the key groups that every query of the group may see
+whole: a group the mask cuts (on the diagonal of a causal mask) is left to the probes, and a
+query group that sees no whole key group drops out of its block's average. No statistic of a
+future key enters either estimate.
+
 Blocks are positional (``sort_q`` / ``sort_k`` do not apply); ``group`` must divide both
 block sizes and ``probes`` may not exceed ``block_q``. GQA: query head ``h`` uses kv head
 ``h // (Hq // Hkv)``.
@@ -52,7 +58,14 @@ import jax.numpy as jnp
 from baatt import layout
 from baatt.config import BAConfig
 from baatt.selection.common import finish, positional_space
-from baatt.selection.query_token import key_validity, map_query_blocks, query_blocks
+from baatt.selection.query_token import (
+    key_limits,
+    log_count,
+    map_query_blocks,
+    masked_keys,
+    query_blocks,
+    visible_keys,
+)
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import SelectorParamError, register_selector
 
@@ -95,20 +108,18 @@ def probe_offsets(block_q: int, probes: int) -> jax.Array:
 
 def log_masses(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, jax.Array]:
     """``(log P, log G)``, each [B, Hq, Nq, Nk] float32 with rows summing to 1 in linear space
-    (``-inf`` for key blocks without a valid key)."""
+    (``-inf`` for key blocks without a valid key and for those ``config.mask`` hides)."""
     params = _params(config)
     space = positional_space(q, k, config, key_mask)
-    k_valid, _ = key_validity(space)
+    k_valid = masked_keys(space)
     b, hkv, lk, d = k_valid.shape
-    nk, bk, bq, g = space.num_k_blocks, config.block_k, config.block_q, params.group
+    nk, bq, g = space.num_k_blocks, config.block_q, params.group
     scale = 1.0 / math.sqrt(d)
     key_ok = space.kv_valid[:, :, None, None, :]
     # Key groups: mean of the valid keys and their count, [B, Hkv, Lk/g, D] and [B, Hkv, Lk/g].
     k_count = jnp.sum(space.kv_valid.reshape(b, hkv, lk // g, g), axis=-1).astype(jnp.float32)
     k_group = jnp.sum(k_valid.reshape(b, hkv, lk // g, g, d), axis=-2) / jnp.maximum(k_count, 1.0)[..., None]
-    group_bias = jnp.where(k_count > 0, 0.0, -jnp.inf)
-    if config.count_correction:
-        group_bias = group_bias + jnp.log(jnp.maximum(k_count, 1.0))
+    group_bias = log_count(k_count, config.count_correction)
     offsets = probe_offsets(bq, params.probes)
 
     def block_log_mass(log_p):  # [..., Lk or Lk/g] token or group log-probabilities -> [..., Nk]
@@ -119,28 +130,36 @@ def log_masses(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, jax
         return jnp.where(jnp.isfinite(lse), s - lse, -jnp.inf)
 
     def one_block(args):
-        qa, qva = args  # [B, Hkv, G, bq, D], [B, bq]
+        a, qa, qva = args  # block id, [B, Hkv, G, bq, D], [B, bq]
         # Probes, clipped to the block's last real query.
         n_real = jnp.sum(qva, axis=-1)  # [B]
         pos = jnp.minimum(offsets[None, :], jnp.maximum(n_real[:, None] - 1, 0))  # [B, probes]
         probe = jnp.take_along_axis(qa, pos[:, None, None, :, None], axis=3)  # [B, Hkv, G, probes, D]
         s = jnp.einsum("bhgpd,bhkd->bhgpk", probe, k_valid, precision=HIGHEST) * scale
-        log_p = block_log_mass(normalised(jnp.where(key_ok, s, -jnp.inf)))  # [B, Hkv, G, probes, Nk]
+        limit = key_limits(space, a * bq + pos)  # [B, probes] or None
+        seen = visible_keys(key_ok, None if limit is None else limit[:, None, None, :])
+        log_p = block_log_mass(normalised(jnp.where(seen, s, -jnp.inf)))  # [B, Hkv, G, probes, Nk]
         log_probe = jax.nn.logsumexp(log_p, axis=-2) - math.log(params.probes)
         # Query groups, weighted by their real queries.
         qv = qva.reshape(b, bq // g, g)
         q_count = jnp.sum(qv, axis=-1).astype(jnp.float32)  # [B, bq/g]
         q_group = jnp.sum(jnp.where(qv[:, None, None, :, :, None], qa.reshape(qa.shape[:3] + (bq // g, g, d)), 0.0),
                           axis=-2) / jnp.maximum(q_count, 1.0)[:, None, None, :, None]
-        s = jnp.einsum("bhgrd,bhcd->bhgrc", q_group, k_group, precision=HIGHEST) * scale
-        log_g = block_log_mass(normalised(s + group_bias[:, :, None, None, :]))  # [B, Hkv, G, bq/g, Nk]
+        s = jnp.einsum("bhgrd,bhcd->bhgrc", q_group, k_group, precision=HIGHEST) * scale + group_bias[:, :, None, None]
+        limit = key_limits(space, a * bq + jnp.arange(0, bq, g))  # of each query group's first query
+        if limit is not None:
+            group_end = jnp.minimum(jnp.arange(1, lk // g + 1) * g, k.shape[1])  # past its last real key
+            whole = group_end[None, :] <= limit[:, None]  # [bq/g, Lk/g]
+            s = jnp.where(whole, s, -jnp.inf)
+            sees_some = jnp.any(whole & (k_count[:, 0, None, :] > 0), axis=-1)  # [B, bq/g]; same keys for all heads
+            q_count = jnp.where(sees_some, q_count, 0.0)
+        log_g = block_log_mass(normalised(s))  # [B, Hkv, G, bq/g, Nk]
         weight = jnp.log(q_count / jnp.maximum(jnp.sum(q_count, axis=-1, keepdims=True), 1.0))
         log_group = jax.nn.logsumexp(log_g + weight[:, None, None, :, None], axis=-2)
         return jnp.stack([log_probe, log_group], axis=-1)  # [B, Hkv, G, Nk, 2]
 
-    qb, qvb = query_blocks(space)
     per_block = b * q.shape[2] * max(params.probes * lk, (bq // g) * (lk // g))
-    both = map_query_blocks(one_block, (qb, qvb), elements_per_block=per_block)  # [B, Hq, Nq, Nk, 2]
+    both = map_query_blocks(one_block, query_blocks(space), elements_per_block=per_block)  # [B, Hq, Nq, Nk, 2]
     return both[..., 0], both[..., 1]
 
 

@@ -19,7 +19,8 @@ Where we deviate: ProxyAttn pairs the shared scores with a per-head, block-aware
 here every head goes through the shared budget step (``common.finish``: sparsity, ``tau``, the
 peak rule, forced blocks) so that selectors compare at equal budgets. A max over keys does not
 grow with a block's size, so there is no count term (``count_correction`` does not apply).
-Blocks are positional (``sort_q`` / ``sort_k`` do not apply); ``stride`` must divide
+Under a causal or block-causal ``BAConfig.mask`` each strided query's softmax runs over the keys
+it may see. Blocks are positional (``sort_q`` / ``sort_k`` do not apply); ``stride`` must divide
 ``block_q`` and ``kv_heads_per_proxy`` must divide the number of kv heads.
 
 Cost, as a fraction of dense attention's ``4 * Lq * Lk * d`` FLOPs per query head: each proxy
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 
 from baatt.config import BAConfig
 from baatt.selection.common import finish, positional_space
-from baatt.selection.query_token import key_validity, map_query_blocks
+from baatt.selection.query_token import key_limits, map_query_blocks, masked_keys, visible_keys
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import SelectorParamError, register_selector
 
@@ -80,12 +81,13 @@ def _params(config: BAConfig, kv_heads: int) -> ProxyParams:
 
 
 def block_scores(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
-    """Block scores ``log S`` [B, Hq, Nq, Nk] float32 (``-inf`` for key blocks without a valid key)."""
+    """Block scores ``log S`` [B, Hq, Nq, Nk] float32 (``-inf`` for key blocks without a valid key and
+    for those ``config.mask`` hides)."""
     b, _, hq, d = q.shape
     hkv = k.shape[2]
     params = _params(config, hkv)
     space = positional_space(q, k, config, key_mask)
-    k_valid, _ = key_validity(space)
+    k_valid = masked_keys(space)
     nq, nk, bq, bk = space.num_q_blocks, space.num_k_blocks, config.block_q, config.block_k
     per = params.kv_heads_per_proxy
     proxies, lq, lk = hkv // per, space.q.shape[2], k_valid.shape[2]
@@ -99,17 +101,20 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     pos = jnp.minimum(offsets, jnp.maximum(n_real[..., None] - 1, 0)) + (jnp.arange(nq) * bq)[:, None]
     strided = jnp.take_along_axis(q_proxy, pos.reshape(b, 1, -1, 1), axis=2)
     strided = jnp.moveaxis(strided.reshape(b, proxies, nq, offsets.size, d), 2, 0)
+    limit = key_limits(space, pos)  # under a causal mask, the strided queries' key limits
+    limit = jnp.moveaxis(jnp.full(pos.shape, lk) if limit is None else limit, 1, 0)  # [Nq, B, bq/stride]
     scale = 1.0 / math.sqrt(d)
 
-    def one_block(qa):  # [B, proxies, bq/stride, D]
+    def one_block(args):
+        qa, lim = args  # [B, proxies, bq/stride, D], the strided queries' key limits [B, bq/stride]
         s = jnp.einsum("bprd,bpkd->bprk", qa, k_proxy, precision=HIGHEST) * scale
-        s = jnp.where(key_ok, s, -jnp.inf)
+        s = jnp.where(visible_keys(key_ok, lim[:, None, :]), s, -jnp.inf)
         lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
         log_p = jnp.where(jnp.isfinite(lse), s - lse, -jnp.inf)
         pooled = jnp.max(log_p.reshape(log_p.shape[:-1] + (nk, bk)), axis=(-3, -1))  # [B, proxies, Nk]
         return pooled[:, :, None, :]  # one "group" per proxy, for map_query_blocks' layout
 
-    scores = map_query_blocks(one_block, strided, elements_per_block=b * proxies * offsets.size * lk)
+    scores = map_query_blocks(one_block, (strided, limit), elements_per_block=b * proxies * offsets.size * lk)
     return jnp.repeat(scores, hq // proxies, axis=1)  # [B, Hq, Nq, Nk]: each proxy's query heads share it
 
 

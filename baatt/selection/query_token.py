@@ -32,12 +32,18 @@ variance term doubles it (``1 / block_k``). Pooling K adds ``Lk * d`` (and as mu
 the variance), negligible. Memory: the per-token scores exist for a few query blocks at a time
 (a ``lax.map`` over query blocks), never for all ``Lq x Nk`` at once, so 128K tokens fit.
 
+Under a causal or block-causal ``BAConfig.mask`` a token's scores cover only the keys it may
+see: key blocks wholly past its limit get ``-inf``, and the one block the limit cuts (the
+diagonal of a causal mask) is scored from the mean, count and variance of the token's visible
+keys in it (prefix statistics inside each block), so no statistic of a future key enters a
+score. The budget step then keeps only the block pairs the mask allows.
+
 Sorting (``sort_q`` / ``sort_k``) is BA-Att's and does not apply: blocks are positional. GQA:
 query head ``h`` is scored against kv head ``h // (Hq // Hkv)``.
 
 This module also holds the pieces the other token-level selectors (``quest``, ``mixed``,
-``proxy``, ``max_oracle``) share: query blocks as the leading axis of a ``lax.map`` and the
-aggregation of per-token block logits.
+``proxy``, ``max_oracle``) share: query blocks as the leading axis of a ``lax.map``, the
+mask's limit for each query row, and the aggregation of per-token block logits.
 
 Parameters: ``QueryTokenParams`` (``BAConfig(selector="query_token",
 selector_params=QueryTokenParams(...))``).
@@ -86,14 +92,46 @@ class QueryTokenParams:
 # -- shared by the token-level selectors ------------------------------------------------------
 
 
-def query_blocks(space: layout.BlockSpace) -> tuple[jax.Array, jax.Array]:
-    """Queries per query block, block axis first: q [Nq, B, Hkv, G, block_q, D] float32 (G query
-    heads per kv head) and their validity [Nq, B, block_q] (False for the rows padding the last block)."""
+def query_blocks(space: layout.BlockSpace) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries per query block, block axis first: the block ids [Nq], q [Nq, B, Hkv, G, block_q, D]
+    float32 (G query heads per kv head) and their validity [Nq, B, block_q] (False for the rows
+    padding the last block)."""
     b, hq, _, d = space.q.shape
     hkv = space.k.shape[1]
     nq, bq = space.num_q_blocks, space.block_q
     qb = space.q.astype(jnp.float32).reshape(b, hkv, hq // hkv, nq, bq, d)
-    return jnp.moveaxis(qb, 3, 0), jnp.moveaxis(space.q_valid.reshape(b, nq, bq), 1, 0)
+    return jnp.arange(nq), jnp.moveaxis(qb, 3, 0), jnp.moveaxis(space.q_valid.reshape(b, nq, bq), 1, 0)
+
+
+def key_limits(space: layout.BlockSpace, positions: jax.Array) -> jax.Array | None:
+    """Under a causal or block-causal ``space.mask``: the first key position each query position may
+    not see, clipped to the padded key length (int, shape of ``positions``); None when bidirectional."""
+    if space.mask.is_bidirectional:
+        return None
+    return jnp.minimum(space.mask.key_limit(positions), space.k.shape[2])
+
+
+def visible_keys(key_ok: jax.Array, limit: jax.Array | None) -> jax.Array:
+    """``key_ok`` [..., Lk_pad] and'ed with ``key position < limit`` (``limit`` [...] per query row, None: all)."""
+    if limit is None:
+        return key_ok
+    return key_ok & (jnp.arange(key_ok.shape[-1]) < limit[..., None])
+
+
+def within_blocks(x: jax.Array, block: int, op) -> jax.Array:
+    """``op`` (``lax.cumsum`` / ``cummax`` / ``cummin``) along axis 2 of x [B, H, N*block, ...], restarting
+    at every block: each key slot gets the running statistic of its block up to and including itself."""
+    xb = layout.block_view(x, block)
+    return op(xb, axis=3).reshape(x.shape)
+
+
+def cut_at_limit(s: jax.Array, s_edge: jax.Array, limit: jax.Array, block_k: int) -> jax.Array:
+    """Per-token block scores s [..., block_q, Nk] under a causal mask: key blocks wholly before a
+    token's ``limit`` [block_q] keep their score, the block the limit cuts (the one holding key
+    ``limit - 1``) takes ``s_edge`` [..., block_q], and later blocks get ``-inf``."""
+    edge = ((limit - 1) // block_k)[:, None]
+    col = jnp.arange(s.shape[-1])
+    return jnp.where(col < edge, s, jnp.where(col == edge, s_edge[..., None], -jnp.inf))
 
 
 def map_query_blocks(fn: Callable, xs, *, elements_per_block: int) -> jax.Array:
@@ -128,11 +166,15 @@ def aggregate_token_logits(s: jax.Array, q_valid: jax.Array, aggregate: str) -> 
     return jax.nn.logsumexp(log_p, axis=-2) - jnp.log(n_real)[:, None, None, None]
 
 
-def key_validity(space: layout.BlockSpace) -> tuple[jax.Array, jax.Array]:
-    """Masked keys zeroed, float32 [B, Hkv, Lk_pad, D], and the valid-key count per key block [B, Hkv, Nk]."""
-    k = jnp.where(space.kv_valid[..., None], space.k.astype(jnp.float32), 0.0)
-    count = jnp.sum(layout.block_view(space.kv_valid, space.block_k), axis=-1).astype(jnp.float32)
-    return k, count
+def masked_keys(space: layout.BlockSpace) -> jax.Array:
+    """The keys of a block space in float32 [B, Hkv, Lk_pad, D], zero where not valid (padding may hold anything)."""
+    return jnp.where(space.kv_valid[..., None], space.k.astype(jnp.float32), 0.0)
+
+
+def log_count(count: jax.Array, count_correction: bool) -> jax.Array:
+    """Per-block score term of a valid-key count: ``log n`` (0 without the count correction), ``-inf`` for n = 0."""
+    empty = jnp.where(count > 0, 0.0, -jnp.inf)
+    return empty + jnp.log(jnp.maximum(count, 1.0)) if count_correction else empty
 
 
 # -- the query-token selector ------------------------------------------------------------------
@@ -140,27 +182,42 @@ def key_validity(space: layout.BlockSpace) -> tuple[jax.Array, jax.Array]:
 
 def block_scores(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     """Block scores [B, Hq, Nq, Nk] float32 (log masses up to a per-row constant; ``-inf`` for key
-    blocks without a valid key)."""
+    blocks without a valid key and for those ``config.mask`` hides)."""
     params = config.params_for("query_token")
     space = positional_space(q, k, config, key_mask)
     w = float(params.variance_weight)
+    d = q.shape[-1]
     stats = block_stats(space.k, space.kv_valid, config.block_k, with_var=w > 0)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    bias = jnp.where(stats.count > 0, 0.0, -jnp.inf)  # [B, Hkv, Nk]
-    if config.count_correction:
-        bias = bias + jnp.log(jnp.maximum(stats.count, 1.0))
+    scale = 1.0 / math.sqrt(d)
     pair = lambda x, y: jnp.einsum("bhgqd,bhnd->bhgqn", x, y, precision=HIGHEST)
+    edge_pair = lambda x, y: jnp.einsum("bhgqd,bhqd->bhgq", x, y, precision=HIGHEST)
+    bias = log_count(stats.count, config.count_correction)  # [B, Hkv, Nk]
+    if not space.mask.is_bidirectional:
+        # Running sums inside each key block: the statistics of the keys up to a token's limit.
+        k_valid = masked_keys(space)
+        ones = space.kv_valid.astype(jnp.float32)
+        run_count, run_sum, run_sq = (within_blocks(x, config.block_k, jax.lax.cumsum)
+                                      for x in (ones, k_valid, k_valid * k_valid))
 
     def one_block(args):
-        qa, qva = args  # [B, Hkv, G, bq, D], [B, bq]
+        a, qa, qva = args  # block id, [B, Hkv, G, bq, D], [B, bq]
         s = pair(qa, stats.mean) * scale + bias[:, :, None, None, :]
         if w > 0:
-            s = s + (w / q.shape[-1]) * pair(qa * qa, stats.var)
+            s = s + (w / d) * pair(qa * qa, stats.var)
+        limit = key_limits(space, a * config.block_q + jnp.arange(config.block_q))
+        if limit is not None:
+            at_edge = lambda x: jnp.take(x, limit - 1, axis=2)  # [B, Hkv, bq, ...]
+            count = at_edge(run_count)
+            mean = at_edge(run_sum) / jnp.maximum(count, 1.0)[..., None]
+            s_edge = edge_pair(qa, mean) * scale + log_count(count, config.count_correction)[:, :, None, :]
+            if w > 0:
+                var = jnp.maximum(at_edge(run_sq) / jnp.maximum(count, 1.0)[..., None] - mean * mean, 0.0)
+                s_edge = s_edge + (w / d) * edge_pair(qa * qa, var)
+            s = cut_at_limit(s, s_edge, limit, config.block_k)
         return aggregate_token_logits(s, qva, params.aggregate)
 
-    qb, qvb = query_blocks(space)
     per_block = q.shape[0] * q.shape[2] * config.block_q * space.num_k_blocks
-    return map_query_blocks(one_block, (qb, qvb), elements_per_block=per_block)
+    return map_query_blocks(one_block, query_blocks(space), elements_per_block=per_block)
 
 
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:

@@ -19,8 +19,10 @@ Where we deviate: Quest scores one decoding query and keeps its top pages; here 
 token of a prefill (or of a denoising step) is scored and its query block takes one selection
 through the shared budget step (``common.finish``: sparsity, ``tau``, the peak rule, forced
 blocks). Quest adds no count term (its pages are full); blocks here may be ragged or padded.
-Blocks are positional (``sort_q`` / ``sort_k`` do not apply). GQA: query head ``h`` uses kv
-head ``h // (Hq // Hkv)``.
+Under a causal or block-causal ``BAConfig.mask`` a token's bound covers only the keys it may
+see: blocks wholly past its limit get ``-inf``, and the block the limit cuts uses the running
+extremes and count of the token's visible keys in it. Blocks are positional (``sort_q`` /
+``sort_k`` do not apply). GQA: query head ``h`` uses kv head ``h // (Hq // Hkv)``.
 
 Cost, as a fraction of dense attention's ``4 * Lq * Lk * d`` FLOPs: two products per query
 token and key block, ``4 * Lq * Nk * d``, i.e. ``1 / block_k`` (0.78% at block_k = 128,
@@ -41,7 +43,17 @@ import jax.numpy as jnp
 from baatt import layout
 from baatt.config import BAConfig
 from baatt.selection.common import finish, positional_space
-from baatt.selection.query_token import AGGREGATES, aggregate_token_logits, key_validity, map_query_blocks, query_blocks
+from baatt.selection.query_token import (
+    AGGREGATES,
+    aggregate_token_logits,
+    cut_at_limit,
+    key_limits,
+    log_count,
+    map_query_blocks,
+    masked_keys,
+    query_blocks,
+    within_blocks,
+)
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import SelectorParamError, register_selector
 
@@ -59,37 +71,57 @@ class QuestParams:
             raise SelectorParamError(self, "aggregate", f"must be one of {AGGREGATES}")
 
 
-def key_extremes(space: layout.BlockSpace) -> tuple[jax.Array, jax.Array, jax.Array]:
+def key_extremes(space: layout.BlockSpace, *, running: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-channel max and min of each key block's valid keys, [B, Hkv, Nk, D] float32 (0 for a block
-    without a valid key), and the valid-key counts [B, Hkv, Nk]."""
-    k, count = key_validity(space)
-    kb = layout.block_view(k, space.block_k)  # [B, Hkv, Nk, bk, D]
-    valid = layout.block_view(space.kv_valid, space.block_k)[..., None]
-    hi = jnp.max(jnp.where(valid, kb, -jnp.inf), axis=-2)
-    lo = jnp.min(jnp.where(valid, kb, jnp.inf), axis=-2)
+    without a valid key), and the valid-key counts [B, Hkv, Nk].
+
+    running: instead, for every key slot [B, Hkv, Lk_pad, ...], the extremes and count of the valid
+    keys of its block up to and including it.
+    """
+    k = masked_keys(space)
+    valid = space.kv_valid[..., None]
+    hi, lo = jnp.where(valid, k, -jnp.inf), jnp.where(valid, k, jnp.inf)
+    count = space.kv_valid.astype(jnp.float32)
+    if running:
+        hi, lo = within_blocks(hi, space.block_k, jax.lax.cummax), within_blocks(lo, space.block_k, jax.lax.cummin)
+        count = within_blocks(count, space.block_k, jax.lax.cumsum)
+    else:
+        hi = jnp.max(layout.block_view(hi, space.block_k), axis=-2)
+        lo = jnp.min(layout.block_view(lo, space.block_k), axis=-2)
+        count = jnp.sum(layout.block_view(count, space.block_k), axis=-1)
     empty = (count == 0)[..., None]
     return jnp.where(empty, 0.0, hi), jnp.where(empty, 0.0, lo), count
 
 
 def block_scores(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
-    """Block scores [B, Hq, Nq, Nk] float32 (``-inf`` for key blocks without a valid key)."""
+    """Block scores [B, Hq, Nq, Nk] float32 (``-inf`` for key blocks without a valid key and for those
+    ``config.mask`` hides)."""
     aggregate = config.params_for("quest").aggregate
     space = positional_space(q, k, config, key_mask)
     k_max, k_min, count = key_extremes(space)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    bias = jnp.where(count > 0, 0.0, -jnp.inf)
-    if config.count_correction:
-        bias = bias + jnp.log(jnp.maximum(count, 1.0))
-    pair = lambda x, y: jnp.einsum("bhgqd,bhnd->bhgqn", x, y, precision=HIGHEST)
+
+    def bound(qa, hi, lo, spec):
+        return (jnp.einsum(spec, jnp.maximum(qa, 0.0), hi, precision=HIGHEST)
+                + jnp.einsum(spec, jnp.minimum(qa, 0.0), lo, precision=HIGHEST)) * scale
+
+    bias = log_count(count, config.count_correction)  # [B, Hkv, Nk]
+    if not space.mask.is_bidirectional:
+        run_max, run_min, run_count = key_extremes(space, running=True)
 
     def one_block(args):
-        qa, qva = args  # [B, Hkv, G, bq, D], [B, bq]
-        u = (pair(jnp.maximum(qa, 0.0), k_max) + pair(jnp.minimum(qa, 0.0), k_min)) * scale
-        return aggregate_token_logits(u + bias[:, :, None, None, :], qva, aggregate)
+        a, qa, qva = args  # block id, [B, Hkv, G, bq, D], [B, bq]
+        u = bound(qa, k_max, k_min, "bhgqd,bhnd->bhgqn") + bias[:, :, None, None, :]
+        limit = key_limits(space, a * config.block_q + jnp.arange(config.block_q))
+        if limit is not None:
+            at_edge = lambda x: jnp.take(x, limit - 1, axis=2)  # [B, Hkv, bq, ...]
+            u_edge = bound(qa, at_edge(run_max), at_edge(run_min), "bhgqd,bhqd->bhgq")
+            u_edge = u_edge + log_count(at_edge(run_count), config.count_correction)[:, :, None, :]
+            u = cut_at_limit(u, u_edge, limit, config.block_k)
+        return aggregate_token_logits(u, qva, aggregate)
 
-    qb, qvb = query_blocks(space)
     per_block = q.shape[0] * q.shape[2] * config.block_q * space.num_k_blocks
-    return map_query_blocks(one_block, (qb, qvb), elements_per_block=per_block)
+    return map_query_blocks(one_block, query_blocks(space), elements_per_block=per_block)
 
 
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:

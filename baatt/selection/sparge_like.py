@@ -49,7 +49,12 @@ Where we deviate:
   fewer in general. Their top-k fraction maps to our ``sparsity``.
 - Their second stage (the per-warp online skip inside the kernel, threshold
   ``lambda``) and the Hilbert-curve token permutation for images are not
-  selection-level and are left out; there is no causal mask.
+  selection-level and are left out.
+- Under a causal ``config.mask`` the pairs the mask hides get ``-inf`` (never
+  ranked, never forced); on the diagonal of a token-causal mask the pooled
+  logit is the mean logit over the pairs the mask allows (as BA-Att's
+  estimator, ``baatt.selection.estimator.diagonal_logits``), and the diagonal
+  blocks are always kept by the shared budget step.
 - Padding and ``key_mask``: statistics use valid tokens only; a token with
   zero norm counts as a zero unit vector (their kernel would divide by zero).
   GQA: query head ``h`` uses kv head ``h // (Hq // Hkv)``.
@@ -69,8 +74,8 @@ import jax.numpy as jnp
 from baatt import layout
 from baatt.config import BAConfig
 from baatt.selection.budget import forced_blocks
-from baatt.selection.common import finish, key_block_counts, mask_empty, positional_space
-from baatt.selection.estimator import block_stats
+from baatt.selection.common import finish, key_block_counts, mask_empty, mask_hidden, positional_space
+from baatt.selection.estimator import block_stats, diagonal_logits
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import SelectorParamError, register_selector
 
@@ -125,6 +130,12 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None):
     logits = jnp.einsum("bhad,bhnd->bhan", q_stats.mean, kmean, precision=HIGHEST) / math.sqrt(q.shape[-1])
     kcount = key_block_counts(space.kv_valid, config.block_k, hq)
     logits = mask_empty(logits, kcount)
+    if config.mask.kind == "causal":
+        _, whole = config.mask.block_pairs(q.shape[1], k.shape[1], config.block_q, config.block_k)
+        mean_logit, seen = diagonal_logits(q, k, key_mask, config)
+        whole = whole | (seen >= kcount[:, :, None, :])
+        logits = jnp.where(whole, logits, jnp.where(seen > 0, mean_logit, -jnp.inf))
+    logits = mask_hidden(logits, q, k, config)
     valid = jnp.isfinite(logits)
     forced_k = valid & ~k_similar[:, :, None, :]
     ranked = valid & k_similar[:, :, None, :]

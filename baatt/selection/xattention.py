@@ -18,8 +18,15 @@ cumulative threshold (they recommend 0.9-0.95).
 
 Where we deviate from the paper / its public code:
 
-- Bidirectional: no causal mask, and the diagonal and sink blocks are not kept
-  unconditionally (use the config's ``force_sink`` / ``local_window`` for that).
+- Bidirectional by default, and the sink blocks are not kept unconditionally
+  (use the config's ``force_sink`` / ``local_window`` for that). Under a causal
+  ``config.mask`` a strided key row counts for a strided query row only when
+  the mask lets some of its pairs through (their estimate masks the strided
+  map the same way); on the diagonal of a token-causal mask, where only the
+  pairs ``t <= (S - 1) / 2`` of the antidiagonal are allowed, the logit is
+  the mean over those pairs alone [ours: theirs keeps the whole antidiagonal,
+  future keys included]. The diagonal key blocks are always kept (the shared
+  budget step).
 - The budget step is the shared one (``common.finish``): under ``tau`` it keeps
   the fewest blocks whose mass reaches ``tau`` (their code also ranks by mass
   and stops at the threshold); under ``sparsity`` it keeps the top ``kmax``
@@ -49,7 +56,14 @@ import jax
 import jax.numpy as jnp
 
 from baatt.config import BAConfig
-from baatt.selection.common import finish, key_block_counts, mask_empty, normalised_rows, positional_space
+from baatt.selection.common import (
+    finish,
+    key_block_counts,
+    mask_empty,
+    mask_hidden,
+    normalised_rows,
+    positional_space,
+)
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import SelectorParamError, register_selector
 
@@ -118,11 +132,24 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
     qb = jnp.moveaxis(qs.reshape(b, hkv, group, nq, rq, sd), 3, 0)
     qvb = jnp.moveaxis(qs_valid.reshape(b, nq, rq), 1, 0)
     col_ok = ks_valid[:, :, None, None, :]  # [B, Hkv, 1, 1, ncols]
+    span = config.mask.span
+    if span == 1:
+        diagonal = _diagonal_logits(qs, ks, stride, q.shape[-1])  # [B, Hq, min(nrows, ncols)]
+        diagonal = jnp.pad(diagonal, ((0, 0), (0, 0), (0, nrows - diagonal.shape[-1])))
+        db = jnp.moveaxis(diagonal.reshape(b, hkv, group, nq, rq), 3, 0)
+    else:
+        db = jnp.zeros((nq,))
 
     def one_block(args):
-        qa, qva = args
+        a, qa, qva, da = args
         s = jnp.einsum("bhgrx,bhcx->bhgrc", qa, ks, precision=HIGHEST) * scale
         s = jnp.where(col_ok, s, -jnp.inf)
+        if span is not None:
+            row = a * rq + jnp.arange(rq)[:, None]  # strided query rows of the block
+            col = jnp.arange(ncols)[None, :]
+            s = jnp.where(col * stride < config.mask.key_limit(row * stride + stride - 1), s, -jnp.inf)
+            if span == 1:
+                s = jnp.where((col == row) & (s > -jnp.inf), da[..., None], s)
         lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
         logp = jnp.where(jnp.isfinite(lse), s - lse, -jnp.inf)
         logp = jnp.where(qva[:, None, None, :, None], logp, -jnp.inf)
@@ -132,13 +159,27 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
 
     per_step = b * hq * rq * ncols
     batch = max(1, min(nq, _TILE_ELEMENTS // max(per_step, 1)))
-    blk = jax.lax.map(one_block, (qb, qvb), batch_size=batch)  # [Nq, B, Hq, Nk]
+    blk = jax.lax.map(one_block, (jnp.arange(nq), qb, qvb, db), batch_size=batch)  # [Nq, B, Hq, Nk]
     blk = jnp.moveaxis(blk, 0, 2)
     row = jax.nn.logsumexp(blk, axis=-1, keepdims=True)
     log_mass = jnp.where(jnp.isfinite(row), blk - row, -jnp.inf)
     kcount = key_block_counts(space.kv_valid, config.block_k, hq)
-    log_mass = mask_empty(log_mass, kcount)
+    log_mass = mask_hidden(mask_empty(log_mass, kcount), q, k, config)
     return log_mass, jnp.exp(log_mass)
+
+
+def _diagonal_logits(qs, ks, stride: int, head_dim: int) -> jax.Array:
+    """Token-causal diagonal cells: strided row ``r`` against strided key row ``r``, the mean logit over
+    the antidiagonal pairs ``(r*S + S-1-t, r*S + t)`` with ``t <= (S - 1) / 2`` (key not after query).
+    [B, Hq, min(rows, cols)]."""
+    b, hq, nrows, sd = qs.shape
+    hkv, ncols = ks.shape[1], ks.shape[2]
+    n = min(nrows, ncols)
+    allowed = jnp.arange(stride) <= (stride - 1) // 2
+    kh = jnp.where(allowed[:, None], ks[:, :, :n].reshape(b, hkv, n, stride, -1), 0.0).reshape(b, hkv, n, sd)
+    kh = jnp.repeat(kh, hq // hkv, axis=1)
+    pairs = (stride - 1) // 2 + 1
+    return jnp.sum(qs[:, :, :n] * kh, axis=-1) / (math.sqrt(head_dim) * pairs)
 
 
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:

@@ -39,7 +39,10 @@ def why_unavailable(q, k, v, config, interpret) -> str | None:
     if interpret:
         no_interpret = ("interpret mode is not offered for mosaic_gpu "
                         "(use implementation='pallas' with interpret=True)")
-    return join_reasons(no_interpret, platform.hopper_reason(),
+    masked = None
+    if not config.mask.is_bidirectional:
+        masked = f"causal masks are not supported by mosaic_gpu yet (config.mask is {config.mask.describe()})"
+    return join_reasons(no_interpret, masked, platform.hopper_reason(),
                         unsupported_reason(q.shape, k.shape, v.shape, q.dtype, config.block_q, config.block_k))
 
 

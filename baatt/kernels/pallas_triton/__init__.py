@@ -3,7 +3,8 @@
 ``block_sparse.py``: block-sparse attention, forward and backward, on CUDA GPUs
 through the Pallas Triton lowering and anywhere in Pallas interpret mode
 (``interpret=True``, e.g. CPU tests). Supported: head dim 64 or 128 (q, k, v
-equal), bfloat16 / float16 / float32, block sizes powers of two in [16, 256], GQA.
+equal), bfloat16 / float16 / float32, block sizes powers of two in [16, 256], GQA,
+bidirectional, causal and block-causal masks.
 
 Beside it: ``oracle.py`` (the streamed oracle map ``M_hat``) and ``topk.py``
 (the fixed-budget block selection in one read of the scores, used by
@@ -37,7 +38,7 @@ def sparse_op(space, indices, counts, *, scale, interpret=False):
     """``Implementation.sparse_op``: the kernel on a ``baatt.layout.BlockSpace``."""
     return block_sparse_attention(
         space.q, space.k, space.v, space.kv_valid, indices, counts,
-        scale=float(scale), block_q=space.block_q, block_k=space.block_k, interpret=interpret,
+        scale=float(scale), block_q=space.block_q, block_k=space.block_k, interpret=interpret, mask=space.mask,
     )
 
 

@@ -21,6 +21,13 @@ Layout of the work:
   over the group without atomics and without a [B, Hq, L, D] temporary.
 * the transposed list is built on device (sort + scatter), see
   ``baatt.kernels.common.transpose_selection``.
+* causal and block-causal masks (``mask``; rows and keys at their positions):
+  ids ascend, so in the forward and dq lists the key blocks that a query
+  block's first row sees whole come first and the tiles on the mask's edge
+  last, and in the transposed list the edge comes first. XLA counts the whole
+  blocks of each list (``seen_whole``, ``edge_first``); each kernel runs two
+  loops, and only the edge loop compares positions (``hide_past_limit``).
+  The forward's rotation of the walk stays within the whole blocks.
 
 NaN safety: before the kernels, masked keys (kv_valid False) get their K/V
 rows replaced by zeros with ``jnp.where`` (one XLA pass over K/V) and a key
@@ -41,13 +48,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from baatt.attention_mask import BIDIRECTIONAL, AttentionMask
 from baatt.kernels.common import (
     LN2,
     LOG2E,
     RUNNING_MAX_INIT,
     backward_row_terms,
     dot_precision,
+    hide_past_limit,
     join_reasons,
+    key_limit,
     pack_selection,
     sanitize_masked_keys,
     tile_start,
@@ -450,41 +460,45 @@ def _refuse_second_order(implementation, primals, tangents):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret):
-    return _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _attend(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret, span):
+    return _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret, span)[0]
 
 
-def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret):
+def _attend_fwd(q, k, v, kv_valid, indices, counts, scale, block_q, block_k, tuning, interpret, span):
     q, k, v = first_order_only("pallas", q, k, v)
     kc, vc, bias = sanitize_masked_keys(kv_valid, k, v)
-    sel = _pack_forward_selection(indices, counts, kv_valid, block_k)
+    sel = _pack_forward_selection(indices, counts, kv_valid, block_q, block_k, span)
     out, lse = _forward(q, kc, vc, bias, sel, scale=scale, block_q=block_q, block_k=block_k,
-                        tuning=tuning, interpret=interpret)
+                        tuning=tuning, interpret=interpret, span=span)
     return (out, lse), (q, kc, vc, bias, indices, counts, out, lse)
 
 
-def _attend_bwd(scale, block_q, block_k, tuning, interpret, res, cts):
+def _attend_bwd(scale, block_q, block_k, tuning, interpret, span, res, cts):
     # Gradients w.r.t. the sanitised K/V are exactly those w.r.t. K/V: masked rows get p = 0, so 0.
     res, cts = first_order_only("pallas", res, cts)
     q, kc, vc, bias, indices, counts, out, lse = res
     do, dlse = cts
     dq, dk, dv = backward(q, kc, vc, bias, indices, counts, out, lse, do, dlse, scale=scale, block_q=block_q,
-                          block_k=block_k, tuning=tuning, interpret=interpret)
+                          block_k=block_k, tuning=tuning, interpret=interpret, span=span)
     return dq, dk, dv, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "tuning", "interpret", "mask"))
 def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, block_q: int, block_k: int,
-                           tuning: Tuning = DEFAULT_TUNING, interpret: bool = False):
+                           tuning: Tuning = DEFAULT_TUNING, interpret: bool = False,
+                           mask: AttentionMask = BIDIRECTIONAL):
     """Block-sparse attention in block space; differentiable in q, k, v.
 
     Args:
       q: [B, Hq, Nq*block_q, D]; k, v: [B, Hkv, Nk*block_k, D]; kv_valid: bool [B, Hkv, Nk*block_k].
       indices: int32 [B, Hq, Nq, kmax]; counts: int32 [B, Hq, Nq].
+      mask: the attention mask (static; rows and keys sit at their positions). Under a causal one the
+        kept blocks a query block's first row sees whole run unmasked and only the remaining tiles,
+        those on the mask's edge, hide the keys past each row's limit.
 
     Returns:
       out [B, Hq, Nq*block_q, D] in q's dtype, lse [B, Hq, Nq*block_q] float32 (natural log; -inf
@@ -494,5 +508,5 @@ def block_sparse_attention(q, k, v, kv_valid, indices, counts, *, scale: float, 
         raise ValueError(reason)
     tuning = tuning.resolve(block_q, block_k, q.shape[-1])
     return _attend(q, k, v, kv_valid, indices.astype(jnp.int32), counts.astype(jnp.int32), float(scale),
-                   block_q, block_k, tuning, interpret)
+                   block_q, block_k, tuning, interpret, mask.span)
 
