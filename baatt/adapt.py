@@ -106,18 +106,22 @@ def adapt_for_diffusion(model: DiffusionLM, *, shift_logits: bool = True, **over
     """The masked-diffusion form of a causal LM's weights (steps 1-3 of the module docstring).
 
     model: a causal ``DiffusionLM`` without a mask token (e.g. from ``baatt.nn.load_gguf``).
-    shift_logits: see ``ModelConfig.shift_logits``. overrides: further ModelConfig fields
-      (e.g. ``dtype="bfloat16"``). Returns a :class:`ScannedDiffusionLM` with ``mask_id`` = the
-    old vocabulary size: its embedding row (and, with an untied head, output column) is the
-    mean embedding / zero, the padding rows zero, an output bias extended with zeros.
+    shift_logits: see ``ModelConfig.shift_logits``; on SmolLM2 before any training, held-out
+      masked-token NLL at 15% / 50% masked is 7.17 / 8.47 nats with the shift and 8.62 / 8.98
+      without (2 x 512 tokens). overrides: ModelConfig fields to set besides or instead of the
+      recipe's (e.g. ``dtype="bfloat16"``).
+    Returns a :class:`ScannedDiffusionLM` with ``mask_id`` = the old vocabulary size: its embedding
+    row is the mean embedding (with an untied head, its output column zero), the padding rows
+    zero, an output bias extended with zeros.
     """
     cfg = model.cfg
     if cfg.mask_id is not None:
         raise ValueError(f"model must not have a mask token yet (ModelConfig.mask_id=None); got mask_id={cfg.mask_id}")
     vocab = cfg.vocab_size
     padded = -(-(vocab + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    new_cfg = cfg.replace(vocab_size=padded, mask_id=vocab, causality="bidirectional", causal_block_size=None,
-                          shift_logits=shift_logits, **overrides)
+    recipe = dict(vocab_size=padded, mask_id=vocab, causality="bidirectional", causal_block_size=None,
+                  shift_logits=shift_logits)
+    new_cfg = cfg.replace(**{**recipe, **overrides})
     params = nnx.to_pure_dict(nnx.state(model))
     extra = padded - vocab
 
@@ -138,7 +142,8 @@ def adapt_for_diffusion(model: DiffusionLM, *, shift_logits: bool = True, **over
     if cfg.output_bias:
         params["out_bias"] = grow(params["out_bias"], 0)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: ScannedDiffusionLM(new_cfg, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, new_cfg.weight_dtype), params))
+    # copies: training donates its weights, which must not take the causal model's arrays with them
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.array(a, new_cfg.weight_dtype), params))
     return nnx.merge(graphdef, state)
 
 

@@ -144,6 +144,11 @@ _PROBED_HEAD_DIMS = tuple(range(1, 1025))
 _PROBED_BLOCKS = tuple(2**i for i in range(3, 17))
 
 
+def _accepts(rule, dtype, head_dim: int, v_head_dim: int, block_q: int, block_k: int) -> bool:
+    shape, v_shape = (1, 1, 1, head_dim), (1, 1, 1, v_head_dim)
+    return rule(shape, shape, v_shape, jnp.dtype(dtype), block_q, block_k) is None
+
+
 def support_matrix() -> dict[str, Support]:
     """The inputs each built-in implementation accepts, probed from its own rules (docs/support.md).
 
@@ -154,12 +159,7 @@ def support_matrix() -> dict[str, Support]:
     """
     table = {}
     for name in (n for n in implementations() if n in _INPUT_RULES):
-        rule = _INPUT_RULES[name]
-
-        def accepts(dtype, head_dim, v_head_dim, block_q, block_k):
-            shape, v_shape = (1, 1, 1, head_dim), (1, 1, 1, v_head_dim)
-            return rule(shape, shape, v_shape, jnp.dtype(dtype), block_q, block_k) is None
-
+        accepts = functools.partial(_accepts, _INPUT_RULES[name])
         dtype, d, bq, bk = next(point for point in itertools.product(FLOAT_DTYPES, (64, 128), (128,), (128,))
                                 if accepts(point[0], point[1], point[1], point[2], point[3]))
         head_dims = tuple(x for x in _PROBED_HEAD_DIMS if accepts(dtype, x, x, bq, bk))
@@ -277,11 +277,11 @@ def attention(
         made under the same mask. Keys that no query may see (Lk > Lq) count as padding.
 
     Non-finite inputs follow ``jax.nn.dot_product_attention``, whatever blocks are
-    kept: NaN/Inf in a query row makes that output row NaN, in k at a real key every
-    row of the query heads its kv head serves, in v at a real key the output dims
-    where v holds it in those heads; gradients carry the NaN too. An eager call
-    (every input concrete, closed-over ones included) raises a ``ValueError`` naming
-    the first offending token instead.
+    kept: NaN/Inf in a query row makes that output row NaN, in k at a real key the
+    rows that see that key (under the mask) in the query heads its kv head serves, in
+    v at a real key the output dims where v holds it in every row of those heads;
+    gradients carry the NaN too. An eager call (every input concrete, closed-over ones included)
+    raises a ``ValueError`` naming the first offending token instead.
 
     Returns:
       out [B, Lq, Hq, D] in q's dtype, or (out, stats).
@@ -366,7 +366,7 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, int
     do the output dims that NaN/Inf in v reaches.
     """
     impl = _REGISTRY[impl_name]
-    poison, poisoned_columns = nonfinite_poison(q, k, v, key_mask)
+    poison, poisoned_columns = nonfinite_poison(q, k, v, key_mask, config.mask)
     if selection is not None:
         selection, bad_rows = selection.guarded(length_q=q.shape[1], length_k=k.shape[1])
         poison = poison + nan_where(bad_rows)
@@ -393,5 +393,5 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, int
         out, lse = add_pooled_tail(q, k, v, out, lse, selection, key_mask=key_mask, scale=scale,
                                    group=config.tail_group, refine=config.tail_refine,
                                    temperature=config.tail_temperature)
-    out = out + (poison[..., None] + poisoned_columns[:, None]).astype(out.dtype)
+    out = out + (poison[..., None] + poisoned_columns).astype(out.dtype)
     return out, lse + jnp.swapaxes(poison, 1, 2), selection

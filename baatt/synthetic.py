@@ -76,8 +76,8 @@ def attention_inputs(cfg: SyntheticConfig = SyntheticConfig(), dtype=jnp.float32
     content_q = np.repeat(content_k, group, axis=2)
     # Queries read the same content through a per-head map close to the key map (q ~ k up to a rotation).
     wq = 0.6 * np.repeat(wk, group, axis=0) + 0.8 * wq
-    q = np.einsum("blhd,hde->blhe", content_q, wq) * np.sqrt(d) * 0.5
-    k = np.einsum("blhd,hde->blhe", content_k, wk) * np.sqrt(d) * 0.5
+    q = np.einsum("blhd,hde->blhe", content_q, wq, optimize=True) * np.sqrt(d) * 0.5
+    k = np.einsum("blhd,hde->blhe", content_k, wk, optimize=True) * np.sqrt(d) * 0.5
     q += 0.3 * rng.standard_normal(q.shape)
     k += 0.3 * rng.standard_normal(k.shape)
     # Heavy-tailed norms.
@@ -113,3 +113,61 @@ def load_qkv(path: str, dtype=jnp.float32):
         v = np.random.default_rng(0).standard_normal(k.shape)
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
+
+
+def attention_inputs_on_device(cfg: SyntheticConfig = SyntheticConfig(), dtype=jnp.float32):
+    """The same generative model as ``attention_inputs``, drawn with ``jax.random`` on the default device.
+
+    Same ingredients and parameters, different random stream: the host generator is
+    bit-reproducible everywhere but takes minutes at 128K tokens and 32 heads (float64 NumPy on
+    one core), which a speed benchmark cannot afford; here the draws, the AR(1) content state
+    (an associative scan) and the projections run on the accelerator.
+    """
+    if cfg.q_heads % cfg.kv_heads:
+        raise ValueError(f"kv_heads must divide q_heads; got {cfg.kv_heads} and {cfg.q_heads}")
+    import jax
+
+    b, l, d = cfg.batch, cfg.length, cfg.head_dim
+    hq, hkv = cfg.q_heads, cfg.kv_heads
+    group = hq // hkv
+    keys = iter(jax.random.split(jax.random.PRNGKey(cfg.seed), 16))
+    f32 = jnp.float32
+    # Segment starts: a Bernoulli(1 / mean_segment) boundary per token is a geometric length.
+    starts = jax.random.bernoulli(next(keys), 1.0 / cfg.mean_segment, (b, l)).at[:, 0].set(True)
+    seg_id = jnp.cumsum(starts, axis=1) - 1
+    topics = jax.random.normal(next(keys), (b, l, hkv, d), f32) / np.sqrt(d)  # at most l segments
+    topic = jnp.take_along_axis(topics, seg_id[:, :, None, None], axis=1)
+    noise = jax.random.normal(next(keys), (b, l, hkv, d), f32) / np.sqrt(d)
+    a = cfg.drift
+    # state_i = a * state_{i-1} + sqrt(1 - a^2) * noise_i, state_0 = noise_0, as an associative scan.
+    drive = noise * jnp.where(jnp.arange(l) == 0, 1.0, np.sqrt(1 - a * a))[None, :, None, None]
+    coef = jnp.broadcast_to(jnp.where(jnp.arange(l) == 0, 0.0, a)[None, :, None, None], drive.shape)
+    _, state = jax.lax.associative_scan(lambda x, y: (x[0] * y[0], y[0] * x[1] + y[1]), (coef, drive), axis=1)
+    wq = jax.random.normal(next(keys), (hq, d, d), f32) / np.sqrt(d)
+    wk = jax.random.normal(next(keys), (hkv, d, d), f32) / np.sqrt(d)
+    content_k = cfg.topic_strength * topic + state
+    content_q = jnp.repeat(content_k, group, axis=2)
+    wq = 0.6 * jnp.repeat(wk, group, axis=0) + 0.8 * wq
+    hi = jax.lax.Precision.HIGHEST
+    q = jnp.einsum("blhd,hde->blhe", content_q, wq, precision=hi) * np.sqrt(d) * 0.5
+    k = jnp.einsum("blhd,hde->blhe", content_k, wk, precision=hi) * np.sqrt(d) * 0.5
+    q += 0.3 * jax.random.normal(next(keys), q.shape, f32)
+    k += 0.3 * jax.random.normal(next(keys), k.shape, f32)
+    q *= jnp.exp(cfg.norm_sigma * jax.random.normal(next(keys), (b, l, hq, 1), f32))
+    k *= jnp.exp(cfg.norm_sigma * jax.random.normal(next(keys), (b, l, hkv, 1), f32))
+    shared = jax.random.normal(next(keys), (hkv, d), f32)
+    shared /= jnp.linalg.norm(shared, axis=-1, keepdims=True)
+    others = jax.random.choice(next(keys), jnp.arange(1, l), (max(cfg.num_sinks - 1, 0),), replace=False)
+    sinks = jnp.concatenate([jnp.zeros((1,), others.dtype), others])
+    k = k.at[:, sinks].set(cfg.sink_strength * np.sqrt(d) * shared[None, None] + 0.1 * k[:, sinks])
+    q += 0.5 * jnp.repeat(shared, group, axis=0)[None, None]
+    inv = cfg.rope_base ** (-jnp.arange(0, d, 2, dtype=f32) / d)
+    ang = jnp.arange(l, dtype=f32)[:, None] * inv[None, :]
+    cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
+
+    def rotate(x):
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+
+    v = jax.random.normal(next(keys), (b, l, hkv, d), f32)
+    return tuple(x.astype(dtype) for x in (rotate(q), rotate(k), v))

@@ -15,6 +15,7 @@ Two kinds of rule:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -23,6 +24,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from baatt import layout
+from baatt.attention_mask import BIDIRECTIONAL, AttentionMask
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
@@ -154,37 +156,52 @@ def nan_where(bad: jax.Array) -> jax.Array:
     return jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(0.0))
 
 
-@jax.custom_jvp
-def nonfinite_poison(q, k, v, key_mask=None) -> tuple[jax.Array, jax.Array]:
-    """(rows [B, Lq, Hq], columns [B, Hq, Dv]), float32: NaN where NaN/Inf inputs reach the output, 0 elsewhere.
+def _first_bad_key(bad: jax.Array) -> jax.Array:
+    """Position of the first True along axis 1 of ``bad`` [B, Lk, ...]: [B, ...] int32, Lk where there is none."""
+    positions = jnp.arange(bad.shape[1], dtype=jnp.int32).reshape((1, -1) + (1,) * (bad.ndim - 2))
+    return jnp.min(jnp.where(bad, positions, bad.shape[1]), axis=1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def nonfinite_poison(q, k, v, key_mask=None, mask: AttentionMask = BIDIRECTIONAL) -> tuple[jax.Array, jax.Array]:
+    """(rows [B, Lq, Hq], columns [B, 1, Hq, Dv]), float32: NaN where NaN/Inf inputs reach the output, else 0.
 
     The rule of ``jax.nn.dot_product_attention``, whatever blocks a selection keeps:
     NaN/Inf in a query row poisons its own output row; in k at a real key
-    (``key_mask`` True) it poisons every row of the query heads served by that kv
-    head (their logits); in v at a real key it poisons, in those heads, the output
-    dims where v holds it. Padding is never read. The output gets ``rows[..., None] +
-    columns[:, None]`` added, its log-sum-exp ``rows``; that costs one read of q, k
-    and v. The derivative is NaN where the value is (see the JVP below), so that
-    gradients carry the NaN too, as they do through ``jax.nn``.
+    (``key_mask`` True) it poisons the rows of the query heads served by that kv head
+    that see the key under ``mask`` (all of them when bidirectional); in v at a real
+    key it poisons the output dims where v holds it in every row of those heads (in
+    ``jax.nn`` a key a row may not see still gets weight exactly 0, and 0 * NaN is NaN).
+    Padding is never read. The output gets ``rows[..., None] + columns`` added and
+    its log-sum-exp ``rows``; that costs one read of q, k and v. The derivative is
+    NaN where the value is (see the JVP below), so that gradients carry the NaN too,
+    as through ``jax.nn``.
     """
-    head_map = layout.head_map(q.shape[2], k.shape[2])
-    k_bad = jnp.any(_nonfinite_tokens("k", k, key_mask), axis=1)  # [B, Hkv]
-    rows = _nonfinite_tokens("q", q, None) | jnp.take(k_bad, head_map, axis=1)[:, None, :]
+    _, length_q, q_heads, _ = q.shape
+    length_k = k.shape[1]
+    head_map = layout.head_map(q_heads, k.shape[2])
     v_bad = ~jnp.isfinite(v)
     if key_mask is not None:
         v_bad = v_bad & key_mask[:, :, None, None]
-    columns = jnp.take(jnp.any(v_bad, axis=1), head_map, axis=1)  # [B, Hq, Dv]
+    # First poisoned key of each kv head, for each query head: row i sees it when it lies below i's key limit.
+    first_k = jnp.take(_first_bad_key(_nonfinite_tokens("k", k, key_mask)), head_map, axis=1)[:, None]  # [B, 1, Hq]
+    if mask.is_bidirectional:
+        limit = length_k
+    else:
+        limit = jnp.minimum(mask.key_limit(jnp.arange(length_q, dtype=jnp.int32)), length_k)[None, :, None]
+    rows = _nonfinite_tokens("q", q, None) | (first_k < limit)
+    columns = jnp.take(jnp.any(v_bad, axis=1), head_map, axis=1)[:, None]  # [B, 1, Hq, Dv]
     return nan_where(rows), nan_where(columns)
 
 
 @nonfinite_poison.defjvp
-def _nonfinite_poison_jvp(primals, tangents):
+def _nonfinite_poison_jvp(mask, primals, tangents):
     # Linear in the tangents and scaled by the poison (0 or NaN): on clean rows and columns the derivative is
     # 0; a poisoned row passes NaN to the cotangent of its whole q row and of its kv head's real keys, a
     # poisoned column to its dim of v at the real keys.
     q, k, v, key_mask = primals
     dq, dk, dv = tangents[:3]
-    rows, columns = nonfinite_poison(q, k, v, key_mask)
+    rows, columns = nonfinite_poison(q, k, v, key_mask, mask)
     head_map = layout.head_map(q.shape[2], k.shape[2])
     per_key = jnp.sum(dk, axis=-1, dtype=jnp.float32)  # [B, Lk, Hkv]
     dv = dv.astype(jnp.float32)
@@ -193,5 +210,5 @@ def _nonfinite_poison_jvp(primals, tangents):
         dv = jnp.where(key_mask[:, :, None, None], dv, 0.0)
     per_head = jnp.take(jnp.sum(per_key, axis=1), head_map, axis=1)  # [B, Hq]
     d_rows = rows * (jnp.sum(dq, axis=-1, dtype=jnp.float32) + per_head[:, None, :])
-    d_columns = columns * jnp.take(jnp.sum(dv, axis=1), head_map, axis=1)
+    d_columns = columns * jnp.take(jnp.sum(dv, axis=1), head_map, axis=1)[:, None]
     return (rows, columns), (d_rows, d_columns)

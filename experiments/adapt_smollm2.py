@@ -1,5 +1,6 @@
 """python -m experiments.adapt_smollm2 --out $OUT          (one GPU, ~9 min: training and evaluation)
 python -m experiments.adapt_smollm2 --preset cpu_smoke --out /tmp/smoke   (CPU, about a minute)
+python -m experiments.adapt_smollm2 --prepare-only    (CPU: SmolLM2's token streams, to carry to the GPU)
 
 SmolLM2-135M-Instruct adapted to a masked-diffusion LM (``baatt.adapt``: bidirectional
 attention, a mask token, shifted logits, continued training with the masked-diffusion loss and
@@ -90,12 +91,15 @@ class Config:
     num_examples: int = harness.option(16, "passkey and multi-key NIAH examples per length")
     batch_tokens: int = harness.option(32768, "tokens per forward pass of the evaluation (rows = this / length)")
     compile_threads: int = harness.option(8, "evaluation forward passes compiled ahead at once")
-    deadline_s: float = harness.option(560.0, "stop starting evaluation variants this many seconds after the start")
+    deadline_s: float = harness.option(
+        540.0, "start no evaluation variant after this many seconds from the start (compilations under way finish)")
     reference_results: tuple[str, ...] = harness.option(
         ("experiments/results/dlm/dlm_run17_seeds/seed*_eval.json",),
         "eval_dlm results of the from-scratch models (glob patterns) whose dense masked NLL is listed beside")
     out: str = harness.option(harness.study_dir("smollm2_dlm"), "output folder")
     name: str = harness.option("smollm2_dlm", "output file stem")
+    prepare_only: bool = harness.option(
+        False, "only build the token streams of the run (.data/tokens/smollm2 for SmolLM2) and exit")
 
 
 PRESETS = {
@@ -396,16 +400,42 @@ def markdown(result) -> str:
             continue
         lines.append(f"| {row['length']} | {variant} | {row['density']:.3f} | {row['nll']:.3f} | "
                      f"{row['nll_per_byte']:.3f} | {row['passkey']:.3f} | {row['multikey_niah']:.3f} |")
+    measured = [r for r in result.get("rows", []) if "error" not in r and r["sparsity"] is not None]
+    for metric, title in (("passkey", "Passkey accuracy"), ("multikey_niah", "Multi-key NIAH accuracy"),
+                          ("nll", "Masked NLL")):
+        lines += ["", *pivot(result.get("rows", []), measured, metric, title)]
     scratch = result.get("from_scratch", {}).get("rows", [])
     if scratch:
-        lines += ["", "From-scratch DLMs (GPT-2 tokens; `experiments/results/dlm`), dense:", "",
-                  "| file | L | masked NLL per token | per byte | passkey |", "|---|---|---|---|---|"]
-        for r in scratch:
-            lines.append(f"| {r['file']} | {r['length']} | {r['nll']:.3f} | {_fmt(r['nll_per_byte'])} | "
-                         f"{_fmt(r['passkey'])} |")
+        lines += ["", f"From-scratch DLMs of `experiments/results/dlm` ({len({r['file'] for r in scratch})} models, "
+                  "GPT-2 tokens), dense, range over the models:", "",
+                  "| L | masked NLL per token | per byte | passkey |", "|---|---|---|---|"]
+        for length in sorted({r["length"] for r in scratch}):
+            at = [r for r in scratch if r["length"] == length]
+
+            def span(key, at=at):
+                values = [r[key] for r in at if r[key] is not None]
+                return f"{min(values):.3f}-{max(values):.3f}" if values else "-"
+
+            lines.append(f"| {length} | {span('nll')} | {span('nll_per_byte')} | {span('passkey')} |")
     if result.get("notes"):
         lines += ["", *[f"- {n}" for n in result["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def pivot(rows, measured, metric: str, title: str) -> list[str]:
+    """Markdown table of ``metric``: one line per selector, one column per (length, sparsity), dense first."""
+    columns = sorted({(r["length"], r["sparsity"]) for r in measured})
+    if not columns:
+        return []
+    dense = {r["length"]: r[metric] for r in rows if r["variant"] == "dense" and "error" not in r}
+    cells = {(r["selector"], r["length"], r["sparsity"]): r[metric] for r in measured}
+    lines = [f"{title} by selector (columns: length / sparsity):", "",
+             "| selector | " + " | ".join(f"{harness.format_length(l)} / {s}" for l, s in columns) + " |",
+             "|---|" + "---|" * len(columns),
+             "| dense | " + " | ".join(_fmt(dense.get(l)) for l, _ in columns) + " |"]
+    for selector in dict.fromkeys(r["selector"] for r in measured):
+        lines.append(f"| {selector} | " + " | ".join(_fmt(cells.get((selector, l, s))) for l, s in columns) + " |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- the run
@@ -438,10 +468,14 @@ def main(argv=None) -> dict:
         path = resolve_gguf(cfg, Path(scratch))
         reader = gguf.GGUFReader(path)
         tokenizer = GGUFTokenizer(reader)
+        own_cache = cfg.gguf is None and cfg.preset != "cpu_smoke" and cfg.max_documents is None
+        streams = adapt.token_streams(tokenizer, cache_dir=adapt.smollm2_token_dir() if own_cache else None,
+                                      max_documents=cfg.max_documents)
+        if cfg.prepare_only:
+            print(f"token streams of {path.name}: {streams.train.size:,} train, {streams.val.size:,} val tokens"
+                  + (f" in {adapt.smollm2_token_dir()}" if own_cache else ""))
+            return dict(train_tokens=int(streams.train.size), val_tokens=int(streams.val.size))
         _, causal = load_gguf(reader, dtype=cfg.dtype)
-    own_cache = cfg.gguf is None and cfg.preset != "cpu_smoke" and cfg.max_documents is None
-    streams = adapt.token_streams(tokenizer, cache_dir=adapt.smollm2_token_dir() if own_cache else None,
-                                  max_documents=cfg.max_documents)
     bytes_per_token = streams.val_bytes_per_token
 
     ppl_tokens = corpus.packed_sequences(streams.val, cfg.ppl_len)[: cfg.ppl_seqs]
@@ -492,8 +526,11 @@ def main(argv=None) -> dict:
             skipped = [f"{n}@L={l}" for l, n, *_ in todo[i:]]
             result["notes"].append(f"deadline of {cfg.deadline_s:.0f} s reached: skipped {', '.join(skipped)}")
             break
-        for ahead in todo[i : i + lookahead]:  # keep the compile threads busy with the next variants
-            scorer.prepare(ahead[4], inputs_at(ahead[0]).batch, ahead[0])
+        # keep the compile threads busy with the next variants, but not in the last 30 s: a compilation under
+        # way when the deadline comes still runs to its end before the process can exit
+        if time.time() - t_start < cfg.deadline_s - 30:
+            for ahead in todo[i : i + lookahead]:
+                scorer.prepare(ahead[4], inputs_at(ahead[0]).batch, ahead[0])
         row = dict(length=length, variant=name, selector=selector, sparsity=sparsity)
         started = time.time()
         try:

@@ -94,80 +94,71 @@ def dense_causal(implementation: str):
 
 def run_grid(cfg: Config, fa2: dict) -> list[dict]:
     """One row per length; ``fa2``: {str(L): {"fwd_ms", "fwdbwd_ms"}} measured beforehand (causal)."""
+    rows = []
+    for length in cfg.lengths:
+        rows.append(measure_length(cfg, length, fa2.get(str(length), {})))
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}), flush=True)
+    return rows
+
+
+def measure_length(cfg: Config, length: int, fa2: dict) -> dict:
+    """Every measurement at one length (its arrays are freed when it returns); ``fa2``: that length's FA2 times."""
     tm = lambda call: harness.median_time(call, target_s=cfg.target_s, min_reps=cfg.min_reps)
     bs = cfg.block
     scale = 1.0 / math.sqrt(cfg.head_dim)
+    q, k, v = jax.block_until_ready(harness.synthetic_inputs(length, batch=cfg.batch, heads=cfg.heads,
+                                                             head_dim=cfg.head_dim, dtype=cfg.dtype))
+    do = jax.block_until_ready(jax.random.normal(jax.random.PRNGKey(length + 1), q.shape, q.dtype))
+    flops = causal_forward_flops(cfg, length)
     dense_fwd, dense_fwdbwd = dense_causal(cfg.dense_impl)
+    t_cudnn = tm(lambda: dense_fwd(q, k, v))
+    t_cudnn_fb = tm(lambda: dense_fwdbwd(q, k, v, do))
+    print(f"[{cfg.dense_impl} causal] L={length} fwd {t_cudnn * 1e3:.2f} ms fwd+bwd {t_cudnn_fb * 1e3:.2f} ms",
+          flush=True)
+
+    # The kernel alone at 0% sparsity: every block the causal mask allows, in block space.
     every_block = baatt.BAConfig(block_size=bs, mask="causal")
+    sel = jax.block_until_ready(baatt.select_blocks(q, k, every_block))
+    space = layout.to_block_space(q, k, v, block_q=bs, block_k=bs, mask=sel.mask)
+
+    def kernel(q, k, v):
+        return pallas_triton.block_sparse_attention(q, k, v, space.kv_valid, sel.indices, sel.counts, scale=scale,
+                                                    block_q=bs, block_k=bs, interpret=cfg.interpret, mask=sel.mask)
+
+    kernel_fwd = jax.jit(kernel)
+    kernel_fwdbwd = jax.jit(lambda q, k, v, do: jax.vjp(lambda *x: kernel(*x)[0], q, k, v)[1](do))
+    do_b = jnp.swapaxes(do, 1, 2)
+    t_k = tm(lambda: kernel_fwd(space.q, space.k, space.v))
+    t_kfb = tm(lambda: kernel_fwdbwd(space.q, space.k, space.v, do_b))
+
+    # End to end at the configured sparsity: estimator, selection, layout changes, kernel.
     sparse = every_block.replace(sparsity=cfg.sparsity)
-    rows = []
-    for length in cfg.lengths:
-        q, k, v = jax.block_until_ready(harness.synthetic_inputs(length, batch=cfg.batch, heads=cfg.heads,
-                                                                 head_dim=cfg.head_dim, dtype=cfg.dtype))
-        do = jax.block_until_ready(jax.random.normal(jax.random.PRNGKey(length + 1), q.shape, q.dtype))
-        flops = causal_forward_flops(cfg, length)
-        t_cudnn = tm(lambda: dense_fwd(q, k, v))
-        t_cudnn_fb = tm(lambda: dense_fwdbwd(q, k, v, do))
-        print(f"[{cfg.dense_impl} causal] L={length} fwd {t_cudnn * 1e3:.2f} ms fwd+bwd {t_cudnn_fb * 1e3:.2f} ms",
-              flush=True)
+    attend = lambda q, k, v: baatt.attention(q, k, v, config=sparse, implementation=cfg.impl, interpret=cfg.interpret)
+    full_fwd = jax.jit(attend)
+    full_fwdbwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
+    t_full = tm(lambda: full_fwd(q, k, v))
+    t_full_fb = tm(lambda: full_fwdbwd(q, k, v, do))
+    _, stats = baatt.attention(q, k, v, config=sparse, implementation=cfg.impl, interpret=cfg.interpret,
+                               return_stats=True)
 
-        # The kernel alone at 0% sparsity: every block the causal mask allows, in block space.
-        sel = jax.block_until_ready(baatt.select_blocks(q, k, every_block))
-        space = layout.to_block_space(q, k, v, block_q=bs, block_k=bs, mask=sel.mask)
-        do_b = jnp.swapaxes(do, 1, 2)
-
-        def kernel(q, k, v):
-            return pallas_triton.block_sparse_attention(q, k, v, space.kv_valid, sel.indices, sel.counts, scale=scale,
-                                                        block_q=bs, block_k=bs, interpret=cfg.interpret,
-                                                        mask=sel.mask)
-
-        kernel_fwd = jax.jit(kernel)
-
-        @jax.jit
-        def kernel_fwdbwd(q, k, v, do):
-            out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v)[0], q, k, v)
-            return out, vjp(do)
-
-        t_k = tm(lambda: kernel_fwd(space.q, space.k, space.v))
-        t_kfb = tm(lambda: kernel_fwdbwd(space.q, space.k, space.v, do_b))
-        del sel, space, do_b
-
-        # End to end at the configured sparsity.
-        attend = lambda q, k, v: baatt.attention(q, k, v, config=sparse, implementation=cfg.impl,
-                                                 interpret=cfg.interpret)
-        full_fwd = jax.jit(attend)
-
-        @jax.jit
-        def full_fwdbwd(q, k, v, do):
-            out, vjp = jax.vjp(attend, q, k, v)
-            return out, vjp(do)
-
-        t_full = tm(lambda: full_fwd(q, k, v))
-        t_full_fb = tm(lambda: full_fwdbwd(q, k, v, do))
-        density = float(jnp.mean(baatt.attention(q, k, v, config=sparse, implementation=cfg.impl,
-                                                 interpret=cfg.interpret, return_stats=True)[1]["density"]))
-
-        f2 = fa2.get(str(length), {})
-        row = dict(
-            L=length, sparsity=cfg.sparsity, full_density=density,
-            kernel_fwd_ms=t_k * 1e3, kernel_fwdbwd_ms=t_kfb * 1e3,
-            kernel_fwd_tflops=flops / t_k / 1e12, kernel_fwdbwd_tflops=3.5 * flops / t_kfb / 1e12,
-            full_fwd_ms=t_full * 1e3, full_fwdbwd_ms=t_full_fb * 1e3,
-            cudnn_fwd_ms=t_cudnn * 1e3, cudnn_fwdbwd_ms=t_cudnn_fb * 1e3,
-            cudnn_fwd_tflops=flops / t_cudnn / 1e12, cudnn_fwdbwd_tflops=3.5 * flops / t_cudnn_fb / 1e12,
-            fa2_fwd_ms=f2.get("fwd_ms"), fa2_fwdbwd_ms=f2.get("fwdbwd_ms"),
+    row = dict(
+        L=length, sparsity=cfg.sparsity, full_density=float(jnp.mean(stats["density"])),
+        kernel_fwd_ms=t_k * 1e3, kernel_fwdbwd_ms=t_kfb * 1e3,
+        kernel_fwd_tflops=flops / t_k / 1e12, kernel_fwdbwd_tflops=3.5 * flops / t_kfb / 1e12,
+        full_fwd_ms=t_full * 1e3, full_fwdbwd_ms=t_full_fb * 1e3,
+        cudnn_fwd_ms=t_cudnn * 1e3, cudnn_fwdbwd_ms=t_cudnn_fb * 1e3,
+        cudnn_fwd_tflops=flops / t_cudnn / 1e12, cudnn_fwdbwd_tflops=3.5 * flops / t_cudnn_fb / 1e12,
+        fa2_fwd_ms=fa2.get("fwd_ms"), fa2_fwdbwd_ms=fa2.get("fwdbwd_ms"),
+        full_vs_cudnn_fwd=t_cudnn / t_full, full_vs_cudnn_fwdbwd=t_cudnn_fb / t_full_fb,
+    )
+    if fa2:
+        row.update(
+            fa2_fwd_tflops=flops / (fa2["fwd_ms"] / 1e3) / 1e12,
+            fa2_fwdbwd_tflops=3.5 * flops / (fa2["fwdbwd_ms"] / 1e3) / 1e12,
+            full_vs_fa2_fwd=fa2["fwd_ms"] / row["full_fwd_ms"],
+            full_vs_fa2_fwdbwd=fa2["fwdbwd_ms"] / row["full_fwdbwd_ms"],
         )
-        if f2:
-            row["fa2_fwd_tflops"] = flops / (f2["fwd_ms"] / 1e3) / 1e12
-            row["fa2_fwdbwd_tflops"] = 3.5 * flops / (f2["fwdbwd_ms"] / 1e3) / 1e12
-            row["full_vs_fa2_fwd"] = f2["fwd_ms"] / row["full_fwd_ms"]
-            row["full_vs_fa2_fwdbwd"] = f2["fwdbwd_ms"] / row["full_fwdbwd_ms"]
-        row["full_vs_cudnn_fwd"] = t_cudnn / t_full
-        row["full_vs_cudnn_fwdbwd"] = t_cudnn_fb / t_full_fb
-        rows.append(row)
-        print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}), flush=True)
-        del q, k, v, do
-    return rows
+    return row
 
 
 def _fmt(x, nd=2):

@@ -348,10 +348,13 @@ def synthetic_inputs(length: int, *, heads: int, head_dim: int, dtype, batch: in
                      seed: int | None = None):
     """q [B, L, H, D], k and v [B, L, Hkv, D] from ``baatt.synthetic.attention_inputs`` (topic
     segments, a local band, heavy-tailed norms, sink keys) in ``dtype``, seeded by the length
-    unless ``seed`` is given: every benchmark sees the same inputs at the same length."""
+    unless ``seed`` is given: every benchmark sees the same inputs at the same length. On a GPU
+    the same model is drawn on the device (``attention_inputs_on_device``): the host generator
+    would spend minutes of the benchmark's time per long length."""
     cfg = synthetic.SyntheticConfig(batch=batch, length=length, q_heads=heads, kv_heads=kv_heads or heads,
                                     head_dim=head_dim, seed=length if seed is None else seed)
-    return synthetic.attention_inputs(cfg, dtype=jnp.dtype(dtype))
+    generate = synthetic.attention_inputs_on_device if platform.has_gpu() else synthetic.attention_inputs
+    return generate(cfg, dtype=jnp.dtype(dtype))
 
 
 def random_selection(key, counts, num_k_blocks: int, width: int | None = None):

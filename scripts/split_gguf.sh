@@ -8,7 +8,7 @@
 #
 # GGUF defaults to <data dir>/models/SmolLM2-135M-Instruct.Q4_1.gguf (where setup_data.sh puts it);
 # the data dir is $BAATT_DATA_DIR or .data/ at the repository root. PART1_MIB sets the size of the
-# first part (default 52 MiB: the larger half, so that the second travels with the token streams).
+# first part (default 50 MiB: more than half, so that the second travels with the token streams).
 # join does nothing when GGUF is already there with the right checksum.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +19,7 @@ action="$1"
 gguf="${2:-$data/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 name="$(basename "$gguf")"
 carry="$data/carry"
-part1_mib="${PART1_MIB:-52}"
+part1_mib="${PART1_MIB:-50}"
 
 case "$action" in
   split)

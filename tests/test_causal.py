@@ -9,11 +9,14 @@ with every block kept, NaN in keys no query may see, and the bad-input errors.
 from __future__ import annotations
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
+from jax._src.pallas.triton import pallas_call_registration
 
 import baatt
 from baatt import AttentionMask, layout, reference
@@ -270,6 +273,32 @@ def test_pallas_kernel_k_nan_past_the_diagonal_stays_out():
     clean, dirty = run(k), run(k.at[:, bad].set(jnp.nan))
     for x, y in zip(clean, dirty):
         np.testing.assert_array_equal(np.asarray(x)[:, :, :bad], np.asarray(y)[:, :, :bad])
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+@pytest.mark.parametrize("mask", [CAUSAL, AttentionMask.block_causal(128)], ids=["causal", "block128"])
+def test_pallas_kernels_lower_to_triton_under_mask(mask, monkeypatch):
+    """The forward, dq and dk/dv kernels (and the oracle's) lower to Triton IR for sm90 on any machine."""
+    # Private hook (jax 0.11.2): the lowering asks the local GPU for its compute capability.
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
+                        lambda: types.SimpleNamespace(compute_capability="9.0"))
+    sd = jax.ShapeDtypeStruct
+    args = (sd((1, 4, 512, 64), jnp.bfloat16), sd((1, 2, 512, 64), jnp.bfloat16), sd((1, 2, 512, 64), jnp.bfloat16),
+            sd((1, 2, 512), jnp.bool_), sd((1, 4, 4, 3), jnp.int32), sd((1, 4, 4), jnp.int32))
+
+    def grads(q, k, v, valid, idx, cnt):
+        attend = lambda q, k, v: block_sparse_attention(q, k, v, valid, idx, cnt, scale=0.1, block_q=128,
+                                                        block_k=64, tuning=Tuning(fwd_q=64, dq_q=32), mask=mask)
+        return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)[0].astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+
+    def oracle_map(q, k, v, valid, idx, cnt):
+        return oracle.post_downsample_blocked(q, k, valid, jnp.ones((1, 512), bool), scale=0.1, block_q=128,
+                                              block_k=64, mask=mask)
+
+    triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for fn in (grads, oracle_map):
+        module = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=triton)(*args).mlir_module()
+        assert "xla.gpu.triton" in module
 
 
 def test_oracle_kernel_matches_reference_under_mask():

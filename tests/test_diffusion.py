@@ -41,8 +41,8 @@ def test_forward_process_masks_only_eligible():
 
 def test_forward_process_partial_answers_of_full_rows():
     """full_rows_t_min < 1: those rows draw t in [t_min, 1] (part of the answer visible), the others are unchanged."""
-    b, l = 512, 40
-    toks = jnp.ones((b, l), jnp.int32)
+    b, length = 512, 40
+    toks = jnp.ones((b, length), jnp.int32)
     full = jnp.arange(b) % 2 == 0
     key = jax.random.PRNGKey(3)
     _, m1, t1 = forward_process(key, toks, mask_id=MASK, full_rows=full)
@@ -327,8 +327,8 @@ def test_separate_budgets_for_prompt_and_generation_keys(model, monkeypatch):
     r = generate(model, x, steps=4, block_length=12, plan=plan, reuse_every=2, prompt_sparsity=0.5, gen_sparsity=0.0)
     # 40 prompt tokens: 2 prompt blocks (1 kept) and 2 generation blocks (both kept) for every query block
     assert all(abs(d - 0.75) < 1e-6 for d in r.step_density)
-    configs = [c for c in (call[1] for call in calls)]
-    assert configs and all(c.kmax == 3 for c in configs)
+    used = [selection for _, selection, _ in calls]
+    assert used and all(selection.kmax == 3 for selection in used)  # one prompt block and two generation blocks
     assert not np.any(r.tokens == MASK)
     with pytest.raises(ValueError, match="prompt_sparsity and gen_sparsity go together"):
         generate(model, x, steps=4, plan=plan, prompt_sparsity=0.5)
@@ -385,10 +385,10 @@ def test_train_sets_unigram_output_bias(tmp_path):
 from baatt.diffusion.masking import diffusion_loss_gathered, head_positions_for, select_head_positions  # noqa: E402
 
 
-def _gathered_setup(seed=0, b=4, l=64):
+def _gathered_setup(seed=0, b=4, length=64):
     m = DiffusionLM(CFG.replace(output_bias=True, num_layers=1), rngs=nnx.Rngs(seed))  # one layer: quick compiles
     m.out_bias.value = 0.5 * jax.random.normal(jax.random.PRNGKey(seed), (CFG.vocab_size,))
-    toks = jnp.asarray(np.random.default_rng(seed).integers(0, 500, (b, l)), jnp.int32)
+    toks = jnp.asarray(np.random.default_rng(seed).integers(0, 500, (b, length)), jnp.int32)
     return m, toks
 
 

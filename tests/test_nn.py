@@ -134,8 +134,11 @@ def test_nnx_multihead_attention_adapter():
     # Sparse: runs, differs.
     sp = nnx.MultiHeadAttention(**kw, attention_fn=ba_attention_fn(BAConfig(block_size=8, sparsity=0.6)), rngs=nnx.Rngs(3))
     assert call(sp, x).shape == (2, 40, 32)
-    with pytest.raises(ValueError, match="key-padding masks only"):
-        ba(x, mask=nnx.make_causal_mask(jnp.ones((2, 40))))
+    # A causal mask runs causal attention; a banded one cannot be a key mask.
+    np.testing.assert_allclose(np.asarray(ba(x, mask=nnx.make_causal_mask(jnp.ones((2, 40))))),
+                               np.asarray(ref(x, mask=nnx.make_causal_mask(jnp.ones((2, 40))))), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="key-padding masks, alone or with causal attention"):
+        ba(x, mask=nnx.make_attention_mask(jnp.arange(40), jnp.arange(40), lambda i, j: abs(i - j) < 4))
 
 
 def test_output_bias_starts_at_unigram():

@@ -275,6 +275,6 @@ def test_config_rules():
         with pytest.raises(ValueError, match=message):
             baatt.BAConfig(block_size=64, **fields)
     q, k, v = _inputs()
-    with pytest.raises(ValueError, match=r"tail temperature must be one number or one per query head \(4\)"):
+    with pytest.raises(ValueError, match=r"one number or one per query head \(4\); got shape \(2,\)"):
         baatt.attention(q, k, v, config=baatt.BAConfig(block_size=16, sparsity=0.5, tail="pooled",
                                                       tail_temperature=(1.0, 2.0)))

@@ -183,7 +183,7 @@ def schedule(num_gen: int, steps: int, block_length: int) -> tuple[int, np.ndarr
     return spb, np.asarray(counts, np.int32)
 
 
-def warmup_steps(dense_warmup: int | float, steps: int) -> int:
+def _warmup_steps(dense_warmup: int | float, steps: int) -> int:
     """Dense steps of ``dense_warmup`` (a count, or a fraction of ``steps`` rounded up)."""
     if isinstance(dense_warmup, bool) or not isinstance(dense_warmup, (int, float)):
         raise ValueError(f"dense_warmup must be an int >= 0 or a float in [0, 1); got {dense_warmup!r}")
@@ -196,7 +196,7 @@ def warmup_steps(dense_warmup: int | float, steps: int) -> int:
     return dense_warmup
 
 
-def with_region_budgets(plan: AttentionPlan, num_layers: int, *, prompt_length: int, prompt_sparsity: float,
+def _with_region_budgets(plan: AttentionPlan, num_layers: int, *, prompt_length: int, prompt_sparsity: float,
                         gen_sparsity: float) -> AttentionPlan:
     """``plan`` with every BA-Att layer selecting by ``prompt_gen`` around its own selector (dense layers stay)."""
     if plan.kind != "ba":
@@ -274,16 +274,17 @@ def generate(
     num_gen = int(per_row[0])
     block_length = num_gen if block_length is None else block_length
     spb, counts = schedule(num_gen, steps, block_length)
-    dense_steps = warmup_steps(dense_warmup, steps)
+    dense_steps = _warmup_steps(dense_warmup, steps)
 
     plan = model.attention if plan is None else plan
     num_layers = model.cfg.num_layers
     if prompt_sparsity is not None:
-        plan = with_region_budgets(plan, num_layers, prompt_length=int(np.argmax(gen, axis=1).min()),
+        plan = _with_region_budgets(plan, num_layers, prompt_length=int(np.argmax(gen, axis=1).min()),
                                    prompt_sparsity=prompt_sparsity, gen_sparsity=gen_sparsity)
     drift_block = None
     if refresh_drift is not None and plan.kind == "ba":
-        drift_block = next(c.block_k for c in (plan.layer_config(i, num_layers) for i in range(num_layers)) if c)
+        drift_block = next((c.block_k for c in (plan.layer_config(i, num_layers) for i in range(num_layers)) if c),
+                           None)
     graphdef, state = nnx.split(model)
     key = jax.random.PRNGKey(0) if key is None else key
     # Positions of each decoding block, row by row [B, m] (every row has the same count in each block).

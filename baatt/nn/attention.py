@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 import baatt
-from baatt.attention_mask import AttentionMask
+from baatt.attention_mask import CAUSAL, AttentionMask
 from baatt.config import BAConfig
 from baatt.nn.config import CAUSALITIES
 from baatt.validation import is_concrete, nan_where
@@ -192,23 +192,18 @@ def run_layer_attention(plan: AttentionPlan, layer: int, num_layers: int, q, k, 
     return out, dict(selection=stats["selection"], density=stats["density"])
 
 
-def _key_mask_of(mask, batch_dims: tuple[int, ...]):
-    """(key_mask bool [B, Lk], rows_agree bool [B] or None) of an attention mask [batch..., heads, Lq, Lk].
-
-    ``mask`` is in ``flax.nnx.MultiHeadAttention``'s form (heads and query axes may be 1,
-    any dtype, nonzero = attend). A key is kept when any (head, query) row keeps it.
-    ``rows_agree`` says for each batch element whether every row that keeps a key keeps
-    exactly those, as a key-padding mask does; None when the mask has no head or query
-    axis, so that its rows cannot differ.
-    """
+def _as_mask(mask, batch_dims: tuple[int, ...]) -> jax.Array:
+    """bool [B, H or 1, Lq or 1, Lk] from a mask in ``flax.nnx.MultiHeadAttention``'s form (any dtype, nonzero = attend)."""
     m = jnp.asarray(mask) != 0
     m = m.reshape((1,) * max(0, 3 - m.ndim) + m.shape)
-    m = jnp.broadcast_to(m, batch_dims + m.shape[-3:]).reshape((-1,) + m.shape[-3:])
-    key_mask = jnp.any(m, axis=(1, 2))
-    if m.shape[1] == 1 and m.shape[2] == 1:
-        return key_mask, None
-    keeps_any = jnp.any(m, axis=-1, keepdims=True)
-    return key_mask, jnp.all(~keeps_any | (m == key_mask[:, None, None, :]), axis=(1, 2, 3))
+    return jnp.broadcast_to(m, batch_dims + m.shape[-3:]).reshape((-1,) + m.shape[-3:])
+
+
+def _rows_agree(m: jax.Array, key_mask: jax.Array, visible: jax.Array | None) -> jax.Array:
+    """bool [B]: every (head, query) row of ``m`` that keeps a key keeps exactly ``key_mask``, limited to the keys
+    the row sees under ``visible`` [Lq, Lk] (a causal mask) when given."""
+    expected = key_mask[:, None, None, :] if visible is None else key_mask[:, None, None, :] & visible
+    return jnp.all(~jnp.any(m, axis=-1, keepdims=True) | (m == expected), axis=(1, 2, 3))
 
 
 def ba_attention_fn(config: BAConfig | None = None, *, implementation: str | Sequence[str] | None = None,
@@ -217,19 +212,22 @@ def ba_attention_fn(config: BAConfig | None = None, *, implementation: str | Seq
 
     ``nnx.MultiHeadAttention(..., attention_fn=ba_attention_fn(BAConfig(sparsity=0.5)))``.
 
-    Masks: key-padding masks only, i.e. masks whose rows (queries and heads) all keep
-    the same keys, e.g. ``nnx.make_attention_mask(tokens > 0, tokens > 0)``. A row that
-    keeps no key (a padded query) is not special: it attends like the others. A mask
-    whose rows differ (causal, banded, per head) is never dropped silently:
+    Masks: a key-padding mask, i.e. one whose rows (queries and heads) all keep the
+    same keys (e.g. ``nnx.make_attention_mask(tokens > 0, tokens > 0)``), alone or
+    with causal attention: ``is_causal=True`` (``MultiHeadAttention``'s keyword), or a
+    concrete mask that is a causal mask and a key-padding mask combined (e.g.
+    ``nnx.make_causal_mask``), runs ``baatt.attention(..., is_causal=True)``. A row
+    that keeps no key (a padded query) is not special: it attends like the others.
+    Any other mask (banded, per head) is never dropped silently:
 
     * a concrete mask raises ``ValueError``;
     * a traced one (under ``nnx.jit`` and the other transforms its values are unknown
-      when the layer is traced) makes the output of every batch element whose mask
-      rows differ NaN; with ``debug_checks=True`` a ``jax.experimental.checkify``
-      error says so as well.
+      when the layer is traced, so a causal mask cannot be recognised: pass
+      ``is_causal=True``) makes the output of every batch element whose mask breaks
+      the rule NaN; with ``debug_checks=True`` a ``jax.experimental.checkify`` error
+      says so as well.
 
-    Bias, dropout and ``is_causal=True`` raise. ``debug_checks`` is passed on to
-    ``baatt.attention``.
+    Bias and dropout raise. ``debug_checks`` is passed on to ``baatt.attention``.
     """
     config = BAConfig() if config is None else config
 
@@ -239,8 +237,6 @@ def ba_attention_fn(config: BAConfig | None = None, *, implementation: str | Seq
         del broadcast_dropout, dropout_rng, precision, module, promote_dtype, unused
         if bias is not None:
             raise ValueError("ba_attention_fn does not support an attention bias (bias must be None)")
-        if is_causal:
-            raise ValueError("ba_attention_fn is bidirectional: is_causal must be False")
         if dropout_rate > 0.0 and not deterministic:
             raise ValueError("ba_attention_fn does not support attention dropout (dropout_rate must be 0 or deterministic=True)")
         batch_dims = query.shape[:-3]
@@ -249,21 +245,30 @@ def ba_attention_fn(config: BAConfig | None = None, *, implementation: str | Seq
         v = value.reshape((-1,) + value.shape[-3:])
         if dtype is not None:
             q, k, v = (x.astype(dtype) for x in (q, k, v))
+        causal = bool(is_causal)
         key_mask = rows_agree = None
         if mask is not None:
-            key_mask, rows_agree = _key_mask_of(mask, batch_dims)
+            m = _as_mask(mask, batch_dims)
+            key_mask = jnp.any(m, axis=(1, 2))
+            visible = jnp.asarray(CAUSAL.token_mask(q.shape[1], k.shape[1]))
+            if m.shape[1] > 1 or m.shape[2] > 1:  # rows that may differ: check them
+                rows_agree = _rows_agree(m & visible, key_mask, visible) if causal else _rows_agree(m, key_mask, None)
             if rows_agree is not None and is_concrete(rows_agree):
                 if not bool(jnp.all(rows_agree)):
-                    raise ValueError(
-                        "ba_attention_fn supports key-padding masks only (every query row keeps the same keys); "
-                        "got a mask that differs between query rows or heads (causal or banded)"
-                    )
+                    if causal or not bool(jnp.all(_rows_agree(m, key_mask, visible))):
+                        raise ValueError(
+                            "ba_attention_fn supports key-padding masks, alone or with causal attention "
+                            "(is_causal=True, or a causal mask); got a mask that differs between query rows or "
+                            "heads otherwise (banded, per head)"
+                        )
+                    causal = True  # a causal mask combined with a key-padding one
                 rows_agree = None
             elif rows_agree is not None and debug_checks:
-                checkify.check(jnp.all(rows_agree), "ba_attention_fn supports key-padding masks only; the mask of "
-                               "batch element {b} differs between query rows or heads", b=jnp.argmin(rows_agree))
+                checkify.check(jnp.all(rows_agree), "ba_attention_fn supports key-padding masks (with is_causal=True "
+                               "for causal ones); the mask of batch element {b} differs between query rows or heads",
+                               b=jnp.argmin(rows_agree))
         out = baatt.attention(q, k, v, config=config, key_mask=key_mask, implementation=implementation,
-                              interpret=interpret, debug_checks=debug_checks)
+                              interpret=interpret, is_causal=causal, debug_checks=debug_checks)
         if rows_agree is not None:
             out = out + nan_where(~rows_agree)[:, None, None, None].astype(out.dtype)
         return out.reshape(batch_dims + out.shape[1:])

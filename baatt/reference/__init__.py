@@ -4,7 +4,9 @@ dense attention and streaming block-sparse attention (``attention.py``), the pre
 scores and the oracle post-downsample map (``downsample.py``), norm permutations
 (``sorting.py``) and the approximation-error metrics (``error.py``). Each registered
 implementation of ``baatt.attention`` names the function here it is tested against
-(``Implementation.reference``).
+(``Implementation.reference``). Each takes the attention mask (``is_causal`` / ``mask``,
+``config.mask``, or the one its selection or block space carries): bidirectional, causal or
+block-causal (``baatt.attention_mask``).
 """
 
 from baatt.reference import error

@@ -111,13 +111,12 @@ def _softmax_terms(logits, live, values):
 
 
 def _temperatures(temperature, q_heads: int, dtype) -> jax.Array:
-    """[Hq] temperature per query head from a number or a sequence of ``Hq`` numbers."""
-    if isinstance(temperature, Sequence):
-        if len(temperature) != q_heads:
-            raise ValueError(f"tail temperature must be one number or one per query head ({q_heads}); got "
-                             f"{len(temperature)} values")
-        return jnp.asarray(temperature, dtype)
-    return jnp.full((q_heads,), temperature, dtype)
+    """[Hq] temperature per query head from a number, or from ``Hq`` of them (a sequence or an array)."""
+    t = jnp.asarray(temperature, dtype)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != q_heads):
+        raise ValueError(f"tail temperature must be one number or one per query head ({q_heads}); got shape "
+                         f"{t.shape}")
+    return jnp.broadcast_to(t, (q_heads,))
 
 
 def pooled_tail(space: layout.BlockSpace, selection: BlockSelection, *, scale: float, group: int | None = None,
@@ -129,7 +128,7 @@ def pooled_tail(space: layout.BlockSpace, selection: BlockSelection, *, scale: f
       block); it must divide the key block. refine: with ``group``, the number of dropped
       blocks per query block pooled in groups (0: all of them); the others are pooled in
       one key each. temperature: multiplies the pooled logits (one number, or one per
-      query head).
+      query head; an array may be traced).
 
     Returns (out [B, Hq, Lq_pad, Dv], lse [B, Hq, Lq_pad]), float32 (float64 for float64
     inputs): the normalised pooled output and the log of the pooled denominator; lse is

@@ -241,8 +241,11 @@ def diagonal_logits(q, k, key_mask, config: BAConfig) -> tuple[jax.Array, jax.Ar
     first = (np.arange(nq_pad) * bq) // bk  # first diagonal key block of each query block
     # Keys padded so that every window [first*bk, first*bk + width) exists; padding is invalid.
     lk_pad = max(-(-lk // width) * width, int(first[-1]) * bk + width)
-    valid = jnp.ones((b, lk), jnp.bool_) if key_mask is None else key_mask
-    k = jnp.where(valid[:, :, None, None], k, jnp.zeros((), k.dtype))
+    if key_mask is None:
+        valid = jnp.ones((b, lk), jnp.bool_)
+    else:  # masked keys are zeroed so that whatever they hold stays out of the products
+        valid = key_mask
+        k = jnp.where(valid[:, :, None, None], k, jnp.zeros((), k.dtype))
     k = jnp.pad(k, ((0, 0), (0, lk_pad - lk), (0, 0), (0, 0)))
     valid = jnp.pad(valid, ((0, 0), (0, lk_pad - lk)))
     q = jnp.pad(q, ((0, 0), (0, nq_pad * bq - lq), (0, 0), (0, 0))).reshape(b, nq_pad, bq, hkv, group, d)

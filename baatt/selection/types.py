@@ -110,7 +110,7 @@ class BlockSelection:
                 f"{idx[b, h, a, :counts[b, h, a]].tolist()}"
             )
 
-    def guarded(self, *, length_q: int, length_k: int) -> tuple["BlockSelection", jax.Array]:
+    def guarded(self, *, length_q: int, length_k: int) -> tuple[BlockSelection, jax.Array]:
         """The rules of ``validate`` in the graph, for a selection whose values are unknown at trace time.
 
         Returns ``(safe, bad_rows)``. ``safe`` is this selection with ids clipped into

@@ -1,0 +1,239 @@
+"""python -m experiments.bench_generation --preset gpu                       (one GPU; 4K / 16K / 32K prompts)
+python -m experiments.bench_generation --preset gpu --ckpt-dir .ckpt/dlm    (the same with a trained model's quality)
+python -m experiments.bench_generation --preset cpu_smoke --out /tmp/smoke  (CPU, a minute: the code path only)
+
+End-to-end generation with the masked-diffusion sampler (``baatt.diffusion.generate``, block
+decoding): the wall time to generate ``gen_tokens`` tokens after a prompt of each length, with
+dense attention at every step (cuDNN on a GPU) against BA-Att under each recipe of the sampler:
+
+- ``every_step``: a selection estimated at every step;
+- ``reuse``: the first 20% of the steps dense, then one selection reused to the end;
+- ``refresh``: as ``reuse``, re-estimated every ``refresh_every`` sparse steps;
+- ``drift``: as ``reuse``, re-estimated when a key block has had half of its tokens changed;
+- ``split``: as ``reuse``, with separate budgets for the prompt's keys (``sparsity``) and the
+  generation's keys (``gen_sparsity``);
+- ``reuse_tail``: as ``reuse``, with the pooled tail of the dropped blocks (``tail="pooled"``).
+
+Timing: one generation compiles every program (not timed), then ``repeats`` generations are
+timed end to end (host loop, every step, the final copy of the tokens) and their median is
+reported as tokens/s and as a speedup over the dense row of the same prompt length (run first). The
+prompt is held-out text and the generated span's reference is the text's continuation: the
+NLL column is the mean negative log-probability of that continuation at each generated
+position under the step that committed it (``SampleResult.reference_nll``), from the timed
+runs themselves.
+
+Weights: with ``--ckpt-dir`` a checkpoint of ``baatt.train`` (speed and quality); without it
+the preset's model (``baatt.nn.config.PRESETS``) at random init, which times exactly the same
+computation but whose NLL means nothing: the table then leaves quality out. With a checkpoint,
+passkey accuracy comes from ``passkey_examples`` more generations with each row's settings (a
+key hidden in held-out text, the question ending the prompt; exact match of the first
+generated tokens), not timed.
+
+Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default
+``experiments/results/bench_generation/``) after every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+from flax import nnx
+
+from baatt.config import BAConfig
+from baatt.data import corpus, tasks
+from baatt.data.tokenizer import get_tokenizer
+from baatt.diffusion import generate
+from baatt.nn import AttentionPlan, DiffusionLM
+from baatt.nn import get_config as model_config
+from baatt.train import load_model
+from experiments import harness
+
+RECIPE_NAMES = ("dense", "every_step", "reuse", "refresh", "drift", "split", "reuse_tail")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    preset: str = "gpu"
+    model: str = harness.option("small", "model preset at random init (baatt.nn.config.PRESETS) when no --ckpt-dir")
+    ckpt_dir: str | None = harness.option(None, "checkpoint of baatt.train: its weights, and the quality columns")
+    dtype: str = harness.option("bfloat16", "compute dtype of the random-init model",
+                                choices=("bfloat16", "float32"))
+    prompt_lengths: tuple[int, ...] = harness.option((4096, 16384, 32768), "prompt lengths (tokens)")
+    gen_tokens: int = harness.option(256, "tokens generated after the prompt")
+    block_length: int = harness.option(32, "tokens per decoding block (semi-autoregressive)")
+    steps: int = harness.option(128, "denoising steps in all (a multiple of gen_tokens / block_length)")
+    batch: int = harness.option(1, "sequences generated at once")
+    block_size: int = harness.option(128, "query and key block size of BA-Att")
+    sparsity: float = harness.option(0.9, "BA-Att sparsity (the prompt's, under the split recipe)")
+    gen_sparsity: float = harness.option(0.5, "sparsity of the generation's keys under the split recipe")
+    refresh_every: int = harness.option(16, "sparse steps between estimates under the refresh recipe")
+    recipes: tuple[str, ...] = harness.option(RECIPE_NAMES, "rows, in this order", choices=RECIPE_NAMES)
+    implementation: str = harness.option("auto", "baatt.attention implementation (auto: the best available)")
+    repeats: int = harness.option(3, "timed generations per row (after one that compiles)")
+    passkey_examples: int = harness.option(8, "passkey generations per row (with --ckpt-dir)")
+    seed: int = harness.option(0, "seed of the prompts and the random init")
+    out: str = harness.option(harness.study_dir("bench_generation"), "output folder")
+    name: str = harness.option("bench_generation", "output file stem")
+
+
+PRESETS = {
+    "gpu": Config(),
+    # CPU smoke run and tests: the tiny model, one short prompt, every recipe, one timed run.
+    "cpu_smoke": Config(preset="cpu_smoke", model="tiny", dtype="float32", prompt_lengths=(256,), gen_tokens=32,
+                        block_length=16, steps=4, block_size=32, sparsity=0.5, refresh_every=2,
+                        implementation="reference", repeats=1, passkey_examples=2, name="bench_generation_cpu_smoke"),
+}
+
+
+def get_config(preset: str = "gpu", **overrides) -> Config:
+    """The preset's configuration with ``overrides`` (Config fields) applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}; got {preset!r}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
+    """name -> (attention plan, generate() keyword arguments) of each recipe."""
+    implementation = None if cfg.implementation == "auto" else cfg.implementation
+    ba = BAConfig(block_size=cfg.block_size, sparsity=cfg.sparsity)
+    plan = AttentionPlan.ba(ba, implementation=implementation)
+    reuse = dict(dense_warmup=0.2, reuse_every=None)
+    return {
+        "dense": (AttentionPlan.dense(), {}),
+        "every_step": (plan, dict(reuse_every=1)),
+        "reuse": (plan, reuse),
+        "refresh": (plan, dict(reuse, reuse_every=cfg.refresh_every)),
+        "drift": (plan, dict(reuse, refresh_drift=0.5)),
+        "split": (plan, dict(reuse, prompt_sparsity=cfg.sparsity, gen_sparsity=cfg.gen_sparsity)),
+        "reuse_tail": (AttentionPlan.ba(ba.replace(tail="pooled"), implementation=implementation), reuse),
+    }
+
+
+def load(cfg: Config, max_length: int) -> tuple[DiffusionLM, dict]:
+    """(model, what it is): the checkpoint (its max_len raised to the longest canvas: rotary positions are
+    computed, nothing learnt depends on it) or the preset at random init."""
+    if cfg.ckpt_dir:
+        model, meta = load_model(cfg.ckpt_dir)
+        trained_len = model.cfg.max_len
+        if max_length > trained_len:
+            model.cfg = model.cfg.replace(max_len=max_length)
+        return model, dict(weights=f"checkpoint {cfg.ckpt_dir} (step {meta['step']}, model {meta['model']})",
+                           max_len=trained_len)
+    mcfg = model_config(cfg.model, max_len=max_length, dtype=cfg.dtype)
+    return DiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed)), dict(weights=f"{cfg.model} at random init")
+
+
+def text_canvas(stream: np.ndarray, rng, cfg: Config, prompt_length: int, mask_id: int):
+    """(canvas with ``gen_tokens`` mask tokens after a held-out prompt, the text's true continuation) [B, L]."""
+    text = corpus.packed_batch(stream, rng, cfg.batch, prompt_length + cfg.gen_tokens)
+    canvas = text.copy()
+    canvas[:, prompt_length:] = mask_id
+    return canvas, text
+
+
+def passkey_canvases(stream, tokenizer, rng, cfg: Config, prompt_length: int, mask_id: int):
+    """(canvas [1, L], answer tokens) per example: the prompt is exactly ``prompt_length`` tokens ending with
+    the question (haystack tokens dropped at its start), then ``gen_tokens`` mask tokens."""
+    out = []
+    while len(out) < cfg.passkey_examples:
+        ex = tasks.passkey(rng, stream, tokenizer, prompt_length + 16, depth=float(rng.uniform(0.1, 0.9)))
+        cut = ex.answer_start - prompt_length
+        if ex.needle_spans[0][0] < cut:
+            continue
+        canvas = np.full((1, prompt_length + cfg.gen_tokens), mask_id, np.int32)
+        canvas[0, :prompt_length] = ex.tokens[cut: ex.answer_start]
+        out.append((canvas, ex.answer_tokens))
+    return out
+
+
+def time_generation(model, canvas, reference, plan, options, cfg: Config):
+    """(median seconds of ``repeats`` timed generations after one that compiles, the last result)."""
+    run = lambda: generate(model, canvas, steps=cfg.steps, block_length=cfg.block_length, plan=plan,
+                           reference=reference, **options)
+    result = run()
+    times = []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        result = run()  # ends with the tokens on the host: every step has run
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def passkey_accuracy(model, canvases, plan, options, cfg: Config) -> float:
+    hits = 0
+    for canvas, answer in canvases:
+        r = generate(model, canvas, steps=cfg.steps, block_length=cfg.block_length, plan=plan, **options)
+        start = canvas.shape[1] - cfg.gen_tokens
+        hits += bool(np.array_equal(r.tokens[0, start: start + len(answer)], answer))
+    return hits / len(canvases)
+
+
+def markdown(result: dict) -> str:
+    quality = result["quality"]
+    lines = [f"# Generation speed ({harness.describe_run(result)})", "",
+             f"Weights: {result['weights']}. {result['gen_tokens']} tokens generated after the prompt, block "
+             f"decoding ({result['block_length']} tokens per block, {result['steps']} steps), batch "
+             f"{result['batch']}; BA-Att block {result['block_size']}, sparsity {result['sparsity']}, implementation "
+             f"{result['implementation']}. Time: median of {result['repeats']} generations end to end.", ""]
+    head = "| prompt | recipe | time (s) | tokens/s | speedup vs dense | mean density | dense / estimate / reuse steps |"
+    rule = "|---|---|---|---|---|---|---|"
+    if quality:
+        head += " NLL | passkey acc |"
+        rule += "---|---|"
+    lines += [head, rule]
+    for row in result["rows"]:
+        kinds = row["step_kinds"]
+        line = (f"| {harness.format_length(row['prompt_length'])} | {row['recipe']} | {row['seconds']:.3f} | "
+                f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | {row['mean_density']:.3f} | "
+                f"{kinds['dense']} / {kinds['estimate']} / {kinds['reuse']} |")
+        if quality:
+            line += f" {row['nll']:.3f} | {row['passkey']:.2f} |"
+        lines.append(line)
+    if result["notes"]:
+        lines += ["", *[f"- {note}" for note in result["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    cfg = harness.parse_config(get_config, argv, description=__doc__, presets=tuple(PRESETS))
+    model, about = load(cfg, max(cfg.prompt_lengths) + cfg.gen_tokens)
+    quality = cfg.ckpt_dir is not None
+    result = dict(harness.run_metadata(__spec__.name, argv), **dataclasses.asdict(cfg), **about, quality=quality,
+                  rows=[], notes=[])
+    if not quality:
+        result["notes"].append("random-init weights: the rows time the computation of a trained model of this "
+                               "shape; NLL and passkey accuracy are left out")
+    elif "max_len" in about and max(cfg.prompt_lengths) + cfg.gen_tokens > about["max_len"]:
+        result["notes"].append(f"canvases longer than the checkpoint's max_len ({about['max_len']}) run past the "
+                               "lengths it was trained on")
+    stream, tokenizer, mask_id = corpus.load_tokens("val"), get_tokenizer(), model.cfg.mask_id
+    plans = recipes(cfg)
+    for prompt_length in cfg.prompt_lengths:
+        rng = np.random.default_rng(cfg.seed + prompt_length)
+        canvas, text = text_canvas(stream, rng, cfg, prompt_length, mask_id)
+        passkeys = passkey_canvases(stream, tokenizer, rng, cfg, prompt_length, mask_id) if quality else []
+        dense_seconds = None
+        for name in sorted(cfg.recipes, key=lambda n: n != "dense"):  # dense first: the speedups' baseline
+            plan, options = plans[name]
+            seconds, r = time_generation(model, canvas, text, plan, options, cfg)
+            dense_seconds = seconds if name == "dense" else dense_seconds
+            row = dict(prompt_length=prompt_length, recipe=name, options=dict(options),
+                       seconds=seconds, tokens_per_s=cfg.batch * cfg.gen_tokens / seconds,
+                       speedup=(dense_seconds / seconds) if dense_seconds else float("nan"),
+                       mean_density=r.mean_density, step_kinds={k: r.step_kind.count(k)
+                                                                for k in ("dense", "estimate", "reuse")},
+                       nll=r.reference_nll)
+            if quality:
+                row["passkey"] = passkey_accuracy(model, passkeys, plan, options, cfg)
+            result["rows"].append(row)
+            print({k: v for k, v in row.items() if k != "options"}, flush=True)
+            harness.write_results(cfg.out, {f"{cfg.name}.json": result, f"{cfg.name}.md": markdown(result)})
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""experiments/bench_generation.py in its CPU smoke preset: every recipe, speed rows at random init, and the
+quality columns with a (one-step) checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import bench_generation
+
+
+def test_bench_generation_smoke_random_init(tmp_path):
+    result = bench_generation.main(["--preset", "cpu_smoke", "--out", str(tmp_path)])
+    rows = {row["recipe"]: row for row in result["rows"]}
+    assert list(rows) == list(bench_generation.RECIPE_NAMES)
+    assert rows["dense"]["speedup"] == 1.0 and rows["dense"]["mean_density"] == 1.0
+    assert rows["dense"]["step_kinds"] == dict(dense=4, estimate=0, reuse=0)
+    assert rows["every_step"]["step_kinds"] == dict(dense=0, estimate=4, reuse=0)
+    assert rows["reuse"]["step_kinds"] == dict(dense=1, estimate=1, reuse=2)  # 20% of 4 steps: one dense
+    assert rows["refresh"]["step_kinds"] == dict(dense=1, estimate=2, reuse=1)  # re-estimated after 2 sparse steps
+    for name in ("every_step", "reuse", "split", "reuse_tail"):
+        assert rows[name]["mean_density"] < 1.0 and rows[name]["tokens_per_s"] > 0
+    saved = json.loads((tmp_path / "bench_generation_cpu_smoke.json").read_text())
+    assert saved["device"] == "cpu" and not saved["quality"] and "random-init" in saved["notes"][0]
+    table = (tmp_path / "bench_generation_cpu_smoke.md").read_text()
+    assert "| 256 | split |" in table and "passkey" not in table
+
+
+def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
+    from baatt.data import corpus
+    from baatt.train import TrainConfig, train
+
+    val = corpus.load_tokens("val")
+    ckpt = tmp_path / "ck"
+    train(TrainConfig(model="tiny", model_overrides=(("max_len", 512),), stages=((1.0, 32, 2),), steps=1,
+                      warmup_steps=1, eval_every=0, ckpt_dir=str(ckpt), progress=False),
+          train_stream=val, val_stream=val, log_fn=lambda s: None)
+    result = bench_generation.main(["--preset", "cpu_smoke", "--ckpt-dir", str(ckpt), "--recipes", "dense", "split",
+                                    "--out", str(tmp_path / "out")])
+    assert result["quality"] and result["weights"].startswith(f"checkpoint {ckpt}")
+    for row in result["rows"]:
+        assert 0.0 <= row["passkey"] <= 1.0 and row["nll"] > 0
+    assert "passkey acc" in (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
