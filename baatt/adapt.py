@@ -86,7 +86,8 @@ class ScannedDiffusionLM(DiffusionLM):
         block_def = nnx.graphdef(self.blocks[0])
         infos = []
         for start, stop in layer_runs(plan, self.cfg.num_layers):
-            stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(self.blocks[i]) for i in range(start, stop)))
+            layers = [nnx.state(self.blocks[i]) for i in range(start, stop)]
+            stacked = jax.tree.map(lambda *arrays: jnp.stack(arrays), *layers)
 
             def body(h, layer_state, layer=start):  # every layer of the run has the configuration of its first
                 return nnx.merge(block_def, layer_state)(h, cos, sin, plan=plan, layer=layer, key_mask=key_mask)
@@ -189,8 +190,9 @@ def token_streams(tokenizer, *, cache_dir: str | os.PathLike | None = None,
     cache = None if cache_dir is None else Path(cache_dir)
     if cache is not None and (cache / "stats.json").is_file():
         stats = json.loads((cache / "stats.json").read_text())
-        return TokenStreams(train=np.load(cache / "train.npy", mmap_mode="r"), val=np.load(cache / "val.npy", mmap_mode="r"),
-                            val_text_bytes=stats["val_text_bytes"], val_documents=stats["val_documents"])
+        train_ids, val_ids = (np.load(cache / f"{split}.npy", mmap_mode="r") for split in ("train", "val"))
+        return TokenStreams(train=train_ids, val=val_ids, val_text_bytes=stats["val_text_bytes"],
+                            val_documents=stats["val_documents"])
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents must be None or >= 1; got {max_documents}")
     sep = separator_id(tokenizer)
@@ -203,8 +205,9 @@ def token_streams(tokenizer, *, cache_dir: str | os.PathLike | None = None,
             ids.extend(tokenizer.encode(text))
             ids.append(sep)
         streams[split] = np.asarray(ids, dtype)
-    result = TokenStreams(train=streams["train"], val=streams["val"],
-                          val_text_bytes=sum(len(t.encode("utf-8")) for t in docs["val"]), val_documents=len(docs["val"]))
+    val_bytes = sum(len(text.encode("utf-8")) for text in docs["val"])
+    result = TokenStreams(train=streams["train"], val=streams["val"], val_text_bytes=val_bytes,
+                          val_documents=len(docs["val"]))
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
@@ -248,7 +251,7 @@ _SMOLLM2_DLM = TrainConfig(
 )
 
 PRESETS: dict[str, TrainConfig] = {
-    # One GPU, ~4 min of training (H100: see experiments/results/smollm2_dlm).
+    # One GPU: 240 s of training, then the evaluation of experiments/adapt_smollm2.py in the same run.
     "smollm2_dlm": _SMOLLM2_DLM,
     # CPU smoke runs and tests: a few steps on 512-token rows of a tiny model.
     "cpu_smoke": dataclasses.replace(

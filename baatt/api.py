@@ -30,6 +30,8 @@ from baatt.kernels.base import Implementation
 from baatt.reference.attention import block_sparse_blocked
 from baatt.reference.tail import add_pooled_tail
 from baatt.selection import get_selector
+from baatt.selection.calibrate import head_counts_from_budget, select_with_budget
+from baatt.selection.guard import GuardReport, guard_selection
 from baatt.selection.types import BlockSelection
 from baatt.validation import (
     FLOAT_DTYPES,
@@ -73,12 +75,15 @@ class AttentionStats:
       lse: [B, Hq, Lq], the log-sum-exp of each row (-inf for a row that sees no key,
         NaN where the output row is NaN); with ``config.tail``, of the kept keys and the
         pooled estimate of the dropped ones together.
+      guard: with ``config.guard_recall``, the ``GuardReport`` of the accuracy guard (each
+        head's sampled recall, which heads it densified, its cost); None otherwise.
     """
 
     implementation: str = dataclasses.field(metadata=dict(static=True))
     density: jax.Array
     selection: BlockSelection
     lse: jax.Array
+    guard: GuardReport | None = None
 
     def __getitem__(self, name: str):
         if name not in {f.name for f in dataclasses.fields(self)}:
@@ -210,6 +215,7 @@ def attention(
     selection: BlockSelection | None = None,
     debug_checks: bool = False,
     is_causal: bool = False,
+    head_budget: jax.Array | None = None,
 ) -> jax.Array: ...
 
 
@@ -228,6 +234,7 @@ def attention(
     selection: BlockSelection | None = None,
     debug_checks: bool = False,
     is_causal: bool = False,
+    head_budget: jax.Array | None = None,
 ) -> tuple[jax.Array, AttentionStats]: ...
 
 
@@ -245,6 +252,7 @@ def attention(
     selection: BlockSelection | None = None,
     debug_checks: bool = False,
     is_causal: bool = False,
+    head_budget: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, AttentionStats]:
     """Block approximate sparse attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -275,6 +283,12 @@ def attention(
         ``config.mask=AttentionMask.causal()``; block-causal attention is
         ``BAConfig(mask=AttentionMask.block_causal(G))``. A ``selection`` must have been
         made under the same mask. Keys that no query may see (Lk > Lq) count as padding.
+      head_budget: per-head budgets, [Hq] or [B, Hq]: key blocks kept per query block (ints)
+        or kept fractions of the key blocks (floats in (0, 1]), in place of the config's
+        budget rule; the selector ranks by its ``block_map``
+        (``baatt.selection.calibrate.select_with_budget``). A concrete budget sets the list
+        width to its largest count, a traced one to every block; either way the counts are
+        not compiled in. ``baatt.selection.calibrate.calibrate_budgets`` finds them.
 
     Non-finite inputs follow ``jax.nn.dot_product_attention``, whatever blocks are
     kept: NaN/Inf in a query row makes that output row NaN, in k at a real key the
@@ -313,16 +327,24 @@ def attention(
         config = config.replace(block_size=selection.block_q, block_size_k=selection.block_k)
     else:
         check_sink_positions(config, k.shape[1])
+    head_counts = head_kmax = None
+    if head_budget is not None:
+        if selection is not None:
+            raise ValueError("give selection or head_budget, not both: a selection already fixes its budget")
+        head_counts, head_kmax = head_counts_from_budget(head_budget, batch=q.shape[0], q_heads=q.shape[2],
+                                                         num_k_blocks=-(-k.shape[1] // config.block_k))
     if is_concrete(q, k, v, key_mask, selection, traced_scale):
         check_finite(q=q, k=k, v=v, key_mask=key_mask)
     elif debug_checks:
         _debug_checks(q, k, v, key_mask, selection, traced_scale)
     impl = _resolve(implementation, q, k, v, config, interpret)
-    out, lse, selection = _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl.name, interpret, scale)
+    out, lse, selection, guard = _pipeline(q, k, v, key_mask, selection, traced_scale, head_counts, config, impl.name,
+                                           interpret, scale, head_kmax)
     if not return_stats:
         return out
     nk = -(-k.shape[1] // selection.block_k)
-    stats = AttentionStats(implementation=impl.name, density=selection.density(nk), selection=selection, lse=lse)
+    stats = AttentionStats(implementation=impl.name, density=selection.density(nk), selection=selection, lse=lse,
+                           guard=guard)
     return out, stats
 
 
@@ -355,8 +377,8 @@ def takes_positional_path(impl: Implementation, q, k, key_mask, selection: Block
             and q.shape[1] % selection.block_q == 0 and k.shape[1] % selection.block_k == 0)
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
-def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, interpret, scale):
+@functools.partial(jax.jit, static_argnums=(7, 8, 9, 10, 11))
+def _pipeline(q, k, v, key_mask, selection, traced_scale, head_counts, config, impl_name, interpret, scale, head_kmax):
     """estimate -> select -> permute into block space -> sparse operator -> scatter back -> NaN rules.
 
     A ``selection`` given by the caller is guarded (``BlockSelection.guarded``). A
@@ -367,13 +389,20 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, int
     """
     impl = _REGISTRY[impl_name]
     poison, poisoned_columns = nonfinite_poison(q, k, v, key_mask, config.mask)
+    guard = None
     if selection is not None:
         selection, bad_rows = selection.guarded(length_q=q.shape[1], length_k=k.shape[1])
         poison = poison + nan_where(bad_rows)
-    elif impl.estimator is not None:
-        selection = impl.estimator(q, k, config, key_mask=key_mask, interpret=interpret)
     else:
-        selection = get_selector(config.selector).select(q, k, config, key_mask=key_mask)
+        if head_counts is not None:
+            selection = select_with_budget(q, k, config, head_counts, kmax=head_kmax, key_mask=key_mask)
+        elif impl.estimator is not None:
+            selection = impl.estimator(q, k, config, key_mask=key_mask, interpret=interpret)
+        else:
+            selection = get_selector(config.selector).select(q, k, config, key_mask=key_mask)
+        if config.guard_recall is not None:  # checked on the caller's q, as the selection was made
+            guard_scale = scale if traced_scale is None else scale * traced_scale
+            selection, guard = guard_selection(q, k, selection, config, key_mask=key_mask, scale=guard_scale)
     _check_selection_mask(selection, config)  # a selector or estimator that dropped the mask
     if traced_scale is not None:
         acc = jnp.promote_types(q.dtype, jnp.float32)
@@ -394,4 +423,4 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, config, impl_name, int
                                    group=config.tail_group, refine=config.tail_refine,
                                    temperature=config.tail_temperature)
     out = out + (poison[..., None] + poisoned_columns).astype(out.dtype)
-    return out, lse + jnp.swapaxes(poison, 1, 2), selection
+    return out, lse + jnp.swapaxes(poison, 1, 2), selection, guard

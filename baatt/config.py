@@ -123,6 +123,15 @@ class BAConfig:
         only this many highest-scoring dropped blocks per query block, the others in
         one key each (0: all in groups). tail_temperature: multiplies the pooled
         logits; a number or one per query head. All three need ``tail="pooled"``.
+      cluster_q / cluster_k: order queries / keys+values into blocks by balanced k-means
+        on their directions (``baatt.selection.cluster``) instead of by position: equal-size
+        clusters, so blocks of similar tokens; exclusive with ``sort_q`` / ``sort_k`` and,
+        being a permutation, with causal masks and ``local_window``. cluster_iters: its
+        Lloyd iterations.
+      guard_recall: None (off), or a recall in (0, 1]: per head, the exact softmax of one
+        sampled query block checks the selection, and a head whose block keeps less than
+        this share of its mass attends to every block (``baatt.selection.guard``; what it
+        cost and where it fired are in ``AttentionStats.guard``).
 
     Selector parameters: each selector owns a small frozen dataclass of its
     parameters (``XAttentionParams``, ``LastQueryParams``, ``SpargeParams``,
@@ -165,6 +174,10 @@ class BAConfig:
     tail_group: int | None = None
     tail_refine: int = 0
     tail_temperature: float | tuple[float, ...] = 1.0
+    cluster_q: bool = False
+    cluster_k: bool = False
+    cluster_iters: int = 4
+    guard_recall: float | None = None
 
     def __post_init__(self):
         for name in ("block_size", "block_size_k"):
@@ -216,6 +229,7 @@ class BAConfig:
             )
         self._check_mask()
         self._check_tail()
+        self._check_cluster_and_guard()
         if not isinstance(self.selector, str) or self.selector not in SELECTORS:
             _fail("selector", f"must be one of {tuple(SELECTORS)}", self.selector)
         self._check_selector_keywords()
@@ -243,6 +257,21 @@ class BAConfig:
                 if getattr(self, name) != default:
                     _fail(name, "applies to tail='pooled' only", getattr(self, name))
 
+    def _check_cluster_and_guard(self) -> None:
+        for name in ("cluster_q", "cluster_k"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, "must be a bool", getattr(self, name))
+        for cluster, sort in (("cluster_q", "sort_q"), ("cluster_k", "sort_k")):
+            if getattr(self, cluster) and getattr(self, sort):
+                _fail(cluster, f"and {sort} both order the tokens into blocks: give one", True)
+            if getattr(self, cluster) and self.local_window:
+                _fail(cluster, "needs local_window=0 (clustering scatters positions)", True)
+        if not _is_int(self.cluster_iters) or self.cluster_iters < 1:
+            _fail("cluster_iters", "must be an int >= 1", self.cluster_iters)
+        g = self.guard_recall
+        if g is not None and (not _is_number(g) or not 0.0 < g <= 1.0):
+            _fail("guard_recall", "must be None or a number in (0, 1]", g)
+
     def _check_mask(self) -> None:
         if self.mask in ("bidirectional", "causal"):
             object.__setattr__(self, "mask", AttentionMask(self.mask))
@@ -250,10 +279,10 @@ class BAConfig:
             _fail("mask", "must be a baatt.AttentionMask (or 'bidirectional' / 'causal')", self.mask)
         if self.mask.is_bidirectional:
             return
-        for name in ("sort_q", "sort_k"):
-            if getattr(self, name):
-                _fail(name, f"must be False under a {self.mask.kind} mask (sorting scatters the positions the "
-                      "mask is defined on)", True)
+        for name in ("sort_q", "sort_k", "cluster_q", "cluster_k"):
+            if getattr(self, name) is True:
+                _fail(name, f"must be False under a {self.mask.kind} mask (sorting and clustering scatter the "
+                      "positions the mask is defined on)", True)
         if rule := self.mask.block_size_rule(self.block_q, self.block_k):
             _fail("mask", rule, self.mask)
 

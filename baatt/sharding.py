@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -158,18 +158,19 @@ def sharded_attention(
     Returns:
       out [B, Lq, Hq, D] (sharded like q), or (out, stats).
 
-    In mode "context", norm sorting (``sort_q`` / ``sort_k``) sorts within each shard (a global
-    sort would move every token across devices), so the selection differs from one device's;
-    the selector must be one of ``CONTEXT_SELECTORS``.
+    Mode "heads" runs every configuration of ``baatt.attention`` (causal masks, the guard, the
+    pooled tail included): each device holds whole sequences. Mode "context" selects with the
+    BA-Att estimator over gathered statistics: the selector must be one of ``CONTEXT_SELECTORS``,
+    the mask bidirectional and ``guard_recall`` None (both need positions or keys of other
+    shards), and ``tail="pooled"`` needs ``kv_exchange="all_gather"``. Norm sorting and
+    clustering (``sort_*``, ``cluster_*``) order tokens within each shard (a global order would
+    move every token across devices), so with them the selection differs from one device's.
     """
     config = BAConfig() if config is None else config
     if not isinstance(config, BAConfig):
         raise ValueError(f"config must be a baatt.BAConfig; got {type(config).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-    if not config.mask.is_bidirectional:
-        raise ValueError(f"config.mask must be bidirectional for sharded_attention (causal masks are not "
-                         f"supported across devices yet); got {config.mask.describe()}")
     if mode == "heads":
         head_axis = "heads" if head_axis is None else head_axis
         if context_axis is not None or kv_exchange is not None:
@@ -183,7 +184,7 @@ def sharded_attention(
         if kv_exchange not in KV_EXCHANGES:
             raise ValueError(f"kv_exchange must be one of {KV_EXCHANGES}; got {kv_exchange!r}")
     _check_axes(mesh, batch_axis=batch_axis, head_axis=head_axis, context_axis=context_axis)
-    check_qkv(q, k, v, key_mask=key_mask)
+    check_qkv(q, k, v, key_mask=key_mask, require_real_key=False)
     check_finite(q=q, k=k, v=v, key_mask=key_mask)
     _check_divides("the batch size", q.shape[0], axis_size(mesh, batch_axis), "batch_axis", batch_axis)
     _check_divides("the number of kv heads", k.shape[2], axis_size(mesh, head_axis), "head_axis", head_axis)
@@ -192,9 +193,12 @@ def sharded_attention(
             raise ValueError(f"selection must be a baatt.BlockSelection; got {type(selection).__name__}")
         selection.validate(batch=q.shape[0], q_heads=q.shape[2], kv_heads=k.shape[2],
                            length_q=q.shape[1], length_k=k.shape[1])
-    block_q = config.block_q if selection is None else selection.block_q
-    block_k = config.block_k if selection is None else selection.block_k
+    # The static fields (block sizes, mask) of the selection made or given, for rebuilding it from its arrays.
+    statics = _static_fields(selection) if selection is not None else dict(
+        block_q=config.block_q, block_k=config.block_k, mask=config.mask)
+    block_q, block_k = statics["block_q"], statics["block_k"]
     if mode == "context":
+        _check_context_config(config, statics["mask"], kv_exchange, selection_given=selection is not None)
         shards = mesh.shape[context_axis]
         for name, length, block in (("q", q.shape[1], block_q), ("k", k.shape[1], block_k)):
             if length % (shards * block):
@@ -202,37 +206,30 @@ def sharded_attention(
                     f"in mode='context' the length of {name} ({length}) must be a multiple of the {shards} "
                     f"shards of context_axis={context_axis!r} times the block size ({block}): each shard "
                     "holds whole blocks (pad with key_mask=False to reach one)")
-        if selection is None and config.selector not in CONTEXT_SELECTORS:
-            raise ValueError(
-                f"in mode='context' config.selector must be one of {CONTEXT_SELECTORS} (selectors whose scores "
-                f"come from block statistics, which are all that is gathered); got {config.selector!r}. "
-                "Pass a selection made otherwise through selection=")
 
     chosen: list[str] = []
     call = _attention_call(implementation, interpret, scale, chosen)
     b, h, c = batch_axis, head_axis, context_axis  # c is None in mode "heads": no split along length
-    qspec, kvspec = P(b, c, h, None), P(b, c, h, None)
-    maskspec = P(b, c)
     if mode == "heads":
-        body = functools.partial(_head_parallel_body, call=call, config=config, block_q=block_q, block_k=block_k)
-        k_perm_spec = P(b, h, None)
+        body = functools.partial(_head_parallel_body, call=call, config=config, statics=statics)
     else:
-        body = functools.partial(_context_parallel_body, call=call, config=config, block_q=block_q,
-                                 block_k=block_k, axis=c, shards=mesh.shape[c], kv_exchange=kv_exchange)
-        k_perm_spec = P(b, h, None)  # the whole sequence's permutation: within-shard sorts, global positions
-    sel_specs = (P(b, h, c, None), P(b, h, c), P(b, h, c), k_perm_spec)
+        body = functools.partial(_context_parallel_body, call=call, config=config, statics=statics, axis=c,
+                                 shards=mesh.shape[c], kv_exchange=kv_exchange)
+    tokens = P(b, c, h, None)  # q, k, v and out [B, L, H, D]
+    # indices, counts, q_perm; k_perm whole on every device of a context group (within-shard sorts,
+    # global positions), as the selection needs it.
+    sel_specs = (P(b, h, c, None), P(b, h, c), P(b, h, c), P(b, h, None))
     sel_parts = (None,) * 4 if selection is None else (
         selection.indices, selection.counts, selection.q_perm, selection.k_perm)
-    args = (q, k, v, key_mask) + sel_parts
-    specs = (qspec, kvspec, kvspec, maskspec) + sel_specs
-    args = tuple(_place(mesh, x, s) for x, s in zip(args, specs))
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=specs,
-                           out_specs=(qspec, P(b, h, c)) + sel_specs, check_vma=False)
+    specs = (tokens, tokens, tokens, P(b, c)) + sel_specs
+    args = tuple(_place(mesh, x, spec) for x, spec in zip((q, k, v, key_mask) + sel_parts, specs))
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tokens, P(b, h, c)) + sel_specs,
+                           check_vma=False)
     out, lse, indices, counts, q_perm, k_perm = mapped(*args)
     if not return_stats:
         return out
-    sel = BlockSelection(indices, counts, q_perm, k_perm, block_q, block_k)
-    nk = k.shape[1] // block_k if mode == "context" else -(-k.shape[1] // block_k)
+    sel = BlockSelection(indices, counts, q_perm, k_perm, **statics)
+    nk = -(-k.shape[1] // block_k)
     stats = api.AttentionStats(implementation=chosen[0], density=sel.density(nk), selection=sel, lse=lse)
     return out, stats
 
@@ -240,8 +237,30 @@ def sharded_attention(
 # ----------------------------------------------------------------------------- mode "heads"
 
 
-def _head_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *, call, config, block_q, block_k):
-    selection = None if indices is None else BlockSelection(indices, counts, q_perm, k_perm, block_q, block_k)
+def _static_fields(selection: BlockSelection) -> dict:
+    return {f.name: getattr(selection, f.name) for f in dataclasses.fields(selection) if f.metadata.get("static")}
+
+
+def _check_context_config(config: BAConfig, mask, kv_exchange: str, *, selection_given: bool) -> None:
+    """What mode "context" does not split across the sequence, refused by name."""
+    if not mask.is_bidirectional:
+        raise ValueError(f"in mode='context' the mask must be bidirectional (a causal mask's block pairs and "
+                         f"diagonal depend on global positions; mode='heads' runs it); got {mask.describe()}")
+    if config.guard_recall is not None:
+        raise ValueError("in mode='context' config.guard_recall must be None: the guard's exact softmax of a "
+                         f"sampled query block needs every key (mode='heads' runs it); got {config.guard_recall!r}")
+    if config.tail != "none" and kv_exchange == "ring":
+        raise ValueError(f"config.tail={config.tail!r} needs kv_exchange='all_gather' in mode='context': the pooled "
+                         "tail of the dropped blocks needs every key at once")
+    if not selection_given and config.selector not in CONTEXT_SELECTORS:
+        raise ValueError(
+            f"in mode='context' config.selector must be one of {CONTEXT_SELECTORS} (selectors whose scores "
+            f"come from block statistics, which are all that is gathered); got {config.selector!r}. "
+            "Pass a selection made otherwise through selection=")
+
+
+def _head_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *, call, config, statics):
+    selection = None if indices is None else BlockSelection(indices, counts, q_perm, k_perm, **statics)
     out, lse, sel = call(q, k, v, key_mask, selection, config)
     return out, lse, sel.indices, sel.counts, sel.q_perm, sel.k_perm
 
@@ -249,11 +268,11 @@ def _head_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *, c
 # ----------------------------------------------------------------------------- mode "context"
 
 
-def _context_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *, call, config, block_q, block_k,
-                           axis, shards, kv_exchange):
+def _context_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *, call, config, statics, axis,
+                           shards, kv_exchange):
     """One device's part: its query blocks attend over the whole sequence's keys."""
     shard = lax.axis_index(axis)
-    q_offset, k_offset = shard * q.shape[1], shard * k.shape[1]
+    q_offset = shard * q.shape[1]
     gather = functools.partial(lax.all_gather, axis_name=axis, tiled=True)
     if indices is None:
         indices, counts, q_perm, k_perm = _select_over_context(q, k, key_mask, config, shard=shard, shards=shards,
@@ -263,7 +282,7 @@ def _context_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *
     # The key mask: one byte per token, against the head_dim x kv_heads elements of a key.
     key_mask_all = None if key_mask is None else gather(key_mask, axis=1)
     parts = dict(q=q, k=k, v=v, key_mask_all=key_mask_all, indices=indices, counts=counts, q_perm=q_perm,
-                 k_perm=k_perm, config=config, block_q=block_q, block_k=block_k, call=call)
+                 k_perm=k_perm, config=config, block_q=statics["block_q"], block_k=statics["block_k"], call=call)
     if kv_exchange == "all_gather":
         out, lse = _attend_all_gathered(**parts, gather=gather)
     else:
@@ -280,7 +299,7 @@ def _select_over_context(q, k, key_mask, config: BAConfig, *, shard, shards, gat
     blocks (global key-block ids), the local q_perm (positions within the shard) and the gathered
     k_perm (global positions; each shard's sort stays inside the shard).
     """
-    if config.selector == "meanpool":  # mean pooling is BA-Att without its sorts and compensation
+    if config.selector == "meanpool":  # mean pooling is BA-Att without its sorts and compensation (selection.meanpool)
         config = config.replace(sort_q=False, sort_k=False, compensate=False)
     est = estimate(q, k, config, key_mask=key_mask)
     ks = est.k_stats  # [B, Hkv, Nk_local, D]: a mean (and a variance) per block, gathered along the blocks
@@ -293,7 +312,8 @@ def _select_over_context(q, k, key_mask, config: BAConfig, *, shard, shards, gat
     if forced is not None:  # the rows of this shard's query blocks
         local_blocks = scores.shape[2]
         forced = lax.dynamic_slice_in_dim(forced, shard * local_blocks, local_blocks, axis=2)
-    sel = select_from_scores(scores, config, forced=forced, q_perm=est.q_perm)
+    sel = select_from_scores(scores, config, forced=forced, q_perm=est.q_perm, length_q=q.shape[1] * shards,
+                             length_k=k.shape[1] * shards)
     return sel.indices, sel.counts, est.q_perm, k_perm
 
 
@@ -367,6 +387,7 @@ def _attend_ring(*, q, k, v, key_mask_all, indices, counts, q_perm, k_perm, conf
 
     out_shape, lse_shape = q.shape[:3] + (v.shape[-1],), (q.shape[0], q.shape[2], q.shape[1])
     out, lse = jnp.zeros(out_shape, jnp.float32), jnp.full(lse_shape, -jnp.inf, jnp.float32)
+    to_next = [(i, (i + 1) % shards) for i in range(shards)]
     kv = (k, v)
     for step in range(shards):
         held = (shard - step) % shards
@@ -388,7 +409,6 @@ def _attend_ring(*, q, k, v, key_mask_all, indices, counts, q_perm, k_perm, conf
         # Rows that kept nothing in this shard ran on a stand-in block: drop them (weight 0 in the merge).
         out, lse = _merge_partials(out, lse, part_out, jnp.where(rows(has), part_lse, -jnp.inf))
         if step + 1 < shards:
-            to_next = [(i, (i + 1) % shards) for i in range(shards)]
             kv = lax.cond(step + 1 <= hops_needed, lambda kv: lax.ppermute(kv, axis, to_next), lambda kv: kv, kv)
     return out.astype(q.dtype), lse
 
@@ -402,11 +422,16 @@ def register_head_parallel(mesh: Mesh, *, head_axis: AxisNames = "heads", batch_
 
     Each registered implementation runs the estimator and the sparse operator of a built-in one
     (``baatt.kernels.BACKENDS`` or the reference) inside ``jax.shard_map`` over ``mesh``, batch rows
-    split over ``batch_axis`` and heads over ``head_axis``; the layout changes between them are
-    elementwise in (batch, head), so the compiler keeps them local. Pass the returned names as
+    split over ``batch_axis`` and heads over ``head_axis``. Pass the returned names as
     ``implementation=`` (to ``baatt.attention`` or ``baatt.nn.AttentionPlan``): the first that can
     run the per-shard shapes is picked, as for any sequence of names. They have priority -1, so
     ``implementation=None`` never picks them.
+
+    ``baatt.attention`` changes the layout between the two stages outside them, and the compiler
+    partitions that part. Without norm sorting it is a transpose and stays local: nothing is
+    communicated. With ``sort_q`` / ``sort_k`` its permutation gathers are partitioned with
+    collectives (correct, but data moves between devices); ``sharded_attention(mode="heads")``,
+    which runs the whole call per shard, communicates nothing in every configuration.
 
     implementation: which built-in implementations to wrap (a name or names); default all of them,
     in priority order.
@@ -442,9 +467,6 @@ def _head_parallel_implementation(inner: Implementation, mesh: Mesh, batch_axis:
     shard_map = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
 
     def why_unavailable(q, k, v, config, interpret):
-        if not config.mask.is_bidirectional:
-            return ("causal masks are not supported by sharded implementations yet "
-                    f"(config.mask is {config.mask.describe()})")
         if q.shape[0] % n_batch:
             return f"the batch size ({q.shape[0]}) is not divisible by the {n_batch} shards of {b!r}"
         if k.shape[2] % n_heads:
@@ -454,24 +476,23 @@ def _head_parallel_implementation(inner: Implementation, mesh: Mesh, batch_axis:
         return inner.why_unavailable(local(q), local(k), local(v), config, interpret)
 
     def estimator(q, k, config, *, key_mask=None, interpret=False):
-        block_sizes = []
+        statics = []  # block sizes and mask of the selection made per shard (static, so not an output)
 
         def body(q, k, key_mask):
             if inner.estimator is not None:
                 sel = inner.estimator(q, k, config, key_mask=key_mask, interpret=interpret)
             else:
                 sel = get_selector(config.selector).select(q, k, config, key_mask=key_mask)
-            block_sizes.append((sel.block_q, sel.block_k))
+            statics.append(_static_fields(sel))
             return sel.indices, sel.counts, sel.q_perm, sel.k_perm
 
         parts = shard_map(body, in_specs=(positional, positional, rows2),
                           out_specs=(rows4, rows3, rows3, rows3))(q, k, key_mask)
-        return BlockSelection(*parts, *block_sizes[0])
+        return BlockSelection(*parts, **statics[0])
 
     def sparse_op(space, indices, counts, *, scale, interpret=False):
         def body(q, k, v, kv_valid, q_valid, indices, counts):
-            local = layout.BlockSpace(q, k, v, kv_valid, q_valid, space.block_q, space.block_k,
-                                      keys_all_valid=space.keys_all_valid)
+            local = dataclasses.replace(space, q=q, k=k, v=v, kv_valid=kv_valid, q_valid=q_valid)
             return inner.sparse_op(local, indices, counts, scale=scale, interpret=interpret)
 
         return shard_map(body, in_specs=(rows4, rows4, rows4, rows3, rows2, rows4, rows3),

@@ -1,6 +1,6 @@
 """python -m experiments.adapt_smollm2 --out $OUT          (one GPU, ~9 min: training and evaluation)
 python -m experiments.adapt_smollm2 --preset cpu_smoke --out /tmp/smoke   (CPU, about a minute)
-python -m experiments.adapt_smollm2 --prepare-only    (CPU: SmolLM2's token streams, to carry to the GPU)
+python -m experiments.adapt_smollm2 --prepare-only    (CPU: SmolLM2's token streams, to send to a GPU machine)
 
 SmolLM2-135M-Instruct adapted to a masked-diffusion LM (``baatt.adapt``: bidirectional
 attention, a mask token, shifted logits, continued training with the masked-diffusion loss and
@@ -42,6 +42,7 @@ import json
 import subprocess
 import tempfile
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -216,9 +217,9 @@ class Scorer:
         """Start compiling the pass of ``plan`` on [batch, length] inputs (once); returns its future."""
         key = (plan, batch, length)
         if key not in self.compiled:
-            ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+            ids, flags = (jax.ShapeDtypeStruct((batch, length), dtype) for dtype in (jnp.int32, jnp.bool_))
             try:
-                lowered = self._function(plan).lower(self.state, ids, ids, jax.ShapeDtypeStruct((batch, length), jnp.bool_))
+                lowered = self._function(plan).lower(self.state, ids, ids, flags)
             except Exception as e:  # noqa: BLE001  (raised where the pass is used, like a compilation error)
                 self.compiled[key] = Future()
                 self.compiled[key].set_exception(e)
@@ -430,11 +431,11 @@ def pivot(rows, measured, metric: str, title: str) -> list[str]:
     dense = {r["length"]: r[metric] for r in rows if r["variant"] == "dense" and "error" not in r}
     cells = {(r["selector"], r["length"], r["sparsity"]): r[metric] for r in measured}
     lines = [f"{title} by selector (columns: length / sparsity):", "",
-             "| selector | " + " | ".join(f"{harness.format_length(l)} / {s}" for l, s in columns) + " |",
+             "| selector | " + " | ".join(f"{harness.format_length(n)} / {s}" for n, s in columns) + " |",
              "|---|" + "---|" * len(columns),
-             "| dense | " + " | ".join(_fmt(dense.get(l)) for l, _ in columns) + " |"]
+             "| dense | " + " | ".join(_fmt(dense.get(n)) for n, _ in columns) + " |"]
     for selector in dict.fromkeys(r["selector"] for r in measured):
-        lines.append(f"| {selector} | " + " | ".join(_fmt(cells.get((selector, l, s))) for l, s in columns) + " |")
+        lines.append(f"| {selector} | " + " | ".join(_fmt(cells.get((selector, n, s))) for n, s in columns) + " |")
     return lines
 
 
@@ -523,7 +524,7 @@ def main(argv=None) -> dict:
     lookahead = max(1, cfg.compile_threads)
     for i, (length, name, selector, sparsity, plan) in enumerate(todo):
         if time.time() - t_start > cfg.deadline_s:
-            skipped = [f"{n}@L={l}" for l, n, *_ in todo[i:]]
+            skipped = [f"{variant}@L={n}" for n, variant, *_ in todo[i:]]
             result["notes"].append(f"deadline of {cfg.deadline_s:.0f} s reached: skipped {', '.join(skipped)}")
             break
         # keep the compile threads busy with the next variants, but not in the last 30 s: a compilation under
@@ -537,6 +538,7 @@ def main(argv=None) -> dict:
             row.update(evaluate(scorer, plan, inputs_at(length), mask_id, bytes_per_token))
         except Exception as e:  # noqa: BLE001  (a failing selector is reported; the sweep goes on)
             row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+            traceback.print_exc()
         row["seconds"] = time.time() - started
         result["rows"].append(row)
         print(json.dumps(row), flush=True)

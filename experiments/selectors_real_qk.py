@@ -16,6 +16,14 @@ causally, at each sparsity and block size. Per row it reports (docs/spec.md sect
   query head, from the formula in each selector's docstring (not measured). The oracles pay a
   dense pass; "random" is free.
 
+Two more parts, each behind its flag: ``--ablation`` adds BA-Att's sorting (of Q, of K, of both) crossed
+with its compensation (off, beta 0.5, beta 1), bidirectional only since sorting is refused under a
+causal mask (and SmolLM2, a causal model, attended bidirectionally is off its training
+distribution); ``--bound`` correlates, per layer, the deviation bound U of docs/spec.md section 2
+(``baatt.reference.error.bound``) with the actual largest deviation of a token logit from its pooled
+block logit (``error.logit_deviation``). ``--no-selector-rows`` leaves the main rows out, so that a
+long run splits into parts (experiments/results/selectors_real_qk/README.md lists them).
+
 Under the causal mask the budget is a fraction of each query block's allowed key blocks and the
 diagonal blocks are always kept (``baatt.BAConfig.mask``); the sorted BA-Att row does not apply.
 
@@ -88,16 +96,31 @@ ROWS = {
     "random": Row("random", "random"),
 }
 
+# BA-Att's sorting and compensation switched on one at a time (``--ablation``): mean-pooled estimates
+# of sorted blocks, with and without the compensation term at two strengths. Sorting reorders the
+# tokens, which a causal mask forbids, so these rows run bidirectionally only.
+ABLATION_ROWS = {
+    f"{name}{'_comp' + str(beta).replace('.', '') if beta else ''}": Row(
+        f"baatt ({label}{f', beta {beta}' if beta else ''})", "baatt",
+        (("sort_q", sort_q), ("sort_k", sort_k), ("compensate", bool(beta)), ("beta", beta or 1.0)), causal=False)
+    for name, label, sort_q, sort_k in (("unsorted", "no sort", False, False), ("sort_q", "sort Q", True, False),
+                                        ("sort_k", "sort K", False, True), ("sort_qk", "sort Q+K", True, True))
+    for beta in (0.0, 0.5, 1.0)
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     length: int = harness.option(2048, "tokens of the document fed to the model (at most 8192, its context)")
     layers: tuple[int, ...] | None = harness.option((0, 7, 15, 29), "layers whose Q/K/V are studied; none: all")
     block_sizes: tuple[int, ...] = harness.option((64, 128), "query and key block sizes")
-    sparsities: tuple[float, ...] = harness.option((0.5, 0.7, 0.9), "fixed-budget sparsities")
+    sparsities: tuple[float, ...] = harness.option((0.5, 0.7, 0.9, 0.95), "fixed-budget sparsities")
     masks: tuple[str, ...] = harness.option(MASKS, "attention masks the selections are made and judged under",
                                             choices=MASKS)
     rows: tuple[str, ...] = harness.option(tuple(ROWS), "selector rows", choices=tuple(ROWS))
+    selector_rows: bool = harness.option(True, "run the selector rows of --rows")
+    ablation: bool = harness.option(False, "run the sort x compensation rows (bidirectional masks only)")
+    bound: bool = harness.option(False, "correlate the deviation bound U with the actual logit deviation")
     text: str = harness.option("sotu/2010_barack_obama_d.txt", "the document, under <data dir>/raw/")
     out: str = harness.option(harness.study_dir("selectors_real_qk"), "output folder")
 
@@ -142,6 +165,22 @@ def kept_share(sel: baatt.BlockSelection, config: baatt.BAConfig, length: int) -
     return float(np.mean(np.asarray(sel.counts) / allowed.sum(-1)))
 
 
+def bound_against_deviation(q, k, block: int, mask: baatt.AttentionMask) -> dict:
+    """How the deviation bound U (docs/spec.md section 2) tracks the actual largest deviation of a
+    token logit from its pooled block logit, over the block pairs the mask allows, pooled over heads:
+    their Pearson correlation, means, and the largest and mean ratio deviation / U (at most 1 where the
+    bound holds)."""
+    u = error.bound(q, k, block_size=block, mask=mask)
+    dev = error.logit_deviation(q, k, block_size=block, mask=mask, reduce="max")
+    allowed, _ = mask.block_pairs(q.shape[1], k.shape[1], block, block)
+    live = jnp.broadcast_to(jnp.asarray(allowed), u.shape)
+    ratio = jnp.where(live, dev / jnp.maximum(u, 1e-9), 0.0)
+    return dict(pearson=float(error.pearson(u, dev, mask=live)),
+                bound_mean=float(jnp.sum(jnp.where(live, u, 0.0)) / jnp.sum(live)),
+                deviation_mean=float(jnp.sum(jnp.where(live, dev, 0.0)) / jnp.sum(live)),
+                ratio_max=float(jnp.max(ratio)), ratio_mean=float(jnp.sum(ratio) / jnp.sum(live)))
+
+
 @functools.partial(jax.jit, static_argnums=(2,))
 def _select_at_every_budget(q, k, configs: tuple[baatt.BAConfig, ...]):
     """One compiled program per row: the scores are computed once and every budget applied to them."""
@@ -163,15 +202,21 @@ def capture(cfg: Config, workdir: str) -> tuple[dict, list[int], dict]:
 
 def run(cfg: Config, argv=None) -> dict:
     t0 = time.time()
-    rows = {name: ROWS[name] for name in cfg.rows}
+    rows = {name: ROWS[name] for name in cfg.rows} if cfg.selector_rows else {}
+    if cfg.ablation:
+        rows |= ABLATION_ROWS
     per_query: dict[tuple, list[np.ndarray]] = {}  # (mask, block, row, sparsity) -> per-layer query masses
     per_layer: dict[tuple, list[dict]] = {}
+    bounds = []
     with tempfile.TemporaryDirectory() as workdir:
         arrays, layers, info = capture(cfg, workdir)
         jobs = [(layer, mask, block) for layer in layers for mask in cfg.masks for block in cfg.block_sizes]
         for layer, mask, block in tqdm(jobs, desc="layer x mask x block", unit="set", file=sys.stdout):
             q, k, v = (jnp.asarray(arrays[layer][name]) for name in ("q", "k", "v"))
             dense, _ = reference.dense_attention(q, k, v, mask=baatt.AttentionMask(mask))
+            if cfg.bound:
+                bounds.append(dict(layer=layer, mask=mask, block_size=block,
+                                   **bound_against_deviation(q, k, block, baatt.AttentionMask(mask))))
             oracle_maps = {}
             for name, row in rows.items():
                 if mask != "bidirectional" and not row.causal:
@@ -204,9 +249,9 @@ def run(cfg: Config, argv=None) -> dict:
             kept=float(np.mean([r["kept"] for r in layer_rows])), flops=layer_rows[0]["flops"],
             per_layer=layer_rows,
         ))
-    meta = harness.run_metadata(__spec__.name, argv, layers=layers, seconds=round(time.time() - t0, 1),
+    meta = harness.run_metadata(__spec__.name, argv, layers=layers, rows=list(rows), seconds=round(time.time() - t0, 1),
                                 config=dataclasses.asdict(cfg), **info)
-    return dict(meta=meta, results=results)
+    return dict(meta=meta, results=results, bound=bounds)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -259,14 +304,19 @@ def write_table(results: dict, cfg: Config) -> str:
     by = {(r["mask"], r["block_size"], r["row"], r["sparsity"]): r for r in results["results"]}
     for mask in cfg.masks:
         for block in cfg.block_sizes:
+            if not any((m, b) == (mask, block) for m, b, _, _ in by):
+                continue
+            heading = f"{mask}, block {block}"
+            if mask == "bidirectional":
+                heading += " (off-distribution: SmolLM2 is a causal model)"
             lines += [
-                "", f"### {mask}, block {block}", "",
+                "", f"### {heading}", "",
                 "| selector | FLOPs | kept | " + " | ".join(f"mass {p}" for p in pct) + " | "
                 + " | ".join(f"p5 {p}" for p in pct) + " | " + " | ".join(f"<0.5 {p}" for p in pct) + " | "
                 + " | ".join(f"out err {p}" for p in pct) + " |",
                 "|---" * (3 + 4 * len(pct)) + "|",
             ]
-            for name in cfg.rows:
+            for name in results["meta"]["rows"]:
                 cells = [by.get((mask, block, name, s)) for s in cfg.sparsities]
                 if cells[0] is None:
                     continue
@@ -278,6 +328,18 @@ def write_table(results: dict, cfg: Config) -> str:
                     + " | ".join(_fmt(r["below_half"]) for r in cells) + " | "
                     + " | ".join(_fmt(r["output_error"]) for r in cells) + " |"
                 )
+    if results["bound"]:
+        lines += [
+            "", "### Deviation bound U against the actual logit deviation", "",
+            "Per layer: Pearson correlation over the allowed block pairs and heads of U and the largest",
+            "|l_ij - l_bar| of the pair, their means, and the largest and mean ratio deviation / U.", "",
+            "| mask | block | layer | pearson | mean U | mean deviation | max ratio | mean ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for b in results["bound"]:
+            lines.append(f"| {b['mask']} | {b['block_size']} | {b['layer']} | {_fmt(b['pearson'])} | "
+                         f"{_fmt(b['bound_mean'], 2)} | {_fmt(b['deviation_mean'], 2)} | {_fmt(b['ratio_max'])} | "
+                         f"{_fmt(b['ratio_mean'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@
 
 Exports the forward and the forward+backward of ``baatt.kernels.mosaic_gpu`` for
 cuda (``jax.export``, no GPU needed) over a grid of variants (both layouts, GQA
-groups 1 to 4, key mask, dtypes, head dims, block sizes, non-default tunings), captures each
+groups 1 to 4, key mask, dtypes, head dims, block sizes, non-default tunings, causal and block-causal masks), captures each
 Mosaic GPU module just before it is serialised, prints it without source
 locations and without its per-process dump name, and hashes it. A refactor that leaves every digest unchanged lowers
 to the same kernels; one that changes a digest changed that variant's kernel.
@@ -29,6 +29,7 @@ import jax.experimental.mosaic.gpu.core as mosaic_core  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import export  # noqa: E402
 
+from baatt.attention_mask import CAUSAL, AttentionMask  # noqa: E402
 from baatt.kernels import mosaic_gpu as mgpu  # noqa: E402
 
 L = 512
@@ -79,6 +80,24 @@ def variants(quick: bool = False):
                                                                           block_k=bk),
             _sd(1, L, 4, 128), _sd(1, L, 2, 128), _sd(1, L, 2, 128),
             _sd(1, 4, L // bq, 2, dtype=jnp.int32), _sd(1, 4, L // bq, dtype=jnp.int32))
+    # Causal masks: token-causal on both layouts (with a key mask in block space), a persistent forward and
+    # longer blocks, block-causal.
+    masks = {
+        "causal": (mgpu.Tuning(), 128, 128, CAUSAL),
+        "causal_persistent_256_128": (mgpu.Tuning(persistent=True, ctas=3), 256, 128, CAUSAL),
+        "block_causal": (mgpu.Tuning(), 128, 128, AttentionMask.block_causal(256)),
+    }
+    for name, (tn, bq, bk, mask) in masks.items():
+        add(f"{name}_positional",
+            lambda q, k, v, i, c, tn=tn, bq=bq, bk=bk, mask=mask: mgpu.positional_attention(
+                q, k, v, i, c, scale=0.1, block_q=bq, block_k=bk, tuning=tn, mask=mask),
+            _sd(1, L, 4, 128), _sd(1, L, 2, 128), _sd(1, L, 2, 128),
+            _sd(1, 4, L // bq, 2, dtype=jnp.int32), _sd(1, 4, L // bq, dtype=jnp.int32))
+    add("causal_block_space_masked",
+        lambda q, k, v, m, i, c: mgpu.block_sparse_attention(q, k, v, m, i, c, scale=0.1, block_q=128, block_k=128,
+                                                             mask=CAUSAL),
+        _sd(1, 4, L, 128), _sd(1, 2, L, 128), _sd(1, 2, L, 128), _sd(1, 2, L, dtype=jnp.bool_),
+        _sd(1, 4, L // 128, 3, dtype=jnp.int32), _sd(1, 4, L // 128, dtype=jnp.int32))
     return out
 
 

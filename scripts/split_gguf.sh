@@ -24,10 +24,16 @@ part1_mib="${PART1_MIB:-50}"
 case "$action" in
   split)
     [ -s "$gguf" ] || { echo "split_gguf: $gguf not found (bash scripts/setup_data.sh installs it)" >&2; exit 1; }
-    [[ "$part1_mib" =~ ^[1-9][0-9]*$ ]] || { echo "split_gguf: PART1_MIB must be a positive integer; got '$part1_mib'" >&2; exit 2; }
+    if ! [[ "$part1_mib" =~ ^[1-9][0-9]*$ ]]; then
+      echo "split_gguf: PART1_MIB must be a positive integer; got '$part1_mib'" >&2
+      exit 2
+    fi
     size=$(stat -c %s "$gguf")
     part1_bytes=$((part1_mib * 1024 * 1024))
-    [ "$part1_bytes" -lt "$size" ] || { echo "split_gguf: PART1_MIB=$part1_mib leaves nothing for part 2 of $size bytes" >&2; exit 2; }
+    if [ "$part1_bytes" -ge "$size" ]; then
+      echo "split_gguf: PART1_MIB=$part1_mib leaves nothing for part 2 of $size bytes" >&2
+      exit 2
+    fi
     mkdir -p "$carry"
     head -c "$part1_bytes" "$gguf" > "$carry/$name.part1"
     tail -c +"$((part1_bytes + 1))" "$gguf" > "$carry/$name.part2"

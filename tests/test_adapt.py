@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -65,7 +64,8 @@ def test_adapt_for_diffusion_adds_mask_token(smoke):
     np.testing.assert_array_equal(table[: cfg.vocab_size], old)
     np.testing.assert_allclose(table[new.mask_id], old.mean(axis=0), atol=1e-7)
     assert not np.any(table[new.mask_id + 1:])
-    np.testing.assert_array_equal(np.asarray(model.blocks[1].mlp.up.kernel[...]), np.asarray(causal.blocks[1].mlp.up.kernel[...]))
+    up = [np.asarray(m.blocks[1].mlp.up.kernel[...]) for m in (model, causal)]
+    np.testing.assert_array_equal(*up)
     with pytest.raises(ValueError, match="must not have a mask token yet"):
         adapt.adapt_for_diffusion(model)
 
@@ -74,7 +74,8 @@ def test_layer_runs():
     base = BAConfig(block_size=64, sparsity=0.5)
     assert adapt.layer_runs(AttentionPlan.dense(), 30) == [(0, 30)]
     assert adapt.layer_runs(AttentionPlan.ba(base), 4) == [(0, 4)]
-    assert adapt.layer_runs(AttentionPlan.ba(base, compensate_layers=("first", "last")), 30) == [(0, 1), (1, 29), (29, 30)]
+    first_last = AttentionPlan.ba(base, compensate_layers=("first", "last"))
+    assert adapt.layer_runs(first_last, 30) == [(0, 1), (1, 29), (29, 30)]
     per_layer = AttentionPlan(kind="ba", layer_configs=(None, base, base, None))
     assert adapt.layer_runs(per_layer, 4) == [(0, 1), (1, 3), (3, 4)]
 

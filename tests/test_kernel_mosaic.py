@@ -22,9 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import baatt
-from baatt import platform
+from baatt import layout, platform
 from baatt.kernels import mosaic_gpu
 from baatt.kernels.mosaic_gpu import DEFAULT_BWD_TUNING, DEFAULT_TUNING, BwdTuning, Tuning
+from baatt.reference.attention import block_sparse_blocked
 from tests.test_kernel_pallas import check_against_reference, check_poison, fwd_and_grads, make_case, rel_err
 
 
@@ -279,6 +280,123 @@ class TestMosaicGPUForwardVariants:
         self.suite(fwd).test_nan_poison()
 
 
+CAUSAL = baatt.AttentionMask.causal()
+MASKED_CASES = {
+    # name: (mask, block_q, block_k, length_q, length_k, head_dim, selection, forward tuning)
+    "causal_128_128": (CAUSAL, 128, 128, 700, 700, 128, "sparse", DEFAULT_TUNING),
+    "causal_one_per_item": (CAUSAL, 128, 128, 700, 700, 128, "sparse", Tuning(persistent=False)),
+    "causal_persistent_3ctas": (CAUSAL, 128, 128, 700, 700, 64, "sparse", Tuning(persistent=True, ctas=3)),
+    "causal_256_128": (CAUSAL, 256, 128, 1000, 1000, 64, "sparse", DEFAULT_TUNING),
+    "causal_128_256": (CAUSAL, 128, 256, 900, 900, 128, "sparse", DEFAULT_TUNING),
+    "causal_128_64_portable_backward": (CAUSAL, 128, 64, 600, 600, 64, "sparse", DEFAULT_TUNING),
+    "causal_keys_past_the_queries": (CAUSAL, 128, 128, 512, 700, 128, "sparse", DEFAULT_TUNING),
+    "causal_hidden_blocks_too": (CAUSAL, 128, 128, 512, 512, 64, "all", DEFAULT_TUNING),
+    "block_causal_128_128": (baatt.AttentionMask.block_causal(256), 128, 128, 800, 800, 128, "sparse",
+                             DEFAULT_TUNING),
+    "block_causal_256_256": (baatt.AttentionMask.block_causal(512), 256, 256, 1100, 1100, 64, "sparse",
+                             DEFAULT_TUNING),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
+class TestMosaicGPUCausal:
+    """Causal and block-causal masks: out, lse, dq/dk/dv against the float32 reference under the same mask
+    (GQA, key padding, ragged lengths), and every block kept against ``jax.nn.dot_product_attention``."""
+
+    @pytest.mark.parametrize("case", list(MASKED_CASES))
+    def test_matches_reference_under_mask(self, case):
+        mask, block_q, block_k, lq, lk, d, how, fwd = MASKED_CASES[case]
+        rng = np.random.default_rng(len(case))
+        b, hq, hkv = 2, 4, 2
+        q, k, v = (jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.float32)
+                   for length, h in ((lq, hq), (lk, hkv), (lk, hkv)))
+        key_mask = jnp.asarray(np.arange(lk)[None, :] < np.array([lk, lk - 70])[:, None])
+        cfg = baatt.BAConfig(block_size=block_q, block_size_k=block_k, sparsity=0.5, mask=mask)
+        sel = baatt.select_blocks(q, k, cfg, key_mask=key_mask)
+        indices, counts = sel.indices, sel.counts
+        if how == "all":  # a list naming blocks the mask hides wholly: the kernels must still hide them
+            nq, nk = -(-lq // block_q), -(-lk // block_k)
+            indices = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), (b, hq, nq, nk))
+            counts = jnp.full((b, hq, nq), nk, jnp.int32)
+        space = layout.to_block_space(q, k, v, block_q=block_q, block_k=block_k, key_mask=key_mask, mask=mask)
+        scale = d ** -0.5
+        cot = jnp.asarray(rng.standard_normal(space.q.shape), jnp.float32)
+
+        def kernel(q, k, v):
+            return mosaic_gpu.block_sparse_attention(q, k, v, space.kv_valid, indices, counts, scale=scale,
+                                                     block_q=block_q, block_k=block_k, tuning=fwd, mask=mask)
+
+        def ref(q, k, v):
+            s = layout.BlockSpace(q, k, v, space.kv_valid, space.q_valid, block_q, block_k, mask=mask)
+            return block_sparse_blocked(s, indices, counts, scale=scale)
+
+        bf = lambda x: x.astype(jnp.bfloat16)
+        c = {"cot": cot}
+        out, lse, grads = fwd_and_grads(kernel, c, bf(space.q), bf(space.k), bf(space.v))
+        f32 = lambda x: bf(x).astype(jnp.float32)
+        r_out, r_lse, r_grads = fwd_and_grads(ref, c, f32(space.q), f32(space.k), f32(space.v))
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(r_lse))
+        fin = np.isfinite(np.asarray(r_lse))
+        np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(r_lse)[fin], atol=2e-2)
+        for name, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads)):
+            assert np.all(np.isfinite(np.asarray(x, np.float32))), name
+            assert rel_err(x, r) <= 2e-2, f"{name}: relative error {rel_err(x, r):.2e}"
+
+    def test_positional_layout_under_causal_mask(self):
+        rng = np.random.default_rng(41)
+        b, l, hq, hkv, d, block = 1, 768, 4, 2, 128, 128
+        q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv))
+        sel = baatt.select_blocks(q, k, baatt.BAConfig(block_size=block, sparsity=0.5), is_causal=True)
+        cot = jnp.asarray(rng.standard_normal((b, l, hq, d)), jnp.float32)
+
+        def loss(fn, q, k, v):
+            return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+
+        def ours(q, k, v):
+            out, _ = mosaic_gpu.positional_attention(q, k, v, sel.indices, sel.counts, scale=d ** -0.5,
+                                                     block_q=block, block_k=block, mask=CAUSAL)
+            return out
+
+        def theirs(q, k, v):  # the same blocks and the causal mask, densely, in float32
+            kept = np.repeat(np.repeat(np.asarray(sel.kept_mask(l // block)), block, axis=2), block, axis=3)
+            allowed = jnp.asarray(kept & np.tril(np.ones((l, l), bool)))
+            f32 = lambda x: x.astype(jnp.float32)
+            return jax.nn.dot_product_attention(f32(q), f32(k), f32(v), mask=allowed)
+
+        got = jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1, 2))(q, k, v)[1]
+        want = jax.value_and_grad(functools.partial(loss, theirs), argnums=(0, 1, 2))(q, k, v)[1]
+        assert rel_err(ours(q, k, v), theirs(q, k, v)) <= 2e-2
+        for x, r in zip(got, want):
+            assert rel_err(x, r) <= 3e-2
+
+    @pytest.mark.parametrize("mask", [CAUSAL, baatt.AttentionMask.block_causal(256)], ids=["causal", "block256"])
+    def test_every_block_kept_equals_jax_nn(self, mask):
+        rng = np.random.default_rng(42)
+        b, l, hq, hkv, d = 2, 1000, 4, 2, 64
+        q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv))
+        cfg = baatt.BAConfig(block_size=128, mask=mask)
+        cot = jnp.asarray(rng.standard_normal((b, l, hq, d)), jnp.float32)
+        allowed = jnp.asarray(mask.token_mask(l, l))[None, None]
+        f32 = lambda x: x.astype(jnp.float32)
+
+        def ours(q, k, v):
+            return baatt.attention(q, k, v, config=cfg, implementation="mosaic_gpu").astype(jnp.float32)
+
+        def theirs(q, k, v):
+            if mask == CAUSAL:
+                return jax.nn.dot_product_attention(f32(q), f32(k), f32(v), is_causal=True)
+            return jax.nn.dot_product_attention(f32(q), f32(k), f32(v), mask=allowed)
+
+        _, stats = baatt.attention(q, k, v, config=cfg, return_stats=True)
+        assert stats["implementation"] == "mosaic_gpu"
+        assert rel_err(ours(q, k, v), theirs(q, k, v)) <= 2e-2
+        got = jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(lambda *a: jnp.sum(theirs(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+        for x, r in zip(got, want):
+            assert rel_err(x, r) <= 3e-2
+
+
 # ----------------------------------------------------------------------------- dispatch (any machine)
 
 
@@ -412,3 +530,20 @@ def test_tuning_resolution_fits_shared_memory():
     assert mosaic_gpu.Tuning(persistent=False).resolve(128, 128, 2, kmax=4).persistent is False
     with pytest.raises(ValueError, match="Tuning.ctas"):
         mosaic_gpu.Tuning(persistent=True, ctas=0).resolve(128, 128, 2)
+
+
+@pytest.mark.parametrize("mask", [CAUSAL, baatt.AttentionMask.block_causal(256)], ids=["causal", "block256"])
+def test_causal_masks_are_not_a_reason(mask):
+    q, k, v = _qkv(d=128)
+    reason = mosaic_gpu.why_unavailable(q, k, v, baatt.BAConfig(block_size=128, mask=mask), False)
+    assert reason == platform.hopper_reason()
+
+
+def test_mask_argument_is_checked():
+    x = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
+    idx, cnt = jnp.zeros((1, 2, 4, 1), jnp.int32), jnp.ones((1, 2, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"generation_block \(192\) must be a multiple"):
+        mosaic_gpu.positional_attention(x, x, x, idx, cnt, scale=0.1, block_q=128, block_k=128,
+                                        mask=baatt.AttentionMask.block_causal(192))
+    with pytest.raises(ValueError, match="mask must be a baatt.AttentionMask"):
+        mosaic_gpu.positional_attention(x, x, x, idx, cnt, scale=0.1, block_q=128, block_k=128, mask="causal")

@@ -4,7 +4,8 @@
 lowering of the forward, dq and dk/dv kernels (warp specialisation, barriers,
 TMA copies, wgmma) without a GPU, so a kernel that no longer traces or lowers
 fails here, on CPU, before it reaches a Hopper machine. The variants (both
-layouts, GQA, key mask, dtypes, head dims, block sizes, non-default tunings) are
+layouts, GQA, key mask, dtypes, head dims, block sizes, non-default tunings, causal
+and block-causal masks) are
 those of ``scripts/mosaic_digest.py``, the check for refactoring the kernels.
 What this cannot check (PTX compilation, numerics, speed) is in
 ``tests/test_kernel_mosaic.py``, which needs the GPU.
@@ -30,7 +31,7 @@ def digest_tool():
 def test_every_variant_lowers_to_its_kernels(digest_tool):
     # A forward lowers one Mosaic GPU kernel; forward + backward three (forward, dq, dk/dv).
     result = digest_tool.digests()
-    assert len(result) == len(digest_tool.variants()) == 34
+    assert len(result) == len(digest_tool.variants()) == 42
     for name, modules in result.items():
         assert len(modules) == (1 if name.endswith("_fwd") else 3), name
 

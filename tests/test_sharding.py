@@ -12,6 +12,7 @@ Argument errors and the HLO parser run here, on one device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -111,7 +112,7 @@ def check_heads_mode():
     report = {}
     for shape in MESHES:
         mesh = mesh_of(shape, ("data", "heads"))
-        run = forward_and_grads(lambda q, k, v, m: sharding.sharded_attention(
+        run = forward_and_grads(lambda q, k, v, m, mesh=mesh: sharding.sharded_attention(
             q, k, v, mesh=mesh, mode="heads", config=HEADS_CFG, key_mask=m, batch_axis="data", return_stats=True))
         got, found = run_and_read_collectives(run, q, k, v, mask)
         compare(got, want)
@@ -128,7 +129,7 @@ def check_context_all_gather():
     report = {}
     for shape in MESHES:
         mesh = mesh_of(shape, ("data", "context"))
-        run = forward_and_grads(lambda q, k, v, m: sharding.sharded_attention(
+        run = forward_and_grads(lambda q, k, v, m, mesh=mesh: sharding.sharded_attention(
             q, k, v, mesh=mesh, mode="context", config=CONTEXT_CFG, key_mask=m, batch_axis="data",
             return_stats=True))
         got, found = run_and_read_collectives(run, q, k, v, mask)
@@ -151,7 +152,7 @@ def check_context_ring():
     report = {}
     for shape in MESHES[1:2]:  # four steps round the ring (eight on 1x8 take twice as long to compile)
         mesh = mesh_of(shape, ("data", "context"))
-        run = forward_and_grads(lambda q, k, v, m: sharding.sharded_attention(
+        run = forward_and_grads(lambda q, k, v, m, mesh=mesh: sharding.sharded_attention(
             q, k, v, mesh=mesh, mode="context", config=SORTED_CONTEXT_CFG, key_mask=m, batch_axis="data",
             kv_exchange="ring", return_stats=True))
         got, found = run_and_read_collectives(run, q, k, v, mask)
@@ -197,6 +198,22 @@ def check_pallas_kernel_per_shard():
     assert stats["implementation"] == "pallas", stats["implementation"]
     assert_close(out, baatt.attention(q, k, v, config=cfg, key_mask=mask), "out")
     return stats["implementation"]
+
+
+def check_registry_head_parallel():
+    """register_head_parallel behind baatt.attention: equal to one device; nothing communicated without
+    sorting (with sorting the layout between the stages is partitioned by the compiler)."""
+    q, k, v, mask = inputs(4, 64, 4, 2, 16, lengths=[64, 50, 64, 20], seed=5)
+    mesh = mesh_of((2, 2), ("data", "heads"))
+    names = sharding.register_head_parallel(mesh, batch_axis="data", head_axis="heads", implementation="reference")
+    for cfg in (baatt.BAConfig(block_size=16, sparsity=0.5, compensate=True), HEADS_CFG):
+        attend = jax.jit(lambda q, k, v, m, cfg=cfg: baatt.attention(q, k, v, config=cfg, key_mask=m,
+                                                                      implementation=names))
+        out, found = run_and_read_collectives(attend, q, k, v, mask)
+        assert_close(out, baatt.attention(q, k, v, config=cfg, key_mask=mask), f"out (sort_q={cfg.sort_q})")
+        if not cfg.sort_q:
+            assert not found, f"unsorted head-parallel attention communicates: {found}"
+    return names
 
 
 def check_dlm_train_step_and_sampling():
@@ -256,7 +273,8 @@ def check_bench_smoke():
 
 CHECKS = {f.__name__.removeprefix("check_"): f for f in (
     check_heads_mode, check_context_all_gather, check_context_ring, check_ring_skips_unneeded_shards,
-    check_pallas_kernel_per_shard, check_dlm_train_step_and_sampling, check_bench_smoke)}
+    check_pallas_kernel_per_shard, check_registry_head_parallel, check_dlm_train_step_and_sampling,
+    check_bench_smoke)}
 
 
 def run_checks() -> dict:
@@ -295,12 +313,14 @@ def test_one_device_mesh_equals_unsharded_call():
     q, k, v, mask = inputs(2, 64, 4, 2, 16, lengths=[64, 50])
     cfg = baatt.BAConfig(block_size=16, sparsity=0.5, compensate=True)
     mesh = mesh_of((1, 1), ("heads", "context"))
-    want = baatt.attention(q, k, v, config=cfg, key_mask=mask)
-    for mode in sharding.MODES:
-        out, stats = sharding.sharded_attention(q, k, v, mesh=mesh, mode=mode, config=cfg, key_mask=mask,
+    cases = [(mode, cfg) for mode in sharding.MODES] + [("heads", cfg.replace(mask="causal", tail="pooled"))]
+    for mode, config in cases:
+        want = baatt.attention(q, k, v, config=config, key_mask=mask)
+        out, stats = sharding.sharded_attention(q, k, v, mesh=mesh, mode=mode, config=config, key_mask=mask,
                                                 head_axis="heads", return_stats=True)
-        assert_close(out, want, mode)
+        assert_close(out, want, f"{mode}, mask {config.mask.describe()}")
         assert stats["implementation"] == "reference" and stats["density"].shape == (2, 4)
+        assert stats["selection"].mask == config.mask
 
 
 def test_errors_name_the_argument_and_the_rule():
@@ -316,6 +336,9 @@ def test_errors_name_the_argument_and_the_rule():
         (dict(mode="context", kv_exchange="tree"), "kv_exchange must be one of"),
         (dict(mode="context", config=cfg.replace(selector="oracle")), "config.selector must be one of"),
         (dict(mode="context", config=baatt.BAConfig(block_size=128)), "must be a multiple of"),
+        (dict(mode="context", config=cfg.replace(mask="causal")), "the mask must be bidirectional"),
+        (dict(mode="context", config=cfg.replace(guard_recall=0.9)), "guard_recall must be None"),
+        (dict(mode="context", config=cfg.replace(tail="pooled"), kv_exchange="ring"), "needs kv_exchange='all_gather'"),
         (dict(mode="heads", mesh="cpu"), "mesh must be a jax.sharding.Mesh"),
     ]
     for kwargs, message in cases:
@@ -323,6 +346,19 @@ def test_errors_name_the_argument_and_the_rule():
             call(**{"config": cfg, **kwargs})
     with pytest.raises(ValueError, match="must be divisible by the 2 shards"):
         sharding._check_divides("the number of kv heads", 3, 2, "head_axis", "heads")
+
+
+def test_bench_has_a_config_on_the_command_line(capsys):
+    from experiments import bench_sharding
+
+    assert bench_sharding.__doc__.startswith("python -m experiments.bench_sharding")
+    cfg = bench_sharding.get_config()
+    assert dataclasses.is_dataclass(cfg) and type(cfg).__dataclass_params__.frozen
+    with pytest.raises(SystemExit) as exc:
+        bench_sharding.main(["--preset", "one_gpu", "--lengths", "1024", "--print-config"])
+    printed = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 0 and printed["scaling"] is False and printed["lengths"] == [1024]
+    assert printed["out"] == "experiments/results/bench_sharding"
 
 
 HLO = """

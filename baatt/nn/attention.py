@@ -34,6 +34,7 @@ import baatt
 from baatt.attention_mask import CAUSAL, AttentionMask
 from baatt.config import BAConfig
 from baatt.nn.config import CAUSALITIES
+from baatt.selection.calibrate import Budgets
 from baatt.validation import is_concrete, nan_where
 
 
@@ -88,6 +89,8 @@ class AttentionPlan:
     implementation: passed to ``baatt.attention`` (None = best available) or to
       ``dense_attention`` for dense layers ("xla"/"cudnn"/None).
     dense_implementation: implementation of the dense layers of a "ba" plan.
+    budgets: ``baatt.selection.calibrate.Budgets``: the BA-Att layers it calibrated keep its
+      per-head counts (``baatt.attention(head_budget=...)``) instead of their config's budget.
     """
 
     kind: Literal["dense", "ba"] = "dense"
@@ -96,6 +99,7 @@ class AttentionPlan:
     layer_configs: tuple[_LayerSpec, ...] | None = None
     implementation: Any = None
     dense_implementation: str | None = None
+    budgets: Any = None
 
     def __post_init__(self):
         if self.kind not in ("dense", "ba"):
@@ -110,6 +114,9 @@ class AttentionPlan:
             for x in self.compensate_layers:
                 if x not in ("first", "last") and not (isinstance(x, int) and not isinstance(x, bool)):
                     raise ValueError(f"AttentionPlan.compensate_layers entries must be 'first', 'last' or ints; got {x!r}")
+        if self.budgets is not None and not isinstance(self.budgets, Budgets):
+            raise ValueError(f"AttentionPlan.budgets must be a baatt.selection.calibrate.Budgets or None; "
+                             f"got {type(self.budgets).__name__}")
         if self.layer_configs is not None:
             if not isinstance(self.layer_configs, tuple) or any(
                 c is not None and not isinstance(c, BAConfig) for c in self.layer_configs
@@ -121,11 +128,13 @@ class AttentionPlan:
         return cls(kind="dense", implementation=implementation)
 
     @classmethod
-    def ba(cls, config: BAConfig | None = None, *, compensate_layers=None, implementation=None, **config_fields) -> "AttentionPlan":
+    def ba(cls, config: BAConfig | None = None, *, compensate_layers=None, implementation=None, budgets=None,
+           **config_fields) -> "AttentionPlan":
         config = (config or BAConfig()).replace(**config_fields) if config_fields else (config or BAConfig())
         if compensate_layers is not None:
             compensate_layers = tuple(compensate_layers)
-        return cls(kind="ba", config=config, compensate_layers=compensate_layers, implementation=implementation)
+        return cls(kind="ba", config=config, compensate_layers=compensate_layers, implementation=implementation,
+                   budgets=budgets)
 
     def layer_config(self, layer: int, num_layers: int) -> BAConfig | None:
         """The BAConfig of ``layer`` (None = dense)."""
@@ -187,8 +196,11 @@ def run_layer_attention(plan: AttentionPlan, layer: int, num_layers: int, q, k, 
     if cfg is None:  # a selection given for a layer the plan runs dense: only the selection's block sizes
         cfg = BAConfig(block_size=selection.block_q, block_size_k=selection.block_k)
     cfg = cfg.replace(mask=_model_mask(causality, causal_block_size))
+    head_budget = None
+    if plan.budgets is not None and selection is None:
+        head_budget = plan.budgets.head_counts(layer, -(-k.shape[1] // cfg.block_k))
     out, stats = baatt.attention(q, k, v, config=cfg, key_mask=key_mask, implementation=plan.implementation,
-                                 selection=selection, return_stats=True)
+                                 selection=selection, return_stats=True, head_budget=head_budget)
     return out, dict(selection=stats["selection"], density=stats["density"])
 
 

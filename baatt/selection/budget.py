@@ -131,6 +131,8 @@ def select_from_scores(
     interpret: bool = False,
     length_q: int | None = None,
     length_k: int | None = None,
+    head_counts: jax.Array | None = None,
+    kmax: int | None = None,
 ) -> BlockSelection:
     """Top blocks of each row of ``scores`` [B, Hq, Nq, Nk] under the config's budget.
 
@@ -148,9 +150,13 @@ def select_from_scores(
     Pallas kernel (``baatt.kernels.pallas_triton.topk``; ``interpret`` runs it
     on CPU) instead of XLA's two sorts; None = the kernel where it is enabled
     by default on a GPU.
+    ``head_counts``: int [Hq] or [B, Hq], the blocks each row of a head keeps, in place of the
+    config's rule (a traced array: one program serves every value); forced blocks are still added.
+    ``kmax``: the static width of the lists, default ``config.kmax(Nk)``; with ``head_counts``
+    it caps them, so give at least their largest value.
     """
     b, h, nq, nk = scores.shape
-    kmax = config.kmax(nk)
+    kmax = config.kmax(nk) if kmax is None else max(1, min(kmax, nk))
     # The kept ids are discrete: no gradient flows through them (and the top-k kernel has no JVP rule).
     scores = jax.lax.stop_gradient(scores.astype(jnp.float32))
     probs = None if probs is None else jax.lax.stop_gradient(probs)
@@ -164,7 +170,13 @@ def select_from_scores(
     if forced is not None:
         forced = jnp.broadcast_to(forced, scores.shape) & valid
         priority = jnp.where(forced, _FORCED_BONUS, priority)
-    if config.tau is not None:
+    if head_counts is not None:
+        per_head = jnp.asarray(head_counts, jnp.int32)
+        per_head = per_head[None] if per_head.ndim == 1 else per_head  # [1 or B, Hq]
+        count = jnp.broadcast_to(per_head[:, :, None], (b, h, nq))
+        if forced is not None:
+            count = jnp.maximum(count, jnp.sum(forced, axis=-1))
+    elif config.tau is not None:
         _, top_idx = jax.lax.top_k(priority, kmax)
         mass = jax.nn.softmax(jnp.where(valid, scores, -jnp.inf), axis=-1) if probs is None else probs
         mass = mass / jnp.maximum(jnp.sum(mass, axis=-1, keepdims=True), 1e-30)
@@ -187,7 +199,7 @@ def select_from_scores(
         count = jnp.full((b, h, nq), kmax)
     count = jnp.minimum(jnp.minimum(count, n_valid), kmax).astype(jnp.int32)
     count = jnp.maximum(count, 1)  # only reachable for an all-empty row (all keys masked)
-    if config.tau is not None:
+    if config.tau is not None and head_counts is None:
         indices = _ascending_kept(top_idx, count, nk)
     elif kernel if kernel is not None else _use_top_blocks_kernel(nk, kmax):
         indices = topk.top_blocks(priority, count, kmax=kmax, interpret=interpret)

@@ -29,6 +29,7 @@ from jax import lax
 from baatt import layout
 from baatt.config import BAConfig
 from baatt.selection.budget import allowed_blocks
+from baatt.selection.cluster import balanced_kmeans
 from baatt.selection.sorting import norm_sort
 from baatt.validation import check_qk
 
@@ -137,9 +138,17 @@ class Estimate:
 
 
 def sort_permutations(q, k, config: BAConfig, key_mask=None):
-    """(q_perm, k_perm), each None when that sort is off (docs/spec.md section 4)."""
-    q_perm = norm_sort(q)[0] if config.sort_q else None
-    k_perm = norm_sort(k, mask=key_mask)[0] if config.sort_k else None
+    """(q_perm, k_perm), each None when neither sorting (docs/spec.md section 4) nor clustering
+    (``baatt.selection.cluster``) orders that side."""
+    q_perm = k_perm = None
+    if config.sort_q:
+        q_perm = norm_sort(q)[0]
+    elif config.cluster_q:
+        q_perm = balanced_kmeans(q, config.block_q, iters=config.cluster_iters)
+    if config.sort_k:
+        k_perm = norm_sort(k, mask=key_mask)[0]
+    elif config.cluster_k:
+        k_perm = balanced_kmeans(k, config.block_k, iters=config.cluster_iters, mask=key_mask)
     return q_perm, k_perm
 
 

@@ -11,8 +11,9 @@ Files:
 
 Picked first by ``implementation=None`` on a GPU of compute capability 9.x for
 bf16/f16 inputs, head dim 64 or 128, block_q 128 or 256 and block_k 64, 128 or
-256; anything else falls back to the next implementation, and asking for it
-explicitly raises with the reasons.
+256, under a bidirectional, causal or block-causal mask; anything else falls
+back to the next implementation, and asking for it explicitly raises with the
+reasons.
 """
 
 from __future__ import annotations
@@ -39,10 +40,8 @@ def why_unavailable(q, k, v, config, interpret) -> str | None:
     if interpret:
         no_interpret = ("interpret mode is not offered for mosaic_gpu "
                         "(use implementation='pallas' with interpret=True)")
-    masked = None
-    if not config.mask.is_bidirectional:
-        masked = f"causal masks are not supported by mosaic_gpu yet (config.mask is {config.mask.describe()})"
-    return join_reasons(no_interpret, masked, platform.hopper_reason(),
+    return join_reasons(no_interpret, config.mask.block_size_rule(config.block_q, config.block_k),
+                        platform.hopper_reason(),
                         unsupported_reason(q.shape, k.shape, v.shape, q.dtype, config.block_q, config.block_k))
 
 
@@ -51,6 +50,7 @@ def sparse_op(space, indices, counts, *, scale, interpret=False):
     return block_sparse_attention(
         space.q, space.k, space.v, space.kv_valid, indices, counts, scale=float(scale),
         block_q=space.block_q, block_k=space.block_k, all_valid=space.keys_all_valid, interpret=interpret,
+        mask=space.mask,
     )
 
 

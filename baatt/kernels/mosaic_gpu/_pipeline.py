@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from baatt import platform
-from baatt.kernels.common import tile_start
+from baatt.kernels.common import key_limit, tile_start
 from baatt.kernels.mosaic_gpu.config import CONSUMERS
 
 # Shared-memory layout of every wgmma operand tile (8 x 64 tiles, 128-byte swizzle).
@@ -94,6 +94,34 @@ def produce_items(n_mine, walk, fill) -> None:
 def bias_and_outputs(rest, masked: bool):
     """The kernel refs after the inputs: (key bias or None, outputs)."""
     return (rest[0], rest[1:]) if masked else (None, rest)
+
+
+def hide_past_limit(s, first_query, first_key, span: int, keys_axis: int):
+    """Score tile ``s`` (WGMMA layout) with ``-inf`` where a causal mask of span ``span`` hides a key from a
+    query; positions count from ``first_query`` and ``first_key`` along the query and the key axis
+    (``keys_axis``). A select, not an added bias, so a NaN logit of a hidden key cannot survive it.
+
+    Token-causal (span 1): key ``k`` is visible from query ``q`` when ``k - q <= 0``, one comparison of
+    two iotas against a scalar. Block-causal: the generation block is a multiple of ``block_q`` (hence of
+    every query tile), so all of a tile's queries share one key limit.
+    """
+    keys = plgpu.broadcasted_iota(jnp.int32, s.shape, keys_axis, layout=plgpu.Layout.WGMMA)
+    if span == 1:
+        queries = plgpu.broadcasted_iota(jnp.int32, s.shape, 1 - keys_axis, layout=plgpu.Layout.WGMMA)
+        visible = keys - queries <= first_query - first_key
+    else:
+        visible = keys < key_limit(first_query, span) - first_key
+    return jnp.where(visible, s, -jnp.inf)
+
+
+def mask_on_edge(s, first_query, first_key, num_keys: int, span: int, keys_axis: int = 1):
+    """``s`` under the causal mask of span ``span``. Only a tile whose
+    last key lies past its first query's limit (the lowest of its queries) compares positions; a tile every
+    query sees whole takes the other branch of a run-time ``cond`` and stays unmasked."""
+    crosses = first_key + num_keys > key_limit(first_query, span)
+    hide = functools.partial(hide_past_limit, first_query=first_query, first_key=first_key, span=span,
+                             keys_axis=keys_axis)
+    return lax.cond(crosses, hide, lambda s: s, s)
 
 
 def take_turn_at(turn):

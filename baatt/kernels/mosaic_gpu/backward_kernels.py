@@ -19,6 +19,9 @@ Scheduling inside a consumer warpgroup:
 * ``BwdTuning.pingpong`` (off by default): a schedule barrier makes the two consumer warpgroups
   take turns on the tensor cores, as in the forward.
 
+Causal masks (``span``): a tile crossing the mask's edge hides the keys past each query's limit
+before the exponentials (p = 0 there, so ds = 0), as in the forward; other tiles are unmasked.
+
 Layouts: block space, or (``positional``) the caller's [B, L, H, D] q/k/v/dO and gradients, read
 and written by strided TMA (no transposes around the kernels).
 """
@@ -39,6 +42,7 @@ from baatt.kernels.mosaic_gpu._pipeline import (
     bias_and_outputs,
     launch,
     load_own_tiles,
+    mask_on_edge,
     row_view,
     row_walks,
     run_warp_specialized,
@@ -61,9 +65,11 @@ def _bwd_stages(per_stage: int, fixed: int) -> int:
     return max(2, min(3, (SMEM_BYTES - fixed) // per_stage))  # dq: 2 stages of K/V fit beside Q and dO
 
 
-def dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k, positional, t: BwdTuning):
+def dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, tile_k, positional, t: BwdTuning,
+            span: int | None = None):
     """The dq kernel alone: sel packs the forward list (``pack_selection``), lse2 and delta come from
-    ``backward_row_terms``, bias is None when every key is valid; tile_k: key rows per step."""
+    ``backward_row_terms``, bias is None when every key is valid; tile_k: key rows per step; span: that
+    of a causal mask, None when bidirectional."""
     if positional:
         batch, lq, q_heads, d = q.shape
         kv_heads = k.shape[2]
@@ -120,6 +126,8 @@ def dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, til
                             plgpu.barrier_wait(bias_ready.at[slot])
                             kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
                             s = s + lax.broadcast_in_dim(kb, s.shape, [1])
+                        if span is not None:
+                            s = mask_on_edge(s, row0, tile_start(step), tile_k, span)
                         p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
                         dp = dp_ref[...]
                         return (p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))).astype(dtype)
@@ -195,7 +203,8 @@ def dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, til
                    name="baatt_block_sparse_dq")(*inputs)
 
 
-def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning):
+def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, positional, t: BwdTuning,
+             span: int | None = None):
     """The dk/dv kernel alone: selt packs the transposed list (``transpose_selection``), the rest as
     for ``dq_call``."""
     batch, d = q.shape[0], q.shape[3]
@@ -254,7 +263,7 @@ def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, p
                 zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 pl.when(wg == 1)(take_turn)  # warpgroup 1 starts one turn behind
 
-                def step_fn(step, carry):
+                def step_fn(g, step, carry):
                     dk, dv, n = carry
                     slot = lax.rem(n, jnp.int32(stages))
                     plgpu.barrier_wait(q_ready.at[slot])
@@ -269,6 +278,8 @@ def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, p
                         st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1) * qk_scale  # dP^T still running
                         if masked:
                             st = st + lax.broadcast_in_dim(kbias, st.shape, [0])
+                        if span is not None:
+                            st = mask_on_edge(st, q_start(g, step), row0, WG_ROWS, span, keys_axis=0)
                         pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
                         plgpu.barrier_wait(delta_ready.at[slot])
                         dlt = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
@@ -293,7 +304,7 @@ def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, p
 
                 carry = (zeros, zeros, jnp.int32(0))
                 for g in range(group):
-                    carry = lax.fori_loop(0, head_steps(g), step_fn, carry)
+                    carry = lax.fori_loop(0, head_steps(g), functools.partial(step_fn, g), carry)
                 dk, dv, _ = carry
                 pl.when(wg == 0)(take_turn)
                 my_k[...] = (dk * float(scale)).astype(dtype)
@@ -353,8 +364,9 @@ def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, p
 
 
 def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block_q, block_k,
-             tuning: BwdTuning = DEFAULT_BWD_TUNING, positional: bool = False):
-    """dq, dk, dv; bias None = every key valid.
+             tuning: BwdTuning = DEFAULT_BWD_TUNING, positional: bool = False, span: int | None = None):
+    """dq, dk, dv; bias None = every key valid; span: that of a causal mask (rows and keys at their
+    positions), None when bidirectional.
 
     Block space (q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]), or with ``positional`` the caller's
     [B, L, H, D] arrays, which the kernels read and write by strided TMA.
@@ -366,7 +378,7 @@ def backward(q, k, v, bias, indices, counts, out, lse, do, dlse, *, scale, block
     indices_t, counts_t = transpose_selection(indices, counts, nk)
     selt = pack_selection(indices_t, counts_t)
     dq = dq_call(q, k, v, bias, sel, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k, tile_k=tile_k,
-                 positional=positional, t=tuning)
+                 positional=positional, t=tuning, span=span)
     dk, dv = dkv_call(q, k, v, bias, selt, lse2, delta, do, scale=scale, block_q=block_q, block_k=block_k,
-                      positional=positional, t=tuning)
+                      positional=positional, t=tuning, span=span)
     return dq, dk, dv

@@ -23,6 +23,10 @@ GQA: the producer loads from kv head ``h // (Hq // Hkv)``; K/V are never repeate
 The walk over a row's selected tiles starts at a row-dependent offset and wraps
 (softmax is order-free), so CTAs running at the same time read different K/V.
 
+Causal masks (``span``): rows and keys sit at their positions; a tile whose keys reach past its
+first row's limit compares positions and hides those keys (``-inf``), every other tile runs as
+without a mask.
+
 Key masks: the kernel adds a per-key bias of ``-inf`` streamed beside K (K/V
 rows already zeroed there); without masked keys it is compiled without the bias.
 Unselected blocks and the unused tail of an index list are never read.
@@ -49,6 +53,7 @@ from baatt.kernels.mosaic_gpu._pipeline import (
     SWIZZLED,
     bias_and_outputs,
     launch,
+    mask_on_edge,
     num_sms,
     produce_items,
     row_view,
@@ -62,13 +67,15 @@ from baatt.kernels.mosaic_gpu.config import CONSUMERS, DEFAULT_TUNING, TILE_Q, W
 
 
 def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tuning: Tuning = DEFAULT_TUNING,
-            positional: bool = False, interpret: bool = False):
+            positional: bool = False, span: int | None = None, interpret: bool = False):
     """out [B, Hq, Lq, D], lse [B, Hq, Lq] (natural log).
 
     sel: ``pack_selection(indices, counts)``. bias: float32 [B, Hkv, Lk] (0 valid,
     -inf masked; K/V rows already zeroed there) or None when every key is valid.
     positional: q/out are [B, Lq, Hq, D] and k/v [B, Lk, Hkv, D] (the caller's
       layout, no permutation): TMA reads strided rows, so no transpose is needed.
+    span: that of a causal mask (``AttentionMask.span``; rows and keys at their positions), None when
+      bidirectional: the tiles crossing the mask's edge hide the keys past each row's limit.
     ``tuning.persistent`` (derived from the walk length when None): one CTA per SM walks the work items
       (query tile, head, batch) cta, cta + #CTAs, ...; the K/V ring runs on across items and the next
       item's Q is loaded during the current one, so the per-item start (launch, first loads) and the
@@ -128,7 +135,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
 
                 def attend(i, base):
                     """The i-th item; ``base``: ring steps taken before it. Returns the ring steps after it."""
-                    b, h, qt, steps, _ = walk(i)
+                    b, h, qt, steps, key_start = walk(i)
                     buf = lax.rem(i, 2) if t.persistent else 0
                     my_q, my_lse, q_ready_ = my_buf(buf)
                     row0 = qt * TILE_Q + wg * WG_ROWS
@@ -166,6 +173,10 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
                             return acc_ref[...]
 
                         s = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, tile_k), jnp.float32))
+                        if span is not None:
+                            # Before the scale: -inf stays -inf, and rows this tile hides wholly keep
+                            # their finite running max.
+                            s = mask_on_edge(s, row0, key_start(step), tile_k, span)
                         if masked:
                             plgpu.barrier_wait(bias_ready.at[slot])
                             kb = plgpu.load(bias_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))

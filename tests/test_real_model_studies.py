@@ -1,0 +1,72 @@
+"""The studies on SmolLM2-135M's real attention run end to end at small sizes: experiments.selectors_real_qk
+(with its sort x compensation ablation and bound correlation) and experiments.sparse_prefill (perplexity and
+needle prompts through the model with every layer block-sparse under its causal mask)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from baatt.data import data_dir
+from baatt.nn import load_smollm2, smollm2_path
+from experiments import selectors_real_qk, sparse_prefill
+
+pytestmark = pytest.mark.skipif(
+    not smollm2_path().is_file(),
+    reason=f"SmolLM2 GGUF not installed at {smollm2_path()} (run `bash scripts/setup_data.sh`)",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2(progress=False)
+
+
+def test_selectors_real_qk_with_ablation_and_bound(tmp_path):
+    cfg = selectors_real_qk.get_config(length=256, layers=(0,), block_sizes=(64,), sparsities=(0.5, 0.95),
+                                       rows=("meanpool", "oracle"), ablation=True, bound=True, out=str(tmp_path))
+    results = selectors_real_qk.run(cfg)
+    rows = {(r["mask"], r["row"]) for r in results["results"]}
+    assert ("causal", "meanpool") in rows and ("bidirectional", "sort_qk_comp05") in rows
+    assert not any(mask == "causal" and name in selectors_real_qk.ABLATION_ROWS for mask, name in rows)
+    assert {r["sparsity"] for r in results["results"]} == {0.5, 0.95}
+    assert len(results["bound"]) == 2  # one per mask
+    for b in results["bound"]:
+        assert -1 <= b["pearson"] <= 1 and b["ratio_max"] <= 1 + 1e-3  # the bound holds
+    table = selectors_real_qk.write_table(results, cfg)
+    assert "off-distribution" in table and "Deviation bound U" in table
+
+
+def test_needle_prompt_places_the_answer_after_the_question(smollm2):
+    _, _, tokenizer = smollm2
+    haystack = tokenizer.encode((data_dir() / "raw" / "sotu/2010_barack_obama_d.txt").read_text())
+    rng = np.random.default_rng(0)
+    for needles in (1, 3):
+        p = sparse_prefill.needle_prompt(tokenizer, haystack, length=300, row_length=512, needles=needles, rng=rng)
+        assert p.tokens.shape == (512,) and p.answer.stop == 300
+        answer = tokenizer.decode(list(p.tokens[p.answer])).strip()
+        assert len(answer) == 5 and answer.isdigit()
+        prompt = tokenizer.decode(list(p.tokens[: p.answer.start]))
+        assert prompt.count(f"is {answer}.") >= 1 and prompt.endswith(" is")
+
+
+def test_sparse_prefill_runs_every_layer_sparse(tmp_path, monkeypatch):
+    def two_layers(**overrides):  # the pipeline, not the model's quality, is under test: two layers compile fast
+        cfg_model, model, tokenizer = load_smollm2(**overrides)
+        model.blocks = nnx.List(list(model.blocks)[:2])
+        return cfg_model, model, tokenizer
+
+    monkeypatch.setattr(sparse_prefill, "load_smollm2", two_layers)
+    results = sparse_prefill.main(["--preset", "smoke", "--length", "256", "--prefixes", "128", "256",
+                                   "--selectors", "meanpool", "--sinks", "false", "true", "--passkey-lengths",
+                                   "256", "--trials", "1", "--out", str(tmp_path)])
+    assert [r["label"] for r in results["results"]] == ["meanpool", "meanpool + sink"]
+    for r in [results["dense"], *results["results"]]:
+        assert set(r["perplexity"]) == {"128", "256"} and all(np.isfinite(v) for v in r["perplexity"].values())
+    assert set(results["dense"]["accuracy"]) == {"1x256"}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["meta"]["config"]["length"] == 256
+    assert (tmp_path / "perplexity.png").stat().st_size > 0 and "| dense | 0% |" in (tmp_path / "table.md").read_text()
