@@ -294,8 +294,8 @@ def attention(
     kept: NaN/Inf in a query row makes that output row NaN, in k at a real key the
     rows that see that key (under the mask) in the query heads its kv head serves, in
     v at a real key the output dims where v holds it in every row of those heads;
-    gradients carry the NaN too. An eager call (every input concrete, closed-over ones included)
-    raises a ``ValueError`` naming the first offending token instead.
+    gradients carry the NaN too. An eager call (every input concrete, closed-over
+    ones included) raises a ``ValueError`` naming the first offending token instead.
 
     Returns:
       out [B, Lq, Hq, D] in q's dtype, or (out, stats).

@@ -6,17 +6,18 @@ Two ways to split one attention call over a ``jax.sharding.Mesh`` (docs/sharding
   independent in BA-Att (its own sort, statistics, selection and sparse operator), so each
   device runs ``baatt.attention`` on its shard and nothing is communicated.
 - ``mode="context"``: queries and keys are split along the sequence (contiguous shards of whole
-  blocks). Each device computes the block statistics of its own keys; only those (a mean and
-  possibly a variance per block, 1/block_size of K or less) are all-gathered, so that every
-  device selects key blocks for its query blocks over the whole sequence, exactly as one device
-  would. Then each device needs the key/value blocks it selected: ``kv_exchange="all_gather"``
+  blocks). Each device computes the block statistics of its own keys; only those are
+  all-gathered (a float32 mean, and a variance with compensation, per block: 1/64 of bf16 K at
+  128-token blocks), so that every device selects key blocks for its query blocks over the
+  whole sequence, exactly as one device would (norm sorting and clustering stay within a
+  shard). Then each device needs the key/value blocks it selected: ``kv_exchange="all_gather"``
   gathers every K/V shard at once; ``"ring"`` passes the K/V shards round the devices
   (``ppermute``), attends to the selected blocks of each shard as it arrives (shards that no
   local query block selected are skipped) and merges the partial results by their
   log-sum-exp; the ring stops early when no device needs shards from farther away.
 
-Both modes call ``baatt.attention`` per shard, so every registered implementation (the Pallas
-kernels, the reference) runs unchanged inside ``shard_map``; gradients flow through the
+Both modes call ``baatt.attention`` per shard, so every registered implementation (the Mosaic GPU
+and Pallas kernels, the reference) runs unchanged inside ``shard_map``; gradients flow through the
 collectives (an all-gather's transpose is a reduce-scatter, a ppermute's is the reverse one).
 
 ``register_head_parallel`` puts head parallelism behind ``baatt.attention``'s registry, so code
@@ -48,7 +49,7 @@ from baatt.selection import get_selector
 from baatt.selection.budget import forced_blocks, select_from_scores
 from baatt.selection.estimator import BlockStats, estimate, pooled_scores
 from baatt.selection.types import BlockSelection
-from baatt.validation import check_finite, check_qkv
+from baatt.validation import check_finite, check_qkv, nan_where
 
 MODES = ("heads", "context")
 KV_EXCHANGES = ("all_gather", "ring")
@@ -97,6 +98,11 @@ def _place(mesh: Mesh, x, spec: P):
     if x is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+
+
+def _static_fields(selection: BlockSelection) -> dict:
+    """The static fields of a selection (block sizes, mask): what rebuilds it from its arrays."""
+    return {f.name: getattr(selection, f.name) for f in dataclasses.fields(selection) if f.metadata.get("static")}
 
 
 def _attention_call(implementation, interpret: bool, scale: float | None, chosen: list[str]):
@@ -237,8 +243,13 @@ def sharded_attention(
 # ----------------------------------------------------------------------------- mode "heads"
 
 
-def _static_fields(selection: BlockSelection) -> dict:
-    return {f.name: getattr(selection, f.name) for f in dataclasses.fields(selection) if f.metadata.get("static")}
+def _head_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *, call, config, statics):
+    selection = None if indices is None else BlockSelection(indices, counts, q_perm, k_perm, **statics)
+    out, lse, sel = call(q, k, v, key_mask, selection, config)
+    return out, lse, sel.indices, sel.counts, sel.q_perm, sel.k_perm
+
+
+# ----------------------------------------------------------------------------- mode "context"
 
 
 def _check_context_config(config: BAConfig, mask, kv_exchange: str, *, selection_given: bool) -> None:
@@ -257,15 +268,6 @@ def _check_context_config(config: BAConfig, mask, kv_exchange: str, *, selection
             f"in mode='context' config.selector must be one of {CONTEXT_SELECTORS} (selectors whose scores "
             f"come from block statistics, which are all that is gathered); got {config.selector!r}. "
             "Pass a selection made otherwise through selection=")
-
-
-def _head_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *, call, config, statics):
-    selection = None if indices is None else BlockSelection(indices, counts, q_perm, k_perm, **statics)
-    out, lse, sel = call(q, k, v, key_mask, selection, config)
-    return out, lse, sel.indices, sel.counts, sel.q_perm, sel.k_perm
-
-
-# ----------------------------------------------------------------------------- mode "context"
 
 
 def _context_parallel_body(q, k, v, key_mask, indices, counts, q_perm, k_perm, *, call, config, statics, axis,
@@ -350,11 +352,12 @@ def _merge_partials(out_a, lse_a, out_b, lse_b):
     """Softmax attention over two disjoint key sets from each one's (out [B, L, H, D], lse [B, H, L]).
 
     Rows with no key in a set carry lse -inf there; written so that neither values nor gradients
-    see inf - inf.
+    see inf - inf. A NaN (a poisoned row) carries through.
     """
     top = jnp.maximum(lse_a, lse_b)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weight = lambda lse: jnp.where(lse > -jnp.inf, jnp.exp(jnp.where(lse > -jnp.inf, lse, 0.0) - top), 0.0)
+    empty = jnp.isneginf
+    weight = lambda lse: jnp.where(empty(lse), 0.0, jnp.exp(jnp.where(empty(lse), 0.0, lse) - top))
     wa, wb = weight(lse_a), weight(lse_b)
     total = wa + wb
     lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
@@ -410,7 +413,28 @@ def _attend_ring(*, q, k, v, key_mask_all, indices, counts, q_perm, k_perm, conf
         out, lse = _merge_partials(out, lse, part_out, jnp.where(rows(has), part_lse, -jnp.inf))
         if step + 1 < shards:
             kv = lax.cond(step + 1 <= hops_needed, lambda kv: lax.ppermute(kv, axis, to_next), lambda kv: kv, kv)
-    return out.astype(q.dtype), lse
+    rows_poison, columns_poison = _nonfinite_poison_over_context(q, k, v, key_mask_all, shard=shard, axis=axis)
+    out = out + rows_poison[..., None] + columns_poison
+    return out.astype(q.dtype), lse + jnp.swapaxes(rows_poison, 1, 2)
+
+
+def _nonfinite_poison_over_context(q, k, v, key_mask_all, *, shard, axis):
+    """``baatt.attention``'s rule for NaN/Inf inputs (``baatt.validation.nonfinite_poison``, bidirectional)
+    over the whole sequence: a bad query row poisons its own row; a bad real key every row of the query
+    heads its kv head serves; a bad real value those heads' output dims where it holds it. The ring's
+    calls see only the shards it brings, so each device reduces its own keys and values to one flag per
+    (batch row, kv head[, dim]) and the flags are combined over the context axis: a few bytes.
+
+    Returns rows [B, Lq, Hq] and columns [B, 1, Hq, Dv], float32, NaN where poisoned, else 0.
+    """
+    real = None if key_mask_all is None else lax.dynamic_slice_in_dim(
+        key_mask_all, shard * k.shape[1], k.shape[1], axis=1)[:, :, None, None]
+    bad = lambda x: ~jnp.isfinite(x) if real is None else ~jnp.isfinite(x) & real
+    bad_k = lax.pmax(jnp.any(bad(k), axis=(1, 3)).astype(jnp.int32), axis) > 0  # [B, Hkv]
+    bad_v = lax.pmax(jnp.any(bad(v), axis=1).astype(jnp.int32), axis) > 0  # [B, Hkv, Dv]
+    heads = layout.head_map(q.shape[2], k.shape[2])
+    bad_rows = ~jnp.all(jnp.isfinite(q), axis=-1) | jnp.take(bad_k, heads, axis=1)[:, None, :]
+    return nan_where(bad_rows), nan_where(jnp.take(bad_v, heads, axis=1))[:, None]
 
 
 # ----------------------------------------------------------------------------- through the registry
@@ -427,11 +451,13 @@ def register_head_parallel(mesh: Mesh, *, head_axis: AxisNames = "heads", batch_
     run the per-shard shapes is picked, as for any sequence of names. They have priority -1, so
     ``implementation=None`` never picks them.
 
-    ``baatt.attention`` changes the layout between the two stages outside them, and the compiler
-    partitions that part. Without norm sorting it is a transpose and stays local: nothing is
-    communicated. With ``sort_q`` / ``sort_k`` its permutation gathers are partitioned with
-    collectives (correct, but data moves between devices); ``sharded_attention(mode="heads")``,
-    which runs the whole call per shard, communicates nothing in every configuration.
+    ``baatt.attention`` runs its own steps between the two stages (layout changes, the NaN rules,
+    the guard and the pooled tail when configured) outside them, and the compiler partitions
+    those. Without norm sorting or clustering the layout change is a transpose and stays local;
+    what crosses devices is the NaN rules' bookkeeping, a few values per (batch row, head),
+    whatever the length. With ``sort_*`` / ``cluster_*`` the permutation gathers are partitioned
+    with collectives (correct, but sequence-sized data moves). ``sharded_attention(mode="heads")``
+    runs the whole call per shard and communicates nothing in every configuration.
 
     implementation: which built-in implementations to wrap (a name or names); default all of them,
     in priority order.

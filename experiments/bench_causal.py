@@ -38,10 +38,10 @@ import jax.numpy as jnp
 
 import baatt
 from baatt import layout
-from baatt.kernels import pallas_triton
+from baatt import kernels
 from experiments import harness
 
-IMPLEMENTATIONS = ("pallas",)  # the backends with causal kernels
+IMPLEMENTATIONS = ("mosaic_gpu", "pallas")  # the backends with causal kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Config:
     target_s: float = harness.option(0.6, "timing budget per measurement after warm-up (s)")
     min_reps: int = harness.option(3, "fewest timed batches per measurement")
     dense_impl: str = harness.option("cudnn", "jax.nn.dot_product_attention implementation of the dense baseline")
-    impl: str = harness.option("pallas", "block-sparse implementation timed", choices=IMPLEMENTATIONS)
+    impl: str = harness.option("mosaic_gpu", "block-sparse implementation timed", choices=IMPLEMENTATIONS)
     interpret: bool = harness.option(False, "Pallas interpret mode (CPU smoke runs)")
     torch: bool = harness.option(True, "time FlashAttention-2 through torch")
     out: str = harness.option(harness.study_dir("bench_causal"), "output folder")
@@ -65,7 +65,7 @@ class Config:
 PRESETS = {
     "full": Config(),
     "smoke": Config(lengths=(256,), heads=2, head_dim=64, block=64, target_s=0.01, min_reps=1, dense_impl="xla",
-                    interpret=True, torch=False),
+                    interpret=True, torch=False, impl="pallas"),
 }
 
 
@@ -121,9 +121,11 @@ def measure_length(cfg: Config, length: int, fa2: dict) -> dict:
     sel = jax.block_until_ready(baatt.select_blocks(q, k, every_block))
     space = layout.to_block_space(q, k, v, block_q=bs, block_k=bs, mask=sel.mask)
 
+    sparse_op = {impl.name: impl for impl in kernels.BACKENDS}[cfg.impl].sparse_op
+
     def kernel(q, k, v):
-        return pallas_triton.block_sparse_attention(q, k, v, space.kv_valid, sel.indices, sel.counts, scale=scale,
-                                                    block_q=bs, block_k=bs, interpret=cfg.interpret, mask=sel.mask)
+        return sparse_op(dataclasses.replace(space, q=q, k=k, v=v), sel.indices, sel.counts, scale=scale,
+                         interpret=cfg.interpret)
 
     kernel_fwd = jax.jit(kernel)
     kernel_fwdbwd = jax.jit(lambda q, k, v, do: jax.vjp(lambda *x: kernel(*x)[0], q, k, v)[1](do))

@@ -153,7 +153,18 @@ def with_pass(forward, pass_: str):
 
 
 def measure(cfg: Config, fn, args) -> dict:
-    """Compile once; time the compiled call; read its collectives and memory."""
+    """Compile once; time the compiled call; read its collectives and memory. A run that does not fit
+    in memory gives ``{"error": ...}`` and the grid goes on."""
+    try:
+        return _measure(cfg, fn, args)
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        print(f"out of memory: {str(err).splitlines()[0][:200]}", flush=True)
+        return dict(ms=None, received_bytes=None, collectives=None, memory_bytes=None, error="out of memory")
+
+
+def _measure(cfg: Config, fn, args) -> dict:
     compiled = jax.jit(fn).lower(*args).compile()
     found = sharding.collectives(compiled.as_text())
     mem = compiled.memory_analysis()
@@ -180,10 +191,12 @@ def run_one_gpu(cfg: Config) -> list[dict]:
             if pass_ not in plain:
                 plain[pass_] = measure(cfg, with_pass(ba_attention(cfg, s, mesh, None), pass_), args)
             sharded = measure(cfg, with_pass(ba_attention(cfg, s, mesh, variant), pass_), args)
+            both = plain[pass_]["ms"] is not None and sharded["ms"] is not None
             row = {"part": "one_gpu", "variant": variant, "mode": mode, "L": length, "sparsity": s, "devices": 1,
                    "pass": pass_, "plain_ms": plain[pass_]["ms"], "ms": sharded["ms"],
-                   "overhead": sharded["ms"] / plain[pass_]["ms"] - 1.0, "received_bytes": sharded["received_bytes"],
-                   "memory_bytes": sharded["memory_bytes"], "plain_memory_bytes": plain[pass_]["memory_bytes"]}
+                   "overhead": sharded["ms"] / plain[pass_]["ms"] - 1.0 if both else None,
+                   "received_bytes": sharded["received_bytes"], "memory_bytes": sharded["memory_bytes"],
+                   "plain_memory_bytes": plain[pass_]["memory_bytes"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
         del args
@@ -219,22 +232,24 @@ def run_scaling(cfg: Config, partial_path: Path | None = None) -> list[dict]:
 def add_efficiency(rows: list[dict]) -> None:
     """efficiency = t(1 device) / (n * t(n devices)) of the same (variant, L, sparsity, pass); None without n = 1."""
     key = lambda r: (r["variant"], r["L"], r["sparsity"], r["pass"])
-    single = {key(r): r["ms"] for r in rows if r["devices"] == 1}
+    single = {key(r): r["ms"] for r in rows if r["devices"] == 1 and r["ms"] is not None}
     for r in rows:
         base = single.get(key(r))
-        r["efficiency"] = None if base is None else base / (r["devices"] * r["ms"])
+        r["efficiency"] = None if base is None or r["ms"] is None else base / (r["devices"] * r["ms"])
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     gib = lambda b: "" if b is None else f"{b / 2**30:.2f}"
     num = lambda x, f: "" if x is None else format(x, f)
+    ms = lambda r, key="ms": r.get("error", "") if r[key] is None else f"{r[key]:.2f}"
+    percent = lambda x: "" if x is None else f"{100 * x:+.1f}%"
     lines = [f"# BA-Att across GPUs ({harness.describe_run(meta)})", ""]
     one = [r for r in rows if r["part"] == "one_gpu"]
     if one:
         lines += ["## One GPU: the sharded path against the plain call", "",
                   "| variant | L | sparsity | pass | plain ms | sharded ms | overhead |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {harness.format_length(r['L'])} | {r['sparsity']} | {r['pass']} | "
-                  f"{r['plain_ms']:.2f} | {r['ms']:.2f} | {100 * r['overhead']:+.1f}% |" for r in one]
+                  f"{ms(r, 'plain_ms')} | {ms(r)} | {percent(r['overhead'])} |" for r in one]
         lines.append("")
     scaling = [r for r in rows if r["part"] == "scaling"]
     if scaling:
@@ -243,7 +258,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   "| variant | L | sparsity | GPUs | pass | ms | efficiency | received GiB | memory GiB |",
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {harness.format_length(r['L'])} | {num(r['sparsity'], '')} | {r['devices']} | "
-                  f"{r['pass']} | {r['ms']:.2f} | {num(r['efficiency'], '.2f')} | {gib(r['received_bytes'])} | "
+                  f"{r['pass']} | {ms(r)} | {num(r['efficiency'], '.2f')} | {gib(r['received_bytes'])} | "
                   f"{gib(r['memory_bytes'])} |" for r in scaling]
     return "\n".join(lines) + "\n"
 

@@ -100,13 +100,13 @@ def needle_prompt(tokenizer, haystack: list[int], *, length: int, row_length: in
     keys = [int(rng.integers(10_000, 100_000)) for _ in range(needles)]
     doors = list(rng.choice(DOORS, size=needles, replace=False))
     if needles == 1:
-        sentences = [f" The pass key is {keys[0]}. Remember it. {keys[0]} is the pass key."]
-        question = " What is the pass key? The pass key is"
+        sentences = [f" The pass key is {keys[0]}. Remember it."]
+        question = "\n\nWhat is the pass key? The pass key is"
         asked = 0
     else:
         sentences = [f" The pass key of the {d} door is {k}. Remember it." for d, k in zip(doors, keys)]
         asked = int(rng.integers(needles))
-        question = f" What is the pass key of the {doors[asked]} door? The pass key of the {doors[asked]} door is"
+        question = f"\n\nWhat is the pass key of the {doors[asked]} door? The pass key of the {doors[asked]} door is"
     needle_ids = [tokenizer.encode(s) for s in sentences]
     question_ids, answer_ids = tokenizer.encode(question), tokenizer.encode(f" {keys[asked]}")
     fill = length - len(question_ids) - len(answer_ids) - sum(map(len, needle_ids))

@@ -415,10 +415,10 @@ def test_bad_inputs_raise_naming_the_rule():
         layout.to_block_space(q, k, v, block_q=16, block_k=16, mask=CAUSAL, q_perm=jnp.zeros((1, 4, 64), jnp.int32))
 
 
-def test_mosaic_gpu_refuses_causal_masks():
+def test_mosaic_gpu_takes_causal_masks():
     q, k, v = qkv(19, batch=1, lq=256, d=128, dtype=jnp.bfloat16)
-    reason = mosaic_gpu.why_unavailable(q, k, v, baatt.BAConfig(mask="causal"), False)
-    assert "causal masks are not supported by mosaic_gpu yet" in reason
+    reason = mosaic_gpu.why_unavailable(q, k, v, baatt.BAConfig(block_size=128, mask="causal"), False)
+    assert reason == baatt.platform.hopper_reason()
 
 
 # ----------------------------------------------------------------------------- benchmark script

@@ -2,11 +2,11 @@
 
 For each implementation that runs here (``reference`` and ``pallas`` in interpret mode on a
 CPU; ``pallas`` and ``mosaic_gpu`` on a GPU, marked ``gpu``), hypothesis draws inputs (ragged
-lengths, GQA, batch > 1, key padding) and every transform (eager, jit, vmap, grad, jit of
-grad, jax.checkpoint, lax.scan over closed-over k and v, nnx.jit through
+lengths, GQA, batch > 1, key padding, bidirectional or causal) and every transform (eager, jit,
+vmap, grad, jit of grad, jax.checkpoint, lax.scan over closed-over k and v, nnx.jit through
 ``baatt.nn.ba_attention_fn``) must give:
 
-* with ``BAConfig()`` (every block kept): ``jax.nn.dot_product_attention``'s output or gradients;
+* with every block kept: ``jax.nn.dot_product_attention``'s output or gradients;
 * with a sparse config: ``jax.nn.dot_product_attention`` masked to the selection's block pairs;
 * with NaN or Inf planted at a real token: a non-finite output wherever ``jax.nn``'s dense one
   is (for NaN: exactly there), or non-finite gradients; an eager call raises instead.
@@ -76,9 +76,11 @@ def _loss_weights(shape):
 
 
 def _grads(f):
-    return jax.grad(lambda q, k, v, m: jnp.sum(f(q, k, v, m).astype(jnp.float32) * _loss_weights(q.shape[:3] +
-                                                                                                    v.shape[3:])),
-                    argnums=(0, 1, 2))
+    """Gradients in q, k and v of a linear loss of f's output."""
+    def loss(q, k, v, aux):
+        out = f(q, k, v, aux).astype(jnp.float32)
+        return jnp.sum(out * _loss_weights(out.shape))
+    return jax.grad(loss, argnums=(0, 1, 2))
 
 
 def _per_example(f):
@@ -106,7 +108,8 @@ TRANSFORMS = {
 
 @st.composite
 def cases(draw, backend: Backend):
-    """Inputs, key padding (None or a real length per batch row), a dense or sparse config, and a NaN/Inf plant."""
+    """Inputs, key padding (None or a real length per batch row), a dense or sparse, bidirectional or causal
+    config, and a NaN/Inf plant at a real token (for k and v: one that some query sees)."""
     batch, lq, lk, hq, hkv = draw(st.sampled_from(SHAPES))(backend.block)
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     gain = lambda shape: rng.gamma(2.0, 0.5, shape[:3] + (1,))
@@ -115,12 +118,13 @@ def cases(draw, backend: Backend):
                                                            (batch, lk, hkv, backend.head_dim)))
     lengths = draw(st.none() | st.lists(st.integers(1, lk), min_size=batch, max_size=batch))
     mask = None if lengths is None else jnp.asarray(np.arange(lk)[None] < np.asarray(lengths)[:, None])
-    sparse = draw(st.booleans())
-    config = (baatt.BAConfig(block_size=backend.block, sparsity=0.5, sort_k=backend.name == "reference")
-              if sparse else baatt.BAConfig(block_size=backend.block))
+    causal = draw(st.booleans())
+    config = baatt.BAConfig(block_size=backend.block, mask="causal" if causal else "bidirectional")
+    if draw(st.booleans()):
+        config = config.replace(sparsity=0.5, sort_k=backend.name == "reference" and not causal)
     name = draw(st.sampled_from(["q", "k", "v"]))
     b = draw(st.integers(0, batch - 1))
-    real = lq if name == "q" else (lk if lengths is None else lengths[b])
+    real = lq if name == "q" else min(lk if lengths is None else lengths[b], lq if causal else lk)
     at = (b, draw(st.integers(0, real - 1)), draw(st.integers(0, (hq if name == "q" else hkv) - 1)),
           draw(st.integers(0, backend.head_dim - 1)))
     plant = (name, at, draw(st.sampled_from([np.nan, np.inf, -np.inf])))
@@ -152,12 +156,14 @@ def _dense(q, k, v, token_mask):
 
 
 def _token_mask(backend, config, q, k, v, mask, *, selected: bool):
-    """What jax.nn is given: the key mask [B, Hq, Lq, Lk], and if ``selected`` only the pairs of the selection
-    that an eager call makes."""
+    """What jax.nn is given, [B, Hq, Lq, Lk]: the key mask and the config's causal mask, and if ``selected`` only
+    the pairs of the selection that an eager call makes."""
     batch, lq, hq, _ = q.shape
     lk = k.shape[1]
     keys = np.ones((batch, lk), bool) if mask is None else np.asarray(mask)
     token = np.broadcast_to(keys[:, None, None, :], (batch, hq, lq, lk))
+    if not config.mask.is_bidirectional:
+        token = token & config.mask.token_mask(lq, lk)
     if not selected:
         return jnp.asarray(token)
     _, stats = baatt.attention(q, k, v, config=config, key_mask=mask, implementation=backend.name,

@@ -345,10 +345,10 @@ class TestMosaicGPUCausal:
 
     def test_positional_layout_under_causal_mask(self):
         rng = np.random.default_rng(41)
-        b, l, hq, hkv, d, block = 1, 768, 4, 2, 128, 128
-        q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv))
+        b, length, hq, hkv, d, block = 1, 768, 4, 2, 128, 128
+        q, k, v = (jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv))
         sel = baatt.select_blocks(q, k, baatt.BAConfig(block_size=block, sparsity=0.5), is_causal=True)
-        cot = jnp.asarray(rng.standard_normal((b, l, hq, d)), jnp.float32)
+        cot = jnp.asarray(rng.standard_normal((b, length, hq, d)), jnp.float32)
 
         def loss(fn, q, k, v):
             return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
@@ -359,8 +359,8 @@ class TestMosaicGPUCausal:
             return out
 
         def theirs(q, k, v):  # the same blocks and the causal mask, densely, in float32
-            kept = np.repeat(np.repeat(np.asarray(sel.kept_mask(l // block)), block, axis=2), block, axis=3)
-            allowed = jnp.asarray(kept & np.tril(np.ones((l, l), bool)))
+            kept = np.repeat(np.repeat(np.asarray(sel.kept_mask(length // block)), block, axis=2), block, axis=3)
+            allowed = jnp.asarray(kept & np.tril(np.ones((length, length), bool)))
             f32 = lambda x: x.astype(jnp.float32)
             return jax.nn.dot_product_attention(f32(q), f32(k), f32(v), mask=allowed)
 
@@ -373,11 +373,11 @@ class TestMosaicGPUCausal:
     @pytest.mark.parametrize("mask", [CAUSAL, baatt.AttentionMask.block_causal(256)], ids=["causal", "block256"])
     def test_every_block_kept_equals_jax_nn(self, mask):
         rng = np.random.default_rng(42)
-        b, l, hq, hkv, d = 2, 1000, 4, 2, 64
-        q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv))
+        b, length, hq, hkv, d = 2, 1000, 4, 2, 64
+        q, k, v = (jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv))
         cfg = baatt.BAConfig(block_size=128, mask=mask)
-        cot = jnp.asarray(rng.standard_normal((b, l, hq, d)), jnp.float32)
-        allowed = jnp.asarray(mask.token_mask(l, l))[None, None]
+        cot = jnp.asarray(rng.standard_normal((b, length, hq, d)), jnp.float32)
+        allowed = jnp.asarray(mask.token_mask(length, length))[None, None]
         f32 = lambda x: x.astype(jnp.float32)
 
         def ours(q, k, v):

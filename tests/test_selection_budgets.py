@@ -186,3 +186,18 @@ def test_guard_densifies_only_the_failing_heads():
     guarded.validate(batch=1, q_heads=2, kv_heads=2, length_q=256, length_k=256)
     kept, _ = guard_selection(q, k, sel, config)
     np.testing.assert_array_equal(np.asarray(kept.counts), np.asarray(sel.counts))
+
+
+def test_experiment_has_a_config_on_the_command_line(capsys):
+    import dataclasses
+    import json
+
+    from experiments import selection_budgets
+
+    assert selection_budgets.__doc__.startswith("python -m experiments.selection_budgets")
+    with pytest.raises(SystemExit) as exc:
+        selection_budgets.main(["--print-config"])
+    printed = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 0
+    assert printed == json.loads(json.dumps(dataclasses.asdict(selection_budgets.get_config()), default=str))
+    assert printed["out"] == "experiments/results/selection_budgets"

@@ -50,11 +50,14 @@ def _balanced_order(sim: jax.Array, valid: jax.Array, block: int) -> jax.Array:
     capacity = jnp.minimum(block, length - jnp.arange(clusters) * block).astype(jnp.float32)  # [C]
     log_plan = jnp.where(valid[..., None], sim / _TEMPERATURE, -jnp.inf)
     log_capacity = jnp.log(capacity)
-    for _ in range(_SINKHORN_STEPS):  # rows: each token once; columns: each cluster its capacity
+
+    def sinkhorn_step(_, log_plan):  # rows: each token once; columns: each cluster its capacity
         log_plan = log_plan - jax.nn.logsumexp(log_plan, axis=-1, keepdims=True)
         log_plan = jnp.where(valid[..., None], log_plan, -jnp.inf)
         column = jax.nn.logsumexp(log_plan, axis=-2, keepdims=True)
-        log_plan = log_plan - jnp.where(jnp.isfinite(column), column, 0.0) + log_capacity
+        return log_plan - jnp.where(jnp.isfinite(column), column, 0.0) + log_capacity
+
+    log_plan = jax.lax.fori_loop(0, _SINKHORN_STEPS, sinkhorn_step, log_plan)
     best = jnp.argmax(log_plan, axis=-1)  # [B, H, L]
     strength = jnp.max(log_plan, axis=-1)
     # One sort on (cluster, -strength): within a cluster its most confident tokens first, so the
@@ -89,8 +92,10 @@ def balanced_kmeans(x: jax.Array, block: int, *, iters: int, mask: jax.Array | N
     order = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, h, length))
     if mask is not None:  # start from positional blocks of the real tokens
         order = jnp.argsort(~valid, axis=-1, stable=True).astype(jnp.int32) + jnp.zeros((b, h, 1), jnp.int32)
-    for _ in range(iters):
+
+    def lloyd_step(_, order):
         sim = jnp.einsum("bhld,bhcd->bhlc", unit, centroids(order), precision=HIGHEST)
-        order = _balanced_order(sim, valid, block)
-    return order
+        return _balanced_order(sim, valid, block)
+
+    return jax.lax.fori_loop(0, iters, lloyd_step, order)
 

@@ -3,8 +3,8 @@
 Every kernel runs CTAs of ``CONSUMERS`` consumer warpgroups (wgmma on ``WG_ROWS``
 rows each) and one producer warpgroup that streams tiles into a shared-memory
 ring with TMA. Here: the launch, the collective allocation of shared memory and
-barriers, the grid and its work items, the walk over a selection row, and the
-turn-taking of the consumers on the tensor cores.
+barriers, the grid and its work items, the walk over a selection row, the causal
+mask of a score tile, and the turn-taking of the consumers on the tensor cores.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def hide_past_limit(s, first_query, first_key, span: int, keys_axis: int):
     query; positions count from ``first_query`` and ``first_key`` along the query and the key axis
     (``keys_axis``). A select, not an added bias, so a NaN logit of a hidden key cannot survive it.
 
-    Token-causal (span 1): key ``k`` is visible from query ``q`` when ``k - q <= 0``, one comparison of
-    two iotas against a scalar. Block-causal: the generation block is a multiple of ``block_q`` (hence of
+    Token-causal (span 1): key ``k`` is visible from query ``q`` when ``k <= q``, one comparison of the
+    difference of two iotas against a scalar. Block-causal: the generation block is a multiple of ``block_q`` (hence of
     every query tile), so all of a tile's queries share one key limit.
     """
     keys = plgpu.broadcasted_iota(jnp.int32, s.shape, keys_axis, layout=plgpu.Layout.WGMMA)
@@ -115,9 +115,9 @@ def hide_past_limit(s, first_query, first_key, span: int, keys_axis: int):
 
 
 def mask_on_edge(s, first_query, first_key, num_keys: int, span: int, keys_axis: int = 1):
-    """``s`` under the causal mask of span ``span``. Only a tile whose
-    last key lies past its first query's limit (the lowest of its queries) compares positions; a tile every
-    query sees whole takes the other branch of a run-time ``cond`` and stays unmasked."""
+    """``s`` under the causal mask of span ``span``. Only a tile whose last key lies past its first query's
+    limit (the lowest of its queries) compares positions; a tile every query sees whole takes the other
+    branch of a run-time ``cond`` and stays unmasked."""
     crosses = first_key + num_keys > key_limit(first_query, span)
     hide = functools.partial(hide_past_limit, first_query=first_query, first_key=first_key, span=span,
                              keys_axis=keys_axis)
