@@ -175,7 +175,7 @@ def bound_against_deviation(q, k, block: int, mask: baatt.AttentionMask) -> dict
     allowed, _ = mask.block_pairs(q.shape[1], k.shape[1], block, block)
     live = jnp.broadcast_to(jnp.asarray(allowed), u.shape)
     ratio = jnp.where(live, dev / jnp.maximum(u, 1e-9), 0.0)
-    return dict(pearson=float(error.pearson(u, dev, mask=live)),
+    return dict(pearson=float(error.pearson(u, dev, mask=live.ravel())),
                 bound_mean=float(jnp.sum(jnp.where(live, u, 0.0)) / jnp.sum(live)),
                 deviation_mean=float(jnp.sum(jnp.where(live, dev, 0.0)) / jnp.sum(live)),
                 ratio_max=float(jnp.max(ratio)), ratio_mean=float(jnp.sum(ratio) / jnp.sum(live)))

@@ -4,34 +4,38 @@ Does SmolLM2-135M-Instruct still model text when every layer's causal attention 
 Per selector row (with and without the forced sink block) and sparsity, the model runs with
 ``AttentionPlan.ba`` in all 30 layers under its causal mask, and this study reports:
 
-- perplexity on held-out text (two State of the Union addresses; the model never trained on this
-  split of the corpus, nor was it tuned on it here) over the first 2K, 4K and 8K tokens;
+- perplexity on two State of the Union addresses (2010 and 1995; public text SmolLM2 may have seen
+  in pretraining, and nothing here tunes it) over the first 2K, 4K and 8K tokens;
 - passkey and multi-key needle-in-a-haystack accuracy: the address text as haystack, one (or
   several, each for a named door) "The pass key is 12345. Remember it." needles at random depths,
-  then "What is the pass key? The pass key is". A prompt is solved when greedy decoding writes the
-  five digits, checked in the same forward pass: greedy decoding writes the answer exactly when,
+  then "What is the pass key? The pass key is " (the question on a new line). A prompt is solved
+  when greedy decoding writes the five digits, checked in the same forward pass: greedy decoding writes the answer exactly when,
   fed the answer, every one of its tokens is the argmax at its position (teacher forcing).
   Dense accuracy comes first; selector rows are reported only for the prompt kinds and lengths
   the dense model solves (``--min-dense-accuracy``).
 
 One compiled forward per (row, sparsity): every text window and every prompt is a row of one
 batch of ``--length`` tokens. A causal model's prediction at position i depends on tokens up to i
-only, and so do the causal selections (the budget of a query block is a fraction of the key
-blocks it may see, its estimates use earlier keys), so the perplexity of the first n tokens and a
-prompt of n tokens followed by filler text score as n-token inputs would.
+only, and a selection under the causal mask keeps, for each query block, a fraction of the key
+blocks it may see, so the perplexity of the first n tokens and a prompt of n tokens followed by
+filler text score as n-token inputs would (up to what a selector's estimate takes from later
+queries: the rows here estimate each query block from its own queries and earlier keys).
 
-CPU smoke preset (``--preset smoke``): 512 tokens, two rows, one sparsity. GPU (H100, bf16,
-under five minutes): ``python -m experiments.sparse_prefill --preset gpu``. Needs the SmolLM2
-GGUF (``bash scripts/setup_data.sh``). Writes ``results.json``, ``table.md`` and
-``perplexity.png`` to ``--out`` (default ``experiments/results/sparse_prefill/``).
+CPU smoke preset (``--preset smoke``): 512 tokens, two rows, one sparsity. GPU (bf16, 8K tokens):
+``--preset gpu``, split by ``--selectors`` into parts that each stay under five minutes on an H100,
+then ``--merge`` of the parts' folders (experiments/results/sparse_prefill/README.md has the
+commands). Needs the SmolLM2 GGUF (``bash scripts/setup_data.sh``). Writes ``results.json``,
+``table.md`` and ``perplexity.png`` to ``--out`` (default ``experiments/results/sparse_prefill/``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +71,8 @@ class Config:
     min_dense_accuracy: float = harness.option(0.75, "report a task's selector rows only where dense reaches this")
     dtype: str = harness.option("float32", "compute dtype (bfloat16 on a GPU)", choices=("float32", "bfloat16"))
     seed: int = harness.option(0, "seed of the needles' depths and keys")
+    merge: tuple[str, ...] = harness.option((), "folders of runs (parts split by --selectors) to combine into "
+                                            "one table and plot, instead of running the model")
     out: str = harness.option(harness.study_dir("sparse_prefill"), "output folder")
 
 
@@ -109,8 +115,12 @@ def needle_prompt(tokenizer, haystack: list[int], *, length: int, row_length: in
         question = f"\n\nWhat is the pass key of the {doors[asked]} door? The pass key of the {doors[asked]} door is"
     needle_ids = [tokenizer.encode(s) for s in sentences]
     question_ids, answer_ids = tokenizer.encode(question), tokenizer.encode(f" {keys[asked]}")
+    # The tokenizer writes " 12345" as a space token and one token per digit: the space ends the prompt
+    # ("... The pass key is "), so that the answer greedy decoding has to write is the five digits.
+    while not tokenizer.decode(answer_ids[:1]).strip():
+        question_ids, answer_ids = question_ids + answer_ids[:1], answer_ids[1:]
     fill = length - len(question_ids) - len(answer_ids) - sum(map(len, needle_ids))
-    if fill < needles or len(haystack) < fill + row_length:
+    if fill < needles or len(haystack) < fill + row_length - length:
         raise ValueError(f"passkey_lengths entries must leave room for the haystack; got {length}")
     depths = sorted(rng.choice(np.arange(1, fill), size=needles, replace=False))
     ids, start = [], 0
@@ -187,6 +197,19 @@ def run(cfg: Config, argv=None) -> dict:
     return dict(meta=meta, dense=dense, solved_tasks=solved_tasks, results=results)
 
 
+def merge_parts(folders: tuple[str, ...]) -> dict:
+    """One result from runs of the same configuration but different ``--selectors``: the first run's dense
+    row and metadata (with every part's), every part's selector rows."""
+    parts = [json.loads((Path(folder) / "results.json").read_text()) for folder in folders]
+    first = parts[0]
+    for folder, part in zip(folders, parts):
+        if part["dense"]["perplexity"] != first["dense"]["perplexity"]:
+            raise ValueError(f"merge: {folder} ran another configuration than {folders[0]} (dense perplexity differs)")
+    meta = dict(first["meta"], parts=[p["meta"] for p in parts], seconds=sum(p["meta"]["seconds"] for p in parts))
+    return dict(meta=meta, dense=first["dense"], solved_tasks=first["solved_tasks"],
+                results=[r for p in parts for r in p["results"]])
+
+
 def _task_name(task: str) -> str:
     needles, length = task.split("x")
     kind = "passkey" if needles == "1" else f"{needles}-key"
@@ -256,7 +279,12 @@ def plot(results: dict, cfg: Config):
 
 def main(argv=None) -> dict:
     cfg = harness.parse_config(get_config, argv, description=__doc__, presets=PRESETS)
-    results = run(cfg, argv)
+    if cfg.merge:
+        results = merge_parts(cfg.merge)
+        ran = {k: tuple(v) if isinstance(v, list) else v for k, v in results["meta"]["config"].items()}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in ran.items() if k not in ("merge", "out")})
+    else:
+        results = run(cfg, argv)
     table = write_table(results, cfg)
     paths = harness.write_results(cfg.out, {"results.json": results, "table.md": table,
                                             "perplexity.png": plot(results, cfg)})

@@ -22,7 +22,7 @@ def test_bench_generation_smoke_random_init(tmp_path):
     saved = json.loads((tmp_path / "bench_generation_cpu_smoke.json").read_text())
     assert saved["device"] == "cpu" and not saved["quality"] and "random-init" in saved["notes"][0]
     table = (tmp_path / "bench_generation_cpu_smoke.md").read_text()
-    assert "| 256 | split |" in table and "passkey" not in table
+    assert "| 256 | split |" in table and "| passkey acc |" not in table
 
 
 def test_bench_generation_smoke_with_a_checkpoint(tmp_path):

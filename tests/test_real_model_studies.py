@@ -50,7 +50,7 @@ def test_needle_prompt_places_the_answer_after_the_question(smollm2):
         answer = tokenizer.decode(list(p.tokens[p.answer])).strip()
         assert len(answer) == 5 and answer.isdigit()
         prompt = tokenizer.decode(list(p.tokens[: p.answer.start]))
-        assert prompt.count(f"is {answer}.") >= 1 and prompt.endswith(" is")
+        assert prompt.count(f"is {answer}.") >= 1 and prompt.endswith(" is ")
 
 
 def test_sparse_prefill_runs_every_layer_sparse(tmp_path, monkeypatch):

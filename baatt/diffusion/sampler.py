@@ -88,7 +88,8 @@ class SampleResult:
 def _hidden(model, x, plan: AttentionPlan, kind: str, sels):
     """(final hidden states, the selections made or None, mean density) of one step kind."""
     if kind == "dense":
-        return model.hidden(x, attention=AttentionPlan.dense()), None, jnp.float32(1.0)
+        dense = plan if plan.kind == "dense" else AttentionPlan.dense()  # a dense plan keeps its implementation
+        return model.hidden(x, attention=dense), None, jnp.float32(1.0)
     h, aux = model.hidden(x, attention=plan, selections=sels, return_aux=True)
     density = jnp.mean(jnp.stack([jnp.mean(d) for d in aux["density"]]))
     return h, aux["selections"] if kind == "estimate" else None, density
@@ -307,7 +308,9 @@ def generate(
                 and float(_max_block_change(x, x_at_estimate, block=drift_block)) >= refresh_drift)):
             kind = "estimate"
         positions = block_positions[step // spb]
-        logits, made, density = _decode_forward(graphdef, plan, kind)(
+        # The warm-up of a BA-Att plan compiles the program of the default dense plan, shared with dense runs.
+        step_plan = AttentionPlan.dense() if kind == "dense" and plan.kind != "dense" else plan
+        logits, made, density = _decode_forward(graphdef, step_plan, kind)(
             state, x, positions, sels if kind == "reuse" else None)
         if kind == "estimate":
             sels, x_at_estimate, since_estimate = made, x, 0

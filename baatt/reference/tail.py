@@ -21,7 +21,7 @@ dropped and the output is block-sparse attention's.
 
 ``refine=m`` (with ``group`` smaller than the key block) pools in sub-blocks only the
 ``m`` dropped blocks of each query block that score highest (query-block mean against
-block mean, plus log count), and the other dropped blocks in one key each: most of the
+block mean, plus log count), and the other dropped blocks in one key each: part of the
 gain of sub-blocks at a fraction of their cost.
 
 ``baatt.attention(config=BAConfig(tail="pooled"))`` runs ``add_pooled_tail`` after the
