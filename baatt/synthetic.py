@@ -33,18 +33,18 @@ class SyntheticConfig:
     seed: int = 0
 
 
-def rope(x: np.ndarray, base: float) -> np.ndarray:
-    """Rotary embedding over adjacent channel pairs, positions along axis 1 of [B, L, H, D]."""
+def rope(x, base: float):
+    """Rotary embedding over adjacent channel pairs, positions along axis 1 of [B, L, H, D].
+
+    ``x`` is a NumPy array (host draw) or a jax array (device draw); the angles are computed in
+    float64 on the host either way and the result has ``x``'s type and dtype.
+    """
+    xp = np if isinstance(x, np.ndarray) else jnp
     d = x.shape[-1]
-    pos = np.arange(x.shape[1])[:, None]
-    inv = base ** (-np.arange(0, d, 2) / d)
-    ang = pos * inv[None, :]  # [L, D/2]
-    cos, sin = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
+    ang = np.arange(x.shape[1])[:, None] * (base ** (-np.arange(0, d, 2) / d))[None, :]  # [L, D/2]
+    cos, sin = (xp.asarray(f(ang)[None, :, None, :], dtype=x.dtype) for f in (np.cos, np.sin))
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = np.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out
+    return xp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
 
 
 def attention_inputs(cfg: SyntheticConfig = SyntheticConfig(), dtype=jnp.float32):
@@ -161,13 +161,6 @@ def attention_inputs_on_device(cfg: SyntheticConfig = SyntheticConfig(), dtype=j
     sinks = jnp.concatenate([jnp.zeros((1,), others.dtype), others])
     k = k.at[:, sinks].set(cfg.sink_strength * np.sqrt(d) * shared[None, None] + 0.1 * k[:, sinks])
     q += 0.5 * jnp.repeat(shared, group, axis=0)[None, None]
-    inv = cfg.rope_base ** (-jnp.arange(0, d, 2, dtype=f32) / d)
-    ang = jnp.arange(l, dtype=f32)[:, None] * inv[None, :]
-    cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
-
-    def rotate(x):
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
-
     v = jax.random.normal(next(keys), (b, l, hkv, d), f32)
-    return tuple(x.astype(dtype) for x in (rotate(q), rotate(k), v))
+    q, k = rope(q, cfg.rope_base), rope(k, cfg.rope_base)
+    return tuple(x.astype(dtype) for x in (q, k, v))

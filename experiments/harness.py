@@ -341,6 +341,17 @@ def write_results(out_dir: str | os.PathLike, files: Mapping[str, object]) -> li
     return paths
 
 
+def report_study(out_dir: str | os.PathLike, results: dict, table: str,
+                 figures: Mapping[str, object] | None = None) -> list[Path]:
+    """A study's ending: ``results.json``, ``table.md`` and ``figures`` (name -> matplotlib figure)
+    under ``out_dir``, then the table and the files written (with the run's seconds) on stdout."""
+    paths = write_results(out_dir, {"results.json": results, "table.md": table, **(figures or {})})
+    print()
+    print(table)
+    print(f"wrote {', '.join(map(str, paths))} in {results['meta']['seconds']} s")
+    return paths
+
+
 # ----------------------------------------------------------------------------- inputs
 
 

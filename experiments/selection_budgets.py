@@ -253,11 +253,8 @@ def main(argv=None) -> dict:
     cfg = harness.parse_config(get_config, argv, description=__doc__)
     results, budgets = run(cfg, argv)
     table = write_table(results, cfg)
-    paths = harness.write_results(cfg.out, {"results.json": results, "table.md": table})
-    budgets.save(f"{cfg.out}/budgets.json")
-    print()
-    print(table)
-    print(f"wrote {', '.join(map(str, paths))}, {cfg.out}/budgets.json in {results['meta']['seconds']} s")
+    budgets.save(f"{cfg.out}/budgets.json", meta=results["meta"])
+    harness.report_study(cfg.out, results, table)
     return results
 
 

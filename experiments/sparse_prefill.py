@@ -286,11 +286,7 @@ def main(argv=None) -> dict:
     else:
         results = run(cfg, argv)
     table = write_table(results, cfg)
-    paths = harness.write_results(cfg.out, {"results.json": results, "table.md": table,
-                                            "perplexity.png": plot(results, cfg)})
-    print()
-    print(table)
-    print(f"wrote {', '.join(map(str, paths))} in {results['meta']['seconds']} s")
+    harness.report_study(cfg.out, results, table, {"perplexity.png": plot(results, cfg)})
     return results
 
 

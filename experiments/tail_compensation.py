@@ -297,10 +297,7 @@ def main(argv=None) -> dict:
     cfg = harness.parse_config(get_config, argv, description=__doc__, presets=tuple(PRESETS))
     results = run(cfg, argv)
     table = write_table(results, cfg)
-    paths = harness.write_results(cfg.out, {"results.json": results, "table.md": table, **plot(results, cfg)})
-    print()
-    print(table)
-    print(f"wrote {', '.join(map(str, paths))} in {results['meta']['seconds']} s")
+    harness.report_study(cfg.out, results, table, plot(results, cfg))
     return results
 
 

@@ -167,9 +167,12 @@ class Budgets:
         """Mean kept share of the key blocks over layers and heads."""
         return float(np.mean(self.counts) / self.num_k_blocks)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, meta: Mapping | None = None) -> None:
+        """Writes the budgets as JSON; ``meta`` (e.g. device, jax version, commit of the calibration
+        run) is stored beside them under ``"meta"`` and ignored by ``load``."""
         with open(path, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1)
+            json.dump({**dataclasses.asdict(self), **({"meta": dict(meta)} if meta else {})}, f, indent=1,
+                      default=str)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Budgets:
