@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import baatt
+import baatt.diffusion  # registers "prompt_gen": the selector list must not depend on test order
 from baatt import reference, synthetic
+from baatt.diffusion import PromptGenParams
 from baatt.selection import block_map
 from experiments import approx_error
 
@@ -51,6 +53,9 @@ def test_approx_error_accepts_saved_qk(tmp_path):
 def test_block_maps_are_distributions(selector):
     q, k, _ = synthetic.attention_inputs(synthetic.SyntheticConfig(length=200, q_heads=2, kv_heads=1, head_dim=16))
     cfg = baatt.BAConfig(block_size=32, sparsity=0.5)
+    if selector == "prompt_gen":  # its budgets live in its params, per key region
+        cfg = baatt.BAConfig(block_size=32, selector="prompt_gen",
+                             selector_params=PromptGenParams(prompt_length=96, prompt_sparsity=0.5, gen_sparsity=0.5))
     m = np.asarray(block_map(q, k, cfg, selector=selector))
     assert m.shape == (1, 2, 7, 7)
     np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +18,9 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 # [text](target): the targets that are not web addresses or in-page anchors are paths in the repository.
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# <!-- examples-env: NAME=value ... -->: the environment a page's examples need before JAX starts
+# (e.g. several host devices); such examples run in a child Python.
+_EXAMPLES_ENV = re.compile(r"<!-- examples-env: (.*?) -->")
 
 
 def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
@@ -35,8 +41,16 @@ def test_readme_has_examples():
 def test_example_runs(path, line, source):
     # Each block is self-contained: its own namespace, no state from the blocks before it.
     # Padding with newlines makes a traceback point at the file's own line numbers.
-    code = compile("\n" * (line - 1) + source, str(path), "exec")
-    exec(code, {"__name__": "__example__"})
+    padded = "\n" * (line - 1) + source
+    env = _EXAMPLES_ENV.search(path.read_text())
+    if env is None:
+        exec(compile(padded, str(path), "exec"), {"__name__": "__example__"})
+        return
+    extra = dict(item.split("=", 1) for item in env.group(1).split())
+    program = f"exec(compile({padded!r}, {str(path)!r}, 'exec'), {{'__name__': '__example__'}})"
+    child = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env={**os.environ, **extra},
+                           capture_output=True, text=True)
+    assert child.returncode == 0, f"{path.relative_to(ROOT)}:{line} failed with {extra}:\n{child.stderr}"
 
 
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())
