@@ -16,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module compiles its own programs; dropping them afterwards keeps the suite's memory
+    flat over its ~700 tests (the executables of earlier modules are never reused)."""
+    yield
+    import jax
+
+    jax.clear_caches()
