@@ -386,5 +386,5 @@ class BAConfig:
             return self._params_from_keywords(name)
         return params_type()
 
-    def replace(self, **changes) -> "BAConfig":
+    def replace(self, **changes) -> BAConfig:
         return dataclasses.replace(self, **changes)

@@ -364,7 +364,7 @@ def run_info() -> dict:
         commit = "unknown"
     dev = jax.devices()[0]
     return dict(device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}", jax_version=jax.__version__, commit=commit,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
 
 # -- the loop ---------------------------------------------------------------------------------

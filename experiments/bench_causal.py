@@ -37,8 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import baatt
-from baatt import layout
-from baatt import kernels
+from baatt import kernels, layout
 from experiments import harness
 
 IMPLEMENTATIONS = ("mosaic_gpu", "pallas")  # the backends with causal kernels

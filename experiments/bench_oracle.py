@@ -126,7 +126,7 @@ def run(cfg: Config, partial_path: Path | None = None) -> list[dict]:
             row["full_vs_cudnn"] = row["cudnn_fwd_ms"] / row["full_ms"]
         print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}), flush=True)
         rows.append(row)
-        del q, k, v, space, m
+        q = k = v = space = m = None  # frees device memory before the next size
         if partial_path:  # keep what is done if the run is cut short (removed once the run completes)
             partial_path.write_text(json.dumps(rows, indent=1))
     return rows
@@ -162,7 +162,7 @@ def run_tune(cfg: Config) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(json.dumps(row), flush=True)
             rows.append(row)
-        del q, k, space
+        q = k = space = None  # frees device memory before the next size
     return rows
 
 

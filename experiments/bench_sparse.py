@@ -188,8 +188,8 @@ def run_grid(cfg: Config, fa2: dict, partial_path: Path | None = None) -> list[d
                 rows.append(row)
                 print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}),
                       flush=True)
-            del sel, sel_ba, sel_rand
-        del q, k, v, do, do_b, space
+            sel = sel_ba = sel_rand = None  # frees device memory before the next size
+        q = k = v = do = do_b = space = None  # frees device memory before the next size
         if partial_path:  # keep what is done if the run is cut short (removed once the run completes)
             partial_path.write_text(json.dumps(rows))
     return rows
@@ -290,7 +290,7 @@ def run_tune_mosaic(cfg: Config) -> list[dict]:
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-        del q, k, v
+        q = k = v = None  # frees device memory before the next size
     return rows
 
 

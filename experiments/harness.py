@@ -304,7 +304,7 @@ def run_metadata(module: str, argv: Sequence[str] | None = None, **extra) -> dic
     args = sys.argv[1:] if argv is None else list(argv)
     return dict(device=platform.device_kind(), jax_version=jax.__version__,
                 python=python_platform.python_version(), commit=git_commit(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 command=shlex.join(["python", "-m", module, *args]), **extra)
 
 
@@ -460,7 +460,7 @@ def _time_flash_attention2(spec: dict, out_path: str) -> None:
             both = tm(fwdbwd)
         result["fa2"][str(length)] = {"fwd_ms": fwd * 1e3, "fwdbwd_ms": both * 1e3}
         print(f"[fa2] L={length} fwd {fwd * 1e3:.2f} ms fwd+bwd {both * 1e3:.2f} ms", flush=True)
-        del q, k, v, do, qg, kg, vg
+        q = k = v = do = qg = kg = vg = None  # frees device memory before the next size
         torch.cuda.empty_cache()
     Path(out_path).write_text(json.dumps(result))
 

@@ -462,7 +462,7 @@ def test_kernel_body_traces(positional, masked, tuning):
     for bq, bk in ((128, 128), (256, 64), (128, 256)):
         sel = mosaic_gpu.pack_selection(jnp.zeros((b, hq, l // bq, 2), jnp.int32), jnp.ones((b, hq, l // bq), jnp.int32))
         bias = jnp.zeros((b, hkv, l), jnp.float32) if masked else None
-        jaxpr = jax.make_jaxpr(lambda q, k, s, bi: forward(q, k, k, s, bi, scale=0.1, block_q=bq, block_k=bk,
+        jaxpr = jax.make_jaxpr(lambda q, k, s, bi, bq=bq, bk=bk: forward(q, k, k, s, bi, scale=0.1, block_q=bq, block_k=bk,
                                                            positional=positional, tuning=tuning))(q, k, sel, bias)
         assert "wgmma" in str(jaxpr) and "baatt_block_sparse_fwd" in str(jaxpr)
 

@@ -124,12 +124,12 @@ class AttentionPlan:
                 raise ValueError("AttentionPlan.layer_configs must be a tuple of BAConfig or None")
 
     @classmethod
-    def dense(cls, implementation: str | None = None) -> "AttentionPlan":
+    def dense(cls, implementation: str | None = None) -> AttentionPlan:
         return cls(kind="dense", implementation=implementation)
 
     @classmethod
     def ba(cls, config: BAConfig | None = None, *, compensate_layers=None, implementation=None, budgets=None,
-           **config_fields) -> "AttentionPlan":
+           **config_fields) -> AttentionPlan:
         config = (config or BAConfig()).replace(**config_fields) if config_fields else (config or BAConfig())
         if compensate_layers is not None:
             compensate_layers = tuple(compensate_layers)

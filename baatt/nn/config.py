@@ -6,7 +6,6 @@ import dataclasses
 
 import jax.numpy as jnp
 
-
 ROPE_STYLES = ("half", "interleaved")
 CAUSALITIES = ("bidirectional", "causal", "block_causal")
 
@@ -113,7 +112,7 @@ class ModelConfig:
     def weight_dtype(self):
         return jnp.dtype(self.param_dtype)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

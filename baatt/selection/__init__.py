@@ -28,6 +28,7 @@ from baatt.selector_registry import SELECTORS, Selector, SelectorParamError, get
 from baatt.validation import check_finite, check_qk
 
 # The built-in selectors register themselves on import; this order is the order of baatt.SELECTORS.
+# isort: off
 from baatt.selection import baatt, meanpool, oracle, xattention, last_query, sparge_like, random, dense  # noqa: F401
 from baatt.selection import query_token, max_oracle, mixed, quest, proxy  # noqa: F401
 from baatt.selection.last_query import LastQueryParams
@@ -38,6 +39,7 @@ from baatt.selection.quest import QuestParams
 from baatt.selection.random import RandomParams
 from baatt.selection.sparge_like import SpargeParams
 from baatt.selection.xattention import XAttentionParams
+# isort: on
 
 
 def _selector_name(config: BAConfig, selector: str | None) -> str:

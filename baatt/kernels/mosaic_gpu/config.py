@@ -45,7 +45,7 @@ class Tuning:
     persistent: bool | None = None
     ctas: int | None = None
 
-    def resolve(self, block_k: int, head_dim: int, itemsize: int, kmax: int | None = None) -> "Tuning":
+    def resolve(self, block_k: int, head_dim: int, itemsize: int, kmax: int | None = None) -> Tuning:
         """Every None derived; ``kmax``: width of the selection's id lists (None: unknown, not persistent)."""
         tile_k = self.tile_k or min(block_k, 128)
         if tile_k not in (64, 128) or block_k % tile_k:

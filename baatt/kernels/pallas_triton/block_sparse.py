@@ -94,7 +94,7 @@ class Tuning:
     bwd_warps: int | None = None
     bwd_stages: int = 2
 
-    def resolve(self, block_q: int, block_k: int, head_dim: int) -> "Tuning":
+    def resolve(self, block_q: int, block_k: int, head_dim: int) -> Tuning:
         def pick(value, default, block):
             v = default if value is None else value
             v = min(v, block)

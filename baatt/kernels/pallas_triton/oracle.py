@@ -84,7 +84,7 @@ class Tuning:
     warps: int | None = None
     stages: int = 2
 
-    def resolve(self, block_q: int, block_k: int, head_dim: int) -> "Tuning":
+    def resolve(self, block_q: int, block_k: int, head_dim: int) -> Tuning:
         def pick(value, default, block):
             v = min(default if value is None else value, block)
             if v < 1 or block % v:
