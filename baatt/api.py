@@ -370,10 +370,10 @@ def _check_selection_mask(selection: BlockSelection, config: BAConfig) -> None:
 
 def takes_positional_path(impl: Implementation, q, k, key_mask, selection: BlockSelection, interpret: bool) -> bool:
     """Whether ``impl`` runs on the caller's [B, L, H, D] arrays (no block-space copies): it offers a
-    positional operator, the selection is unpermuted and bidirectional, there is no key mask and lengths
-    are whole blocks."""
+    positional operator, the selection is unpermuted, there is no key mask and lengths are whole blocks.
+    A causal or block-causal mask applies on positions, so it takes this path too."""
     return (impl.positional_op is not None and not interpret and key_mask is None and selection.q_perm is None
-            and selection.k_perm is None and selection.mask.is_bidirectional
+            and selection.k_perm is None
             and q.shape[1] % selection.block_q == 0 and k.shape[1] % selection.block_k == 0)
 
 
@@ -410,7 +410,7 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, head_counts, config, i
         poison = poison + nan_where(~(jnp.isfinite(traced_scale) & (traced_scale > 0)))
     if takes_positional_path(impl, q, k, key_mask, selection, interpret):
         out, lse = impl.positional_op(q, k, v, selection.indices, selection.counts, scale=scale,
-                                      block_q=selection.block_q, block_k=selection.block_k)
+                                      block_q=selection.block_q, block_k=selection.block_k, mask=selection.mask)
     else:
         space = layout.to_block_space(
             q, k, v, block_q=selection.block_q, block_k=selection.block_k,

@@ -527,8 +527,8 @@ def _head_parallel_implementation(inner: Implementation, mesh: Mesh, batch_axis:
 
     positional_op = None
     if inner.positional_op is not None:
-        def positional_op(q, k, v, indices, counts, *, scale, block_q, block_k):
-            body = functools.partial(inner.positional_op, scale=scale, block_q=block_q, block_k=block_k)
+        def positional_op(q, k, v, indices, counts, *, scale, block_q, block_k, mask):
+            body = functools.partial(inner.positional_op, scale=scale, block_q=block_q, block_k=block_k, mask=mask)
             return shard_map(body, in_specs=(positional, positional, positional, rows4, rows3),
                              out_specs=(positional, rows3))(q, k, v, indices, counts)
 

@@ -436,3 +436,17 @@ def test_bench_causal_cpu_smoke(tmp_path):
         bench_causal.causal_forward_flops(bench_causal.get_config("smoke"), 256) / 1e9)
     md = (tmp_path / "bench_causal.md").read_text()
     assert "Kernel throughput at 0% sparsity" in md and "End to end at 90% sparsity" in md
+
+
+@pytest.mark.parametrize("mask", [AttentionMask.causal(), AttentionMask.block_causal(256)], ids=["causal", "block256"])
+def test_masked_selections_take_the_positional_path_when_blocks_are_whole(mask):
+    # The Mosaic kernel applies the mask on positions, so a masked selection needs no block-space copies.
+    from baatt.api import takes_positional_path
+    impl = types.SimpleNamespace(positional_op=lambda *a, **kw: None)
+    x = jnp.zeros((1, 512, 2, 64), jnp.float32)
+    sel = select_blocks(x, x, baatt.BAConfig(block_size=128, sparsity=0.5, mask=mask))
+    assert takes_positional_path(impl, x, x, None, sel, interpret=False)
+    assert not takes_positional_path(impl, x, x, jnp.ones((1, 512), bool), sel, interpret=False)
+    assert not takes_positional_path(impl, x[:, :500], x[:, :500], None,
+                                     select_blocks(x[:, :500], x[:, :500], baatt.BAConfig(block_size=128, mask=mask)),
+                                     interpret=False)

@@ -28,9 +28,10 @@ class Implementation:
         against (e.g. ``"baatt.reference.attention.block_sparse_blocked"``).
       estimator: optional fast selection ``(q, k, config, *, key_mask, interpret) ->
         BlockSelection``; None means the registered selectors.
-      positional_op: optional ``(q, k, v, indices, counts, *, scale, block_q, block_k) ->
+      positional_op: optional ``(q, k, v, indices, counts, *, scale, block_q, block_k, mask) ->
         (out, lse)`` on the caller's [B, L, H, D] arrays, used when the selection is
-        unpermuted, there is no key mask and lengths are whole blocks.
+        unpermuted, there is no key mask and lengths are whole blocks; ``mask`` is the
+        selection's AttentionMask (bidirectional, causal or block-causal, on positions).
     """
 
     name: str
