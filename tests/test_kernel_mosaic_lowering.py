@@ -41,3 +41,48 @@ def test_lowering_digests_are_deterministic(digest_tool):
     first, second = digest_tool.digests(quick=True), digest_tool.digests(quick=True)
     assert first == second and len(first) == 3
     assert [len(v) for v in first.values()] == [1, 3, 1]
+
+
+def test_kernels_under_a_mesh_with_the_same_axis_names_lower_without_communication():
+    # The kernels' grid axes must not share names with a caller's mesh axes: inside shard_map, a grid
+    # axis called "heads" resolved to the mesh axis, and the kernel became an NVSHMEM (multi-device)
+    # kernel that XLA refused to compile on one GPU.
+    import re
+
+    import jax
+    import jax.experimental.mosaic.gpu.core as mosaic_core
+    import jax.numpy as jnp
+    from jax import export
+    from jax.sharding import AbstractMesh, AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from baatt.kernels import mosaic_gpu as mgpu
+
+    captured = []
+    original = mosaic_core._run_serde_pass
+
+    def capture(module, *args, **kwargs):
+        if kwargs.get("serialize"):
+            captured.append(module.operation.get_asm(enable_debug_info=False))
+        return original(module, *args, **kwargs)
+
+    mesh = AbstractMesh((1, 1), ("batch", "heads"), axis_types=(AxisType.Auto,) * 2)
+    spec = P("batch", None, "heads", None)
+    idx_spec, cnt_spec = P("batch", "heads", None, None), P("batch", "heads", None)
+
+    def attend(q, k, v, i, c):
+        body = lambda *a: mgpu.positional_attention(*a, scale=0.1, block_q=128, block_k=128)
+        return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, idx_spec, cnt_spec), check_vma=False,
+                             out_specs=(spec, P("batch", "heads", None)))(q, k, v, i, c)[0]
+
+    sd = jax.ShapeDtypeStruct
+    args = (sd((1, 512, 2, 128), jnp.bfloat16),) * 3 + (sd((1, 2, 4, 2), jnp.int32), sd((1, 2, 4), jnp.int32))
+    mosaic_core._run_serde_pass = capture
+    try:
+        grads = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+        export.export(jax.jit(grads), platforms=["cuda"])(*args)
+    finally:
+        mosaic_core._run_serde_pass = original
+    assert len(captured) == 3  # forward, dq, dk/dv
+    for text in captured:
+        assert not re.search("nvshmem|collective_metadata", text)

@@ -32,10 +32,12 @@ def row_view(positional: bool):
 
 
 def tile_grid(heads: int, tiles: int, batch: int, tile_name: str, tile_major: bool):
-    # Pallas launches its grid row-major: the last axis varies fastest (CUDA's x).
+    # Pallas launches its grid row-major: the last axis varies fastest (CUDA's x). Grid axes carry a
+    # "baatt_" prefix: inside shard_map, lax.axis_index of a name the caller's mesh also has ("heads",
+    # "batch") resolves to the mesh axis and turns the kernel into a multi-device (NVSHMEM) one.
     if tile_major:
-        return (heads, tiles, batch), ("heads", tile_name, "batch")
-    return (tiles, heads, batch), (tile_name, "heads", "batch")
+        return (heads, tiles, batch), ("baatt_heads", tile_name, "baatt_batch")
+    return (tiles, heads, batch), (tile_name, "baatt_heads", "baatt_batch")
 
 
 def work_items(persistent: bool, num_ctas, heads: int, tiles: int, batch: int, tile_name: str, tile_major: bool):
@@ -45,8 +47,8 @@ def work_items(persistent: bool, num_ctas, heads: int, tiles: int, batch: int, t
     items c, c + num_ctas, ... of the (batch, head, tile) space in launch order (tiles or heads fastest).
     """
     if not persistent:
-        return 1, lambda i: (lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index(tile_name))
-    cta = lax.axis_index("cta")
+        return 1, lambda i: (lax.axis_index("baatt_batch"), lax.axis_index("baatt_heads"), lax.axis_index(tile_name))
+    cta = lax.axis_index("baatt_cta")
     n_mine = lax.div(jnp.int32(heads * tiles * batch - 1) - cta, jnp.int32(num_ctas)) + 1
 
     def item(i):
@@ -149,7 +151,7 @@ def load_own_tiles(copies, ready, wg):
 
 def run_warp_specialized(kernel, scratch, barriers):
     """Allocate the shared memory and barriers collectively over the warpgroups, then run ``kernel``."""
-    pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers, collective_axes="wg")
+    pl.run_scoped(lambda *a: kernel(a[:len(scratch)], a[len(scratch):]), *scratch, *barriers, collective_axes="baatt_wg")
 
 
 def launch(body, out_type, grid_and_names, *, name: str, interpret: bool = False):
@@ -162,7 +164,7 @@ def launch(body, out_type, grid_and_names, *, name: str, interpret: bool = False
         grid=grid,
         grid_names=names,
         num_threads=CONSUMERS + 1,
-        thread_name="wg",
+        thread_name="baatt_wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name=name,

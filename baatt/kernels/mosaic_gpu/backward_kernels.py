@@ -88,14 +88,14 @@ def dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, til
 
     def body(q_ref, k_ref, v_ref, sel_ref, lse_ref, delta_ref, do_ref, *rest):
         bias_ref, (dq_ref,) = bias_and_outputs(rest, masked)
-        _, item = work_items(False, None, q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major)
+        _, item = work_items(False, None, q_heads, lq // TILE_Q, batch, "baatt_q_tile", t.tile_major)
         b, h, qt, steps, tile_start = row_walks(False, item, sel_ref, rows_per_sel=rows_per_sel, per_block=per_block,
                                                 block_k=block_k, tile_k=tile_k, rotate=t.rotate)(0)
 
         def kernel(scratch, barriers):
             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem = scratch
             in_ready, k_ready, v_ready, bias_ready, k_free, v_free, turn = barriers
-            wg = lax.axis_index("wg")
+            wg = lax.axis_index("baatt_wg")
             take_turn = functools.partial(take_turn_at, turn) if t.pingpong else (lambda: None)
 
             @pl.when(wg < CONSUMERS)
@@ -199,7 +199,7 @@ def dq_call(q, k, v, bias, sel, lse2, delta, do, *, scale, block_q, block_k, til
 
     inputs = (q, k, v, sel, lse2, delta, do) + ((bias,) if masked else ())
     return launch(body, jax.ShapeDtypeStruct(q.shape, dtype),
-                   tile_grid(q_heads, lq // TILE_Q, batch, "q_tile", t.tile_major),
+                   tile_grid(q_heads, lq // TILE_Q, batch, "baatt_q_tile", t.tile_major),
                    name="baatt_block_sparse_dq")(*inputs)
 
 
@@ -226,9 +226,9 @@ def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, p
 
     def body(q_ref, k_ref, v_ref, selt_ref, lse_ref, delta_ref, do_ref, *rest):
         bias_ref, (dk_ref, dv_ref) = bias_and_outputs(rest, masked)
-        b = lax.axis_index("batch")
-        kvh = lax.axis_index("heads")
-        kt = lax.axis_index("k_tile")
+        b = lax.axis_index("baatt_batch")
+        kvh = lax.axis_index("baatt_heads")
+        kt = lax.axis_index("baatt_k_tile")
         kblk = lax.div(kt, jnp.int32(tiles_per_block)) if tiles_per_block > 1 else kt
 
         def head_steps(g):
@@ -247,7 +247,7 @@ def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, p
         def kernel(scratch, barriers):
             k_smem, v_smem, kbias_smem, q_smem, do_smem, lse_smem, delta_smem = scratch
             own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, turn = barriers
-            wg = lax.axis_index("wg")
+            wg = lax.axis_index("baatt_wg")
             take_turn = functools.partial(take_turn_at, turn) if t.pingpong else (lambda: None)
 
             @pl.when(wg < CONSUMERS)
@@ -359,7 +359,7 @@ def dkv_call(q, k, v, bias, selt, lse2, delta, do, *, scale, block_q, block_k, p
 
     inputs = (q, k, v, selt, lse2, delta, do) + ((bias,) if masked else ())
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-    return launch(body, out_type, tile_grid(kv_heads, lk // TILE_Q, batch, "k_tile", t.tile_major),
+    return launch(body, out_type, tile_grid(kv_heads, lk // TILE_Q, batch, "baatt_k_tile", t.tile_major),
                    name="baatt_block_sparse_dkv")(*inputs)
 
 

@@ -103,7 +103,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
 
     def body(q_ref, k_ref, v_ref, sel_ref, *rest):
         bias_ref, (out_ref, lse_ref) = bias_and_outputs(rest, masked)
-        n_mine, item = work_items(t.persistent, num_ctas, q_heads, tiles, batch, "q_tile", t.tile_major)
+        n_mine, item = work_items(t.persistent, num_ctas, q_heads, tiles, batch, "baatt_q_tile", t.tile_major)
 
         walk = row_walks(t.persistent, item, sel_ref, rows_per_sel=rows_per_sel, per_block=per_block,
                          block_k=block_k, tile_k=tile_k, rotate=t.rotate)
@@ -114,7 +114,7 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
         def kernel(scratch, barriers):
             q_smem, k_smem, v_smem, bias_smem, lse_smem = scratch
             k_ready, v_ready, q_ready, bias_ready, k_free, v_free, turn = barriers
-            wg = lax.axis_index("wg")
+            wg = lax.axis_index("baatt_wg")
             take_turn = functools.partial(take_turn_at, turn)
 
             @pl.when(wg < CONSUMERS)
@@ -294,5 +294,5 @@ def forward(q, k, v, sel, bias, *, scale: float, block_q: int, block_k: int, tun
 
     inputs = (q, k, v, sel) + ((bias,) if masked else ())
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, lq), jnp.float32))
-    grid = ((num_ctas,), ("cta",)) if t.persistent else tile_grid(q_heads, tiles, batch, "q_tile", t.tile_major)
+    grid = ((num_ctas,), ("baatt_cta",)) if t.persistent else tile_grid(q_heads, tiles, batch, "baatt_q_tile", t.tile_major)
     return launch(body, out_type, grid, name="baatt_block_sparse_fwd", interpret=interpret)(*inputs)
