@@ -425,6 +425,10 @@ def test_sink_position_beyond_the_keys_is_refused():
     cfg = baatt.BAConfig(block_size=16, sparsity=0.5, force_sink=True, sink_positions=(0, 10**6))
     with pytest.raises(ValueError, match=r"BAConfig.sink_positions must lie below the key length 32"):
         baatt.attention(q, k, v, config=cfg)
+    with pytest.raises(ValueError, match=r"BAConfig.sink_positions must lie below the key length 32"):
+        baatt.select_blocks(q, k, cfg)
+    with pytest.raises(ValueError, match=r"BAConfig.sink_positions must lie below the key length 32"):
+        baatt.selection.block_map(q, k, cfg)
 
 
 def test_array_like_key_mask():

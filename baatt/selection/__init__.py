@@ -25,7 +25,7 @@ from baatt.config import BAConfig
 from baatt.selection.budget import forced_blocks, select_from_scores
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import SELECTORS, Selector, SelectorParamError, get_selector, register_selector
-from baatt.validation import check_finite, check_qk
+from baatt.validation import check_finite, check_qk, check_sink_positions
 
 # The built-in selectors register themselves on import; this order is the order of baatt.SELECTORS.
 # isort: off
@@ -62,6 +62,7 @@ def select_blocks(q, k, config: BAConfig | None = None, *, selector: str | None 
     config = with_is_causal(config, is_causal)
     name = _selector_name(config, selector)
     check_qk(q, k, key_mask=key_mask)
+    check_sink_positions(config, k.shape[1])
     key_mask = layout.visible_key_mask(key_mask, config.mask, q.shape[0], q.shape[1], k.shape[1])
     check_finite(q=q, k=k, key_mask=key_mask)
     return _select_jit(q, k, key_mask, config, name)
@@ -89,6 +90,7 @@ def block_map(q, k, config: BAConfig | None = None, *, selector: str | None = No
     config = with_is_causal(BAConfig() if config is None else config, is_causal)
     name = _selector_name(config, selector)
     check_qk(q, k, key_mask=key_mask)
+    check_sink_positions(config, k.shape[1])
     return _block_map_jit(q, k, key_mask, config, name)
 
 
