@@ -479,7 +479,7 @@ def test_forward_picks_persistent_from_the_walk_length():
         x = jax.ShapeDtypeStruct((b, h, l, d), jnp.bfloat16)
         sel = jax.ShapeDtypeStruct((b, h, l // 128, 1 + kmax), jnp.int32)
         jaxpr = str(jax.make_jaxpr(lambda q, s: forward(q, q, q, s, None, scale=0.1, block_q=128, block_k=128))(x, sel))
-        assert ("grid_names=('cta',)" in jaxpr) == persistent, kmax
+        assert ("grid_names=('baatt_cta',)" in jaxpr) == persistent, kmax
 
 
 @pytest.mark.parametrize("positional", [False, True])
@@ -498,7 +498,7 @@ def test_backward_kernels_trace(positional):
             jaxpr = str(jax.make_jaxpr(lambda q, k, o, l_, do, f=bwd: f(q, k, k, out=o, lse=l_, do=do))(q, k, q, lse, q))
             assert "wgmma" in jaxpr
             # a dq kernel and a dk/dv kernel, named for profilers (ncu --kernel-name regex:baatt_)
-            assert "'q_tile'" in jaxpr and "'k_tile'" in jaxpr
+            assert "'baatt_q_tile'" in jaxpr and "'baatt_k_tile'" in jaxpr
             assert "baatt_block_sparse_dq" in jaxpr and "baatt_block_sparse_dkv" in jaxpr
 
 

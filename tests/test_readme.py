@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import re
@@ -9,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import in_background
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -47,10 +50,28 @@ def test_example_runs(path, line, source):
         exec(compile(padded, str(path), "exec"), {"__name__": "__example__"})
         return
     extra = dict(item.split("=", 1) for item in env.group(1).split())
-    program = f"exec(compile({padded!r}, {str(path)!r}, 'exec'), {{'__name__': '__example__'}})"
-    child = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env={**os.environ, **extra},
-                           capture_output=True, text=True)
+    child = in_background(("test_readme", path, line), child_job(path, line, source)).result()
     assert child.returncode == 0, f"{path.relative_to(ROOT)}:{line} failed with {extra}:\n{child.stderr}"
+
+
+def child_job(path, line, source):
+    """A function that runs one block in its own child Python with its page's examples-env, as a reader would
+    (the environment taken now, in the test's thread)."""
+    extra = dict(item.split("=", 1) for item in _EXAMPLES_ENV.search(path.read_text()).group(1).split())
+    padded = "\n" * (line - 1) + source
+    program = f"exec(compile({padded!r}, {str(path)!r}, 'exec'), {{'__name__': '__example__'}})"
+    return functools.partial(subprocess.run, [sys.executable, "-c", program], cwd=ROOT, env={**os.environ, **extra},
+                             capture_output=True, text=True)
+
+
+def start_in_background(items):
+    """Called once collection is done (tests/conftest.py): the child of each selected block that needs one
+    starts beside the tests before it; its test collects the outcome."""
+    for item in items:
+        if item.originalname == "test_example_runs":
+            path, line, source = (item.callspec.params[name] for name in ("path", "line", "source"))
+            if _EXAMPLES_ENV.search(path.read_text()):
+                in_background(("test_readme", path, line), child_job(path, line, source))
 
 
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 import baatt
 from baatt import sharding
+from tests.conftest import in_background
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = 8
@@ -298,11 +299,22 @@ def run_checks() -> dict:
     return report
 
 
+def child_job():
+    """A function that runs the child (``run_checks``) and returns its CompletedProcess (the environment taken now)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(DEVICES))
+    return functools.partial(subprocess.run, [sys.executable, "-m", "tests.test_sharding"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+
+
+def start_in_background(items):
+    """Called once collection is done (tests/conftest.py): the child runs beside the tests before these."""
+    if any(item.originalname == "test_multi_device" for item in items):
+        in_background("test_sharding", child_job())
+
+
 @functools.cache
 def multi_device_report() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(DEVICES))
-    done = subprocess.run([sys.executable, "-m", "tests.test_sharding"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = in_background("test_sharding", child_job()).result()
     assert done.returncode == 0, f"the multi-device child failed:\n{done.stderr[-4000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
