@@ -52,7 +52,7 @@ from baatt import reference
 from baatt.data import data_dir
 from baatt.nn import capture_qkv, load_smollm2
 from baatt.reference import error
-from baatt.selection import QueryTokenParams, QuestParams, get_selector
+from baatt.selection import MixedParams, QueryTokenParams, QuestParams, get_selector
 from experiments import harness
 
 MASKS = ("bidirectional", "causal")
@@ -92,9 +92,17 @@ ROWS = {
     "quest_max": Row("quest (max)", "quest", (("selector_params", QuestParams(aggregate="max")),)),
     "mixed": Row("mixed (1 probe, 16x16 groups)", "mixed"),
     "mixed_sink": Row("mixed + sink", "mixed", (("force_sink", True),)),
+    "mixed_blend": Row("mixed (ranked by (P + G) / 2)", "mixed", (("selector_params", MixedParams(blend=0.5)),)),
+    "mixed_blend_sink": Row("mixed (ranked by (P + G) / 2) + sink", "mixed",
+                            (("selector_params", MixedParams(blend=0.5)), ("force_sink", True))),
+    "mixed_probe_heavy": Row("mixed (ranked by 0.75 P + 0.25 G)", "mixed", (("selector_params", MixedParams(blend=0.75)),)),
+    "mixed_group_heavy": Row("mixed (ranked by 0.25 P + 0.75 G)", "mixed", (("selector_params", MixedParams(blend=0.25)),)),
     "proxy": Row("proxy (stride 16)", "proxy"),
     "random": Row("random", "random"),
 }
+
+# The mixed estimator's rankings other than its default (half the budget from each estimate) run on request.
+DEFAULT_ROWS = tuple(name for name in ROWS if not name.startswith(("mixed_blend", "mixed_probe", "mixed_group")))
 
 # BA-Att's sorting and compensation switched on one at a time (``--ablation``): mean-pooled estimates
 # of sorted blocks, with and without the compensation term at two strengths. Sorting reorders the
@@ -117,7 +125,7 @@ class Config:
     sparsities: tuple[float, ...] = harness.option((0.5, 0.7, 0.9, 0.95), "fixed-budget sparsities")
     masks: tuple[str, ...] = harness.option(MASKS, "attention masks the selections are made and judged under",
                                             choices=MASKS)
-    rows: tuple[str, ...] = harness.option(tuple(ROWS), "selector rows", choices=tuple(ROWS))
+    rows: tuple[str, ...] = harness.option(DEFAULT_ROWS, "selector rows", choices=tuple(ROWS))
     selector_rows: bool = harness.option(True, "run the selector rows of --rows")
     ablation: bool = harness.option(False, "run the sort x compensation rows (bidirectional masks only)")
     bound: bool = harness.option(False, "correlate the deviation bound U with the actual logit deviation")
