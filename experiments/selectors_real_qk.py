@@ -98,6 +98,8 @@ ROWS = {
     "mixed_probe_heavy": Row("mixed (ranked by 0.75 P + 0.25 G)", "mixed", (("selector_params", MixedParams(blend=0.75)),)),
     "mixed_group_heavy": Row("mixed (ranked by 0.25 P + 0.75 G)", "mixed", (("selector_params", MixedParams(blend=0.25)),)),
     "proxy": Row("proxy (stride 16)", "proxy"),
+    "pooled_query": Row("pooled_query (block-mean query)", "pooled_query"),
+    "pooled_query_sink": Row("pooled_query + sink", "pooled_query", (("force_sink", True),)),
     "random": Row("random", "random"),
 }
 
@@ -159,6 +161,8 @@ def flop_fraction(config: baatt.BAConfig, *, length: int, q_heads: int, kv_heads
         return 1 / bk
     if name == "mixed":
         return params.probes / (2 * bq) + 1 / (2 * params.group**2)
+    if name == "pooled_query":  # one mean query per query block against every key
+        return 1 / (2 * bq)
     if name == "proxy":
         return 1 / (2 * params.stride * params.kv_heads_per_proxy * (q_heads // kv_heads))
     if name == "random":

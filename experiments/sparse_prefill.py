@@ -48,7 +48,7 @@ from baatt.data import data_dir
 from baatt.nn import AttentionPlan, load_smollm2
 from experiments import harness
 
-SELECTORS = ("meanpool", "baatt", "xattention", "mixed", "query_token", "quest", "proxy", "oracle")
+SELECTORS = ("meanpool", "baatt", "xattention", "mixed", "query_token", "quest", "proxy", "pooled_query", "oracle")
 PRESETS = ("cpu", "smoke", "gpu")
 DOORS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
 

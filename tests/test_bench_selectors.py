@@ -12,7 +12,7 @@ from experiments import bench_selectors
 
 # The built-in selectors (baatt.selection), oracles aside; another test module may register more of its own.
 BUILT_IN = ("baatt", "meanpool", "xattention", "last_query", "sparge_like", "random", "dense", "query_token", "mixed",
-            "quest", "proxy")
+            "quest", "proxy", "pooled_query")
 
 
 def _broken(q, k, config, *, key_mask=None):

@@ -32,7 +32,8 @@ from tests import bruteforce as bf
 CAUSAL = AttentionMask.causal()
 BLOCK16 = AttentionMask.block_causal(16)
 SPANS = {CAUSAL: 1, BLOCK16: 16}
-BUILT_IN = ["baatt", "meanpool", "oracle", "xattention", "last_query", "sparge_like", "random", "dense"]
+# the selectors every masked-budget check runs over (the token-level ones have their own NumPy checks too)
+BUILT_IN = ["baatt", "meanpool", "oracle", "xattention", "last_query", "sparge_like", "random", "dense", "pooled_query"]
 
 
 def qkv(seed=0, *, batch=2, lq=50, lk=None, hq=4, hkv=2, d=16, dtype=jnp.float32):

@@ -27,6 +27,7 @@ from baatt.selection import (
     block_map,
     max_oracle,
     mixed,
+    pooled_query,
     proxy,
     query_token,
     quest,
@@ -220,6 +221,25 @@ def np_mixed(q, k, key_mask, bq, bk, probes, group, visible=None):
                     weight += len(qgrp)
                 pooled[b, h, a] = mass / max(weight, 1)
     return probe, pooled
+
+
+def np_pooled_query(q, k, key_mask, bq, bk, visible=None):
+    """P [B, Hq, Nq, Nk]: the softmax of each query block's mean query over the valid keys its last query
+    may see, summed over each key block."""
+    batch, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    valid = np_valid_keys(key_mask, batch, lk)
+    qb, kb = np_blocks(lq, bq), np_blocks(lk, bk)
+    out = np.zeros((batch, hq, len(qb), len(kb)))
+    for b in range(batch):
+        for h, g in enumerate(bf.heads_of(hq, hkv)):
+            kh = k[b, :, g].astype(np.float64)
+            for a, qi in enumerate(qb):
+                qmean = q[b, qi, h].astype(np.float64).mean(0)
+                seen = valid[b] & (True if visible is None else visible[qi[-1]])
+                p = np_softmax_rows(qmean[None], kh, seen, 1 / math.sqrt(d))[0]
+                out[b, h, a] = [p[kj].sum() for kj in kb]
+    return out
 
 
 def np_proxy(q, k, key_mask, bq, bk, stride, kv_heads_per_proxy, visible=None):
@@ -567,6 +587,26 @@ def test_mixed_splits_a_fixed_budget_between_the_estimates():
 # -- proxy ----------------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=3)
+def _pooled_query(q, k, key_mask, config):
+    return pooled_query.log_mass(q, k, config, key_mask=key_mask), pooled_query.select(q, k, config, key_mask=key_mask)
+
+
+@pytest.mark.parametrize("name,rule", [("gqa_holes", "sparsity+local"), ("mha_pad", "tau"),
+                                       ("cross_ragged", "peak+sink")])
+def test_pooled_query_matches_numpy(name, rule):
+    q, k, key_mask, bq, bk = problem(name)
+    config = baatt.BAConfig(block_size=bq, block_size_k=bk, selector="pooled_query", **RULES[rule])
+    log_mass, sel = _pooled_query(*jnp_args(q, k, key_mask), config)
+    want = np_pooled_query(q, k, key_mask, bq, bk)
+    np.testing.assert_allclose(np.exp(np.asarray(log_mass)), want, atol=2e-6, rtol=1e-4)
+    with np.errstate(divide="ignore"):
+        priority = np.log(want)
+    assert compare_selection(sel, priority, want, config, q.shape[1], k.shape[1]) > 0
+    jq, jk, jm = jnp_args(q, k, key_mask)
+    np.testing.assert_allclose(np.asarray(block_map(jq, jk, config, key_mask=jm)), want, atol=2e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("stride,per_proxy,name,rule", [
     (8, 1, "gqa_holes", "tau"), (16, 2, "mha_pad", "sparsity+local"), (32, 1, "cross_ragged", "peak+sink"),
 ])
@@ -775,4 +815,13 @@ def test_proxy_under_mask(name, mask):
     q, k, key_mask, bq, bk, config, visible = _masked(name, mask, "proxy", ProxyParams(stride=8))
     scores, sel = _scores_and_selection(proxy, *jnp_args(q, k, key_mask), config)
     assert_scores_close(scores, np_proxy(q, k, key_mask, bq, bk, 8, 1, visible), atol=1e-4)
+    check_masked_selection(sel, config, q, k)
+
+
+@pytest.mark.parametrize("name,mask", MASKED)
+def test_pooled_query_under_mask(name, mask):
+    q, k, key_mask, bq, bk, config, visible = _masked(name, mask, "pooled_query")
+    log_mass, sel = _pooled_query(*jnp_args(q, k, key_mask), config)
+    np.testing.assert_allclose(np.exp(np.asarray(log_mass)), np_pooled_query(q, k, key_mask, bq, bk, visible),
+                               atol=2e-6, rtol=1e-4)
     check_masked_selection(sel, config, q, k)

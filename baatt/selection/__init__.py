@@ -30,7 +30,7 @@ from baatt.validation import check_finite, check_qk, check_sink_positions
 # The built-in selectors register themselves on import; this order is the order of baatt.SELECTORS.
 # isort: off
 from baatt.selection import baatt, meanpool, oracle, xattention, last_query, sparge_like, random, dense  # noqa: F401
-from baatt.selection import query_token, max_oracle, mixed, quest, proxy  # noqa: F401
+from baatt.selection import query_token, max_oracle, mixed, quest, proxy, pooled_query  # noqa: F401
 from baatt.selection.last_query import LastQueryParams
 from baatt.selection.mixed import MixedParams
 from baatt.selection.proxy import ProxyParams
