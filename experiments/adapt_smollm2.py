@@ -64,8 +64,8 @@ from experiments import harness
 from experiments.train_dlm import parse_stage
 
 # Selectors in the order they are evaluated (the registered ones; any other registered selector follows).
-SELECTOR_ORDER = ("baatt", "meanpool", "xattention", "query_token", "quest", "mixed", "proxy", "oracle", "max_oracle",
-                  "last_query", "sparge_like", "random")
+SELECTOR_ORDER = ("baatt", "meanpool", "xattention", "pooled_query", "query_token", "quest", "mixed", "proxy", "oracle",
+                  "max_oracle", "last_query", "sparge_like", "random")
 NLL_RATIOS = (0.15, 0.5, 0.85)
 TASK_KINDS = ("passkey", "multikey_niah")
 

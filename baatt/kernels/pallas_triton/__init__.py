@@ -6,9 +6,11 @@ through the Pallas Triton lowering and anywhere in Pallas interpret mode
 equal), bfloat16 / float16 / float32, block sizes powers of two in [16, 256], GQA,
 bidirectional, causal and block-causal masks.
 
-Beside it: ``oracle.py`` (the streamed oracle map ``M_hat``) and ``topk.py``
+Beside it: ``oracle.py`` (the streamed oracle map ``M_hat``), ``topk.py``
 (the fixed-budget block selection in one read of the scores, used by
-``baatt.selection.budget.select_from_scores`` when asked or enabled).
+``baatt.selection.budget.select_from_scores`` when asked or enabled) and
+``row_block_lse.py`` (per-row block log-sum-exp of a few query rows against every
+key: the ``pooled_query`` selector on a GPU).
 """
 
 from __future__ import annotations
