@@ -17,9 +17,9 @@ causally, at each sparsity and block size. Per row it reports (docs/spec.md sect
   dense pass; "random" is free.
 
 Two more parts, each behind its flag: ``--ablation`` adds BA-Att's sorting (of Q, of K, of both) crossed
-with its compensation (off, beta 0.5, beta 1), bidirectional only since sorting is refused under a
-causal mask (and SmolLM2, a causal model, attended bidirectionally is off its training
-distribution); ``--bound`` correlates, per layer, the deviation bound U of docs/spec.md section 2
+with its compensation (off, beta 0.5, beta 1); the sorted rows run bidirectionally only, since sorting
+is refused under a causal mask (and SmolLM2, a causal model, attended bidirectionally is off its
+training distribution), compensation alone under both masks; ``--bound`` correlates, per layer, the deviation bound U of docs/spec.md section 2
 (``baatt.reference.error.bound``) with the actual largest deviation of a token logit from its pooled
 block logit (``error.logit_deviation``). ``--no-selector-rows`` leaves the main rows out, so that a
 long run splits into parts (experiments/results/selectors_real_qk/README.md lists them).
@@ -108,11 +108,13 @@ DEFAULT_ROWS = tuple(name for name in ROWS if not name.startswith(("mixed_blend"
 
 # BA-Att's sorting and compensation switched on one at a time (``--ablation``): mean-pooled estimates
 # of sorted blocks, with and without the compensation term at two strengths. Sorting reorders the
-# tokens, which a causal mask forbids, so these rows run bidirectionally only.
+# tokens, which a causal mask forbids, so the sorted rows run bidirectionally only; the unsorted ones
+# (compensation alone) run under both masks.
 ABLATION_ROWS = {
     f"{name}{'_comp' + str(beta).replace('.', '') if beta else ''}": Row(
         f"baatt ({label}{f', beta {beta}' if beta else ''})", "baatt",
-        (("sort_q", sort_q), ("sort_k", sort_k), ("compensate", bool(beta)), ("beta", beta or 1.0)), causal=False)
+        (("sort_q", sort_q), ("sort_k", sort_k), ("compensate", bool(beta)), ("beta", beta or 1.0)),
+        causal=not (sort_q or sort_k))
     for name, label, sort_q, sort_k in (("unsorted", "no sort", False, False), ("sort_q", "sort Q", True, False),
                                         ("sort_k", "sort K", False, True), ("sort_qk", "sort Q+K", True, True))
     for beta in (0.0, 0.5, 1.0)
