@@ -19,9 +19,9 @@ causally, at each sparsity and block size. Per row it reports (docs/spec.md sect
 Two more parts, each behind its flag: ``--ablation`` adds BA-Att's sorting (of Q, of K, of both) crossed
 with its compensation (off, beta 0.5, beta 1); the sorted rows run bidirectionally only, since sorting
 is refused under a causal mask (and SmolLM2, a causal model, attended bidirectionally is off its
-training distribution), compensation alone under both masks; ``--bound`` correlates, per layer, the deviation bound U of docs/spec.md section 2
-(``baatt.reference.error.bound``) with the actual largest deviation of a token logit from its pooled
-block logit (``error.logit_deviation``). ``--no-selector-rows`` leaves the main rows out, so that a
+training distribution), compensation alone under both masks; ``--bound`` correlates, per layer, the
+deviation bound U of docs/spec.md section 2 (``baatt.reference.error.bound``) with the actual largest
+deviation of a token logit from its pooled block logit (``error.logit_deviation``). ``--no-selector-rows`` leaves the main rows out, so that a
 long run splits into parts (experiments/results/selectors_real_qk/README.md lists them).
 
 Under the causal mask the budget is a fraction of each query block's allowed key blocks and the
@@ -131,7 +131,7 @@ class Config:
                                             choices=MASKS)
     rows: tuple[str, ...] = harness.option(DEFAULT_ROWS, "selector rows", choices=tuple(ROWS))
     selector_rows: bool = harness.option(True, "run the selector rows of --rows")
-    ablation: bool = harness.option(False, "run the sort x compensation rows (bidirectional masks only)")
+    ablation: bool = harness.option(False, "run the sort x compensation rows (sorted ones bidirectionally only)")
     bound: bool = harness.option(False, "correlate the deviation bound U with the actual logit deviation")
     text: str = harness.option("sotu/2010_barack_obama_d.txt", "the document, under <data dir>/raw/")
     out: str = harness.option(harness.study_dir("selectors_real_qk"), "output folder")

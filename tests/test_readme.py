@@ -26,6 +26,12 @@ _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _EXAMPLES_ENV = re.compile(r"<!-- examples-env: (.*?) -->")
 
 
+def examples_env(path: pathlib.Path) -> dict[str, str] | None:
+    """The variables of ``path``'s examples-env comment, or None when its examples run in this process."""
+    env = _EXAMPLES_ENV.search(path.read_text())
+    return None if env is None else dict(item.split("=", 1) for item in env.group(1).split())
+
+
 def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
     """(first line number, source) of every ```python block of ``path``."""
     text = path.read_text()
@@ -44,12 +50,10 @@ def test_readme_has_examples():
 def test_example_runs(path, line, source):
     # Each block is self-contained: its own namespace, no state from the blocks before it.
     # Padding with newlines makes a traceback point at the file's own line numbers.
-    padded = "\n" * (line - 1) + source
-    env = _EXAMPLES_ENV.search(path.read_text())
-    if env is None:
-        exec(compile(padded, str(path), "exec"), {"__name__": "__example__"})
+    extra = examples_env(path)
+    if extra is None:
+        exec(compile("\n" * (line - 1) + source, str(path), "exec"), {"__name__": "__example__"})
         return
-    extra = dict(item.split("=", 1) for item in env.group(1).split())
     child = in_background(("test_readme", path, line), child_job(path, line, source)).result()
     assert child.returncode == 0, f"{path.relative_to(ROOT)}:{line} failed with {extra}:\n{child.stderr}"
 
@@ -57,7 +61,7 @@ def test_example_runs(path, line, source):
 def child_job(path, line, source):
     """A function that runs one block in its own child Python with its page's examples-env, as a reader would
     (the environment taken now, in the test's thread)."""
-    extra = dict(item.split("=", 1) for item in _EXAMPLES_ENV.search(path.read_text()).group(1).split())
+    extra = examples_env(path)
     padded = "\n" * (line - 1) + source
     program = f"exec(compile({padded!r}, {str(path)!r}, 'exec'), {{'__name__': '__example__'}})"
     return functools.partial(subprocess.run, [sys.executable, "-c", program], cwd=ROOT, env={**os.environ, **extra},
@@ -70,7 +74,7 @@ def start_in_background(items):
     for item in items:
         if item.originalname == "test_example_runs":
             path, line, source = (item.callspec.params[name] for name in ("path", "line", "source"))
-            if _EXAMPLES_ENV.search(path.read_text()):
+            if examples_env(path) is not None:
                 in_background(("test_readme", path, line), child_job(path, line, source))
 
 

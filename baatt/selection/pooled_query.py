@@ -41,11 +41,9 @@ from baatt import layout, platform
 from baatt.config import BAConfig
 from baatt.kernels.pallas_triton import row_block_lse
 from baatt.selection.common import finish, positional_space
-from baatt.selection.query_token import key_limits, map_query_blocks, masked_keys
+from baatt.selection.query_token import HIGHEST, key_limits, map_query_blocks, masked_keys
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import register_selector
-
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def pooled_rows(space: layout.BlockSpace) -> tuple[jax.Array, jax.Array]:
