@@ -24,10 +24,14 @@ runs themselves.
 
 Weights: with ``--ckpt-dir`` a checkpoint of ``baatt.train`` (speed and quality); without it
 the preset's model (``baatt.nn.config.PRESETS``) at random init, which times exactly the same
-computation but whose NLL means nothing: the table then leaves quality out. With a checkpoint,
-passkey accuracy comes from ``passkey_examples`` more generations with each row's settings (a
-key hidden in held-out text, the question ending the prompt; exact match of the first
-generated tokens), not timed.
+computation but whose NLL means nothing: the table then leaves quality out. With ``--gguf`` the
+model is a pretrained causal LM adapted to masked diffusion (``baatt.adapt``; ``--gguf smollm2``
+is SmolLM2-135M-Instruct), its prompts tokenised with the GGUF's own tokenizer, and
+``--ckpt-dir`` holds the weights ``experiments.adapt_smollm2`` trained from it
+(``.ckpt/smollm2_dlm``). With a checkpoint, passkey accuracy comes from ``passkey_examples``
+more generations with each row's settings (a key hidden in held-out text, the question ending
+the prompt; exact match of the first generated tokens), not timed, for canvases up to
+``passkey_max_length`` tokens (default: the length the checkpoint was trained at).
 
 Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default
 ``experiments/results/bench_generation/``) after every row.
@@ -36,19 +40,21 @@ Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 
 import numpy as np
 from flax import nnx
 
+from baatt import adapt
 from baatt.config import BAConfig
 from baatt.data import corpus, tasks
 from baatt.data.tokenizer import get_tokenizer
 from baatt.diffusion import generate
 from baatt.nn import AttentionPlan, DiffusionLM
 from baatt.nn import get_config as model_config
-from baatt.train import load_model
+from baatt.train import load_model, restore_weights
 from experiments import harness
 
 RECIPE_NAMES = ("dense", "every_step", "reuse", "refresh", "drift", "split", "reuse_tail")
@@ -59,6 +65,10 @@ class Config:
     preset: str = "gpu"
     model: str = harness.option("small", "model preset at random init (baatt.nn.config.PRESETS) when no --ckpt-dir")
     ckpt_dir: str | None = harness.option(None, "checkpoint of baatt.train: its weights, and the quality columns")
+    gguf: str | None = harness.option(
+        None, "a pretrained causal LM's GGUF adapted to masked diffusion instead of --model ('smollm2': "
+              "SmolLM2-135M-Instruct, joined from .data/carry/ parts when missing); --ckpt-dir then holds "
+              "experiments.adapt_smollm2's weights")
     dtype: str = harness.option("bfloat16", "compute dtype of the random-init model",
                                 choices=("bfloat16", "float32"))
     prompt_lengths: tuple[int, ...] = harness.option((4096, 16384, 32768), "prompt lengths (tokens)")
@@ -67,6 +77,7 @@ class Config:
     steps: int = harness.option(128, "denoising steps in all (a multiple of gen_tokens / block_length)")
     batch: int = harness.option(1, "sequences generated at once")
     block_size: int = harness.option(128, "query and key block size of BA-Att")
+    selector: str = harness.option(BAConfig().selector, "BA-Att block selector (baatt.selector_registry)")
     sparsity: float = harness.option(0.9, "BA-Att sparsity (the prompt's, under the split recipe)")
     gen_sparsity: float = harness.option(0.5, "sparsity of the generation's keys under the split recipe")
     refresh_every: int = harness.option(16, "sparse steps between estimates under the refresh recipe")
@@ -74,6 +85,9 @@ class Config:
     implementation: str = harness.option("auto", "baatt.attention implementation (auto: the best available)")
     repeats: int = harness.option(3, "timed generations per row (after one that compiles)")
     passkey_examples: int = harness.option(8, "passkey generations per row (with --ckpt-dir)")
+    passkey_max_length: int | None = harness.option(
+        None, "passkey accuracy only where prompt + generation fit this many tokens (default: the checkpoint's "
+              "training length)")
     seed: int = harness.option(0, "seed of the prompts and the random init")
     out: str = harness.option(harness.study_dir("bench_generation"), "output folder")
     name: str = harness.option("bench_generation", "output file stem")
@@ -98,7 +112,7 @@ def get_config(preset: str = "gpu", **overrides) -> Config:
 def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
     """name -> (attention plan, generate() keyword arguments) of each recipe."""
     implementation = None if cfg.implementation == "auto" else cfg.implementation
-    ba = BAConfig(block_size=cfg.block_size, sparsity=cfg.sparsity)
+    ba = BAConfig(selector=cfg.selector, block_size=cfg.block_size, sparsity=cfg.sparsity)
     plan = AttentionPlan.ba(ba, implementation=implementation)
     reuse = dict(dense_warmup=0.2, reuse_every=None)
     return {
@@ -112,18 +126,60 @@ def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
     }
 
 
-def load(cfg: Config, max_length: int) -> tuple[DiffusionLM, dict]:
-    """(model, what it is): the checkpoint (its max_len raised to the longest canvas: rotary positions are
-    computed, nothing learnt depends on it) or the preset at random init."""
+def load(cfg: Config, max_length: int) -> tuple[DiffusionLM, dict, np.ndarray, object]:
+    """(model, what it is, held-out token stream, its tokenizer): the checkpoint (its max_len raised to the
+    longest canvas: rotary positions are computed, nothing learnt depends on it), the GGUF adapted to
+    diffusion (with the checkpoint's weights), or the preset at random init."""
+    if cfg.gguf is not None:
+        return load_adapted(cfg, max_length)
+    stream, tokenizer = corpus.load_tokens("val"), get_tokenizer()
     if cfg.ckpt_dir:
         model, meta = load_model(cfg.ckpt_dir)
         trained_len = model.cfg.max_len
         if max_length > trained_len:
             model.cfg = model.cfg.replace(max_len=max_length)
         return model, dict(weights=f"checkpoint {cfg.ckpt_dir} (step {meta['step']}, model {meta['model']})",
-                           max_len=trained_len)
+                           max_len=trained_len), stream, tokenizer
     mcfg = model_config(cfg.model, max_len=max_length, dtype=cfg.dtype)
-    return DiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed)), dict(weights=f"{cfg.model} at random init")
+    return (DiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed)), dict(weights=f"{cfg.model} at random init"), stream,
+            tokenizer)
+
+
+def load_adapted(cfg: Config, max_length: int):
+    """``load`` for ``--gguf``: the GGUF's causal LM adapted to masked diffusion, the checkpoint's weights
+    restored into it, and held-out text in the GGUF's tokens."""
+    import subprocess
+    from pathlib import Path
+
+    import gguf
+
+    from baatt.data.gguf_tokenizer import GGUFTokenizer
+    from baatt.nn import load_gguf, smollm2_path
+
+    smollm2 = cfg.gguf == "smollm2"
+    path = smollm2_path() if smollm2 else Path(cfg.gguf)
+    if smollm2 and not path.is_file():
+        subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "split_gguf.sh"), "join"],
+                       check=True)
+    if not path.is_file():
+        raise FileNotFoundError(f"--gguf: no file at {path}")
+    reader = gguf.GGUFReader(path)
+    tokenizer = GGUFTokenizer(reader)
+    _, causal = load_gguf(reader, dtype=cfg.dtype)
+    model = adapt.adapt_for_diffusion(causal, shift_logits=True)
+    del causal
+    trained_len = model.cfg.max_len
+    weights = f"{path.name} adapted to diffusion, untrained"
+    if cfg.ckpt_dir:
+        meta = json.loads((Path(cfg.ckpt_dir) / "train_config.json").read_text())
+        step = restore_weights(model, cfg.ckpt_dir)
+        trained_len = max(stage[1] for stage in meta["train"]["stages"])
+        weights = f"{path.name} adapted to diffusion, checkpoint {cfg.ckpt_dir} (step {step})"
+    if max_length > model.cfg.max_len:
+        model.cfg = model.cfg.replace(max_len=max_length)
+    streams = adapt.token_streams(tokenizer, cache_dir=adapt.smollm2_token_dir() if smollm2 else None,
+                                  max_documents=None if smollm2 else 40)
+    return model, dict(weights=weights, max_len=trained_len), streams.val, tokenizer
 
 
 def text_canvas(stream: np.ndarray, rng, cfg: Config, prompt_length: int, mask_id: int):
@@ -176,8 +232,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Generation speed ({harness.describe_run(result)})", "",
              f"Weights: {result['weights']}. {result['gen_tokens']} tokens generated after the prompt, block "
              f"decoding ({result['block_length']} tokens per block, {result['steps']} steps), batch "
-             f"{result['batch']}; BA-Att block {result['block_size']}, sparsity {result['sparsity']}, implementation "
-             f"{result['implementation']}. Time: median of {result['repeats']} generations end to end.", ""]
+             f"{result['batch']}; BA-Att selector {result['selector']}, block {result['block_size']}, sparsity "
+             f"{result['sparsity']}, implementation {result['implementation']}. Time: median of {result['repeats']} generations end to end.", ""]
     head = "| prompt | recipe | time (s) | tokens/s | speedup vs dense | mean density | dense / estimate / reuse steps |"
     rule = "|---|---|---|---|---|---|---|"
     if quality:
@@ -190,7 +246,8 @@ def markdown(result: dict) -> str:
                 f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | {row['mean_density']:.3f} | "
                 f"{kinds['dense']} / {kinds['estimate']} / {kinds['reuse']} |")
         if quality:
-            line += f" {row['nll']:.3f} | {row['passkey']:.2f} |"
+            passkey = f"{row['passkey']:.2f}" if "passkey" in row else "-"
+            line += f" {row['nll']:.3f} | {passkey} |"
         lines.append(line)
     if result["notes"]:
         lines += ["", *[f"- {note}" for note in result["notes"]]]
@@ -199,7 +256,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     cfg = harness.parse_config(get_config, argv, description=__doc__, presets=tuple(PRESETS))
-    model, about = load(cfg, max(cfg.prompt_lengths) + cfg.gen_tokens)
+    model, about, stream, tokenizer = load(cfg, max(cfg.prompt_lengths) + cfg.gen_tokens)
     quality = cfg.ckpt_dir is not None
     result = dict(harness.run_metadata(__spec__.name, argv), **dataclasses.asdict(cfg), **about, quality=quality,
                   rows=[], notes=[])
@@ -209,12 +266,14 @@ def main(argv=None) -> dict:
     elif "max_len" in about and max(cfg.prompt_lengths) + cfg.gen_tokens > about["max_len"]:
         result["notes"].append(f"canvases longer than the checkpoint's max_len ({about['max_len']}) run past the "
                                "lengths it was trained on")
-    stream, tokenizer, mask_id = corpus.load_tokens("val"), get_tokenizer(), model.cfg.mask_id
+    mask_id = model.cfg.mask_id
+    passkey_max = cfg.passkey_max_length or about.get("max_len")
     plans = recipes(cfg)
     for prompt_length in cfg.prompt_lengths:
         rng = np.random.default_rng(cfg.seed + prompt_length)
         canvas, text = text_canvas(stream, rng, cfg, prompt_length, mask_id)
-        passkeys = passkey_canvases(stream, tokenizer, rng, cfg, prompt_length, mask_id) if quality else []
+        with_passkey = quality and (passkey_max is None or prompt_length + cfg.gen_tokens <= passkey_max)
+        passkeys = passkey_canvases(stream, tokenizer, rng, cfg, prompt_length, mask_id) if with_passkey else []
         dense_seconds = None
         for name in sorted(cfg.recipes, key=lambda n: n != "dense"):  # dense first: the speedups' baseline
             plan, options = plans[name]
@@ -226,7 +285,7 @@ def main(argv=None) -> dict:
                        mean_density=r.mean_density, step_kinds={k: r.step_kind.count(k)
                                                                 for k in ("dense", "estimate", "reuse")},
                        nll=r.reference_nll)
-            if quality:
+            if passkeys:
                 row["passkey"] = passkey_accuracy(model, passkeys, plan, options, cfg)
             result["rows"].append(row)
             print({k: v for k, v in row.items() if k != "options"}, flush=True)

@@ -143,6 +143,34 @@ def test_checkpoint_resumes_to_the_same_weights(smoke, streams, tmp_path):
     assert longer["steps"] == 3 and [h["step"] for h in longer["history"] if "loss" in h] == [3]
 
 
+def test_generation_benchmark_on_the_adapted_checkpoint(smoke, streams, tmp_path):
+    """bench_generation --gguf: the GGUF adapted to diffusion with the trained weights restored, prompts in the
+    GGUF's tokens, passkey rows only up to the length trained at."""
+    from experiments import bench_generation
+
+    causal, tokenizer, path = smoke[1], smoke[2], smoke[3]
+    ckpt = tmp_path / "ck"
+    train(dataclasses.replace(adapt.PRESETS["cpu_smoke"], steps=1, ckpt_dir=str(ckpt)),
+          model=adapt.adapt_for_diffusion(causal), tokenizer=tokenizer, train_stream=streams[0],
+          val_stream=streams[1], log_fn=lambda _: None)
+    argv = ["--preset", "cpu_smoke", "--gguf", str(path), "--ckpt-dir", str(ckpt), "--recipes", "dense", "every_step",
+            "--selector", "pooled_query", "--prompt-lengths", "256", "512", "--passkey-examples", "1",
+            "--out", str(tmp_path / "out")]
+    result = bench_generation.main(argv)
+    assert result["weights"] == f"{path.name} adapted to diffusion, checkpoint {ckpt} (step 1)"
+    assert result["max_len"] == 512 and result["selector"] == "pooled_query"
+    rows = {(r["prompt_length"], r["recipe"]): r for r in result["rows"]}
+    assert list(rows) == [(256, "dense"), (256, "every_step"), (512, "dense"), (512, "every_step")]
+    assert all(0.0 <= rows[256, name]["passkey"] <= 1.0 for name in ("dense", "every_step"))
+    assert all("passkey" not in rows[512, name] for name in ("dense", "every_step"))  # 512 + 32 > 512
+    assert rows[256, "every_step"]["mean_density"] < 1.0 and rows[256, "dense"]["nll"] > 0
+    table = (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
+    assert "selector pooled_query" in table and "| 512 | dense |" in table and table.count("| - |") == 2
+    # a GGUF that is not there is named
+    with pytest.raises(FileNotFoundError, match="--gguf: no file at"):
+        bench_generation.main(["--preset", "cpu_smoke", "--gguf", str(tmp_path / "missing.gguf")])
+
+
 def test_train_refuses_workers_with_a_gguf_tokenizer(smoke, streams):
     cfg = dataclasses.replace(adapt.PRESETS["cpu_smoke"], batch_workers=2)
     with pytest.raises(ValueError, match="batch_workers must be 0"):
