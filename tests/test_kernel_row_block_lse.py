@@ -39,13 +39,13 @@ def inputs(seed, *, batch=2, lq=150, lk=150, hq=4, hkv=2, d=64, dtype=jnp.float3
     return q, k, key_mask
 
 
-def both(q, k, key_mask, config, *, interpret):
+def both(q, k, key_mask, config, *, interpret, **tiling):
     """(kernel, XLA) block log-sum-exp of the pooled rows, [B, Hq, Nq, Nk]."""
     space = positional_space(q, k, config, key_mask)
     rows, limits = pooled_query.pooled_rows(space)
     got = row_block_lse.row_block_logsumexp(rows.astype(k.dtype), space.k, space.kv_valid, limits,
                                             scale=1 / math.sqrt(q.shape[-1]), block_k=config.block_k,
-                                            interpret=interpret)
+                                            interpret=interpret, **tiling)
     return np.asarray(got), np.asarray(pooled_query.block_logsumexp_xla(rows.astype(k.dtype), space, limits))
 
 
@@ -68,11 +68,13 @@ class _Suite:
         config = baatt.BAConfig(block_size=bq, block_size_k=bk, selector="pooled_query", mask=mask)
         assert_close(*both(q, k, key_mask, config, interpret=self.interpret), self.atol)
 
-    def test_cross_lengths_and_many_rows(self):
-        """More than one row tile per head; Lq != Lk with ragged blocks on both sides."""
+    @pytest.mark.parametrize("row_tile,num_warps", [(64, 4), (16, 4), (128, 8)])
+    def test_cross_lengths_and_many_rows(self, row_tile, num_warps):
+        """69 rows per head: five tiles of 16, two of 64, one of 128 (padded); Lq != Lk, ragged blocks both sides."""
         q, k, key_mask = inputs(2, batch=1, lq=1100, lk=300, hq=2, hkv=1, dtype=self.dtype)
         config = baatt.BAConfig(block_size=16, block_size_k=32, selector="pooled_query", mask=CAUSAL)
-        assert_close(*both(q, k, key_mask, config, interpret=self.interpret), self.atol)
+        assert_close(*both(q, k, key_mask, config, interpret=self.interpret, row_tile=row_tile,
+                           num_warps=num_warps), self.atol)
 
     def test_selector_takes_the_kernel(self):
         """log P through the kernel equals log P through XLA, NaN at a seen key included."""
@@ -111,6 +113,15 @@ def test_refuses_what_it_does_not_support():
         row_block_lse.row_block_logsumexp(rows, space.k, space.kv_valid, limits, scale=0.1, block_k=16,
                                           interpret=True)
     assert not pooled_query.use_kernel(space)
+    q, k, _ = inputs(4, holes=False)
+    space = positional_space(q, k, baatt.BAConfig(block_size=16), None)
+    rows, limits = pooled_query.pooled_rows(space)
+    for bad, rule in [(dict(row_tile=48), "row_tile must be a power of two >= 16"),
+                      (dict(row_tile=8), "row_tile must be a power of two >= 16"),
+                      (dict(num_warps=3), "num_warps must be one of")]:
+        with pytest.raises(ValueError, match=rule):
+            row_block_lse.row_block_logsumexp(rows, space.k, space.kv_valid, limits, scale=0.1, block_k=16,
+                                              interpret=True, **bad)
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

@@ -35,6 +35,7 @@ from baatt.kernels.common import LN2, LOG2E, dot_precision, sanitize_masked_keys
 from baatt.kernels.pallas_triton.block_sparse import unsupported_reason as _block_sparse_reason
 
 ROW_TILE = 64  # rows per program (fewer when there are fewer rows, at least 16 for the tensor cores)
+NUM_WARPS = 4
 
 
 def unsupported_reason(rows_shape, k_shape, dtype, block_k: int) -> str | None:
@@ -73,15 +74,23 @@ def _kernel(rows_ref, limit_ref, k_ref, bias_ref, o_ref, *, qk_scale, block_k, n
     jax.lax.fori_loop(reach, num_blocks, hidden, jnp.int32(0))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_k", "interpret"))
-def row_block_logsumexp(rows, k, kv_valid, limits, *, scale: float, block_k: int, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("scale", "block_k", "interpret", "row_tile", "num_warps"))
+def row_block_logsumexp(rows, k, kv_valid, limits, *, scale: float, block_k: int, interpret: bool = False,
+                        row_tile: int = ROW_TILE, num_warps: int = NUM_WARPS):
     """``out`` above, float32 [B, Hq, R, Nk] (natural log).
 
     Args:
       rows: [B, Hq, R, D] query rows (any R); k: [B, Hkv, Nk*block_k, D] keys in block space;
       kv_valid: bool [B, Hkv, Nk*block_k]; limits: int32 [B, R], the first key position each row may
       not see (``Nk * block_k`` or more: every key).
+      row_tile, num_warps: rows per program (a power of two >= 16) and its warps. Every program reads
+        all of its head's keys, so a larger tile reads K fewer times (tuning knobs; the defaults are
+        the values the GPU tests ran).
     """
+    if row_tile < 16 or row_tile & (row_tile - 1):
+        raise ValueError(f"row_tile must be a power of two >= 16; got {row_tile}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16; got {num_warps}")
     if reason := unsupported_reason(rows.shape, k.shape, rows.dtype, block_k):
         raise ValueError(reason)
     if k.shape[2] % block_k:
@@ -91,7 +100,7 @@ def row_block_logsumexp(rows, k, kv_valid, limits, *, scale: float, block_k: int
     if q_heads % kv_heads:
         raise ValueError(f"kv heads must divide query heads (GQA); got {kv_heads} kv heads for {q_heads} query heads")
     group, nk = q_heads // kv_heads, lk // block_k
-    tr = min(ROW_TILE, max(16, pl.next_power_of_2(r)))
+    tr = min(row_tile, max(16, pl.next_power_of_2(r)))
     r_pad = -(-r // tr) * tr
     rows = jnp.pad(rows, ((0, 0), (0, 0), (0, r_pad - r), (0, 0)))
     limits = jnp.pad(limits.astype(jnp.int32), ((0, 0), (0, r_pad - r)))  # padding rows see nothing
@@ -109,7 +118,7 @@ def row_block_logsumexp(rows, k, kv_valid, limits, *, scale: float, block_k: int
         ],
         out_specs=pl.BlockSpec((None, None, nk, tr), lambda i, b, h: (b, h, 0, i)),
         out_shape=jax.ShapeDtypeStruct((batch, q_heads, nk, r_pad), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="baatt_row_block_lse",
     )(rows, limits, kc, bias)
