@@ -448,6 +448,11 @@ def resolve_gguf(cfg: Config, scratch: Path) -> Path:
         return Path(cfg.gguf)
     if cfg.preset == "cpu_smoke":
         return write_smoke_gguf(scratch / "smoke.gguf")
+    return smollm2_gguf()
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2's GGUF in the data dir, joined from its ``.data/carry/`` parts first if it is not there."""
     path = smollm2_path()
     if not path.is_file():
         subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "split_gguf.sh"), "join"],

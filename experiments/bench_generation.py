@@ -77,6 +77,9 @@ class Config:
     steps: int = harness.option(128, "denoising steps in all (a multiple of gen_tokens / block_length)")
     batch: int = harness.option(1, "sequences generated at once")
     block_size: int = harness.option(128, "query and key block size of BA-Att")
+    max_documents: int | None = harness.option(
+        None, "with --gguf: held-out text from only the first that many documents of each corpus split "
+              "(tokenised at start-up, not cached; default: all)")
     selector: str = harness.option(BAConfig().selector, "BA-Att block selector (baatt.selector_registry)")
     sparsity: float = harness.option(0.9, "BA-Att sparsity (the prompt's, under the split recipe)")
     gen_sparsity: float = harness.option(0.5, "sparsity of the generation's keys under the split recipe")
@@ -148,19 +151,16 @@ def load(cfg: Config, max_length: int) -> tuple[DiffusionLM, dict, np.ndarray, o
 def load_adapted(cfg: Config, max_length: int):
     """``load`` for ``--gguf``: the GGUF's causal LM adapted to masked diffusion, the checkpoint's weights
     restored into it, and held-out text in the GGUF's tokens."""
-    import subprocess
     from pathlib import Path
 
     import gguf
 
     from baatt.data.gguf_tokenizer import GGUFTokenizer
-    from baatt.nn import load_gguf, smollm2_path
+    from baatt.nn import load_gguf
+    from experiments.adapt_smollm2 import smollm2_gguf
 
     smollm2 = cfg.gguf == "smollm2"
-    path = smollm2_path() if smollm2 else Path(cfg.gguf)
-    if smollm2 and not path.is_file():
-        subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "split_gguf.sh"), "join"],
-                       check=True)
+    path = smollm2_gguf() if smollm2 else Path(cfg.gguf)
     if not path.is_file():
         raise FileNotFoundError(f"--gguf: no file at {path}")
     reader = gguf.GGUFReader(path)
@@ -177,8 +177,9 @@ def load_adapted(cfg: Config, max_length: int):
         weights = f"{path.name} adapted to diffusion, checkpoint {cfg.ckpt_dir} (step {step})"
     if max_length > model.cfg.max_len:
         model.cfg = model.cfg.replace(max_len=max_length)
-    streams = adapt.token_streams(tokenizer, cache_dir=adapt.smollm2_token_dir() if smollm2 else None,
-                                  max_documents=None if smollm2 else 40)
+    own_cache = smollm2 and cfg.max_documents is None  # SmolLM2's streams are cached in the data dir
+    streams = adapt.token_streams(tokenizer, cache_dir=adapt.smollm2_token_dir() if own_cache else None,
+                                  max_documents=cfg.max_documents)
     return model, dict(weights=weights, max_len=trained_len), streams.val, tokenizer
 
 

@@ -155,7 +155,7 @@ def test_generation_benchmark_on_the_adapted_checkpoint(smoke, streams, tmp_path
           val_stream=streams[1], log_fn=lambda _: None)
     argv = ["--preset", "cpu_smoke", "--gguf", str(path), "--ckpt-dir", str(ckpt), "--recipes", "dense", "every_step",
             "--selector", "pooled_query", "--prompt-lengths", "256", "512", "--passkey-examples", "1",
-            "--out", str(tmp_path / "out")]
+            "--max-documents", "40", "--out", str(tmp_path / "out")]
     result = bench_generation.main(argv)
     assert result["weights"] == f"{path.name} adapted to diffusion, checkpoint {ckpt} (step 1)"
     assert result["max_len"] == 512 and result["selector"] == "pooled_query"
