@@ -234,7 +234,8 @@ def markdown(result: dict) -> str:
              f"Weights: {result['weights']}. {result['gen_tokens']} tokens generated after the prompt, block "
              f"decoding ({result['block_length']} tokens per block, {result['steps']} steps), batch "
              f"{result['batch']}; BA-Att selector {result['selector']}, block {result['block_size']}, sparsity "
-             f"{result['sparsity']}, implementation {result['implementation']}. Time: median of {result['repeats']} generations end to end.", ""]
+             f"{result['sparsity']}, implementation {result['implementation']}. Time: median of "
+             f"{result['repeats']} generations end to end.", ""]
     head = "| prompt | recipe | time (s) | tokens/s | speedup vs dense | mean density | dense / estimate / reuse steps |"
     rule = "|---|---|---|---|---|---|---|"
     if quality:

@@ -21,8 +21,9 @@ with its compensation (off, beta 0.5, beta 1); the sorted rows run bidirectional
 is refused under a causal mask (and SmolLM2, a causal model, attended bidirectionally is off its
 training distribution), compensation alone under both masks; ``--bound`` correlates, per layer, the
 deviation bound U of docs/spec.md section 2 (``baatt.reference.error.bound``) with the actual largest
-deviation of a token logit from its pooled block logit (``error.logit_deviation``). ``--no-selector-rows`` leaves the main rows out, so that a
-long run splits into parts (experiments/results/selectors_real_qk/README.md lists them).
+deviation of a token logit from its pooled block logit (``error.logit_deviation``).
+``--no-selector-rows`` leaves the main rows out, so that a long run splits into parts
+(experiments/results/selectors_real_qk/README.md lists them).
 
 Under the causal mask the budget is a fraction of each query block's allowed key blocks and the
 diagonal blocks are always kept (``baatt.BAConfig.mask``); the sorted BA-Att row does not apply.

@@ -54,14 +54,13 @@ def test_example_runs(path, line, source):
     if extra is None:
         exec(compile("\n" * (line - 1) + source, str(path), "exec"), {"__name__": "__example__"})
         return
-    child = in_background(("test_readme", path, line), child_job(path, line, source)).result()
+    child = in_background(("test_readme", path, line), child_job(path, line, source, extra)).result()
     assert child.returncode == 0, f"{path.relative_to(ROOT)}:{line} failed with {extra}:\n{child.stderr}"
 
 
-def child_job(path, line, source):
-    """A function that runs one block in its own child Python with its page's examples-env, as a reader would
-    (the environment taken now, in the test's thread)."""
-    extra = examples_env(path)
+def child_job(path, line, source, extra):
+    """A function that runs one block in its own child Python with its page's examples-env ``extra``, as a
+    reader would (the environment taken now, in the test's thread)."""
     padded = "\n" * (line - 1) + source
     program = f"exec(compile({padded!r}, {str(path)!r}, 'exec'), {{'__name__': '__example__'}})"
     return functools.partial(subprocess.run, [sys.executable, "-c", program], cwd=ROOT, env={**os.environ, **extra},
@@ -74,8 +73,8 @@ def start_in_background(items):
     for item in items:
         if item.originalname == "test_example_runs":
             path, line, source = (item.callspec.params[name] for name in ("path", "line", "source"))
-            if examples_env(path) is not None:
-                in_background(("test_readme", path, line), child_job(path, line, source))
+            if (extra := examples_env(path)) is not None:
+                in_background(("test_readme", path, line), child_job(path, line, source, extra))
 
 
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())
