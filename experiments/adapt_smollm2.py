@@ -26,7 +26,9 @@ state) never leave the machine.
    pass of each (variant, length) is compiled ahead in ``--compile-threads`` threads, and
    variants still waiting at ``--deadline-s`` (seconds since the start) are listed as skipped.
    ``baatt`` is the paper's recipe (norm-sorted Q and K, compensation with beta = 1 in the first
-   and last layers); ``xattention`` uses stride 8; every other selector its defaults.
+   and last layers); ``xattention`` uses stride 8; every other selector its defaults. With
+   ``--tails none pooled`` each selector row has a twin with the pooled estimate of its dropped
+   blocks (``BAConfig(tail="pooled")``), named ``<selector>+tail@<sparsity>``.
 
 Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default
 ``experiments/results/smollm2_dlm/``) after every row, so a run stopped early keeps what it
@@ -59,7 +61,7 @@ from baatt.data import corpus, tasks
 from baatt.data.gguf_tokenizer import GGUFTokenizer
 from baatt.diffusion.masking import forward_process
 from baatt.nn import AttentionPlan, count_params, load_gguf, smollm2_path
-from baatt.train import TrainConfig, train
+from baatt.train import TrainConfig, restore_weights, train
 from experiments import harness
 from experiments.train_dlm import parse_stage
 
@@ -88,6 +90,9 @@ class Config:
     selectors: tuple[str, ...] | None = harness.option(
         None, "selectors to evaluate, in this order (none: every registered one but dense)")
     block_size: int = harness.option(128, "block size of the selectors")
+    tails: tuple[str, ...] = harness.option(
+        ("none",), "dropped-block estimates each selector variant runs with (BAConfig.tail): 'pooled' adds a "
+                   "'<selector>+tail@<sparsity>' row beside each selector row", choices=("none", "pooled"))
     implementation: str = harness.option("auto", "baatt.attention implementation (auto: the best available)")
     num_examples: int = harness.option(16, "passkey and multi-key NIAH examples per length")
     batch_tokens: int = harness.option(32768, "tokens per forward pass of the evaluation (rows = this / length)")
@@ -309,9 +314,10 @@ def evaluate(scorer, plan, data: LengthInputs, mask_id: int, bytes_per_token: fl
     return row
 
 
-def selector_plan(selector: str, sparsity: float, block_size: int, implementation) -> AttentionPlan:
-    """The plan of one selector at one sparsity (``baatt``: the paper's recipe; ``xattention``: stride 8)."""
-    base = BAConfig(block_size=block_size, sparsity=sparsity)
+def selector_plan(selector: str, sparsity: float, block_size: int, implementation, tail: str = "none") -> AttentionPlan:
+    """The plan of one selector at one sparsity (``baatt``: the paper's recipe; ``xattention``: stride 8), with
+    the dropped-block estimate ``tail`` (BAConfig.tail)."""
+    base = BAConfig(block_size=block_size, sparsity=sparsity, tail=tail)
     if selector == "baatt":
         return AttentionPlan.ba(base.replace(sort_q=True, sort_k=True, beta=1.0), compensate_layers=("first", "last"),
                                 implementation=implementation)
@@ -333,14 +339,16 @@ def selectors_to_run(requested) -> list[str]:
 
 def variants(cfg: Config) -> list[tuple[int, str, str | None, float | None, AttentionPlan]]:
     """(length, variant name, selector, sparsity, plan) in evaluation order: dense at every length, then
-    each selector at every length and sparsity."""
+    each selector at every length and sparsity, once per ``cfg.tails`` entry (``+tail`` in the name)."""
     implementation = None if cfg.implementation == "auto" else cfg.implementation
     out = [(length, "dense", None, None, AttentionPlan.dense()) for length in cfg.lengths]
     for selector in selectors_to_run(cfg.selectors):
         for length in cfg.lengths:
             for s in cfg.sparsities:
-                out.append((length, f"{selector}@{s}", selector, s,
-                            selector_plan(selector, s, cfg.block_size, implementation)))
+                for tail in cfg.tails:
+                    name = f"{selector}{'' if tail == 'none' else '+tail'}@{s}"
+                    out.append((length, name, selector, s,
+                                selector_plan(selector, s, cfg.block_size, implementation, tail)))
     return out
 
 
@@ -429,12 +437,13 @@ def pivot(rows, measured, metric: str, title: str) -> list[str]:
     if not columns:
         return []
     dense = {r["length"]: r[metric] for r in rows if r["variant"] == "dense" and "error" not in r}
-    cells = {(r["selector"], r["length"], r["sparsity"]): r[metric] for r in measured}
+    label = lambda r: r["variant"].split("@")[0]  # the selector, with "+tail" where it ran with one
+    cells = {(label(r), r["length"], r["sparsity"]): r[metric] for r in measured}
     lines = [f"{title} by selector (columns: length / sparsity):", "",
              "| selector | " + " | ".join(f"{harness.format_length(n)} / {s}" for n, s in columns) + " |",
              "|---|" + "---|" * len(columns),
              "| dense | " + " | ".join(_fmt(dense.get(n)) for n, _ in columns) + " |"]
-    for selector in dict.fromkeys(r["selector"] for r in measured):
+    for selector in dict.fromkeys(label(r) for r in measured):
         lines.append(f"| {selector} | " + " | ".join(_fmt(cells.get((selector, n, s))) for n, s in columns) + " |")
     return lines
 
@@ -449,6 +458,25 @@ def resolve_gguf(cfg: Config, scratch: Path) -> Path:
     if cfg.preset == "cpu_smoke":
         return write_smoke_gguf(scratch / "smoke.gguf")
     return smollm2_gguf()
+
+
+def load_adapted(path: Path, ckpt_dir: str | None, dtype: str = "bfloat16"):
+    """(model, tokenizer, what the weights are, the longest row length trained on): the GGUF's causal LM
+    adapted to masked diffusion with shifted logits, as ``main`` builds it, and ``ckpt_dir``'s trained weights
+    (written by ``main``) restored into it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF at {path}")
+    reader = gguf.GGUFReader(path)
+    tokenizer = GGUFTokenizer(reader)
+    _, causal = load_gguf(reader, dtype=dtype)
+    model = adapt.adapt_for_diffusion(causal, shift_logits=True)
+    trained_len, weights = model.cfg.max_len, f"{path.name} adapted to diffusion, untrained"
+    if ckpt_dir:
+        meta = json.loads((Path(ckpt_dir) / "train_config.json").read_text())
+        step = restore_weights(model, ckpt_dir)
+        trained_len = max(stage[1] for stage in meta["train"]["stages"])
+        weights = f"{path.name} adapted to diffusion, checkpoint {ckpt_dir} (step {step})"
+    return model, tokenizer, weights, trained_len
 
 
 def smollm2_gguf() -> Path:

@@ -7,7 +7,7 @@ decoding): the wall time to generate ``gen_tokens`` tokens after a prompt of eac
 dense attention at every step (cuDNN on a GPU) against BA-Att under each recipe of the sampler:
 
 - ``every_step``: a selection estimated at every step;
-- ``reuse``: the first 20% of the steps dense, then one selection reused to the end;
+- ``reuse``: the first ``dense_warmup`` share of the steps dense (20%), then one selection reused to the end;
 - ``refresh``: as ``reuse``, re-estimated every ``refresh_every`` sparse steps;
 - ``drift``: as ``reuse``, re-estimated when a key block has had half of its tokens changed;
 - ``split``: as ``reuse``, with separate budgets for the prompt's keys (``sparsity``) and the
@@ -31,7 +31,10 @@ is SmolLM2-135M-Instruct), its prompts tokenised with the GGUF's own tokenizer, 
 (``.ckpt/smollm2_dlm``). With a checkpoint, passkey accuracy comes from ``passkey_examples``
 more generations with each row's settings (a key hidden in held-out text, the question ending
 the prompt; exact match of the first generated tokens), not timed, for canvases up to
-``passkey_max_length`` tokens (default: the length the checkpoint was trained at).
+``passkey_max_length`` tokens (default: the length the checkpoint was trained at), and the share
+of the answer positions committed at a sparse step (the answer comes first in the generation, so
+a long dense warm-up writes it before any selection is made: then the row says nothing of the
+selection).
 
 Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default
 ``experiments/results/bench_generation/``) after every row.
@@ -40,7 +43,6 @@ Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 
@@ -54,7 +56,7 @@ from baatt.data.tokenizer import get_tokenizer
 from baatt.diffusion import generate
 from baatt.nn import AttentionPlan, DiffusionLM
 from baatt.nn import get_config as model_config
-from baatt.train import load_model, restore_weights
+from baatt.train import load_model
 from experiments import harness
 
 RECIPE_NAMES = ("dense", "every_step", "reuse", "refresh", "drift", "split", "reuse_tail")
@@ -84,6 +86,8 @@ class Config:
     sparsity: float = harness.option(0.9, "BA-Att sparsity (the prompt's, under the split recipe)")
     gen_sparsity: float = harness.option(0.5, "sparsity of the generation's keys under the split recipe")
     refresh_every: int = harness.option(16, "sparse steps between estimates under the refresh recipe")
+    dense_warmup: float = harness.option(0.2, "share of the steps run dense before the first selection (every "
+                                              "recipe but every_step)")
     recipes: tuple[str, ...] = harness.option(RECIPE_NAMES, "rows, in this order", choices=RECIPE_NAMES)
     implementation: str = harness.option("auto", "baatt.attention implementation (auto: the best available)")
     repeats: int = harness.option(3, "timed generations per row (after one that compiles)")
@@ -117,7 +121,7 @@ def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
     implementation = None if cfg.implementation == "auto" else cfg.implementation
     ba = BAConfig(selector=cfg.selector, block_size=cfg.block_size, sparsity=cfg.sparsity)
     plan = AttentionPlan.ba(ba, implementation=implementation)
-    reuse = dict(dense_warmup=0.2, reuse_every=None)
+    reuse = dict(dense_warmup=cfg.dense_warmup, reuse_every=None)
     return {
         "dense": (AttentionPlan.dense(), {}),
         "every_step": (plan, dict(reuse_every=1)),
@@ -153,28 +157,14 @@ def load_adapted(cfg: Config, max_length: int):
     restored into it, and held-out text in the GGUF's tokens."""
     from pathlib import Path
 
-    import gguf
-
-    from baatt.data.gguf_tokenizer import GGUFTokenizer
-    from baatt.nn import load_gguf
+    from experiments.adapt_smollm2 import load_adapted as load_checkpoint
     from experiments.adapt_smollm2 import smollm2_gguf
 
     smollm2 = cfg.gguf == "smollm2"
     path = smollm2_gguf() if smollm2 else Path(cfg.gguf)
     if not path.is_file():
         raise FileNotFoundError(f"--gguf: no file at {path}")
-    reader = gguf.GGUFReader(path)
-    tokenizer = GGUFTokenizer(reader)
-    _, causal = load_gguf(reader, dtype=cfg.dtype)
-    model = adapt.adapt_for_diffusion(causal, shift_logits=True)
-    del causal
-    trained_len = model.cfg.max_len
-    weights = f"{path.name} adapted to diffusion, untrained"
-    if cfg.ckpt_dir:
-        meta = json.loads((Path(cfg.ckpt_dir) / "train_config.json").read_text())
-        step = restore_weights(model, cfg.ckpt_dir)
-        trained_len = max(stage[1] for stage in meta["train"]["stages"])
-        weights = f"{path.name} adapted to diffusion, checkpoint {cfg.ckpt_dir} (step {step})"
+    model, tokenizer, weights, trained_len = load_checkpoint(path, cfg.ckpt_dir, cfg.dtype)
     if max_length > model.cfg.max_len:
         model.cfg = model.cfg.replace(max_len=max_length)
     own_cache = smollm2 and cfg.max_documents is None  # SmolLM2's streams are cached in the data dir
@@ -219,13 +209,18 @@ def time_generation(model, canvas, reference, plan, options, cfg: Config):
     return statistics.median(times), result
 
 
-def passkey_accuracy(model, canvases, plan, options, cfg: Config) -> float:
-    hits = 0
+def passkey_accuracy(model, canvases, plan, options, cfg: Config) -> tuple[float, float]:
+    """(share of the examples whose first generated tokens are the answer, share of those answer positions
+    committed at a sparse step: under a recipe with a dense warm-up, what the sparse steps decided)."""
+    hits, sparse, total = 0, 0, 0
     for canvas, answer in canvases:
         r = generate(model, canvas, steps=cfg.steps, block_length=cfg.block_length, plan=plan, **options)
         start = canvas.shape[1] - cfg.gen_tokens
         hits += bool(np.array_equal(r.tokens[0, start: start + len(answer)], answer))
-    return hits / len(canvases)
+        steps = r.unmask_step[0, start: start + len(answer)]
+        sparse += sum(r.step_kind[int(t)] != "dense" for t in steps)
+        total += len(answer)
+    return hits / len(canvases), sparse / total
 
 
 def markdown(result: dict) -> str:
@@ -239,8 +234,8 @@ def markdown(result: dict) -> str:
     head = "| prompt | recipe | time (s) | tokens/s | speedup vs dense | mean density | dense / estimate / reuse steps |"
     rule = "|---|---|---|---|---|---|---|"
     if quality:
-        head += " NLL | passkey acc |"
-        rule += "---|---|"
+        head += " NLL | passkey acc | answer from sparse steps |"
+        rule += "---|---|---|"
     lines += [head, rule]
     for row in result["rows"]:
         kinds = row["step_kinds"]
@@ -249,7 +244,8 @@ def markdown(result: dict) -> str:
                 f"{kinds['dense']} / {kinds['estimate']} / {kinds['reuse']} |")
         if quality:
             passkey = f"{row['passkey']:.2f}" if "passkey" in row else "-"
-            line += f" {row['nll']:.3f} | {passkey} |"
+            share = f"{row['passkey_sparse_share']:.2f}" if "passkey" in row else "-"
+            line += f" {row['nll']:.3f} | {passkey} | {share} |"
         lines.append(line)
     if result["notes"]:
         lines += ["", *[f"- {note}" for note in result["notes"]]]
@@ -288,7 +284,7 @@ def main(argv=None) -> dict:
                                                                 for k in ("dense", "estimate", "reuse")},
                        nll=r.reference_nll)
             if passkeys:
-                row["passkey"] = passkey_accuracy(model, passkeys, plan, options, cfg)
+                row["passkey"], row["passkey_sparse_share"] = passkey_accuracy(model, passkeys, plan, options, cfg)
             result["rows"].append(row)
             print({k: v for k, v in row.items() if k != "options"}, flush=True)
             harness.write_results(cfg.out, {f"{cfg.name}.json": result, f"{cfg.name}.md": markdown(result)})

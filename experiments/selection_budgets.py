@@ -20,6 +20,9 @@ Selection beyond one budget and one block space, on the post-rotary Q/K/V of Smo
 Masses are judged in each selection's own block space (a clustered selection against the clustered
 ``M_hat``); each is a share of the same exact attention, so they compare across spaces.
 
+``--parts a`` runs the calibration alone; ``--ckpt-dir`` studies the SmolLM2-adapted diffusion LM
+(``experiments.adapt_smollm2``'s checkpoint) instead of SmolLM2.
+
 CPU defaults: 1,024 tokens, layers 0, 7, 15 and 29, calibrated on the first 1,024 tokens and
 evaluated on the next 1,024 (about 3 minutes on two cores; ``--length 2048``, about 10). The full study is
 ``--length 8192 --layers none --eval-start none`` on a GPU (the document has fewer than 16K tokens,
@@ -35,6 +38,7 @@ import itertools
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +80,10 @@ class Config:
     guard_selectors: tuple[str, ...] = harness.option(("meanpool", "mixed"), "selectors the guard checks")
     implementation: str | None = harness.option(None, "baatt.attention implementation; none: the best available")
     text: str = harness.option("sotu/2010_barack_obama_d.txt", "the document, under <data dir>/raw/")
+    parts: tuple[str, ...] = harness.option(("a", "b", "c"), "parts of the study to run", choices=("a", "b", "c"))
+    ckpt_dir: str | None = harness.option(
+        None, "experiments.adapt_smollm2's checkpoint: the Q/K/V of the SmolLM2-adapted diffusion LM (its trained "
+              "weights restored) instead of SmolLM2's")
     out: str = harness.option(harness.study_dir("selection_budgets"), "output folder")
 
 
@@ -86,7 +94,13 @@ def get_config(**overrides) -> Config:
 def capture(cfg: Config, workdir: str):
     """Q/K/V [B, L, H, D] of the chosen layers: batch row 0 the calibration window, row 1 (with
     ``eval_start``) the evaluation one."""
-    _, model, tokenizer = load_smollm2(progress=False)
+    if cfg.ckpt_dir is None:
+        _, model, tokenizer = load_smollm2(progress=False)
+        name = "SmolLM2-135M-Instruct (GGUF Q4_1)"
+    else:
+        from experiments.adapt_smollm2 import load_adapted, smollm2_gguf
+
+        model, tokenizer, name, _ = load_adapted(smollm2_gguf(), cfg.ckpt_dir, "float32")
     ids = tokenizer.encode((data_dir() / "raw" / cfg.text).read_text())
     start = 0 if cfg.eval_start is None else cfg.eval_start
     if max(cfg.length, start + cfg.length) > len(ids):
@@ -96,7 +110,7 @@ def capture(cfg: Config, workdir: str):
     windows = jnp.asarray(windows, jnp.int32)
     layers = range(model.cfg.num_layers) if cfg.layers is None else cfg.layers
     arrays = capture_qkv(model, windows, layers=layers, out_dir=workdir)
-    info = dict(model="SmolLM2-135M-Instruct (GGUF Q4_1)", document=cfg.text, tokens=cfg.length,
+    info = dict(model=name, document=cfg.text, tokens=cfg.length,
                 eval_start=cfg.eval_start, heads=model.cfg.num_heads, kv_heads=model.cfg.num_kv_heads,
                 head_dim=model.cfg.head_dim)
     return arrays, sorted(arrays), info
@@ -196,11 +210,12 @@ def run(cfg: Config, argv=None) -> tuple[dict, object]:
     row = 0 if cfg.eval_start is None else 1
     with tempfile.TemporaryDirectory() as workdir:
         arrays, layers, info = capture(cfg, workdir)
-        budgets_result, budgets = part_a(cfg, arrays, layers, row)
-        spaces = part_b(cfg, arrays, layers, row)
-        guard = part_c(cfg, arrays, layers, row)
+        capture_seconds = round(time.time() - t0, 1)
+        budgets_result, budgets = part_a(cfg, arrays, layers, row) if "a" in cfg.parts else (None, None)
+        spaces = part_b(cfg, arrays, layers, row) if "b" in cfg.parts else None
+        guard = part_c(cfg, arrays, layers, row) if "c" in cfg.parts else None
     meta = harness.run_metadata(__spec__.name, argv, layers=layers, seconds=round(time.time() - t0, 1),
-                                config=dataclasses.asdict(cfg), **info)
+                                capture_seconds=capture_seconds, config=dataclasses.asdict(cfg), **info)
     return dict(meta=meta, budgets=budgets_result, spaces=spaces, guard=guard), budgets
 
 
@@ -211,41 +226,47 @@ def write_table(results: dict, cfg: Config) -> str:
     lines = [
         f"{meta['model']}, {meta['tokens']} tokens of {meta['document']} per window, layers {meta['layers']}, "
         f"{meta['heads']} query / {meta['kv_heads']} kv heads of {meta['head_dim']}, block {cfg.block_size}, "
-        f"bidirectional; {harness.describe_run(meta)}.",
-        "",
-        f"## (a) Per-head budgets: {cfg.calibration_selector} calibrated to oracle recall {cfg.target_recall}",
-        "",
-        f"Calibration of {len(meta['layers'])} layers x {meta['heads']} heads on tokens 0..{cfg.length}: "
-        f"{a['seconds']} s (compilation included); mean density there {a['calibration_density']:.3f}. "
-        f"Judged on {window}; 'uniform' keeps {a['uniform_count']} of {a['num_k_blocks']} blocks in every head "
-        "(the calibrated mean count, rounded).",
-        "",
-        "| budget | density | oracle mass | query mass p5 | out err |",
-        "|---|---|---|---|---|",
+        f"bidirectional; {harness.describe_run(meta)}; the whole run {meta['seconds']} s (capture of the Q/K/V "
+        f"{meta['capture_seconds']} s).",
     ]
-    for which in ("calibrated", "uniform"):
-        s = a["summary"][which]
-        lines.append(f"| {which} | {s['density']:.3f} | {s['mass']:.3f} | {s['p05']:.3f} | {s['output_error']:.3f} |")
-    lines += ["", "Calibrated counts per layer (heads in order):", ""]
-    lines += [f"- layer {r['layer']}: {r['counts']}" for r in a["per_layer"]]
-    lines += [
-        "", f"## (b) Block spaces at {pct}% sparsity", "",
-        f"Clustering (balanced k-means, {cfg.cluster_iters} Lloyd iterations, Q and K): {b['cluster_ms']:.1f} ms per "
-        f"layer (median, {meta['device']}), {100 * b['cluster_flops']:.2f}% of dense attention's FLOPs.",
-        "", "| selection | oracle mass |", "|---|---|",
-    ]
-    lines += [f"| {label} | {mass:.3f} |" for label, mass in b["mass"].items()]
-    lines += [
-        "", f"## (c) Accuracy guard at {pct}% sparsity", "",
-        "Heads densified: the share of (layer, head) pairs whose sampled query block kept less than the threshold "
-        "of its exact softmax mass. Check cost: the sampled block's logits over dense attention's FLOPs.",
-        "",
-        "| selector | threshold | heads densified | density | check cost | out err (guarded) | out err (unguarded) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in c["runs"]:
-        lines.append(f"| {r['selector']} | {r['guard_recall']} | {100 * r['fire_rate']:.1f}% | {r['density']:.3f} | "
-                     f"{100 * r['cost']:.2f}% | {r['output_error']:.3f} | {r['output_error_unguarded']:.3f} |")
+    if a is not None:
+        lines += [
+            "", f"## (a) Per-head budgets: {cfg.calibration_selector} calibrated to oracle recall {cfg.target_recall}",
+            "",
+            f"Calibration of {len(meta['layers'])} layers x {meta['heads']} heads on tokens 0..{cfg.length}: "
+            f"{a['seconds']} s (compilation included); mean density there {a['calibration_density']:.3f}. "
+            f"Judged on {window}; 'uniform' keeps {a['uniform_count']} of {a['num_k_blocks']} blocks in every head "
+            "(the calibrated mean count, rounded).",
+            "",
+            "| budget | density | oracle mass | query mass p5 | out err |",
+            "|---|---|---|---|---|",
+        ]
+        for which in ("calibrated", "uniform"):
+            s = a["summary"][which]
+            lines.append(f"| {which} | {s['density']:.3f} | {s['mass']:.3f} | {s['p05']:.3f} | "
+                         f"{s['output_error']:.3f} |")
+        lines += ["", "Calibrated counts per layer (heads in order):", ""]
+        lines += [f"- layer {r['layer']}: {r['counts']}" for r in a["per_layer"]]
+    if b is not None:
+        lines += [
+            "", f"## (b) Block spaces at {pct}% sparsity", "",
+            f"Clustering (balanced k-means, {cfg.cluster_iters} Lloyd iterations, Q and K): {b['cluster_ms']:.1f} ms "
+            f"per layer (median, {meta['device']}), {100 * b['cluster_flops']:.2f}% of dense attention's FLOPs.",
+            "", "| selection | oracle mass |", "|---|---|",
+        ]
+        lines += [f"| {label} | {mass:.3f} |" for label, mass in b["mass"].items()]
+    if c is not None:
+        lines += [
+            "", f"## (c) Accuracy guard at {pct}% sparsity", "",
+            "Heads densified: the share of (layer, head) pairs whose sampled query block kept less than the "
+            "threshold of its exact softmax mass. Check cost: the sampled block's logits over dense attention's FLOPs.",
+            "",
+            "| selector | threshold | heads densified | density | check cost | out err (guarded) | out err (unguarded) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in c["runs"]:
+            lines.append(f"| {r['selector']} | {r['guard_recall']} | {100 * r['fire_rate']:.1f}% | {r['density']:.3f} "
+                         f"| {100 * r['cost']:.2f}% | {r['output_error']:.3f} | {r['output_error_unguarded']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +274,9 @@ def main(argv=None) -> dict:
     cfg = harness.parse_config(get_config, argv, description=__doc__)
     results, budgets = run(cfg, argv)
     table = write_table(results, cfg)
-    budgets.save(f"{cfg.out}/budgets.json", meta=results["meta"])
+    if budgets is not None:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        budgets.save(f"{cfg.out}/budgets.json", meta=results["meta"])
     harness.report_study(cfg.out, results, table)
     return results
 

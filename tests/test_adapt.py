@@ -165,7 +165,7 @@ def test_generation_benchmark_on_the_adapted_checkpoint(smoke, streams, tmp_path
     assert all("passkey" not in rows[512, name] for name in ("dense", "every_step"))  # 512 + 32 > 512
     assert rows[256, "every_step"]["mean_density"] < 1.0 and rows[256, "dense"]["nll"] > 0
     table = (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
-    assert "selector pooled_query" in table and "| 512 | dense |" in table and table.count("| - |") == 2
+    assert "selector pooled_query" in table and "| 512 | dense |" in table and table.count("| - | - |") == 2
     # a GGUF that is not there is named
     with pytest.raises(FileNotFoundError, match="--gguf: no file at"):
         bench_generation.main(["--preset", "cpu_smoke", "--gguf", str(tmp_path / "missing.gguf")])
@@ -219,11 +219,46 @@ def test_split_and_join_gguf(tmp_path):
 
 
 def test_smoke_experiment(tmp_path):
-    res = adapt_smollm2.main(["--preset", "cpu_smoke", "--selectors", "meanpool", "--out", str(tmp_path)])
+    res = adapt_smollm2.main(["--preset", "cpu_smoke", "--selectors", "meanpool", "--tails", "none", "pooled",
+                              "--out", str(tmp_path)])
     assert res["training"]["steps"] == 3 and np.isfinite(res["causal_reference"]["nll"])
-    assert [(r["length"], r["variant"]) for r in res["rows"]] == [(512, "dense"), (512, "meanpool@0.5")]
+    assert [(r["length"], r["variant"]) for r in res["rows"]] == [
+        (512, "dense"), (512, "meanpool@0.5"), (512, "meanpool+tail@0.5")]
     assert all("error" not in r and np.isfinite(r["nll"]) for r in res["rows"])
     assert res["rows"][1]["density"] == pytest.approx(0.5) and res["before_training"][0]["step"] == 0
+    # The tail row keeps the same blocks and adds the dropped ones' pooled terms: same density, other NLL.
+    assert res["rows"][2]["density"] == res["rows"][1]["density"] and res["rows"][2]["nll"] != res["rows"][1]["nll"]
     table = (tmp_path / "smollm2_dlm_cpu_smoke.md").read_text()
     assert "| 512 | meanpool@0.5 | 0.500 |" in table and "dense (step 0)" in table
+    assert "| meanpool+tail |" in table  # the pivot tables keep the tail rows apart
     assert json.loads((tmp_path / "smollm2_dlm_cpu_smoke.json").read_text())["device"]
+
+
+def test_calibration_study_on_the_adapted_checkpoint(smoke, streams, tmp_path, monkeypatch):
+    """selection_budgets --ckpt-dir --parts a: the adapted model's Q/K/V (trained weights restored), per-head
+    budgets calibrated and judged, the budgets saved; parts not asked for are left out of results and table."""
+    from baatt.selection.calibrate import Budgets
+    from experiments import selection_budgets
+
+    causal, tokenizer, path = smoke[1], smoke[2], smoke[3]
+    ckpt = tmp_path / "ck"
+    train(dataclasses.replace(adapt.PRESETS["cpu_smoke"], steps=1, ckpt_dir=str(ckpt)),
+          model=adapt.adapt_for_diffusion(causal), tokenizer=tokenizer, train_stream=streams[0],
+          val_stream=streams[1], log_fn=lambda _: None)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "doc.txt").write_text(tokenizer.decode(streams[1][:1200].tolist()))
+    monkeypatch.setenv("BAATT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(adapt_smollm2, "smollm2_gguf", lambda: path)
+    out = tmp_path / "out"
+    result = selection_budgets.main(["--ckpt-dir", str(ckpt), "--parts", "a", "--text", "doc.txt", "--length", "256",
+                                     "--eval-start", "256", "--layers", "0", "1", "--block-size", "32",
+                                     "--out", str(out)])
+    assert result["meta"]["model"] == f"{path.name} adapted to diffusion, checkpoint {ckpt} (step 1)"
+    assert result["spaces"] is None and result["guard"] is None
+    a = result["budgets"]
+    assert [r["layer"] for r in a["per_layer"]] == [0, 1] and all(len(r["counts"]) == 4 for r in a["per_layer"])
+    assert 0.0 < a["summary"]["calibrated"]["density"] <= 1.0 and a["summary"]["calibrated"]["mass"] > 0.5
+    saved = Budgets.load(out / "budgets.json")
+    assert saved.head_counts(1).tolist() == a["per_layer"][1]["counts"]
+    table = (out / "table.md").read_text()
+    assert "## (a) Per-head budgets" in table and "## (b)" not in table and "## (c)" not in table

@@ -35,8 +35,14 @@ def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
                       warmup_steps=1, eval_every=0, ckpt_dir=str(ckpt), progress=False),
           train_stream=val, val_stream=val, log_fn=lambda s: None)
     result = bench_generation.main(["--preset", "cpu_smoke", "--ckpt-dir", str(ckpt), "--recipes", "dense", "split",
-                                    "--out", str(tmp_path / "out")])
+                                    "every_step", "--dense-warmup", "0.5", "--out", str(tmp_path / "out")])
     assert result["quality"] and result["weights"].startswith(f"checkpoint {ckpt}")
-    for row in result["rows"]:
+    rows = {row["recipe"]: row for row in result["rows"]}
+    for row in rows.values():
         assert 0.0 <= row["passkey"] <= 1.0 and row["nll"] > 0
-    assert "passkey acc" in (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
+    # Who wrote the answer: dense steps only, sparse steps only, and under split the first block's two steps
+    # split between them (a warm-up of 2 of the 4 steps).
+    assert rows["dense"]["passkey_sparse_share"] == 0.0 and rows["every_step"]["passkey_sparse_share"] == 1.0
+    assert rows["split"]["step_kinds"] == dict(dense=2, estimate=1, reuse=1)
+    assert 0.0 <= rows["split"]["passkey_sparse_share"] <= 1.0
+    assert "answer from sparse steps" in (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
