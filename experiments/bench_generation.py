@@ -86,8 +86,8 @@ class Config:
     sparsity: float = harness.option(0.9, "BA-Att sparsity (the prompt's, under the split recipe)")
     gen_sparsity: float = harness.option(0.5, "sparsity of the generation's keys under the split recipe")
     refresh_every: int = harness.option(16, "sparse steps between estimates under the refresh recipe")
-    dense_warmup: float = harness.option(0.2, "share of the steps run dense before the first selection (every "
-                                              "recipe but every_step)")
+    dense_warmup: float = harness.option(0.2, "share of the steps run dense before the first selection "
+                                              "(the recipes that reuse a selection)")
     recipes: tuple[str, ...] = harness.option(RECIPE_NAMES, "rows, in this order", choices=RECIPE_NAMES)
     implementation: str = harness.option("auto", "baatt.attention implementation (auto: the best available)")
     repeats: int = harness.option(3, "timed generations per row (after one that compiles)")
@@ -210,8 +210,9 @@ def time_generation(model, canvas, reference, plan, options, cfg: Config):
 
 
 def passkey_accuracy(model, canvases, plan, options, cfg: Config) -> tuple[float, float]:
-    """(share of the examples whose first generated tokens are the answer, share of those answer positions
-    committed at a sparse step: under a recipe with a dense warm-up, what the sparse steps decided)."""
+    """(share of the examples whose first generated tokens are the answer, share of the answer positions of
+    all examples committed at a sparse step: under a recipe with a dense warm-up, what the sparse steps
+    decided)."""
     hits, sparse, total = 0, 0, 0
     for canvas, answer in canvases:
         r = generate(model, canvas, steps=cfg.steps, block_length=cfg.block_length, plan=plan, **options)
