@@ -464,8 +464,6 @@ def load_adapted(path: Path, ckpt_dir: str | None, dtype: str = "bfloat16"):
     """(model, tokenizer, what the weights are, the longest row length trained on): the GGUF's causal LM
     adapted to masked diffusion with shifted logits, as ``main`` builds it, and ``ckpt_dir``'s trained weights
     (written by ``main``) restored into it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no GGUF at {path}")
     reader = gguf.GGUFReader(path)
     tokenizer = GGUFTokenizer(reader)
     _, causal = load_gguf(reader, dtype=dtype)

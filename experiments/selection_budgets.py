@@ -38,7 +38,6 @@ import itertools
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -274,10 +273,9 @@ def main(argv=None) -> dict:
     cfg = harness.parse_config(get_config, argv, description=__doc__)
     results, budgets = run(cfg, argv)
     table = write_table(results, cfg)
+    harness.report_study(cfg.out, results, table)  # makes the output folder
     if budgets is not None:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         budgets.save(f"{cfg.out}/budgets.json", meta=results["meta"])
-    harness.report_study(cfg.out, results, table)
     return results
 
 
