@@ -31,6 +31,7 @@ commands). Needs the SmolLM2 GGUF (``bash scripts/setup_data.sh``). Writes ``res
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -63,6 +64,11 @@ class Config:
         "held-out texts for perplexity and haystacks, under <data dir>/raw/")
     selectors: tuple[str, ...] = harness.option(SELECTORS, "selectors, each run in every layer", choices=SELECTORS)
     sinks: tuple[bool, ...] = harness.option((False, True), "force the sink block off / on (each a row)")
+    local_windows: tuple[int, ...] = harness.option((0,), "key blocks kept on each side of a query block's diagonal "
+                                                    "(BAConfig.local_window; each a row, inside the budget)")
+    tails: tuple[str, ...] = harness.option(("none",), "pooled estimate of the dropped blocks (BAConfig.tail; each "
+                                            "a row)", choices=("none", "pooled"))
+    tail_group: int | None = harness.option(None, "tokens per pooled key of the tail rows; none: one per key block")
     sparsities: tuple[float, ...] = harness.option((0.5, 0.7, 0.9), "fixed-budget sparsities")
     block_size: int = harness.option(64, "query and key block size")
     passkey_lengths: tuple[int, ...] = harness.option((1024, 2048), "prompt lengths of the needle tasks")
@@ -150,8 +156,19 @@ def _score(model, tokens, *, plan):
     return jax.lax.map(row, (hidden, tokens))
 
 
-def row_label(selector: str, sink: bool) -> str:
-    return selector + (" + sink" if sink else "")
+def effective_sparsity(config: baatt.BAConfig, length: int) -> float:
+    """The share of the allowed block pairs a ``length``-token row does not keep under ``config``: the
+    nominal sparsity unless forced blocks (sink, local window, diagonal) widen short rows' budgets. Its
+    budget rule does not depend on the data, so one random head measures it."""
+    x = jax.random.normal(jax.random.key(0), (1, length, 1, 16), jnp.float32)
+    selection = baatt.select_blocks(x, x, config)
+    allowed, _ = config.mask.block_pairs(length, length, config.block_q, config.block_k)
+    return 1.0 - float(np.sum(np.asarray(selection.counts))) / float(np.sum(allowed))
+
+
+def row_label(selector: str, sink: bool, local_window: int = 0, tail: str = "none") -> str:
+    return (selector + (" + sink" if sink else "") + (f" + local {local_window}" if local_window else "")
+            + (" + tail" if tail != "none" else ""))
 
 
 def run(cfg: Config, argv=None) -> dict:
@@ -185,12 +202,16 @@ def run(cfg: Config, argv=None) -> dict:
     dense = evaluate(AttentionPlan.dense())
     solved_tasks = [t for t, acc in dense["accuracy"].items() if acc >= cfg.min_dense_accuracy]
     results = []
-    jobs = [(sel, sink, s) for sel in cfg.selectors for sink in cfg.sinks for s in cfg.sparsities]
-    for selector, sink, s in tqdm(jobs, desc="row x sparsity", unit="forward", file=sys.stdout):
-        config = baatt.BAConfig(block_size=cfg.block_size, sparsity=s, selector=selector, force_sink=sink)
+    jobs = list(itertools.product(cfg.selectors, cfg.sinks, cfg.local_windows, cfg.tails, cfg.sparsities))
+    for selector, sink, window, tail, s in tqdm(jobs, desc="row x sparsity", unit="forward", file=sys.stdout):
+        config = baatt.BAConfig(block_size=cfg.block_size, sparsity=s, selector=selector, force_sink=sink,
+                                local_window=window, tail=tail, tail_group=cfg.tail_group if tail != "none" else None)
         got = evaluate(AttentionPlan.ba(config))
+        got["effective_sparsity"] = {str(n): effective_sparsity(config.replace(mask=baatt.AttentionMask.causal()), n)
+                                     for n in cfg.prefixes}
         got["accuracy"] = {t: a for t, a in got["accuracy"].items() if t in solved_tasks}
-        results.append(dict(selector=selector, sink=sink, label=row_label(selector, sink), sparsity=s, **got))
+        results.append(dict(selector=selector, sink=sink, local_window=window, tail=tail,
+                            label=row_label(selector, sink, window, tail), sparsity=s, **got))
     meta = harness.run_metadata(
         __spec__.name, argv, seconds=round(time.time() - t0, 1), config=dataclasses.asdict(cfg),
         model="SmolLM2-135M-Instruct (GGUF Q4_1)", device_count=jax.device_count(), batch_rows=int(tokens.shape[0]))
@@ -219,6 +240,7 @@ def _task_name(task: str) -> str:
 def write_table(results: dict, cfg: Config) -> str:
     meta, dense = results["meta"], results["dense"]
     pct = lambda s: f"{int(round(s * 100))}%"  # noqa: E731
+    longest = harness.format_length(max(cfg.prefixes))
     lines = [
         f"{meta['model']}, every layer sparse under the causal mask, block {cfg.block_size}, {cfg.dtype}; "
         f"{harness.describe_run(meta)}.",
@@ -227,13 +249,16 @@ def write_table(results: dict, cfg: Config) -> str:
         + ", ".join(cfg.documents) + " (pooled). Needle tasks: share of prompts whose answer greedy decoding "
         f"writes ({cfg.trials} prompts each).",
         "",
-        "| attention | sparsity | " + " | ".join(f"ppl {harness.format_length(n)}" for n in cfg.prefixes) + " |",
-        "|---|---|" + "---|" * len(cfg.prefixes),
-        "| dense | 0% | " + " | ".join(f"{dense['perplexity'][str(n)]:.2f}" for n in cfg.prefixes) + " |",
+        "| attention | sparsity | " + " | ".join(f"ppl {harness.format_length(n)}" for n in cfg.prefixes)
+        + f" | kept share of allowed blocks, {longest} |",
+        "|---|---|" + "---|" * (len(cfg.prefixes) + 1),
+        "| dense | 0% | " + " | ".join(f"{dense['perplexity'][str(n)]:.2f}" for n in cfg.prefixes) + " | 1.00 |",
     ]
     for r in results["results"]:
+        effective = r.get("effective_sparsity", {}).get(str(max(cfg.prefixes)))  # absent from older runs
         lines.append(f"| {r['label']} | {pct(r['sparsity'])} | "
-                     + " | ".join(f"{r['perplexity'][str(n)]:.2f}" for n in cfg.prefixes) + " |")
+                     + " | ".join(f"{r['perplexity'][str(n)]:.2f}" for n in cfg.prefixes)
+                     + (f" | {1 - effective:.3f} |" if effective is not None else " | - |"))
     tasks = list(dense["accuracy"])
     if tasks:
         lines += ["", "Dense needle accuracy: " + ", ".join(f"{_task_name(t)} {dense['accuracy'][t]:.2f}" for t in tasks)
@@ -266,7 +291,7 @@ def plot(results: dict, cfg: Config):
     for label in labels:
         rs = sorted((r for r in results["results"] if r["label"] == label), key=lambda r: r["sparsity"])
         ax.plot([100 * r["sparsity"] for r in rs], [r["perplexity"][n] for r in rs], marker="o",
-                linestyle="--" if label.endswith("sink") else "-", label=label)
+                linestyle="--" if " + sink" in label else "-", label=label)
     ax.axhline(results["dense"]["perplexity"][n], color="black", linestyle=":", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("sparsity (%) in every layer")

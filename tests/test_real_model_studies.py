@@ -5,11 +5,13 @@ needle prompts through the model with every layer block-sparse under its causal 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 from flax import nnx
 
+import baatt
 from baatt.data import data_dir
 from baatt.nn import load_smollm2, smollm2_path
 from experiments import selectors_real_qk, sparse_prefill
@@ -72,3 +74,34 @@ def test_sparse_prefill_runs_every_layer_sparse(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["meta"]["config"]["length"] == 256
     assert (tmp_path / "perplexity.png").stat().st_size > 0 and "| dense | 0% |" in (tmp_path / "table.md").read_text()
+
+
+def test_sparse_prefill_local_window_and_tail_rows(tmp_path, monkeypatch):
+    def one_layer(**overrides):
+        cfg_model, model, tokenizer = load_smollm2(**overrides)
+        model.blocks = nnx.List(list(model.blocks)[:1])
+        return cfg_model, model, tokenizer
+
+    monkeypatch.setattr(sparse_prefill, "load_smollm2", one_layer)
+    results = sparse_prefill.main(["--preset", "smoke", "--length", "256", "--prefixes", "256", "--selectors",
+                                   "meanpool", "--sinks", "true", "--local-windows", "0", "1", "--tails", "none",
+                                   "pooled", "--sparsities", "0.7", "--passkey-lengths", "256", "--trials", "1",
+                                   "--out", str(tmp_path)])
+    rows = {r["label"]: r["perplexity"]["256"] for r in results["results"]}
+    assert list(rows) == ["meanpool + sink", "meanpool + sink + tail", "meanpool + sink + local 1",
+                          "meanpool + sink + local 1 + tail"]
+    # each switch changes what the model computes: four distinct perplexities, none of them dense's
+    assert len({round(v, 6) for v in rows.values()} | {round(results["dense"]["perplexity"]["256"], 6)}) == 5
+
+
+@pytest.mark.parametrize("window", [0, 1, 3])
+def test_effective_sparsity_counts_forced_blocks(window):
+    # brute force: per query block a (causal, equal blocks: a + 1 allowed), the nominal budget or the forced
+    # blocks (sink block 0, the window, the diagonal), whichever is more, never more than allowed
+    length, block, s = 1024, 64, 0.7
+    config = baatt.BAConfig(block_size=block, sparsity=s, force_sink=True, local_window=window,
+                            mask=baatt.AttentionMask.causal())
+    kept = [min(max(math.ceil(round((1 - s) * (a + 1), 9)), len({0, *range(max(0, a - window), a + 1)})), a + 1)
+            for a in range(length // block)]
+    expected = 1 - sum(kept) / sum(a + 1 for a in range(length // block))
+    assert sparse_prefill.effective_sparsity(config, length) == pytest.approx(expected, abs=1e-9)
