@@ -21,6 +21,11 @@ blocks it may see, so the perplexity of the first n tokens and a prompt of n tok
 filler text score as n-token inputs would (up to what a selector's estimate takes from later
 queries: the rows here estimate each query block from its own queries and earlier keys).
 
+Row switches: ``--sinks``, ``--local-windows``, ``--tails`` (each a row per value) and ``--head-budgets``
+(a twin of every row whose per-(layer, head) budgets, ``baatt.selection.calibrate``, spend the row's own
+kept share of the allowed blocks; calibrated on the first document). Forced blocks widen short rows'
+budgets, so each row also reports the share of the allowed block pairs it keeps, from its selection.
+
 CPU smoke preset (``--preset smoke``): 512 tokens, two rows, one sparsity. GPU (bf16, 8K tokens):
 ``--preset gpu``, split by ``--selectors`` into parts that each stay under five minutes on an H100,
 then ``--merge`` of the parts' folders (experiments/results/sparse_prefill/README.md has the
@@ -35,6 +40,7 @@ import itertools
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +52,8 @@ from tqdm import tqdm
 
 import baatt
 from baatt.data import data_dir
-from baatt.nn import AttentionPlan, load_smollm2
+from baatt.nn import AttentionPlan, capture_qkv, load_smollm2
+from baatt.selection.calibrate import calibrate_budgets, kept_share
 from experiments import harness
 
 SELECTORS = ("meanpool", "baatt", "xattention", "mixed", "query_token", "quest", "proxy", "pooled_query", "oracle")
@@ -69,6 +76,8 @@ class Config:
     tails: tuple[str, ...] = harness.option(("none",), "pooled estimate of the dropped blocks (BAConfig.tail; each "
                                             "a row)", choices=("none", "pooled"))
     tail_group: int | None = harness.option(None, "tokens per pooled key of the tail rows; none: one per key block")
+    head_budgets: bool = harness.option(False, "add a twin of every row with per-(layer, head) budgets at the same "
+                                        "density, calibrated on the first document's first --length tokens")
     sparsities: tuple[float, ...] = harness.option((0.5, 0.7, 0.9), "fixed-budget sparsities")
     block_size: int = harness.option(64, "query and key block size")
     passkey_lengths: tuple[int, ...] = harness.option((1024, 2048), "prompt lengths of the needle tasks")
@@ -200,6 +209,10 @@ def run(cfg: Config, argv=None) -> dict:
                     accuracy={task: float(np.mean(v)) for task, v in solved.items()})
 
     dense = evaluate(AttentionPlan.dense())
+    workdir = tempfile.TemporaryDirectory()
+    if cfg.head_budgets:  # every layer's Q/K of the calibration text, kept on disk until needed
+        captured = capture_qkv(model, tokens[:1], out_dir=workdir.name)
+        samples = {layer: (a["q"], a["k"]) for layer, a in captured.items()}
     solved_tasks = [t for t, acc in dense["accuracy"].items() if acc >= cfg.min_dense_accuracy]
     results = []
     jobs = list(itertools.product(cfg.selectors, cfg.sinks, cfg.local_windows, cfg.tails, cfg.sparsities))
@@ -210,8 +223,22 @@ def run(cfg: Config, argv=None) -> dict:
         got["effective_sparsity"] = {str(n): effective_sparsity(config.replace(mask=baatt.AttentionMask.causal()), n)
                                      for n in cfg.prefixes}
         got["accuracy"] = {t: a for t, a in got["accuracy"].items() if t in solved_tasks}
-        results.append(dict(selector=selector, sink=sink, local_window=window, tail=tail,
-                            label=row_label(selector, sink, window, tail), sparsity=s, **got))
+        label = row_label(selector, sink, window, tail)
+        results.append(dict(selector=selector, sink=sink, local_window=window, tail=tail, label=label, sparsity=s,
+                            **got))
+        if cfg.head_budgets:
+            causal = config.replace(mask=baatt.AttentionMask.causal())
+            start = time.time()
+            budgets = calibrate_budgets(samples, causal, target_density=1.0 - effective_sparsity(causal, cfg.length))
+            seconds = time.time() - start
+            twin = evaluate(AttentionPlan.ba(config, budgets=budgets))
+            twin["effective_sparsity"] = {str(n): 1.0 - kept_share(np.asarray(budgets.counts), causal, length_q=n,
+                                                                   length_k=n) for n in cfg.prefixes}
+            twin["accuracy"] = {t: a for t, a in twin["accuracy"].items() if t in solved_tasks}
+            results.append(dict(selector=selector, sink=sink, local_window=window, tail=tail, label=label + ", per head",
+                                sparsity=s, head_budgets=dict(counts=budgets.counts, target=budgets.target,
+                                                              calibration_s=round(seconds, 1)), **twin))
+    workdir.cleanup()
     meta = harness.run_metadata(
         __spec__.name, argv, seconds=round(time.time() - t0, 1), config=dataclasses.asdict(cfg),
         model="SmolLM2-135M-Instruct (GGUF Q4_1)", device_count=jax.device_count(), batch_rows=int(tokens.shape[0]))

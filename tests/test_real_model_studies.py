@@ -94,6 +94,27 @@ def test_sparse_prefill_local_window_and_tail_rows(tmp_path, monkeypatch):
     assert len({round(v, 6) for v in rows.values()} | {round(results["dense"]["perplexity"]["256"], 6)}) == 5
 
 
+def test_sparse_prefill_head_budget_twins_spend_the_rows_density(tmp_path, monkeypatch):
+    def two_layers(**overrides):
+        cfg_model, model, tokenizer = load_smollm2(**overrides)
+        model.blocks = nnx.List(list(model.blocks)[:2])
+        return cfg_model, model, tokenizer
+
+    monkeypatch.setattr(sparse_prefill, "load_smollm2", two_layers)
+    results = sparse_prefill.main(["--preset", "smoke", "--length", "512", "--prefixes", "512", "--selectors",
+                                   "meanpool", "--sinks", "true", "--local-windows", "1", "--sparsities", "0.7",
+                                   "--head-budgets", "--block-size", "32", "--passkey-lengths", "512",
+                                   "--trials", "1", "--out", str(tmp_path)])
+    uniform, twin = results["results"]
+    assert twin["label"] == "meanpool + sink + local 1, per head"
+    counts = np.asarray(twin["head_budgets"]["counts"])
+    assert counts.shape == (2, 9) and len(np.unique(counts)) > 1  # two layers, nine heads, not one count
+    # the twin spends at most the uniform row's kept share, and nearly all of it
+    assert uniform["effective_sparsity"]["512"] <= twin["effective_sparsity"]["512"] <= uniform["effective_sparsity"]["512"] + 0.05
+    assert twin["perplexity"]["512"] != uniform["perplexity"]["512"] and np.isfinite(twin["perplexity"]["512"])
+    assert "per head" in (tmp_path / "table.md").read_text()
+
+
 @pytest.mark.parametrize("window", [0, 1, 3])
 def test_effective_sparsity_counts_forced_blocks(window):
     # brute force: per query block a (causal, equal blocks: a + 1 allowed), the nominal budget or the forced

@@ -12,7 +12,7 @@ import pytest
 import baatt
 from baatt import reference
 from baatt.reference.error import selected_mass
-from baatt.selection.calibrate import Budgets, calibrate_budgets, recall_curves, select_with_budget
+from baatt.selection.calibrate import Budgets, calibrate_budgets, kept_share, recall_curves, select_with_budget
 from baatt.selection.cluster import balanced_kmeans
 from baatt.selection.guard import guard_selection
 
@@ -201,3 +201,21 @@ def test_experiment_has_a_config_on_the_command_line(capsys):
     assert exc.value.code == 0
     assert printed == json.loads(json.dumps(dataclasses.asdict(selection_budgets.get_config()), default=str))
     assert printed["out"] == "experiments/results/selection_budgets"
+
+
+def test_density_target_counts_forced_blocks_and_the_causal_mask():
+    # Under a causal mask with a sink and a local window, short rows keep every allowed block whatever the
+    # count: the density a calibration spends is the kept share of the allowed pairs, not the mean count / Nk.
+    q, k, v = _qkv()
+    config = baatt.BAConfig(block_size=BLOCK, selector="meanpool", force_sink=True, local_window=1,
+                            mask=baatt.AttentionMask.causal())
+    budgets = calibrate_budgets({0: (q, k)}, config, target_density=0.6)
+    counts = budgets.head_counts(0)
+    nq = q.shape[1] // BLOCK
+    brute = [sum(min(max(int(c), len({0, *range(max(0, a - 1), a + 1)})), a + 1) for a in range(nq))
+             / sum(a + 1 for a in range(nq)) for c in counts]
+    assert kept_share(counts, config, length_q=q.shape[1], length_k=k.shape[1]) == pytest.approx(np.mean(brute))
+    assert np.mean(brute) <= 0.6 + 1e-9 and budgets.density < np.mean(brute)  # mean count / Nk understates it
+    sel = select_with_budget(q, k, config, jnp.asarray(counts), kmax=nq)
+    kept = np.asarray(sel.counts)[0].sum(-1) / sum(a + 1 for a in range(nq))  # per head, from the selection
+    np.testing.assert_allclose(kept, brute, atol=1e-9)

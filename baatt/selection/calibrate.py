@@ -197,6 +197,20 @@ def _counts_at(curves: np.ndarray, level: float) -> np.ndarray:
     return np.where(reached.any(-1), np.argmax(reached, axis=-1) + 1, curves.shape[-1])
 
 
+def kept_share(counts: np.ndarray, config: BAConfig, *, length_q: int, length_k: int) -> float:
+    """The share of the allowed block pairs that ``counts`` (per head, any leading shape) keep under
+    ``config`` at these lengths: per query block, the count or the forced blocks (sink, local window,
+    causal diagonal) whichever is more, never more than the blocks the mask allows. With every block
+    allowed and none forced beyond the count, the mean count over Nk."""
+    allowed = np.asarray(config.mask.block_pairs(length_q, length_k, config.block_q, config.block_k)[0])
+    forced = forced_blocks(config, length_q=length_q, length_k=length_k, k_perm=None, q_heads=1)
+    n_allowed = allowed.sum(-1)  # [Nq]
+    n_forced = np.zeros_like(n_allowed) if forced is None else (np.asarray(forced)[0, 0] & allowed).sum(-1)
+    c = np.asarray(counts, np.int64)[..., None]
+    kept = np.minimum(np.maximum(c, n_forced), n_allowed).sum(-1)  # [..., ] per head
+    return float(np.mean(kept / max(int(n_allowed.sum()), 1)))
+
+
 def calibrate_budgets(samples: Mapping[int, object] | Sequence[object], config: BAConfig, *,
                       target_recall: float | None = None, target_density: float | None = None,
                       selector: str | None = None) -> Budgets:
@@ -205,8 +219,9 @@ def calibrate_budgets(samples: Mapping[int, object] | Sequence[object], config: 
     samples: {layer: {"q": q, "k": k}} (``capture_qkv``'s output) or {layer: (q, k)}, or a
       sequence of those values for layers 0, 1, ...; q [B, L, Hq, D], k [B, L, Hkv, D].
     target_recall: per head, the smallest count whose oracle recall reaches it.
-    target_density: the kept share of key blocks, over every layer and head, to spend: heads get
-      the counts of one common recall level, the highest whose mean count fits the density.
+    target_density: the kept share of the allowed block pairs, over every layer and head, to spend
+      (``kept_share``: forced blocks and the mask count): heads get the counts of one common recall
+      level, the highest whose kept share fits the density.
     selector: the selector whose ranking is calibrated (default ``config.selector``).
     Give exactly one target. All layers must share the length (and so Nk).
     """
@@ -222,22 +237,23 @@ def calibrate_budgets(samples: Mapping[int, object] | Sequence[object], config: 
     curves, lengths = {}, set()
     for layer, sample in sorted(items.items()):
         q, k = _qk(sample)
-        lengths.add(k.shape[1])
+        lengths.add((q.shape[1], k.shape[1]))
         curves[layer] = np.asarray(recall_curves(q, k, config))
     if len(lengths) != 1:
-        raise ValueError(f"samples must share one key length; got {sorted(lengths)}")
+        raise ValueError(f"samples must share one query and key length; got {sorted(lengths)}")
+    (length_q, length_k), = lengths
     layers = tuple(sorted(curves))
     stacked = np.stack([curves[layer] for layer in layers])  # [layers, Hq, Nk]
     nk = stacked.shape[-1]
     if target_recall is not None:
         counts, target = _counts_at(stacked, target_recall), f"recall={target_recall}"
     else:
-        budget = target_density * nk
+        share = lambda counts: kept_share(counts, config, length_q=length_q, length_k=length_k)  # noqa: E731
         levels = np.unique(stacked)  # every recall a count reaches: bisect for the highest that fits
         lo, hi = 0, len(levels) - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if _counts_at(stacked, levels[mid]).mean() <= budget:
+            if share(_counts_at(stacked, levels[mid])) <= target_density + 1e-9:
                 lo = mid
             else:
                 hi = mid - 1
