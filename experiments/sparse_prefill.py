@@ -209,8 +209,8 @@ def run(cfg: Config, argv=None) -> dict:
                     accuracy={task: float(np.mean(v)) for task, v in solved.items()})
 
     dense = evaluate(AttentionPlan.dense())
-    workdir = tempfile.TemporaryDirectory()
-    if cfg.head_budgets:  # every layer's Q/K of the calibration text, kept on disk until needed
+    workdir = tempfile.TemporaryDirectory() if cfg.head_budgets else None
+    if workdir is not None:  # every layer's Q/K of the calibration text, kept on disk until needed
         captured = capture_qkv(model, tokens[:1], out_dir=workdir.name)
         samples = {layer: (a["q"], a["k"]) for layer, a in captured.items()}
     solved_tasks = [t for t, acc in dense["accuracy"].items() if acc >= cfg.min_dense_accuracy]
@@ -220,16 +220,17 @@ def run(cfg: Config, argv=None) -> dict:
         config = baatt.BAConfig(block_size=cfg.block_size, sparsity=s, selector=selector, force_sink=sink,
                                 local_window=window, tail=tail, tail_group=cfg.tail_group if tail != "none" else None)
         got = evaluate(AttentionPlan.ba(config))
-        got["effective_sparsity"] = {str(n): effective_sparsity(config.replace(mask=baatt.AttentionMask.causal()), n)
-                                     for n in cfg.prefixes}
+        causal = config.replace(mask=baatt.AttentionMask.causal())  # the mask every layer of the model applies
+        got["effective_sparsity"] = {str(n): effective_sparsity(causal, n) for n in cfg.prefixes}
         got["accuracy"] = {t: a for t, a in got["accuracy"].items() if t in solved_tasks}
         label = row_label(selector, sink, window, tail)
         results.append(dict(selector=selector, sink=sink, local_window=window, tail=tail, label=label, sparsity=s,
                             **got))
         if cfg.head_budgets:
-            causal = config.replace(mask=baatt.AttentionMask.causal())
+            row_sparsity = (got["effective_sparsity"][str(cfg.length)] if cfg.length in cfg.prefixes
+                            else effective_sparsity(causal, cfg.length))
             start = time.time()
-            budgets = calibrate_budgets(samples, causal, target_density=1.0 - effective_sparsity(causal, cfg.length))
+            budgets = calibrate_budgets(samples, causal, target_density=1.0 - row_sparsity)
             seconds = time.time() - start
             twin = evaluate(AttentionPlan.ba(config, budgets=budgets))
             twin["effective_sparsity"] = {str(n): 1.0 - kept_share(np.asarray(budgets.counts), causal, length_q=n,
@@ -238,7 +239,8 @@ def run(cfg: Config, argv=None) -> dict:
             results.append(dict(selector=selector, sink=sink, local_window=window, tail=tail, label=label + ", per head",
                                 sparsity=s, head_budgets=dict(counts=budgets.counts, target=budgets.target,
                                                               calibration_s=round(seconds, 1)), **twin))
-    workdir.cleanup()
+    if workdir is not None:
+        workdir.cleanup()
     meta = harness.run_metadata(
         __spec__.name, argv, seconds=round(time.time() - t0, 1), config=dataclasses.asdict(cfg),
         model="SmolLM2-135M-Instruct (GGUF Q4_1)", device_count=jax.device_count(), batch_rows=int(tokens.shape[0]))

@@ -57,13 +57,19 @@ def test_needle_prompt_places_the_answer_after_the_question(smollm2):
         assert prompt.count(f"is {answer}.") >= 1 and prompt.endswith(" is ")
 
 
-def test_sparse_prefill_runs_every_layer_sparse(tmp_path, monkeypatch):
-    def two_layers(**overrides):  # the pipeline, not the model's quality, is under test: two layers compile fast
+def _first_layers(n: int):
+    """load_smollm2 keeping the first ``n`` layers: the pipeline, not the model's quality, is under test, and
+    few layers compile fast."""
+    def load(**overrides):
         cfg_model, model, tokenizer = load_smollm2(**overrides)
-        model.blocks = nnx.List(list(model.blocks)[:2])
+        model.blocks = nnx.List(list(model.blocks)[:n])
         return cfg_model, model, tokenizer
 
-    monkeypatch.setattr(sparse_prefill, "load_smollm2", two_layers)
+    return load
+
+
+def test_sparse_prefill_runs_every_layer_sparse(tmp_path, monkeypatch):
+    monkeypatch.setattr(sparse_prefill, "load_smollm2", _first_layers(2))
     results = sparse_prefill.main(["--preset", "smoke", "--length", "256", "--prefixes", "128", "256",
                                    "--selectors", "meanpool", "--sinks", "false", "true", "--passkey-lengths",
                                    "256", "--trials", "1", "--out", str(tmp_path)])
@@ -77,12 +83,7 @@ def test_sparse_prefill_runs_every_layer_sparse(tmp_path, monkeypatch):
 
 
 def test_sparse_prefill_local_window_and_tail_rows(tmp_path, monkeypatch):
-    def one_layer(**overrides):
-        cfg_model, model, tokenizer = load_smollm2(**overrides)
-        model.blocks = nnx.List(list(model.blocks)[:1])
-        return cfg_model, model, tokenizer
-
-    monkeypatch.setattr(sparse_prefill, "load_smollm2", one_layer)
+    monkeypatch.setattr(sparse_prefill, "load_smollm2", _first_layers(1))
     results = sparse_prefill.main(["--preset", "smoke", "--length", "256", "--prefixes", "256", "--selectors",
                                    "meanpool", "--sinks", "true", "--local-windows", "0", "1", "--tails", "none",
                                    "pooled", "--sparsities", "0.7", "--passkey-lengths", "256", "--trials", "1",
@@ -95,12 +96,7 @@ def test_sparse_prefill_local_window_and_tail_rows(tmp_path, monkeypatch):
 
 
 def test_sparse_prefill_head_budget_twins_spend_the_rows_density(tmp_path, monkeypatch):
-    def two_layers(**overrides):
-        cfg_model, model, tokenizer = load_smollm2(**overrides)
-        model.blocks = nnx.List(list(model.blocks)[:2])
-        return cfg_model, model, tokenizer
-
-    monkeypatch.setattr(sparse_prefill, "load_smollm2", two_layers)
+    monkeypatch.setattr(sparse_prefill, "load_smollm2", _first_layers(2))
     results = sparse_prefill.main(["--preset", "smoke", "--length", "512", "--prefixes", "512", "--selectors",
                                    "meanpool", "--sinks", "true", "--local-windows", "1", "--sparsities", "0.7",
                                    "--head-budgets", "--block-size", "32", "--passkey-lengths", "512",

@@ -197,18 +197,27 @@ def _counts_at(curves: np.ndarray, level: float) -> np.ndarray:
     return np.where(reached.any(-1), np.argmax(reached, axis=-1) + 1, curves.shape[-1])
 
 
+def _row_limits(config: BAConfig, length_q: int, length_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(allowed, forced) int [Nq]: per query block, the key blocks the mask allows and those forced in."""
+    allowed = np.asarray(config.mask.block_pairs(length_q, length_k, config.block_q, config.block_k)[0])
+    forced = forced_blocks(config, length_q=length_q, length_k=length_k, k_perm=None, q_heads=1)
+    n_allowed = allowed.sum(-1)
+    n_forced = np.zeros_like(n_allowed) if forced is None else (np.asarray(forced)[0, 0] & allowed).sum(-1)
+    return n_allowed, n_forced
+
+
+def _kept_share(counts, n_allowed: np.ndarray, n_forced: np.ndarray) -> float:
+    c = np.asarray(counts, np.int64)[..., None]
+    kept = np.minimum(np.maximum(c, n_forced), n_allowed).sum(-1)  # [..., ] per head
+    return float(np.mean(kept / max(int(n_allowed.sum()), 1)))
+
+
 def kept_share(counts: np.ndarray, config: BAConfig, *, length_q: int, length_k: int) -> float:
     """The share of the allowed block pairs that ``counts`` (per head, any leading shape) keep under
     ``config`` at these lengths: per query block, the count or the forced blocks (sink, local window,
     causal diagonal) whichever is more, never more than the blocks the mask allows. With every block
     allowed and none forced beyond the count, the mean count over Nk."""
-    allowed = np.asarray(config.mask.block_pairs(length_q, length_k, config.block_q, config.block_k)[0])
-    forced = forced_blocks(config, length_q=length_q, length_k=length_k, k_perm=None, q_heads=1)
-    n_allowed = allowed.sum(-1)  # [Nq]
-    n_forced = np.zeros_like(n_allowed) if forced is None else (np.asarray(forced)[0, 0] & allowed).sum(-1)
-    c = np.asarray(counts, np.int64)[..., None]
-    kept = np.minimum(np.maximum(c, n_forced), n_allowed).sum(-1)  # [..., ] per head
-    return float(np.mean(kept / max(int(n_allowed.sum()), 1)))
+    return _kept_share(counts, *_row_limits(config, length_q, length_k))
 
 
 def calibrate_budgets(samples: Mapping[int, object] | Sequence[object], config: BAConfig, *,
@@ -248,7 +257,8 @@ def calibrate_budgets(samples: Mapping[int, object] | Sequence[object], config: 
     if target_recall is not None:
         counts, target = _counts_at(stacked, target_recall), f"recall={target_recall}"
     else:
-        share = lambda counts: kept_share(counts, config, length_q=length_q, length_k=length_k)  # noqa: E731
+        limits = _row_limits(config, length_q, length_k)
+        share = lambda counts: _kept_share(counts, *limits)  # noqa: E731
         levels = np.unique(stacked)  # every recall a count reaches: bisect for the highest that fits
         lo, hi = 0, len(levels) - 1
         while lo < hi:
