@@ -80,9 +80,10 @@ class ScannedDiffusionLM(DiffusionLM):
     sampler's ``reuse_every`` passes) run the layers one by one.
     """
 
-    def run_blocks(self, x, cos, sin, *, plan: AttentionPlan, key_mask=None, selections=None):
+    def run_blocks(self, x, cos, sin, *, plan: AttentionPlan, key_mask=None, selections=None, query_positions=None):
         if selections is not None:
-            return super().run_blocks(x, cos, sin, plan=plan, key_mask=key_mask, selections=selections)
+            return super().run_blocks(x, cos, sin, plan=plan, key_mask=key_mask, selections=selections,
+                                      query_positions=query_positions)
         block_def = nnx.graphdef(self.blocks[0])
         infos = []
         for start, stop in layer_runs(plan, self.cfg.num_layers):
@@ -90,7 +91,8 @@ class ScannedDiffusionLM(DiffusionLM):
             stacked = jax.tree.map(lambda *arrays: jnp.stack(arrays), *layers)
 
             def body(h, layer_state, layer=start):  # every layer of the run has the configuration of its first
-                return nnx.merge(block_def, layer_state)(h, cos, sin, plan=plan, layer=layer, key_mask=key_mask)
+                return nnx.merge(block_def, layer_state)(h, cos, sin, plan=plan, layer=layer, key_mask=key_mask,
+                                                         query_positions=query_positions)
 
             x, run_infos = jax.lax.scan(body, x, stacked)
             infos += [jax.tree.map(lambda a, j=j: a[j], run_infos) for j in range(stop - start)]

@@ -29,7 +29,7 @@ from baatt.kernels import BACKENDS, mosaic_gpu, pallas_triton
 from baatt.kernels.base import Implementation
 from baatt.reference.attention import block_sparse_blocked
 from baatt.reference.tail import add_pooled_tail
-from baatt.selection import get_selector
+from baatt.selection import SELECTORS, get_selector
 from baatt.selection.calibrate import head_counts_from_budget, select_with_budget
 from baatt.selection.guard import GuardReport, guard_selection
 from baatt.selection.types import BlockSelection
@@ -216,6 +216,7 @@ def attention(
     debug_checks: bool = False,
     is_causal: bool = False,
     head_budget: jax.Array | None = None,
+    query_positions: jax.Array | None = None,
 ) -> jax.Array: ...
 
 
@@ -235,6 +236,7 @@ def attention(
     debug_checks: bool = False,
     is_causal: bool = False,
     head_budget: jax.Array | None = None,
+    query_positions: jax.Array | None = None,
 ) -> tuple[jax.Array, AttentionStats]: ...
 
 
@@ -253,6 +255,7 @@ def attention(
     debug_checks: bool = False,
     is_causal: bool = False,
     head_budget: jax.Array | None = None,
+    query_positions: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, AttentionStats]:
     """Block approximate sparse attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -289,6 +292,12 @@ def attention(
         (``baatt.selection.calibrate.select_with_budget``). A concrete budget sets the list
         width to its largest count, a traced one to every block; either way the counts are
         not compiled in. ``baatt.selection.calibrate.calibrate_budgets`` finds them.
+      query_positions: int [B or 1, m]: the queries the selector estimates from, for a
+        selector that reads a subset of the queries (``Selector.query_positions``:
+        ``last_query``, and ``prompt_gen`` around it), in place of its own choice (the
+        last ones). A masked-diffusion sampler passes the positions of the block being
+        decoded. Each must lie in [0, Lq): an eager call raises otherwise; under ``jit``
+        every output row of a batch element with a position outside is NaN.
 
     Non-finite inputs follow ``jax.nn.dot_product_attention``, whatever blocks are
     kept: NaN/Inf in a query row makes that output row NaN, in k at a real key the
@@ -333,13 +342,16 @@ def attention(
             raise ValueError("give selection or head_budget, not both: a selection already fixes its budget")
         head_counts, head_kmax = head_counts_from_budget(head_budget, batch=q.shape[0], q_heads=q.shape[2],
                                                          num_k_blocks=-(-k.shape[1] // config.block_k))
-    if is_concrete(q, k, v, key_mask, selection, traced_scale):
+    if query_positions is not None:
+        query_positions = _check_query_positions(query_positions, config, q.shape[0], q.shape[1],
+                                                 selection=selection, head_budget=head_budget)
+    if is_concrete(q, k, v, key_mask, selection, traced_scale, query_positions):
         check_finite(q=q, k=k, v=v, key_mask=key_mask)
     elif debug_checks:
         _debug_checks(q, k, v, key_mask, selection, traced_scale)
     impl = _resolve(implementation, q, k, v, config, interpret)
-    out, lse, selection, guard = _pipeline(q, k, v, key_mask, selection, traced_scale, head_counts, config, impl.name,
-                                           interpret, scale, head_kmax)
+    out, lse, selection, guard = _pipeline(q, k, v, key_mask, selection, traced_scale, head_counts, query_positions,
+                                           config, impl.name, interpret, scale, head_kmax)
     if not return_stats:
         return out
     nk = -(-k.shape[1] // selection.block_k)
@@ -361,6 +373,27 @@ def _debug_checks(q, k, v, key_mask, selection, traced_scale) -> None:
                        "scale must be a finite positive number; got {scale}", scale=traced_scale)
 
 
+def _check_query_positions(query_positions, config: BAConfig, batch: int, length_q: int, *, selection,
+                           head_budget) -> jax.Array:
+    """``query_positions`` as int32 [B or 1, m], after its rules (values only when concrete)."""
+    if selection is not None or head_budget is not None:
+        raise ValueError("give query_positions without selection and head_budget: it steers the selector, which "
+                         "neither a given selection nor per-head budgets run")
+    taking = tuple(name for name, sel in SELECTORS.items() if sel.query_positions)
+    if not get_selector(config.selector).query_positions:
+        raise ValueError(f"query_positions: selector {config.selector!r} estimates from queries of its own choice; "
+                         f"the selectors that take query_positions are {taking}")
+    pos = jnp.asarray(query_positions)
+    if not jnp.issubdtype(pos.dtype, jnp.integer):
+        raise ValueError(f"query_positions must hold ints; got dtype {pos.dtype}")
+    if pos.ndim != 2 or pos.shape[0] not in (1, batch) or pos.shape[1] < 1:
+        raise ValueError(f"query_positions must have shape [batch ({batch}) or 1, m >= 1]; got {pos.shape}")
+    if is_concrete(pos) and not bool(jnp.all((pos >= 0) & (pos < length_q))):
+        raise ValueError(f"query_positions must lie in [0, Lq={length_q}); got values in "
+                         f"[{int(jnp.min(pos))}, {int(jnp.max(pos))}]")
+    return pos.astype(jnp.int32)
+
+
 def _check_selection_mask(selection: BlockSelection, config: BAConfig) -> None:
     if selection.mask != config.mask:
         raise ValueError(f"selection was made under a {selection.mask.describe()} mask but attention runs under "
@@ -377,14 +410,16 @@ def takes_positional_path(impl: Implementation, q, k, key_mask, selection: Block
             and q.shape[1] % selection.block_q == 0 and k.shape[1] % selection.block_k == 0)
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8, 9, 10, 11))
-def _pipeline(q, k, v, key_mask, selection, traced_scale, head_counts, config, impl_name, interpret, scale, head_kmax):
+@functools.partial(jax.jit, static_argnums=(8, 9, 10, 11, 12))
+def _pipeline(q, k, v, key_mask, selection, traced_scale, head_counts, query_positions, config, impl_name, interpret,
+              scale, head_kmax):
     """estimate -> select -> permute into block space -> sparse operator -> scatter back -> NaN rules.
 
     A ``selection`` given by the caller is guarded (``BlockSelection.guarded``). A
     ``traced_scale`` (``scale`` is then 1.0) scales q for the sparse operator only: the
-    selection is made on the caller's q. The rows that non-finite inputs, a broken
-    selection or a bad traced scale reach get NaN added (``nonfinite_poison``), and so
+    selection is made on the caller's q. ``query_positions`` go to the selector (not to a
+    sharded implementation's estimator). The rows that non-finite inputs, a broken
+    selection, a bad traced scale or a query position out of range reach get NaN added (``nonfinite_poison``), and so
     do the output dims that NaN/Inf in v reaches.
     """
     impl = _REGISTRY[impl_name]
@@ -396,6 +431,11 @@ def _pipeline(q, k, v, key_mask, selection, traced_scale, head_counts, config, i
     else:
         if head_counts is not None:
             selection = select_with_budget(q, k, config, head_counts, kmax=head_kmax, key_mask=key_mask)
+        elif query_positions is not None:
+            outside = jnp.any((query_positions < 0) | (query_positions >= q.shape[1]), axis=1)  # [B or 1]
+            poison = poison + nan_where(outside)[:, None, None]
+            selection = get_selector(config.selector).select(q, k, config, key_mask=key_mask,
+                                                             query_positions=query_positions)
         elif impl.estimator is not None:
             selection = impl.estimator(q, k, config, key_mask=key_mask, interpret=interpret)
         else:

@@ -31,12 +31,16 @@ class Selector:
         block space its selection refers to.
       params: the frozen dataclass of its parameters (an instance goes in
         ``BAConfig.selector_params``), or None when it takes none.
+      query_positions: whether ``select`` also takes ``query_positions`` [B or 1, m] (int):
+        the queries to estimate from (``baatt.attention(query_positions=...)``), for a
+        selector that reads a subset of the queries (``last_query``).
     """
 
     name: str
     select: Callable
     block_map: Callable
     params: type | None = None
+    query_positions: bool = False
 
 
 class SelectorParamError(ValueError):
@@ -57,13 +61,15 @@ _REGISTERED: dict[str, Selector] = {}
 SELECTORS: Mapping[str, Selector] = types.MappingProxyType(_REGISTERED)
 
 
-def register_selector(name: str, *, select: Callable, block_map: Callable, params: type | None = None) -> Selector:
+def register_selector(name: str, *, select: Callable, block_map: Callable, params: type | None = None,
+                      query_positions: bool = False) -> Selector:
     """Add a selector under ``name`` and return its record.
 
     ``select`` and ``block_map`` take ``(q, k, config, *, key_mask)``; ``params`` is the
     frozen dataclass of the selector's parameters (its fields need defaults: with
-    ``selector_params=None`` the selector runs on ``params()``). A name can be
-    registered once.
+    ``selector_params=None`` the selector runs on ``params()``). With
+    ``query_positions=True``, ``select`` also takes ``query_positions=None`` (the queries to
+    estimate from; ``Selector.query_positions``). A name can be registered once.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"selector name must be a non-empty str; got {name!r}")
@@ -74,7 +80,9 @@ def register_selector(name: str, *, select: Callable, block_map: Callable, param
             raise ValueError(f"{arg} of selector {name!r} must be callable; got {fn!r}")
     if params is not None and not (isinstance(params, type) and dataclasses.is_dataclass(params)):
         raise ValueError(f"params of selector {name!r} must be a dataclass type or None; got {params!r}")
-    _REGISTERED[name] = Selector(name, select, block_map, params)
+    if not isinstance(query_positions, bool):
+        raise ValueError(f"query_positions of selector {name!r} must be a bool; got {query_positions!r}")
+    _REGISTERED[name] = Selector(name, select, block_map, params, query_positions)
     return _REGISTERED[name]
 
 

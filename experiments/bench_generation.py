@@ -12,7 +12,11 @@ dense attention at every step (cuDNN on a GPU) against BA-Att under each recipe 
 - ``drift``: as ``reuse``, re-estimated when a key block has had half of its tokens changed;
 - ``split``: as ``reuse``, with separate budgets for the prompt's keys (``sparsity``) and the
   generation's keys (``gen_sparsity``);
-- ``reuse_tail``: as ``reuse``, with the pooled tail of the dropped blocks (``tail="pooled"``).
+- ``reuse_tail``: as ``reuse``, with the pooled tail of the dropped blocks (``tail="pooled"``);
+- ``block``: a selection per decoding block, estimated at the block's first sparse step from the
+  queries of that block (``generate(estimate_from="block")``) and reused for its other steps, after a
+  dense warm-up of ``block_warmup`` (none by default); the selector is ``--selector`` when it takes
+  query positions, else ``last_query``.
 
 Timing: one generation compiles every program (not timed), then ``repeats`` generations are
 timed end to end (host loop, every step, the final copy of the tokens) and their median is
@@ -56,10 +60,11 @@ from baatt.data.tokenizer import get_tokenizer
 from baatt.diffusion import generate
 from baatt.nn import AttentionPlan, DiffusionLM
 from baatt.nn import get_config as model_config
+from baatt.selection import get_selector
 from baatt.train import load_model
 from experiments import harness
 
-RECIPE_NAMES = ("dense", "every_step", "reuse", "refresh", "drift", "split", "reuse_tail")
+RECIPE_NAMES = ("dense", "every_step", "reuse", "refresh", "drift", "split", "reuse_tail", "block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,8 @@ class Config:
     refresh_every: int = harness.option(16, "sparse steps between estimates under the refresh recipe")
     dense_warmup: float = harness.option(0.2, "share of the steps run dense before the first selection "
                                               "(the recipes that reuse a selection)")
+    block_warmup: float = harness.option(0.0, "share of the steps run dense before the first selection "
+                                              "(the block recipe)")
     recipes: tuple[str, ...] = harness.option(RECIPE_NAMES, "rows, in this order", choices=RECIPE_NAMES)
     implementation: str = harness.option("auto", "baatt.attention implementation (auto: the best available)")
     repeats: int = harness.option(3, "timed generations per row (after one that compiles)")
@@ -122,6 +129,7 @@ def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
     ba = BAConfig(selector=cfg.selector, block_size=cfg.block_size, sparsity=cfg.sparsity)
     plan = AttentionPlan.ba(ba, implementation=implementation)
     reuse = dict(dense_warmup=cfg.dense_warmup, reuse_every=None)
+    block_selector = cfg.selector if get_selector(cfg.selector).query_positions else "last_query"
     return {
         "dense": (AttentionPlan.dense(), {}),
         "every_step": (plan, dict(reuse_every=1)),
@@ -130,6 +138,8 @@ def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
         "drift": (plan, dict(reuse, refresh_drift=0.5)),
         "split": (plan, dict(reuse, prompt_sparsity=cfg.sparsity, gen_sparsity=cfg.gen_sparsity)),
         "reuse_tail": (AttentionPlan.ba(ba.replace(tail="pooled"), implementation=implementation), reuse),
+        "block": (AttentionPlan.ba(ba.replace(selector=block_selector), implementation=implementation),
+                  dict(dense_warmup=cfg.block_warmup, reuse_every=None, estimate_from="block")),
     }
 
 

@@ -477,3 +477,48 @@ def test_support_doc_is_generated_from_the_rules():
     table = baatt.support_matrix()
     assert table["pallas"].head_dims == (64, 128) and table["reference"].head_dims is None
     assert table["mosaic_gpu"].dtypes == ("bfloat16", "float16")
+
+
+def test_query_positions_steer_the_selector_and_follow_the_rules():
+    """query_positions reach a selector that takes them (the output is the masked dense reference of the selection
+    they give), under jit, vmap and grad; out-of-range values raise eagerly and poison the batch row under jit;
+    every misuse names the argument."""
+    q, k, v = make(np.random.default_rng(11), batch=2, lq=128, lk=128)
+    cfg = baatt.BAConfig(selector="last_query", block_size=32, sparsity=0.5)
+    front = jnp.arange(0, 16)[None]
+    out, stats = baatt.attention(q, k, v, config=cfg, query_positions=front, return_stats=True,
+                                 implementation="reference")
+    from baatt.selection import last_query
+    want = last_query.select(q, k, cfg, query_positions=front)
+    np.testing.assert_array_equal(np.asarray(stats.selection.indices), np.asarray(want.indices))
+    ref = reference.block_sparse_attention(q, k, v, want)[0]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+    default = baatt.attention(q, k, v, config=cfg, return_stats=True, implementation="reference")[1].selection
+    assert not np.array_equal(np.asarray(default.indices), np.asarray(want.indices))
+
+    run = jax.jit(lambda q, p: baatt.attention(q, k, v, config=cfg, query_positions=p, implementation="reference"))
+    np.testing.assert_allclose(np.asarray(run(q, front)), np.asarray(out), atol=2e-5, rtol=2e-5)
+    per_row = jnp.asarray([[3, 4], [200, 5]])  # row 1 holds a position outside [0, 128)
+    poisoned = np.asarray(run(q, per_row))
+    assert np.all(np.isfinite(poisoned[0])) and np.all(np.isnan(poisoned[1]))
+    rows = jnp.asarray([[3, 4], [7, 9]])
+    one = lambda qq, kk, vv, p: baatt.attention(qq[None], kk[None], vv[None], config=cfg, query_positions=p[None],
+                                                implementation="reference")[0]
+    batched = jax.vmap(one)(q, k, v, rows)
+    for b in range(2):
+        np.testing.assert_allclose(np.asarray(batched[b]), np.asarray(one(q[b], k[b], v[b], rows[b])), atol=2e-5,
+                                   rtol=2e-5)
+    grad = jax.grad(lambda q: jnp.sum(run(q, front)))(q)
+    dense_grad = jax.grad(lambda q: jnp.sum(reference.block_sparse_attention(q, k, v, want)[0]))(q)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(dense_grad), atol=2e-5, rtol=2e-4)
+
+    with pytest.raises(ValueError, match=r"query_positions must lie in \[0, Lq=128\)"):
+        baatt.attention(q, k, v, config=cfg, query_positions=jnp.asarray([[128]]))
+    with pytest.raises(ValueError, match="query_positions must hold ints"):
+        baatt.attention(q, k, v, config=cfg, query_positions=jnp.asarray([[1.0]]))
+    with pytest.raises(ValueError, match=r"query_positions must have shape \[batch \(2\) or 1, m >= 1\]"):
+        baatt.attention(q, k, v, config=cfg, query_positions=jnp.asarray([1, 2]))
+    with pytest.raises(ValueError, match="selector 'baatt' estimates from queries of its own choice"):
+        baatt.attention(q, k, v, config=cfg.replace(selector="baatt"), query_positions=front)
+    with pytest.raises(ValueError, match="give query_positions without selection and head_budget"):
+        baatt.attention(q, k, v, config=cfg, query_positions=front, selection=want)

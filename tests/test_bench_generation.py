@@ -17,7 +17,8 @@ def test_bench_generation_smoke_random_init(tmp_path):
     assert rows["every_step"]["step_kinds"] == dict(dense=0, estimate=4, reuse=0)
     assert rows["reuse"]["step_kinds"] == dict(dense=1, estimate=1, reuse=2)  # 20% of 4 steps: one dense
     assert rows["refresh"]["step_kinds"] == dict(dense=1, estimate=2, reuse=1)  # re-estimated after 2 sparse steps
-    for name in ("every_step", "reuse", "split", "reuse_tail"):
+    assert rows["block"]["step_kinds"] == dict(dense=0, estimate=2, reuse=2)  # 2 decoding blocks of 2 steps each
+    for name in ("every_step", "reuse", "split", "reuse_tail", "block"):
         assert rows[name]["mean_density"] < 1.0 and rows[name]["tokens_per_s"] > 0
     saved = json.loads((tmp_path / "bench_generation_cpu_smoke.json").read_text())
     assert saved["device"] == "cpu" and not saved["quality"] and "random-init" in saved["notes"][0]

@@ -542,3 +542,47 @@ def test_oneshot_task_accuracy_diagnostics(monkeypatch):
     third = np.array([min(int(3 * e.depths[0]), 2) for e in exs])
     assert split["by_depth"] == {str(d): pytest.approx(np.mean(two[third == d])) for d in sorted(set(third.tolist()))}
     assert train_mod.task_accuracy_oneshot(model, exs) == acc
+
+
+def test_recipe_estimates_from_the_block_being_decoded(model, monkeypatch):
+    """estimate_from="block": the first sparse step of every decoding block estimates, from the positions of that
+    block (one to the left under shifted logits), and the later steps of the block reuse that selection."""
+    import baatt
+
+    seen, real = [], baatt.attention
+
+    def spy(q, k, v, **kw):
+        seen.append((kw.get("query_positions"), kw.get("selection") is not None))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(baatt, "attention", spy)
+    x = _canvas(b=2, prompt=40, gen=24, seed=9)
+    plan = AttentionPlan.ba(BAConfig(selector="last_query", block_size=16, sparsity=0.5), implementation="reference")
+    with jax.disable_jit():
+        r = generate(model, x, steps=6, block_length=8, plan=plan, reuse_every=None, estimate_from="block",
+                     dense_warmup=1)
+    # block 0 (steps 0-1) starts dense, so its first sparse step (1) estimates; blocks 1 and 2 estimate at 2 and 4
+    assert r.step_kind == ["dense", "estimate", "estimate", "reuse", "estimate", "reuse"]
+    layers = CFG.num_layers
+    assert len(seen) == 5 * layers
+    for step, block in ((1, 0), (2, 1), (4, 2)):
+        for given, reused in seen[(step - 1) * layers: step * layers]:
+            assert not reused and np.array_equal(np.asarray(given), np.tile(np.arange(40, 48) + 8 * block, (2, 1)))
+    assert all(given is None and reused for given, reused in seen[2 * layers: 3 * layers] + seen[4 * layers:])
+    assert generate(model, x, steps=6, block_length=8, plan=plan, reuse_every=None,
+                    estimate_from="block").step_kind == ["estimate", "reuse"] * 3
+    assert not np.any(r.tokens == MASK)
+
+    shifted = DiffusionLM(dataclasses.replace(CFG, shift_logits=True), rngs=nnx.Rngs(0))
+    seen.clear()
+    with jax.disable_jit():
+        generate(shifted, x, steps=3, block_length=8, plan=plan, estimate_from="block")
+    assert np.array_equal(np.asarray(seen[0][0]), np.tile(np.arange(39, 47), (2, 1)))
+
+    with pytest.raises(ValueError, match="estimate_from must be 'canvas' or 'block'"):
+        generate(model, x, steps=3, block_length=8, plan=plan, estimate_from="active")
+    with pytest.raises(ValueError, match="estimate_from='block' needs a BA-Att plan"):
+        generate(model, x, steps=3, block_length=8, estimate_from="block")
+    with pytest.raises(ValueError, match="layer 0's selector 'baatt' estimates from queries of its own choice"):
+        generate(model, x, steps=3, block_length=8, plan=AttentionPlan.ba(BAConfig(block_size=16, sparsity=0.5)),
+                 estimate_from="block")

@@ -232,8 +232,9 @@ def np_xattention(q, k, mask, config):
     return out
 
 
-def np_last_query(q, k, mask, config):
-    """(vertical, slash, block mass, scores) of the last-query vertical-slash selector, float64."""
+def np_last_query(q, k, mask, config, positions=None):
+    """(vertical, slash, block mass, scores) of the last-query vertical-slash selector, float64; with
+    ``positions`` [B, m], those queries (the real ones among them) instead of the last ones."""
     q, k = q.astype(np.float64), k.astype(np.float64)
     batch, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -254,7 +255,8 @@ def np_last_query(q, k, mask, config):
     mass = np.zeros((batch, hq, nq, nk))
     for b in range(batch):
         real = kmask[b] if (mask is not None and lq == lk) else np.ones(lq, bool)
-        pos = [i for i in range(lq - 1, -1, -1) if real[i]][:n]
+        pos = [i for i in range(lq - 1, -1, -1) if real[i]][:n] if positions is None else [
+            int(i) for i in positions[b] if real[i]]
         for h in range(hq):
             g = h // (hq // hkv)
             for i in pos:
@@ -412,6 +414,57 @@ def test_last_query_uses_last_real_queries():
     b = last_query.line_masses(jnp.asarray(q2), jnp.asarray(k), config, key_mask=jnp.asarray(mask))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _jitted_given(q, k, mask, config, positions):
+    out = last_query.block_scores(q, k, config, key_mask=mask, query_positions=positions)
+    out = out + last_query.line_masses(q, k, config, key_mask=mask, query_positions=positions)
+    return out, last_query.select(q, k, config, key_mask=mask, query_positions=positions)
+
+
+@SETTINGS
+@given(p=problems(same_length=False) | problems(same_length=True), m=st.sampled_from([1, 5, 40]),
+       gamma=st.sampled_from([0.5, 0.9]), data=st.data())
+def test_last_query_from_given_positions_matches_numpy(p, m, gamma, data):
+    """query_positions [B, m] (repeats allowed, any order): the lines come from exactly those queries."""
+    q, k, mask, config = setup(p, selector="last_query", last_query_gamma=gamma)
+    lq = q.shape[1]
+    positions = np.asarray(data.draw(st.lists(st.lists(st.integers(0, lq - 1), min_size=m, max_size=m),
+                                              min_size=q.shape[0], max_size=q.shape[0])), np.int32)
+    real = np.ones((q.shape[0], lq), bool) if (mask is None or lq != k.shape[1]) else mask
+    assume(all(real[b, positions[b]].any() for b in range(q.shape[0])))  # a row without a real one scores nothing
+    vert, slash, want_mass, want_scores = np_last_query(q, k, mask, config, positions)
+    for lines in (vert, slash):
+        desc = -np.sort(-lines, axis=-1)
+        cum = np.cumsum(desc, axis=-1)
+        assume(not np.any(np.abs(cum - gamma * cum[..., -1:]) < 1e-5))
+    jmask = None if mask is None else jnp.asarray(mask)
+    out, sel = _jitted_given(jnp.asarray(q), jnp.asarray(k), jmask, config, jnp.asarray(positions))
+    scores, mass, jv, js = (np.asarray(x) for x in out)
+    np.testing.assert_allclose(jv, vert, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(js, slash, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(mass, want_mass, atol=2e-6, rtol=1e-4)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-3, rtol=0)
+    _, block_ok = np_key_valid(mask, q.shape[0], k.shape[1], want_mass.shape[-1], config.block_k)
+    forced = np_forced(config, q.shape[1], k.shape[1])
+    compared = compare_selection(
+        sel, lambda b, h, a: [(x,) for x in want_scores[b, h, a]], want_mass, block_ok, forced, config
+    )
+    assert compared > 0
+    check_budget_properties(sel, mass, block_ok, config, q, k)
+
+
+def test_last_query_given_the_last_positions_is_the_default():
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 96, 2, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 96, 1, 16)), jnp.float32)
+    config = BAConfig(block_size=16, last_query_size=24, sparsity=0.5, selector="last_query")
+    default = last_query.select(q, k, config)
+    given_last = last_query.select(q, k, config, query_positions=jnp.arange(72, 96)[None])
+    np.testing.assert_array_equal(np.asarray(default.indices), np.asarray(given_last.indices))
+    front = last_query.select(q, k, config, query_positions=jnp.arange(0, 24)[None])
+    assert not np.array_equal(np.asarray(default.indices), np.asarray(front.indices))
 
 
 # -- SpargeAttn-like ---------------------------------------------------------------------------

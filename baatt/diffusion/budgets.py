@@ -94,17 +94,22 @@ def _merge(prompt: BlockSelection, gen: BlockSelection, offset: int) -> BlockSel
     return dataclasses.replace(prompt, indices=indices, counts=counts)
 
 
-def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
+def select(q, k, config: BAConfig, *, key_mask=None, query_positions=None) -> BlockSelection:
     params = config.params_for(NAME)
     _check_config(config)
     length_k = k.shape[1]
     # Whole key blocks of the prompt; the block holding the first generated position is the generation's.
     boundary = min(params.prompt_length // config.block_k * config.block_k, length_k)
-    base = get_selector(params.base).select
+    base = get_selector(params.base)
+    if query_positions is not None and not base.query_positions:
+        raise ValueError(f"query_positions: the base selector {params.base!r} of {NAME!r} estimates from queries of "
+                         "its own choice")
+    extra = {} if query_positions is None else dict(query_positions=query_positions)
 
     def select_region(sparsity, first, end):
         mask = None if key_mask is None else key_mask[:, first:end]
-        return base(q, k[:, first:end], _region_config(config, params, sparsity, first, end), key_mask=mask)
+        return base.select(q, k[:, first:end], _region_config(config, params, sparsity, first, end), key_mask=mask,
+                           **extra)
 
     if boundary == 0:
         return select_region(params.gen_sparsity, 0, length_k)
@@ -122,4 +127,4 @@ def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     return get_selector(params.base).block_map(q, k, _base_config(config, params), key_mask=key_mask)
 
 
-register_selector(NAME, select=select, block_map=block_map, params=PromptGenParams)
+register_selector(NAME, select=select, block_map=block_map, params=PromptGenParams, query_positions=True)

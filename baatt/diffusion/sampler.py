@@ -28,6 +28,12 @@ Sparse-attention recipe, for a BA-Att plan (each step is one of three kinds):
   the estimate (the estimator scores block means, and a block's mean moves with the
   share of its tokens that changed).
 
+Which queries estimate: ``estimate_from="canvas"`` (default) leaves it to the selector (``last_query``
+reads the last positions of the canvas, in generation the masked far end of the region to generate);
+``estimate_from="block"`` gives it the positions of the block being decoded (the states that predict
+them: one to the left under ``ModelConfig.shift_logits``), through ``baatt.attention(query_positions=...)``,
+and a selection then serves one decoding block only: the first sparse step of every block estimates.
+
 ``prompt_sparsity`` / ``gen_sparsity`` give the keys of the prompt (the positions
 before the first one to generate) and those of the generation budgets of their own:
 every BA-Att layer then selects with the ``"prompt_gen"`` selector
@@ -49,6 +55,7 @@ from flax import nnx
 
 from baatt.diffusion import budgets
 from baatt.nn.attention import AttentionPlan
+from baatt.selector_registry import SELECTORS, get_selector
 
 
 @dataclasses.dataclass
@@ -85,12 +92,13 @@ class SampleResult:
         return float(-np.nanmean(self.reference_logprob))
 
 
-def _hidden(model, x, plan: AttentionPlan, kind: str, sels):
+def _hidden(model, x, plan: AttentionPlan, kind: str, sels, query_positions=None):
     """(final hidden states, the selections made or None, mean density) of one step kind."""
     if kind == "dense":
         dense = plan if plan.kind == "dense" else AttentionPlan.dense()  # a dense plan keeps its implementation
         return model.hidden(x, attention=dense), None, jnp.float32(1.0)
-    h, aux = model.hidden(x, attention=plan, selections=sels, return_aux=True)
+    h, aux = model.hidden(x, attention=plan, selections=sels, return_aux=True,
+                          query_positions=query_positions if kind == "estimate" else None)
     density = jnp.mean(jnp.stack([jnp.mean(d) for d in aux["density"]]))
     return h, aux["selections"] if kind == "estimate" else None, density
 
@@ -111,12 +119,13 @@ def _forward(graphdef, plan: AttentionPlan, mode: str):
 
 @functools.lru_cache(maxsize=64)
 def _decode_forward(graphdef, plan: AttentionPlan, kind: str):
-    """Jitted (state, x, positions [B, m], selections) -> (logits [B, m, V] at those positions, selections made
-    or None, density): the output head only where a step may commit, not over the whole canvas."""
+    """Jitted (state, x, positions [B, m], selections, query positions or None) -> (logits [B, m, V] at those
+    positions, selections made or None, density): the output head only where a step may commit, not over the
+    whole canvas."""
 
-    def f(state, x, positions, sels):
+    def f(state, x, positions, sels, query_positions):
         model = nnx.merge(graphdef, state)
-        h, made, density = _hidden(model, x, plan, kind, sels)
+        h, made, density = _hidden(model, x, plan, kind, sels, query_positions)
         return model.logits(jnp.take_along_axis(h, positions[..., None], axis=1)), made, density
 
     return jax.jit(f)
@@ -197,6 +206,18 @@ def _warmup_steps(dense_warmup: int | float, steps: int) -> int:
     return dense_warmup
 
 
+def _check_block_estimates(plan: AttentionPlan, num_layers: int) -> None:
+    """``estimate_from="block"``'s rule: a BA-Att plan whose every BA-Att layer's selector takes query positions."""
+    if plan.kind != "ba":
+        raise ValueError("estimate_from='block' needs a BA-Att plan (AttentionPlan.ba); got a dense plan")
+    for i in range(num_layers):
+        cfg = plan.layer_config(i, num_layers)
+        if cfg is not None and not get_selector(cfg.selector).query_positions:
+            taking = tuple(name for name, sel in SELECTORS.items() if sel.query_positions)
+            raise ValueError(f"estimate_from='block': layer {i}'s selector {cfg.selector!r} estimates from queries "
+                             f"of its own choice; the selectors that take the block's positions are {taking}")
+
+
 def _with_region_budgets(plan: AttentionPlan, num_layers: int, *, prompt_length: int, prompt_sparsity: float,
                         gen_sparsity: float) -> AttentionPlan:
     """``plan`` with every BA-Att layer selecting by ``prompt_gen`` around its own selector (dense layers stay)."""
@@ -228,6 +249,7 @@ def generate(
     refresh_drift: float | None = None,
     prompt_sparsity: float | None = None,
     gen_sparsity: float | None = None,
+    estimate_from: str = "canvas",
     reference=None,
     key=None,
     mask_id: int | None = None,
@@ -242,7 +264,7 @@ def generate(
       temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
       remasking: "low_confidence" or "random".
       plan: attention plan (default: the model's own).
-      dense_warmup, reuse_every, refresh_drift, prompt_sparsity, gen_sparsity: the
+      dense_warmup, reuse_every, refresh_drift, prompt_sparsity, gen_sparsity, estimate_from: the
         sparse-attention recipe (module docstring); the budgets go together.
       reference: int [B, L] tokens to score: ``SampleResult.reference_logprob`` holds
         their log-probability (softmax of the logits at temperature 1, ids below
@@ -263,6 +285,8 @@ def generate(
         raise ValueError(f"prompt_sparsity and gen_sparsity go together; got {prompt_sparsity!r} and {gen_sparsity!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0; got {temperature}")
+    if estimate_from not in ("canvas", "block"):
+        raise ValueError(f"estimate_from must be 'canvas' or 'block'; got {estimate_from!r}")
     x = np.asarray(canvas)
     if x.ndim != 2:
         raise ValueError(f"canvas must have shape [batch, length]; got {x.shape}")
@@ -279,6 +303,8 @@ def generate(
 
     plan = model.attention if plan is None else plan
     num_layers = model.cfg.num_layers
+    if estimate_from == "block":
+        _check_block_estimates(plan, num_layers)
     if prompt_sparsity is not None:
         plan = _with_region_budgets(plan, num_layers, prompt_length=int(np.argmax(gen, axis=1).min()),
                                    prompt_sparsity=prompt_sparsity, gen_sparsity=gen_sparsity)
@@ -298,22 +324,27 @@ def generate(
         reference_logprob = jnp.full(x.shape, jnp.nan, jnp.float32)
     else:
         reference_logprob = None
-    sels = x_at_estimate = None
+    sels = x_at_estimate = estimate_block = None
     densities, kinds = [], []
     since_estimate = 0
     for step in range(steps):
         kind = "dense" if step < dense_steps or plan.kind == "dense" else "reuse"
         if kind == "reuse" and (sels is None or (reuse_every is not None and since_estimate >= reuse_every) or (
                 drift_block is not None
-                and float(_max_block_change(x, x_at_estimate, block=drift_block)) >= refresh_drift)):
+                and float(_max_block_change(x, x_at_estimate, block=drift_block)) >= refresh_drift) or (
+                estimate_from == "block" and estimate_block != step // spb)):
             kind = "estimate"
         positions = block_positions[step // spb]
+        focus = None
+        if kind == "estimate" and estimate_from == "block":
+            # The states that predict the block's tokens: one position to the left under shifted logits.
+            focus = jnp.maximum(positions - 1, 0) if model.cfg.shift_logits else positions
         # The warm-up of a BA-Att plan compiles the program of the default dense plan, shared with dense runs.
         step_plan = AttentionPlan.dense() if kind == "dense" and plan.kind != "dense" else plan
         logits, made, density = _decode_forward(graphdef, step_plan, kind)(
-            state, x, positions, sels if kind == "reuse" else None)
+            state, x, positions, sels if kind == "reuse" else None, focus)
         if kind == "estimate":
-            sels, x_at_estimate, since_estimate = made, x, 0
+            sels, x_at_estimate, since_estimate, estimate_block = made, x, 0, step // spb
         if kind != "dense":
             since_estimate += 1
         densities.append(density)

@@ -175,7 +175,7 @@ def _model_mask(causality: str, causal_block_size: int | None = None) -> Attenti
 
 
 def run_layer_attention(plan: AttentionPlan, layer: int, num_layers: int, q, k, v, *, key_mask=None, selection=None,
-                        causality: str = "bidirectional", causal_block_size: int | None = None):
+                        query_positions=None, causality: str = "bidirectional", causal_block_size: int | None = None):
     """Attention of one layer under ``plan``.
 
     selection: a ``baatt.BlockSelection`` to reuse: the estimator is skipped and the
@@ -183,6 +183,8 @@ def run_layer_attention(plan: AttentionPlan, layer: int, num_layers: int, q, k, 
       implementation (the best available by default), with the layer's config for the rest
       (its ``tail``, say). Returns (out, info) where info holds ``selection`` and
       ``density`` [B, Hq] (None and 1 for dense layers).
+    query_positions: int [B or 1, m]: the queries a BA-Att layer's selector estimates from
+      (``baatt.attention(query_positions=...)``); unused by dense layers and with a ``selection``.
     causality, causal_block_size: the model's mask (``ModelConfig``). Dense layers run
       ``dense_attention`` under it; BA-Att layers run with it as their config's ``mask``
       (so their configs may not sort tokens).
@@ -200,7 +202,8 @@ def run_layer_attention(plan: AttentionPlan, layer: int, num_layers: int, q, k, 
     if plan.budgets is not None and selection is None:
         head_budget = plan.budgets.head_counts(layer, -(-k.shape[1] // cfg.block_k))
     out, stats = baatt.attention(q, k, v, config=cfg, key_mask=key_mask, implementation=plan.implementation,
-                                 selection=selection, return_stats=True, head_budget=head_budget)
+                                 selection=selection, return_stats=True, head_budget=head_budget,
+                                 query_positions=None if selection is not None else query_positions)
     return out, dict(selection=stats["selection"], density=stats["density"])
 
 

@@ -80,12 +80,14 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
         return apply_rope(q, cos, sin, cfg.rope_style), apply_rope(k, cos, sin, cfg.rope_style), v
 
-    def __call__(self, x, cos, sin, *, plan, layer, key_mask=None, selection=None, capture=False):
+    def __call__(self, x, cos, sin, *, plan, layer, key_mask=None, selection=None, query_positions=None,
+                 capture=False):
         """(output [B, L, d_model], info); with ``capture``, info also holds the layer's q, k, v (as ``project``)."""
         cfg = self.cfg
         q, k, v = self.project(x, cos, sin)
         out, info = run_layer_attention(plan, layer, cfg.num_layers, q, k, v, key_mask=key_mask, selection=selection,
-                                        causality=cfg.causality, causal_block_size=cfg.causal_block_size)
+                                        query_positions=query_positions, causality=cfg.causality,
+                                        causal_block_size=cfg.causal_block_size)
         if capture:
             info = dict(info, q=q, k=k, v=v)
         return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1)), info
@@ -151,6 +153,8 @@ class DiffusionLM(nnx.Module):
       key_mask: bool [B, L] (True = real token) for padded batches.
       attention: an AttentionPlan for this call (default: the one given at construction).
       selections: per-layer ``BlockSelection`` (or None) to reuse instead of estimating.
+      query_positions: int [B or 1, m]: the queries the BA-Att layers' selectors estimate from
+        (``baatt.attention(query_positions=...)``; selectors with ``Selector.query_positions``).
       return_aux: also return {"selections": [...], "density": [...]} per layer.
 
     ``model.hidden(tokens, ...)`` (same options) -> final hidden states [B, L, d]
@@ -189,8 +193,9 @@ class DiffusionLM(nnx.Module):
         self.out_bias[...] = jnp.log(c / jnp.sum(c)).astype(self.cfg.weight_dtype)
 
     def __call__(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
-                 return_aux: bool = False):
-        out = self.hidden(tokens, key_mask=key_mask, attention=attention, selections=selections, return_aux=return_aux)
+                 query_positions=None, return_aux: bool = False):
+        out = self.hidden(tokens, key_mask=key_mask, attention=attention, selections=selections,
+                          query_positions=query_positions, return_aux=return_aux)
         if not return_aux:
             return self.logits(out)
         return self.logits(out[0]), out[1]
@@ -219,7 +224,7 @@ class DiffusionLM(nnx.Module):
         return embed_tokens(self.embed.embedding[...], tokens, cfg.compute_dtype), cos, sin
 
     def hidden(self, tokens, *, key_mask=None, attention: AttentionPlan | None = None, selections=None,
-               return_aux: bool = False):
+               query_positions=None, return_aux: bool = False):
         """Final hidden states [B, L, d_model] (after ``final_norm``, before the head); options as ``__call__``.
 
         With ``ModelConfig.shift_logits``, entry i is the state that predicts token i: position i - 1's.
@@ -229,7 +234,8 @@ class DiffusionLM(nnx.Module):
         if selections is not None and len(selections) != cfg.num_layers:
             raise ValueError(f"selections must hold one entry per layer ({cfg.num_layers}); got {len(selections)}")
         x, cos, sin = self.embed_inputs(tokens)
-        x, infos = self.run_blocks(x, cos, sin, plan=plan, key_mask=key_mask, selections=selections)
+        x, infos = self.run_blocks(x, cos, sin, plan=plan, key_mask=key_mask, selections=selections,
+                                   query_positions=query_positions)
         x = self.final_norm(x)
         if cfg.shift_logits:  # position i's prediction comes from position i - 1 (ModelConfig.shift_logits)
             x = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
@@ -237,7 +243,7 @@ class DiffusionLM(nnx.Module):
             return x
         return x, dict(selections=[i["selection"] for i in infos], density=[i["density"] for i in infos])
 
-    def run_blocks(self, x, cos, sin, *, plan: AttentionPlan, key_mask=None, selections=None):
+    def run_blocks(self, x, cos, sin, *, plan: AttentionPlan, key_mask=None, selections=None, query_positions=None):
         """The blocks in order on embedded inputs x [B, L, d_model]: (output, one info dict per layer).
 
         Each info holds the layer's ``selection`` (None for dense layers) and ``density`` [B, Hq].
@@ -245,7 +251,8 @@ class DiffusionLM(nnx.Module):
         infos = []
         for i, block in enumerate(self.blocks):
             sel = None if selections is None else selections[i]
-            x, info = block(x, cos, sin, plan=plan, layer=i, key_mask=key_mask, selection=sel)
+            x, info = block(x, cos, sin, plan=plan, layer=i, key_mask=key_mask, selection=sel,
+                            query_positions=query_positions)
             infos.append(info)
         return x, infos
 

@@ -34,6 +34,11 @@ Where we deviate:
   see (as in MInference, whose pattern comes from causal LMs), so no line
   gets mass from a key its query may not see, and the block pairs the mask
   hides get no mass.
+- Which queries: ``query_positions`` [B or 1, m] (``baatt.attention(query_positions=...)``)
+  names them, in place of the last ones (``size`` is then unused); a masked-diffusion
+  sampler gives the block being decoded, whose queries are the ones whose keys matter
+  now (the last positions of a canvas are mask tokens at the far end of the generation).
+  Positions are clamped into [0, Lq) (the API poisons the output for ones outside).
 - "Real" queries: when ``key_mask`` is given and ``Lq == Lk`` (self-attention)
   the queries at masked positions are taken as padding too, and the last
   ``n`` queries are the last ``n`` unmasked positions of each batch row;
@@ -111,7 +116,17 @@ def keep_lines(mass: jax.Array, gamma: float) -> jax.Array:
     return mass >= threshold
 
 
-def line_masses(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, jax.Array]:
+def given_queries(query_positions, length_q: int, length_k: int, key_mask):
+    """Positions [B', m] of ``query_positions`` (clamped into range) and their validity (a padded query is not
+    real, as in ``last_queries``)."""
+    pos = jnp.clip(jnp.asarray(query_positions, jnp.int32), 0, length_q - 1)
+    if key_mask is not None and length_q == length_k:
+        pos = jnp.broadcast_to(pos, (max(pos.shape[0], key_mask.shape[0]), pos.shape[1]))
+        return pos, jnp.take_along_axis(jnp.broadcast_to(key_mask, (pos.shape[0], length_q)), pos, axis=1)
+    return pos, jnp.ones(pos.shape, jnp.bool_)
+
+
+def line_masses(q, k, config: BAConfig, *, key_mask=None, query_positions=None) -> tuple[jax.Array, jax.Array]:
     """(vertical [B, Hq, Lk], slash [B, Hq, Lq + Lk - 1]) distributions.
 
     ``slash[..., o + Lq - 1]`` is the importance of offset ``o = key_pos - query_pos``.
@@ -119,8 +134,12 @@ def line_masses(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, ja
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
-    n = min(config.params_for("last_query").size, lq)
-    qpos, qok = last_queries(lq, lk, n, key_mask)
+    if query_positions is None:
+        n = min(config.params_for("last_query").size, lq)
+        qpos, qok = last_queries(lq, lk, n, key_mask)
+    else:
+        qpos, qok = given_queries(query_positions, lq, lk, key_mask)
+        n = qpos.shape[1]
     qpos = jnp.broadcast_to(qpos, (b, n))
     qok = jnp.broadcast_to(qok, (b, n))
     kvalid = jnp.ones((b, lk), jnp.bool_) if key_mask is None else key_mask
@@ -145,7 +164,7 @@ def line_masses(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, ja
     return vertical, slash / nreal
 
 
-def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, jax.Array]:
+def block_scores(q, k, config: BAConfig, *, key_mask=None, query_positions=None) -> tuple[jax.Array, jax.Array]:
     """(scores, mass), both [B, Hq, Nq, Nk]: the kept lines' mass per block and its log.
 
     Blocks with no valid key get score ``-inf``; blocks no kept line hits get
@@ -155,7 +174,7 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
     lk = k.shape[1]
     bq, bk = config.block_q, config.block_k
     nq, nk = config.num_blocks(lq, lk)
-    vertical, slash = line_masses(q, k, config, key_mask=key_mask)
+    vertical, slash = line_masses(q, k, config, key_mask=key_mask, query_positions=query_positions)
     gamma = config.params_for("last_query").gamma
     v_kept = jnp.where(keep_lines(vertical, gamma), vertical, 0.0)
     s_kept = jnp.where(keep_lines(slash, gamma), slash, 0.0)
@@ -192,8 +211,8 @@ def block_scores(q, k, config: BAConfig, *, key_mask=None) -> tuple[jax.Array, j
     return scores, mass
 
 
-def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
-    scores, mass = block_scores(q, k, config, key_mask=key_mask)
+def select(q, k, config: BAConfig, *, key_mask=None, query_positions=None) -> BlockSelection:
+    scores, mass = block_scores(q, k, config, key_mask=key_mask, query_positions=query_positions)
     return finish(scores, q, k, config, probs=mass)
 
 
@@ -202,4 +221,4 @@ def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     return normalised_rows(block_scores(q, k, config, key_mask=key_mask)[1])
 
 
-register_selector("last_query", select=select, block_map=block_map, params=LastQueryParams)
+register_selector("last_query", select=select, block_map=block_map, params=LastQueryParams, query_positions=True)
