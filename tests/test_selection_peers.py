@@ -369,6 +369,29 @@ def test_xattention_antidiagonal_layout():
 # -- last query (vertical-slash) -----------------------------------------------------------
 
 
+def check_last_query(q, k, mask, config, got, want):
+    """last_query's jitted (scores, mass, vertical, slash) and selection ``got`` against NumPy's ``want``
+    (vertical, slash, mass, scores); draws near the gamma cut of a line set are skipped."""
+    (scores, mass, jv, js), sel = got
+    vert, slash, want_mass, want_scores = want
+    for lines in (vert, slash):  # the kept line sets are decided by a cut in cumulative mass
+        desc = -np.sort(-lines, axis=-1)
+        cum = np.cumsum(desc, axis=-1)
+        assume(not np.any(np.abs(cum - config.last_query_gamma * cum[..., -1:]) < 1e-5))
+    np.testing.assert_allclose(jv, vert, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(js, slash, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(mass, want_mass, atol=2e-6, rtol=1e-4)
+    assert np.all((mass > 0) == (want_mass > 0))
+    np.testing.assert_allclose(scores, want_scores, atol=1e-3, rtol=0)  # -inf positions must match too
+    _, block_ok = np_key_valid(mask, q.shape[0], k.shape[1], want_mass.shape[-1], config.block_k)
+    forced = np_forced(config, q.shape[1], k.shape[1])
+    compared = compare_selection(
+        sel, lambda b, h, a: [(x,) for x in want_scores[b, h, a]], want_mass, block_ok, forced, config
+    )
+    assert compared > 0
+    check_budget_properties(sel, mass, block_ok, config, q, k)
+
+
 @SETTINGS
 @given(
     p=problems(same_length=False) | problems(same_length=True),
@@ -377,26 +400,7 @@ def test_xattention_antidiagonal_layout():
 )
 def test_last_query_matches_numpy(p, nlast, gamma):
     q, k, mask, config = setup(p, selector="last_query", last_query_size=nlast, last_query_gamma=gamma)
-    vert, slash, want_mass, want_scores = np_last_query(q, k, mask, config)
-    # The kept line sets are decided by a cut in cumulative mass: skip the rare near-cut draws.
-    for lines in (vert, slash):
-        desc = -np.sort(-lines, axis=-1)
-        cum = np.cumsum(desc, axis=-1)
-        assume(not np.any(np.abs(cum - gamma * cum[..., -1:]) < 1e-5))
-    (scores, mass, jv, js), sel = run(last_query, q, k, mask, config)
-    np.testing.assert_allclose(jv, vert, atol=1e-6, rtol=1e-4)
-    np.testing.assert_allclose(js, slash, atol=1e-6, rtol=1e-4)
-    np.testing.assert_allclose(mass, want_mass, atol=2e-6, rtol=1e-4)
-    assert np.all((mass > 0) == (want_mass > 0))
-    np.testing.assert_allclose(scores, want_scores, atol=1e-3, rtol=0)  # -inf positions must match too
-    nk = want_mass.shape[-1]
-    _, block_ok = np_key_valid(mask, q.shape[0], k.shape[1], nk, config.block_k)
-    forced = np_forced(config, q.shape[1], k.shape[1])
-    compared = compare_selection(
-        sel, lambda b, h, a: [(x,) for x in want_scores[b, h, a]], want_mass, block_ok, forced, config
-    )
-    assert compared > 0
-    check_budget_properties(sel, mass, block_ok, config, q, k)
+    check_last_query(q, k, mask, config, run(last_query, q, k, mask, config), np_last_query(q, k, mask, config))
 
 
 def test_last_query_uses_last_real_queries():
@@ -434,25 +438,10 @@ def test_last_query_from_given_positions_matches_numpy(p, m, gamma, data):
                                               min_size=q.shape[0], max_size=q.shape[0])), np.int32)
     real = np.ones((q.shape[0], lq), bool) if (mask is None or lq != k.shape[1]) else mask
     assume(all(real[b, positions[b]].any() for b in range(q.shape[0])))  # a row without a real one scores nothing
-    vert, slash, want_mass, want_scores = np_last_query(q, k, mask, config, positions)
-    for lines in (vert, slash):
-        desc = -np.sort(-lines, axis=-1)
-        cum = np.cumsum(desc, axis=-1)
-        assume(not np.any(np.abs(cum - gamma * cum[..., -1:]) < 1e-5))
     jmask = None if mask is None else jnp.asarray(mask)
     out, sel = _jitted_given(jnp.asarray(q), jnp.asarray(k), jmask, config, jnp.asarray(positions))
-    scores, mass, jv, js = (np.asarray(x) for x in out)
-    np.testing.assert_allclose(jv, vert, atol=1e-6, rtol=1e-4)
-    np.testing.assert_allclose(js, slash, atol=1e-6, rtol=1e-4)
-    np.testing.assert_allclose(mass, want_mass, atol=2e-6, rtol=1e-4)
-    np.testing.assert_allclose(scores, want_scores, atol=1e-3, rtol=0)
-    _, block_ok = np_key_valid(mask, q.shape[0], k.shape[1], want_mass.shape[-1], config.block_k)
-    forced = np_forced(config, q.shape[1], k.shape[1])
-    compared = compare_selection(
-        sel, lambda b, h, a: [(x,) for x in want_scores[b, h, a]], want_mass, block_ok, forced, config
-    )
-    assert compared > 0
-    check_budget_properties(sel, mass, block_ok, config, q, k)
+    check_last_query(q, k, mask, config, (jax.tree.map(np.asarray, out), sel),
+                     np_last_query(q, k, mask, config, positions))
 
 
 def test_last_query_given_the_last_positions_is_the_default():
