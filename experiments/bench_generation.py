@@ -219,11 +219,12 @@ def time_generation(model, canvas, reference, plan, options, cfg: Config):
     return statistics.median(times), result
 
 
-def passkey_accuracy(model, canvases, plan, options, cfg: Config) -> tuple[float, float]:
+def passkey_accuracy(model, canvases, plan, options, cfg: Config, tokenizer=None,
+                     samples: int = 4) -> tuple[float, float, list[dict]]:
     """(share of the examples whose first generated tokens are the answer, share of the answer positions of
     all examples committed at a sparse step: under a recipe with a dense warm-up, what the sparse steps
-    decided)."""
-    hits, sparse, total = 0, 0, 0
+    decided, and the answer beside the start of the generation for the first ``samples`` examples)."""
+    hits, sparse, total, shown = 0, 0, 0, []
     for canvas, answer in canvases:
         r = generate(model, canvas, steps=cfg.steps, block_length=cfg.block_length, plan=plan, **options)
         start = canvas.shape[1] - cfg.gen_tokens
@@ -231,7 +232,10 @@ def passkey_accuracy(model, canvases, plan, options, cfg: Config) -> tuple[float
         steps = r.unmask_step[0, start: start + len(answer)]
         sparse += sum(r.step_kind[int(t)] != "dense" for t in steps)
         total += len(answer)
-    return hits / len(canvases), sparse / total
+        if tokenizer is not None and len(shown) < samples:
+            shown.append(dict(answer=tokenizer.decode([int(t) for t in answer]),
+                              generated=tokenizer.decode([int(t) for t in r.tokens[0, start: start + 16]])))
+    return hits / len(canvases), sparse / total, shown
 
 
 def markdown(result: dict) -> str:
@@ -295,9 +299,12 @@ def main(argv=None) -> dict:
                                                                 for k in ("dense", "estimate", "reuse")},
                        nll=r.reference_nll)
             if passkeys:
-                row["passkey"], row["passkey_sparse_share"] = passkey_accuracy(model, passkeys, plan, options, cfg)
+                row["passkey"], row["passkey_sparse_share"], row["passkey_samples"] = passkey_accuracy(
+                    model, passkeys, plan, options, cfg, tokenizer)
             result["rows"].append(row)
-            print({k: v for k, v in row.items() if k != "options"}, flush=True)
+            print({k: v for k, v in row.items() if k not in ("options", "passkey_samples")}, flush=True)
+            for sample in row.get("passkey_samples", []):
+                print(f"  answer {sample['answer']!r}: generated {sample['generated']!r}", flush=True)
             harness.write_results(cfg.out, {f"{cfg.name}.json": result, f"{cfg.name}.md": markdown(result)})
     print(markdown(result))
     return result

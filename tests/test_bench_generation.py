@@ -46,4 +46,6 @@ def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
     assert rows["dense"]["passkey_sparse_share"] == 0.0 and rows["every_step"]["passkey_sparse_share"] == 1.0
     assert rows["split"]["step_kinds"] == dict(dense=2, estimate=1, reuse=1)
     assert 0.0 <= rows["split"]["passkey_sparse_share"] <= 1.0
+    assert all(len(row["passkey_samples"]) == 2 and set(row["passkey_samples"][0]) == {"answer", "generated"}
+               for row in rows.values())
     assert "answer from sparse steps" in (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
