@@ -254,7 +254,10 @@ def markdown(result: dict) -> str:
     lines += [head, rule]
     for row in result["rows"]:
         kinds = row["step_kinds"]
-        line = (f"| {harness.format_length(row['prompt_length'])} | {row['recipe']} | {row['seconds']:.3f} | "
+        recipe = row["recipe"]
+        if row.get("selector") not in (None, result["selector"]):  # the block recipe's own selector
+            recipe += f" ({row['selector']})"
+        line = (f"| {harness.format_length(row['prompt_length'])} | {recipe} | {row['seconds']:.3f} | "
                 f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | {row['mean_density']:.3f} | "
                 f"{kinds['dense']} / {kinds['estimate']} / {kinds['reuse']} |")
         if quality:
@@ -293,6 +296,7 @@ def main(argv=None) -> dict:
             seconds, r = time_generation(model, canvas, text, plan, options, cfg)
             dense_seconds = seconds if name == "dense" else dense_seconds
             row = dict(prompt_length=prompt_length, recipe=name, options=dict(options),
+                       selector=plan.config.selector if plan.config is not None else None,
                        seconds=seconds, tokens_per_s=cfg.batch * cfg.gen_tokens / seconds,
                        speedup=(dense_seconds / seconds) if dense_seconds else float("nan"),
                        mean_density=r.mean_density, step_kinds={k: r.step_kind.count(k)

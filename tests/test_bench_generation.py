@@ -24,6 +24,10 @@ def test_bench_generation_smoke_random_init(tmp_path):
     assert saved["device"] == "cpu" and not saved["quality"] and "random-init" in saved["notes"][0]
     table = (tmp_path / "bench_generation_cpu_smoke.md").read_text()
     assert "| 256 | split |" in table and "| passkey acc |" not in table
+    # The block recipe estimates from given queries: its own selector when --selector takes none, named in the row.
+    assert rows["dense"]["selector"] is None and rows["split"]["selector"] == saved["selector"]
+    assert saved["selector"] == "baatt" and rows["block"]["selector"] == "last_query"
+    assert "| 256 | block (last_query) |" in table
 
 
 def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
