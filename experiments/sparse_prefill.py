@@ -23,7 +23,8 @@ queries: the rows here estimate each query block from its own queries and earlie
 
 Row switches: ``--sinks``, ``--local-windows``, ``--tails`` (each a row per value) and ``--head-budgets``
 (a twin of every row whose per-(layer, head) budgets, ``baatt.selection.calibrate``, spend the row's own
-kept share of the allowed blocks; calibrated on the first document). Forced blocks widen short rows'
+kept share of the allowed blocks; calibrated on ``--calibration-document``, by default the first of
+``--documents``). Forced blocks widen short rows'
 budgets, so each row also reports the share of the allowed block pairs it keeps, from its selection.
 
 CPU smoke preset (``--preset smoke``): 512 tokens, two rows, one sparsity. GPU (bf16, 8K tokens):
@@ -77,7 +78,10 @@ class Config:
                                             "a row)", choices=("none", "pooled"))
     tail_group: int | None = harness.option(None, "tokens per pooled key of the tail rows; none: one per key block")
     head_budgets: bool = harness.option(False, "add a twin of every row with per-(layer, head) budgets at the same "
-                                        "density, calibrated on the first document's first --length tokens")
+                                        "density, calibrated on the first --length tokens of --calibration-document")
+    calibration_document: str | None = harness.option(
+        None, "text under <data dir>/raw/ whose Q/K calibrate the per-head budgets (one not in --documents keeps "
+        "the calibration out of sample); none: the first of --documents")
     sparsities: tuple[float, ...] = harness.option((0.5, 0.7, 0.9), "fixed-budget sparsities")
     block_size: int = harness.option(64, "query and key block size")
     passkey_lengths: tuple[int, ...] = harness.option((1024, 2048), "prompt lengths of the needle tasks")
@@ -184,12 +188,22 @@ def run(cfg: Config, argv=None) -> dict:
     t0 = time.time()
     if max(cfg.prefixes) > cfg.length or max(cfg.passkey_lengths, default=0) > cfg.length:
         raise ValueError(f"prefixes and passkey_lengths must be at most length={cfg.length}")
+    if cfg.calibration_document is not None and not (data_dir() / "raw" / cfg.calibration_document).is_file():
+        raise ValueError(f"calibration_document must be a file under {data_dir() / 'raw'}; got "
+                         f"{cfg.calibration_document!r}")
     _, model, tokenizer = load_smollm2(progress=False, dtype=cfg.dtype)
     texts = [tokenizer.encode((data_dir() / "raw" / doc).read_text()) for doc in cfg.documents]
     for doc, ids in zip(cfg.documents, texts):
         if len(ids) < cfg.length + 1:
             raise ValueError(f"length must be below {doc}'s {len(ids)} tokens; got {cfg.length}")
     rows = [np.asarray(ids[: cfg.length], np.int32) for ids in texts]
+    calibration_ids = None
+    if cfg.head_budgets and cfg.calibration_document is not None:
+        ids = tokenizer.encode((data_dir() / "raw" / cfg.calibration_document).read_text())
+        if len(ids) < cfg.length:
+            raise ValueError(f"calibration_document must have at least length={cfg.length} tokens; "
+                             f"{cfg.calibration_document} has {len(ids)}")
+        calibration_ids = np.asarray(ids[: cfg.length], np.int32)
     rng = np.random.default_rng(cfg.seed)
     prompts = [needle_prompt(tokenizer, texts[t % len(texts)], length=n, row_length=cfg.length, needles=k, rng=rng)
                for n in cfg.passkey_lengths for k in cfg.needles for t in range(cfg.trials)]
@@ -211,7 +225,8 @@ def run(cfg: Config, argv=None) -> dict:
     dense = evaluate(AttentionPlan.dense())
     workdir = tempfile.TemporaryDirectory() if cfg.head_budgets else None
     if workdir is not None:  # every layer's Q/K of the calibration text, kept on disk until needed
-        captured = capture_qkv(model, tokens[:1], out_dir=workdir.name)
+        calibration = tokens[:1] if calibration_ids is None else jnp.asarray(calibration_ids[None])
+        captured = capture_qkv(model, calibration, out_dir=workdir.name)
         samples = {layer: (a["q"], a["k"]) for layer, a in captured.items()}
     solved_tasks = [t for t, acc in dense["accuracy"].items() if acc >= cfg.min_dense_accuracy]
     results = []
@@ -238,7 +253,9 @@ def run(cfg: Config, argv=None) -> dict:
             twin["accuracy"] = {t: a for t, a in twin["accuracy"].items() if t in solved_tasks}
             results.append(dict(selector=selector, sink=sink, local_window=window, tail=tail, label=label + ", per head",
                                 sparsity=s, head_budgets=dict(counts=budgets.counts, target=budgets.target,
-                                                              calibration_s=round(seconds, 1)), **twin))
+                                                              calibration_s=round(seconds, 1),
+                                                              calibrated_on=cfg.calibration_document
+                                                              or cfg.documents[0]), **twin))
     if workdir is not None:
         workdir.cleanup()
     meta = harness.run_metadata(
@@ -276,17 +293,21 @@ def write_table(results: dict, cfg: Config) -> str:
         "",
         "Perplexity: exp of the mean next-token loss over the first n tokens of "
         + ", ".join(cfg.documents) + " (pooled). Needle tasks: share of prompts whose answer greedy decoding "
-        f"writes ({cfg.trials} prompts each).",
+        f"writes ({cfg.trials} prompts each)."
+        + (f" Per-head budgets calibrated on the first {cfg.length} tokens of "
+           f"{cfg.calibration_document or cfg.documents[0]}." if cfg.head_budgets else ""),
         "",
         "| attention | sparsity | " + " | ".join(f"ppl {harness.format_length(n)}" for n in cfg.prefixes)
-        + f" | kept share of allowed blocks, {longest} |",
-        "|---|---|" + "---|" * (len(cfg.prefixes) + 1),
-        "| dense | 0% | " + " | ".join(f"{dense['perplexity'][str(n)]:.2f}" for n in cfg.prefixes) + " | 1.00 |",
+        + f" | ppl {longest} vs dense | kept share of allowed blocks, {longest} |",
+        "|---|---|" + "---|" * (len(cfg.prefixes) + 2),
+        "| dense | 0% | " + " | ".join(f"{dense['perplexity'][str(n)]:.2f}" for n in cfg.prefixes) + " | - | 1.00 |",
     ]
+    top = str(max(cfg.prefixes))
     for r in results["results"]:
-        effective = r.get("effective_sparsity", {}).get(str(max(cfg.prefixes)))  # absent from older runs
+        effective = r.get("effective_sparsity", {}).get(top)  # absent from older runs
         lines.append(f"| {r['label']} | {pct(r['sparsity'])} | "
                      + " | ".join(f"{r['perplexity'][str(n)]:.2f}" for n in cfg.prefixes)
+                     + f" | {100 * (r['perplexity'][top] / dense['perplexity'][top] - 1):+.2f}%"
                      + (f" | {1 - effective:.3f} |" if effective is not None else " | - |"))
     tasks = list(dense["accuracy"])
     if tasks:

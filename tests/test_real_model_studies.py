@@ -97,18 +97,40 @@ def test_sparse_prefill_local_window_and_tail_rows(tmp_path, monkeypatch):
 
 def test_sparse_prefill_head_budget_twins_spend_the_rows_density(tmp_path, monkeypatch):
     monkeypatch.setattr(sparse_prefill, "load_smollm2", _first_layers(2))
+    captured = []  # the tokens whose Q/K calibrate the budgets
+    capture = sparse_prefill.capture_qkv
+    monkeypatch.setattr(sparse_prefill, "capture_qkv",
+                        lambda model, tokens, **kw: captured.append(np.asarray(tokens)) or capture(model, tokens, **kw))
+    held_out = "sotu/2000_william_j_clinton_d.txt"  # not one of the evaluated documents
     results = sparse_prefill.main(["--preset", "smoke", "--length", "512", "--prefixes", "512", "--selectors",
                                    "meanpool", "--sinks", "true", "--local-windows", "1", "--sparsities", "0.7",
                                    "--head-budgets", "--block-size", "32", "--passkey-lengths", "512",
-                                   "--trials", "1", "--out", str(tmp_path)])
+                                   "--trials", "1", "--calibration-document", held_out, "--out", str(tmp_path)])
+    _, _, tokenizer = load_smollm2()
+    expected = tokenizer.encode((data_dir() / "raw" / held_out).read_text())[:512]
+    assert len(captured) == 1 and captured[0].tolist() == [expected]
     uniform, twin = results["results"]
-    assert twin["label"] == "meanpool + sink + local 1, per head"
+    assert twin["label"] == "meanpool + sink + local 1, per head" and twin["head_budgets"]["calibrated_on"] == held_out
     counts = np.asarray(twin["head_budgets"]["counts"])
     assert counts.shape == (2, 9) and len(np.unique(counts)) > 1  # two layers, nine heads, not one count
     # the twin spends at most the uniform row's kept share, and nearly all of it
     assert uniform["effective_sparsity"]["512"] <= twin["effective_sparsity"]["512"] <= uniform["effective_sparsity"]["512"] + 0.05
     assert twin["perplexity"]["512"] != uniform["perplexity"]["512"] and np.isfinite(twin["perplexity"]["512"])
-    assert "per head" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "per head" in table and f"calibrated on the first 512 tokens of {held_out}" in table
+    relative = 100 * (twin["perplexity"]["512"] / results["dense"]["perplexity"]["512"] - 1)
+    assert f"| {relative:+.2f}% |" in table
+
+
+def test_sparse_prefill_names_a_bad_calibration_document(tmp_path, monkeypatch):
+    monkeypatch.setattr(sparse_prefill, "load_smollm2", _first_layers(1))
+    with pytest.raises(ValueError, match="calibration_document must be a file"):
+        sparse_prefill.main(["--preset", "smoke", "--head-budgets", "--calibration-document", "sotu/none.txt",
+                             "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="calibration_document must have at least length=4096 tokens"):
+        sparse_prefill.main(["--preset", "smoke", "--length", "4096", "--prefixes", "4096", "--passkey-lengths",
+                             "512", "--head-budgets", "--calibration-document", "sotu/1790_george_washington_n.txt",
+                             "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize("window", [0, 1, 3])
