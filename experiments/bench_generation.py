@@ -27,8 +27,8 @@ position under the step that committed it (``SampleResult.reference_nll``), from
 runs themselves.
 
 Weights: with ``--ckpt-dir`` a checkpoint of ``baatt.train`` (speed and quality); without it
-the preset's model (``baatt.nn.config.PRESETS``) at random init, which times exactly the same
-computation but whose NLL means nothing: the table then leaves quality out. With ``--gguf`` the
+the preset's model (``baatt.nn.config.PRESETS``; ``--model smollm2_shape`` is the adapted SmolLM2's
+shape) at random init, which times exactly the same computation but whose NLL means nothing: the table then leaves quality out. With ``--gguf`` the
 model is a pretrained causal LM adapted to masked diffusion (``baatt.adapt``; ``--gguf smollm2``
 is SmolLM2-135M-Instruct), its prompts tokenised with the GGUF's own tokenizer, and
 ``--ckpt-dir`` holds the weights ``experiments.adapt_smollm2`` trained from it
@@ -158,8 +158,9 @@ def load(cfg: Config, max_length: int) -> tuple[DiffusionLM, dict, np.ndarray, o
         return model, dict(weights=f"checkpoint {cfg.ckpt_dir} (step {meta['step']}, model {meta['model']})",
                            max_len=trained_len), stream, tokenizer
     mcfg = model_config(cfg.model, max_len=max_length, dtype=cfg.dtype)
-    return (DiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed)), dict(weights=f"{cfg.model} at random init"), stream,
-            tokenizer)
+    # scanned: one compiled block per run of identical layers (a 30-layer preset compiles in seconds)
+    return (adapt.ScannedDiffusionLM(mcfg, rngs=nnx.Rngs(cfg.seed)), dict(weights=f"{cfg.model} at random init"),
+            stream, tokenizer)
 
 
 def load_adapted(cfg: Config, max_length: int):

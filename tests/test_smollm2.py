@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 from tokenizers import pre_tokenizers
 
+from baatt.adapt import adapt_for_diffusion
 from baatt.data import data_dir
 from baatt.data.gguf_tokenizer import GGUFTokenizer
-from baatt.nn import load_smollm2, smollm2_path
+from baatt.nn import get_config, load_smollm2, smollm2_path
 
 needs_smollm2 = pytest.mark.skipif(
     not smollm2_path().is_file(),
@@ -97,6 +98,13 @@ def test_smollm2_config_and_tokenizer(smollm2):
     ids = tok.encode(text)
     assert tok.decode(ids) == text and 8192 < len(ids) < 9000
     assert tok.encode("2010") == [tok.encode(d)[0] for d in "2010"]  # digits one by one
+    # the random-init preset that times the adapted model has its transformer's shape
+    shape = get_config("smollm2_shape")
+    fields = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_len", "rope_theta",
+              "tie_embeddings")
+    assert {f: getattr(shape, f) for f in fields} == {f: getattr(cfg, f) for f in fields}
+    assert shape.norm_eps == pytest.approx(cfg.norm_eps)  # the GGUF stores it as a float32
+    assert shape.shift_logits and shape.causality == "bidirectional" == adapt_for_diffusion(smollm2[1]).cfg.causality
 
 
 @needs_smollm2

@@ -124,6 +124,12 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # One H100, minutes: ~32M parameters (19.3M of them the tied embedding).
     "small": ModelConfig(),
+    # SmolLM2-135M's transformer (30 layers, d 576, 9 / 3 heads of 64, MLP 1536) with this package's GPT-2
+    # vocabulary: times the adapted SmolLM2 DLM's computation at random init, without its GGUF.
+    "smollm2_shape": ModelConfig(
+        d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, mlp_dim=1536, norm_eps=1e-5,
+        shift_logits=True,
+    ),
 }
 
 
