@@ -24,8 +24,8 @@ queries: the rows here estimate each query block from its own queries and earlie
 Row switches: ``--sinks``, ``--local-windows``, ``--tails`` (each a row per value) and ``--head-budgets``
 (a twin of every row whose per-(layer, head) budgets, ``baatt.selection.calibrate``, spend the row's own
 kept share of the allowed blocks; calibrated on ``--calibration-document``, by default the first of
-``--documents``). Forced blocks widen short rows'
-budgets, so each row also reports the share of the allowed block pairs it keeps, from its selection.
+``--documents``). Forced blocks widen short rows' budgets, so each row also reports the share of the
+allowed block pairs it keeps, from its selection.
 
 CPU smoke preset (``--preset smoke``): 512 tokens, two rows, one sparsity. GPU (bf16, 8K tokens):
 ``--preset gpu``, split by ``--selectors`` into parts that each stay under five minutes on an H100,
