@@ -31,8 +31,8 @@ the preset's model (``baatt.nn.config.PRESETS``; ``--model smollm2_shape`` is th
 shape) at random init, which times exactly the same computation but whose NLL means nothing: the
 table then leaves quality out. With ``--gguf`` the model is a pretrained causal LM adapted to
 masked diffusion (``baatt.adapt``; ``--gguf smollm2`` is SmolLM2-135M-Instruct), its prompts
-tokenised with the GGUF's own tokenizer, and ``--ckpt-dir`` holds the weights ``experiments.adapt_smollm2`` trained from it
-(``.ckpt/smollm2_dlm``). With a checkpoint, passkey accuracy comes from ``passkey_examples``
+tokenised with the GGUF's own tokenizer, and ``--ckpt-dir`` holds the weights
+``experiments.adapt_smollm2`` trained from it (``.ckpt/smollm2_dlm``). With a checkpoint, passkey accuracy comes from ``passkey_examples``
 more generations with each row's settings (a key hidden in held-out text, the question ending
 the prompt; exact match of the first generated tokens), not timed, for canvases up to
 ``passkey_max_length`` tokens (default: the length the checkpoint was trained at), and the share
