@@ -26,19 +26,18 @@ NLL column is the mean negative log-probability of that continuation at each gen
 position under the step that committed it (``SampleResult.reference_nll``), from the timed
 runs themselves.
 
-Weights: with ``--ckpt-dir`` a checkpoint of ``baatt.train`` (speed and quality); without it
-the preset's model (``baatt.nn.config.PRESETS``; ``--model smollm2_shape`` is the adapted SmolLM2's
+Weights: with ``--ckpt-dir`` a checkpoint of ``baatt.train`` (speed and quality); without it the
+preset's model (``baatt.nn.config.PRESETS``; ``--model smollm2_shape`` is the adapted SmolLM2's
 shape) at random init, which times exactly the same computation but whose NLL means nothing: the
-table then leaves quality out. With ``--gguf`` the model is a pretrained causal LM adapted to
-masked diffusion (``baatt.adapt``; ``--gguf smollm2`` is SmolLM2-135M-Instruct), its prompts
-tokenised with the GGUF's own tokenizer, and ``--ckpt-dir`` holds the weights
-``experiments.adapt_smollm2`` trained from it (``.ckpt/smollm2_dlm``). With a checkpoint, passkey accuracy comes from ``passkey_examples``
-more generations with each row's settings (a key hidden in held-out text, the question ending
-the prompt; exact match of the first generated tokens), not timed, for canvases up to
-``passkey_max_length`` tokens (default: the length the checkpoint was trained at), and the share
-of the answer positions committed at a sparse step (the answer comes first in the generation, so
-a long dense warm-up writes it before any selection is made: then the row says nothing of the
-selection).
+table then leaves quality out. With ``--gguf`` the model is a pretrained causal LM adapted to masked
+diffusion (``baatt.adapt``; ``--gguf smollm2`` is SmolLM2-135M-Instruct), its prompts tokenised with
+the GGUF's own tokenizer, and ``--ckpt-dir`` holds the weights ``experiments.adapt_smollm2`` trained
+from it (``.ckpt/smollm2_dlm``). With a checkpoint, passkey accuracy comes from ``passkey_examples``
+more generations with each row's settings (a key hidden in held-out text, the question ending the
+prompt; exact match of the first generated tokens), not timed, for canvases up to
+``passkey_max_length`` tokens (default: the length the checkpoint was trained at), and the share of
+the answer positions committed at a sparse step (the answer comes first in the generation, so a long
+dense warm-up writes it before any selection is made: then the row says nothing of the selection).
 
 Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default
 ``experiments/results/bench_generation/``) after every row.
