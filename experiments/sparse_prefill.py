@@ -94,6 +94,11 @@ class Config:
                                             "one table and plot, instead of running the model")
     out: str = harness.option(harness.study_dir("sparse_prefill"), "output folder")
 
+    @property
+    def calibration_text(self) -> str:
+        """The text whose first ``length`` tokens calibrate the per-head budgets."""
+        return self.calibration_document or self.documents[0]
+
 
 def get_config(preset: str = "cpu", **overrides) -> Config:
     if preset not in PRESETS:
@@ -192,18 +197,19 @@ def run(cfg: Config, argv=None) -> dict:
         raise ValueError(f"calibration_document must be a file under {data_dir() / 'raw'}; got "
                          f"{cfg.calibration_document!r}")
     _, model, tokenizer = load_smollm2(progress=False, dtype=cfg.dtype)
-    texts = [tokenizer.encode((data_dir() / "raw" / doc).read_text()) for doc in cfg.documents]
+    encode = lambda doc: tokenizer.encode((data_dir() / "raw" / doc).read_text())  # noqa: E731
+    texts = [encode(doc) for doc in cfg.documents]
     for doc, ids in zip(cfg.documents, texts):
         if len(ids) < cfg.length + 1:
             raise ValueError(f"length must be below {doc}'s {len(ids)} tokens; got {cfg.length}")
     rows = [np.asarray(ids[: cfg.length], np.int32) for ids in texts]
-    calibration_ids = None
+    calibration_row = rows[0]
     if cfg.head_budgets and cfg.calibration_document is not None:
-        ids = tokenizer.encode((data_dir() / "raw" / cfg.calibration_document).read_text())
+        ids = encode(cfg.calibration_document)
         if len(ids) < cfg.length:
             raise ValueError(f"calibration_document must have at least length={cfg.length} tokens; "
                              f"{cfg.calibration_document} has {len(ids)}")
-        calibration_ids = np.asarray(ids[: cfg.length], np.int32)
+        calibration_row = np.asarray(ids[: cfg.length], np.int32)
     rng = np.random.default_rng(cfg.seed)
     prompts = [needle_prompt(tokenizer, texts[t % len(texts)], length=n, row_length=cfg.length, needles=k, rng=rng)
                for n in cfg.passkey_lengths for k in cfg.needles for t in range(cfg.trials)]
@@ -225,8 +231,7 @@ def run(cfg: Config, argv=None) -> dict:
     dense = evaluate(AttentionPlan.dense())
     workdir = tempfile.TemporaryDirectory() if cfg.head_budgets else None
     if workdir is not None:  # every layer's Q/K of the calibration text, kept on disk until needed
-        calibration = tokens[:1] if calibration_ids is None else jnp.asarray(calibration_ids[None])
-        captured = capture_qkv(model, calibration, out_dir=workdir.name)
+        captured = capture_qkv(model, jnp.asarray(calibration_row[None]), out_dir=workdir.name)
         samples = {layer: (a["q"], a["k"]) for layer, a in captured.items()}
     solved_tasks = [t for t, acc in dense["accuracy"].items() if acc >= cfg.min_dense_accuracy]
     results = []
@@ -254,8 +259,7 @@ def run(cfg: Config, argv=None) -> dict:
             results.append(dict(selector=selector, sink=sink, local_window=window, tail=tail, label=label + ", per head",
                                 sparsity=s, head_budgets=dict(counts=budgets.counts, target=budgets.target,
                                                               calibration_s=round(seconds, 1),
-                                                              calibrated_on=cfg.calibration_document
-                                                              or cfg.documents[0]), **twin))
+                                                              calibrated_on=cfg.calibration_text), **twin))
     if workdir is not None:
         workdir.cleanup()
     meta = harness.run_metadata(
@@ -295,7 +299,7 @@ def write_table(results: dict, cfg: Config) -> str:
         + ", ".join(cfg.documents) + " (pooled). Needle tasks: share of prompts whose answer greedy decoding "
         f"writes ({cfg.trials} prompts each)."
         + (f" Per-head budgets calibrated on the first {cfg.length} tokens of "
-           f"{cfg.calibration_document or cfg.documents[0]}." if cfg.head_budgets else ""),
+           f"{cfg.calibration_text}." if cfg.head_budgets else ""),
         "",
         "| attention | sparsity | " + " | ".join(f"ppl {harness.format_length(n)}" for n in cfg.prefixes)
         + f" | ppl {longest} vs dense | kept share of allowed blocks, {longest} |",
