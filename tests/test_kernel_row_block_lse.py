@@ -68,9 +68,9 @@ class _Suite:
         config = baatt.BAConfig(block_size=bq, block_size_k=bk, selector="pooled_query", mask=mask)
         assert_close(*both(q, k, key_mask, config, interpret=self.interpret), self.atol)
 
-    @pytest.mark.parametrize("row_tile,num_warps", [(64, 4), (16, 4), (128, 8), (256, 8)])
+    @pytest.mark.parametrize("row_tile,num_warps", [(64, 4), (16, 4), (128, 4), (128, 8), (256, 8), (256, 16)])
     def test_cross_lengths_and_many_rows(self, row_tile, num_warps):
-        """207 rows per head: 13 tiles of 16, four of 64, two of 128, one of 256 (each set padded); Lq != Lk,
+        """207 rows per head: 13 tiles of 16, four of 64, two of 128, one of 256 (each set padded); the tilings the GPU tuner times; Lq != Lk,
         ragged blocks both sides."""
         q, k, key_mask = inputs(2, batch=1, lq=3300, lk=300, hq=2, hkv=1, dtype=self.dtype)
         config = baatt.BAConfig(block_size=16, block_size_k=32, selector="pooled_query", mask=CAUSAL)
