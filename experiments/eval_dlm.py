@@ -15,8 +15,10 @@ computed) that each variant actually used.
 Variants: dense (cuDNN/XLA); ``baatt`` (the paper's recipe: norm sorting of Q
 and K, compensation with beta=1 in the first and last layers only); ``baatt_ns``
 (no sorting, compensation first/last, beta=0.5); ``meanpool``; ``xattention``
-(stride 8, same top-k budget), each at 50/70/90% sparsity, block size 128. A
-selector that is missing or fails is reported as such, not silently dropped.
+(stride 8, same top-k budget); then every other registered selector with its defaults, as
+``<selector>@<sparsity>`` (``last_query``, ``pooled_query``, ``oracle``, ``max_oracle``, ...), each at
+50/70/90% sparsity, block size 128. A selector that is missing or fails is reported as such, not
+silently dropped.
 Writes ``<name>.json`` and ``<name>.md`` (device, jax version, commit, date) under ``--out``
 (default ``experiments/results/dlm/``).
 """
@@ -40,6 +42,7 @@ from baatt.data.tokenizer import get_tokenizer
 from baatt.diffusion import generate
 from baatt.diffusion.masking import forward_process, masked_ce
 from baatt.nn import AttentionPlan
+from baatt.selector_registry import SELECTORS
 from baatt.train import accuracy_split, load_model
 from experiments import harness
 
@@ -70,6 +73,10 @@ def get_config(**overrides) -> Config:
     return dataclasses.replace(Config(), **overrides)
 
 
+# Registered selectors that have a variant of their own above (or none: dense is its own row).
+_NAMED_VARIANTS = ("dense", "baatt", "meanpool", "xattention")
+
+
 def variants(sparsities, block_size, implementation):
     out = {"dense": AttentionPlan.dense()}
     have_x = importlib.util.find_spec("baatt.selection.xattention") is not None
@@ -82,6 +89,11 @@ def variants(sparsities, block_size, implementation):
         out[f"meanpool@{s}"] = AttentionPlan.ba(base.replace(selector="meanpool"), implementation=implementation)
         out[f"xattention@{s}"] = (AttentionPlan.ba(base.replace(selector="xattention", xattn_stride=8),
                                                    implementation=implementation) if have_x else None)
+    for name in SELECTORS:  # the rest of the registry, each with its own defaults
+        if name not in _NAMED_VARIANTS:
+            for s in sparsities:
+                out[f"{name}@{s}"] = AttentionPlan.ba(BAConfig(block_size=block_size, sparsity=s, selector=name),
+                                                      implementation=implementation)
     return out
 
 

@@ -35,6 +35,7 @@ Presets (``get_config(preset)`` returns them as the ``train`` field of ``Config`
     soon as passkey accuracy at its length reaches 0.8 (TrainConfig.stage_gate), else at its cap.
   gpu_passkey_conv: gpu_passkey_gated with a 4-token short convolution before each attention
     (ModelConfig.short_conv=4).
+  gpu_passkey_conv_niah: gpu_passkey_conv with multi-key NIAH rows in the task mix (not yet run).
 Writes ``<out>/dlm_train_<preset>.json`` (history, device, jax version, commit, date; ``--out``
 default ``experiments/results/dlm/``).
 """
@@ -98,6 +99,8 @@ _GATED = dataclasses.replace(
     stages=((0.2, 128, 128, 0.9), (0.35, 512, 64, 0.9), (0.55, 1024, 32, 0.9), (1.0, 4096, 16, 0.9)),
     stage_gate=0.8, gate_every=200,
 )
+
+_CONV = dataclasses.replace(_GATED, model_overrides=_GATED.model_overrides + (("short_conv", 4),))
 
 PRESETS = {
     "cpu_tiny": TrainConfig(model="tiny", stages=((1.0, 128, 8),), steps=40, warmup_steps=5, eval_every=0,
@@ -178,7 +181,10 @@ PRESETS = {
     # matches "k places after 'is'", which plain attention gets only by composing two layers. A short
     # convolution before each attention (ModelConfig.short_conv) puts each token's predecessors into
     # its query and key, so one layer can match them.
-    "gpu_passkey_conv": dataclasses.replace(_GATED, model_overrides=_GATED.model_overrides + (("short_conv", 4),)),
+    "gpu_passkey_conv": _CONV,
+    # gpu_passkey_conv with multi-key NIAH rows in the task mix (a third of the task rows), so that the
+    # evaluation's multi-key column measures something (gpu_passkey_conv trains passkey rows only).
+    "gpu_passkey_conv_niah": dataclasses.replace(_CONV, task_kinds=("passkey", "passkey", "multikey_niah")),
 }
 
 

@@ -8,8 +8,8 @@
 # (python -m experiments.train_dlm, then python -m experiments.eval_dlm.)
 # Environment: PYTHON (default python3), LENGTHS (default "4096 2048 8192"), EVAL_ARGS (extra
 # eval_dlm arguments, default "--implementation auto --only dense baatt@ baatt_ns@ meanpool xattention
-# --task-decode oneshot --num-examples 32": the presets mask whole answers in training, so one-shot
-# decoding is the one they were trained for),
+# last_query@ pooled_query@ oracle@ max_oracle@ --task-decode oneshot --num-examples 32": the presets
+# mask whole answers in training, so one-shot decoding is the one they were trained for),
 # CKPT_DIR (default .ckpt/<preset>), MEM_FRACTION (GPU memory share of each eval process, default 0.28).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +19,7 @@ out="${2:?usage: dlm_experiment.sh PRESET OUT_DIR [train_dlm args]}"
 shift 2
 py="${PYTHON:-python3}"
 lengths="${LENGTHS:-4096 2048 8192}"
-eval_args="${EVAL_ARGS:---implementation auto --only dense baatt@ baatt_ns@ meanpool xattention --task-decode oneshot --num-examples 32}"
+eval_args="${EVAL_ARGS:---implementation auto --only dense baatt@ baatt_ns@ meanpool xattention last_query@ pooled_query@ oracle@ max_oracle@ --task-decode oneshot --num-examples 32}"
 ckpt="${CKPT_DIR:-.ckpt/$preset}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out" "$ckpt/eval"

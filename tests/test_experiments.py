@@ -109,8 +109,27 @@ def test_train_dlm_presets_are_valid():
     assert gated.passkey_middle_share == mid.passkey_middle_share and gated.time_budget_s == mid.time_budget_s
     conv = train_dlm.get_config("gpu_passkey_conv").train
     assert conv.model_config().short_conv >= 2 and conv.model_config().output_bias and conv.stages == gated.stages
+    niah = train_dlm.get_config("gpu_passkey_conv_niah").train
+    assert "multikey_niah" in niah.task_kinds and "passkey" in niah.task_kinds
+    assert dataclasses.replace(niah, task_kinds=conv.task_kinds) == conv
     assert all(train_dlm.get_config(n).train.stage_gate is None for n in train_dlm.PRESETS
-               if n not in ("gpu_passkey_gated", "gpu_passkey_conv"))
+               if n not in ("gpu_passkey_gated", "gpu_passkey_conv", "gpu_passkey_conv_niah"))
+
+
+def test_eval_dlm_variants_cover_the_registry():
+    """The four named recipes, then every other registered selector (dense aside) once per sparsity."""
+    import baatt
+    from experiments import eval_dlm
+
+    vs = eval_dlm.variants((0.5, 0.9), 64, None)
+    others = [n for n in baatt.SELECTORS if n not in ("dense", "baatt", "meanpool", "xattention")]
+    assert {"last_query", "pooled_query", "oracle", "max_oracle"} <= set(others)
+    for name in others:
+        for s in (0.5, 0.9):
+            plan = vs[f"{name}@{s}"]
+            assert plan.config.selector == name and plan.config.sparsity == s and plan.config.block_size == 64
+    assert vs["baatt@0.5"].config.sort_q and vs["xattention@0.9"].config.selector == "xattention"
+    assert len(vs) == 1 + 2 * (4 + len(others))
 
 
 def test_eval_dlm_merges_per_length_results(tmp_path):
@@ -152,12 +171,13 @@ def test_dlm_experiment_script_trains_evaluates_and_merges(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHON=sys.executable, LENGTHS="256 320", CKPT_DIR=str(tmp_path / "ck"),
-               EVAL_ARGS="--only dense --num-examples 1 --nll-seqs 1 --batch 1 --block-size 64")
+               EVAL_ARGS="--only dense last_query@ --sparsities 0.5 --num-examples 1 --nll-seqs 1 --batch 1 "
+                         "--block-size 64")
     r = subprocess.run(["bash", str(root / "scripts/dlm_experiment.sh"), "cpu_tiny", str(tmp_path / "out"), "--steps", "3"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "out" / "dlm_eval_cpu_tiny.md").read_text()
-    assert "| 256 | dense |" in md and "| 320 | dense |" in md
+    assert "| 256 | dense |" in md and "| 320 | dense |" in md and "| 320 | last_query@0.5 |" in md
     assert (tmp_path / "out" / "dlm_train_cpu_tiny.json").exists()
     import json
 
