@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 from baatt.kernels.common import LN2, LOG2E, dot_precision, sanitize_masked_keys
 from baatt.kernels.pallas_triton.block_sparse import unsupported_reason as _block_sparse_reason
 
-ROW_TILE = 64  # rows per program (fewer when there are fewer rows, at least 16 for the tensor cores)
+ROW_TILE = 128  # rows per program (fewer when there are fewer rows, at least 16 for the tensor cores)
 NUM_WARPS = 4
 
 
