@@ -16,7 +16,9 @@ dense attention at every step (cuDNN on a GPU) against BA-Att under each recipe 
 - ``block``: a selection per decoding block, estimated at the block's first sparse step from the
   queries of that block (``generate(estimate_from="block")``) and reused for its other steps, after a
   dense warm-up of ``block_warmup`` (none by default); the selector is ``--selector`` when it takes
-  query positions, else ``last_query``.
+  query positions, else ``last_query``;
+- ``block_refresh``: as ``block``, re-estimated from the block's queries every ``refresh_every`` sparse
+  steps inside the block as well (the estimate then sees the answer tokens already written).
 
 Timing: one generation compiles every program (not timed), then ``repeats`` generations are
 timed end to end (host loop, every step, the final copy of the tokens) and their median is
@@ -63,7 +65,7 @@ from baatt.selection import get_selector
 from baatt.train import load_model
 from experiments import harness
 
-RECIPE_NAMES = ("dense", "every_step", "reuse", "refresh", "drift", "split", "reuse_tail", "block")
+RECIPE_NAMES = ("dense", "every_step", "reuse", "refresh", "drift", "split", "reuse_tail", "block", "block_refresh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +91,7 @@ class Config:
     selector: str = harness.option(BAConfig().selector, "BA-Att block selector (baatt.selector_registry)")
     sparsity: float = harness.option(0.9, "BA-Att sparsity (the prompt's, under the split recipe)")
     gen_sparsity: float = harness.option(0.5, "sparsity of the generation's keys under the split recipe")
-    refresh_every: int = harness.option(16, "sparse steps between estimates under the refresh recipe")
+    refresh_every: int = harness.option(16, "sparse steps between estimates under the refresh and block_refresh recipes")
     dense_warmup: float = harness.option(0.2, "share of the steps run dense before the first selection "
                                               "(the recipes that reuse a selection)")
     block_warmup: float = harness.option(0.0, "share of the steps run dense before the first selection "
@@ -129,6 +131,8 @@ def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
     plan = AttentionPlan.ba(ba, implementation=implementation)
     reuse = dict(dense_warmup=cfg.dense_warmup, reuse_every=None)
     block_selector = cfg.selector if get_selector(cfg.selector).query_positions else "last_query"
+    block_plan = AttentionPlan.ba(ba.replace(selector=block_selector), implementation=implementation)
+    block = dict(dense_warmup=cfg.block_warmup, reuse_every=None, estimate_from="block")
     return {
         "dense": (AttentionPlan.dense(), {}),
         "every_step": (plan, dict(reuse_every=1)),
@@ -137,8 +141,8 @@ def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
         "drift": (plan, dict(reuse, refresh_drift=0.5)),
         "split": (plan, dict(reuse, prompt_sparsity=cfg.sparsity, gen_sparsity=cfg.gen_sparsity)),
         "reuse_tail": (AttentionPlan.ba(ba.replace(tail="pooled"), implementation=implementation), reuse),
-        "block": (AttentionPlan.ba(ba.replace(selector=block_selector), implementation=implementation),
-                  dict(dense_warmup=cfg.block_warmup, reuse_every=None, estimate_from="block")),
+        "block": (block_plan, block),
+        "block_refresh": (block_plan, dict(block, reuse_every=cfg.refresh_every)),
     }
 
 

@@ -18,7 +18,8 @@ def test_bench_generation_smoke_random_init(tmp_path):
     assert rows["reuse"]["step_kinds"] == dict(dense=1, estimate=1, reuse=2)  # 20% of 4 steps: one dense
     assert rows["refresh"]["step_kinds"] == dict(dense=1, estimate=2, reuse=1)  # re-estimated after 2 sparse steps
     assert rows["block"]["step_kinds"] == dict(dense=0, estimate=2, reuse=2)  # 2 decoding blocks of 2 steps each
-    for name in ("every_step", "reuse", "split", "reuse_tail", "block"):
+    assert rows["block_refresh"]["step_kinds"] == dict(dense=0, estimate=2, reuse=2)  # 2 steps a block: no refresh
+    for name in ("every_step", "reuse", "split", "reuse_tail", "block", "block_refresh"):
         assert rows[name]["mean_density"] < 1.0 and rows[name]["tokens_per_s"] > 0
     saved = json.loads((tmp_path / "bench_generation_cpu_smoke.json").read_text())
     assert saved["device"] == "cpu" and not saved["quality"] and "random-init" in saved["notes"][0]
@@ -53,3 +54,12 @@ def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
     assert all(len(row["passkey_samples"]) == 2 and set(row["passkey_samples"][0]) == {"answer", "generated"}
                for row in rows.values())
     assert "answer from sparse steps" in (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
+
+
+def test_block_refresh_is_the_block_recipe_re_estimated_every_refresh_every_steps():
+    cfg = bench_generation.get_config("cpu_smoke", refresh_every=3, block_warmup=1)
+    recipes = bench_generation.recipes(cfg)
+    (block_plan, block), (refresh_plan, refresh) = recipes["block"], recipes["block_refresh"]
+    assert refresh_plan == block_plan and block_plan.config.selector == "last_query"
+    assert block == dict(dense_warmup=1, reuse_every=None, estimate_from="block")
+    assert refresh == dict(block, reuse_every=3)

@@ -573,6 +573,15 @@ def test_recipe_estimates_from_the_block_being_decoded(model, monkeypatch):
                     estimate_from="block").step_kind == ["estimate", "reuse"] * 3
     assert not np.any(r.tokens == MASK)
 
+    # With reuse_every, a block is also re-estimated inside itself, from its own positions again.
+    seen.clear()
+    with jax.disable_jit():
+        r = generate(model, x, steps=6, block_length=12, plan=plan, reuse_every=2, estimate_from="block")
+    assert r.step_kind == ["estimate", "reuse", "estimate"] * 2
+    for step, block in ((0, 0), (2, 0), (3, 1), (5, 1)):
+        for given, reused in seen[step * layers: (step + 1) * layers]:
+            assert not reused and np.array_equal(np.asarray(given), np.tile(np.arange(40, 52) + 12 * block, (2, 1)))
+
     shifted = DiffusionLM(dataclasses.replace(CFG, shift_logits=True), rngs=nnx.Rngs(0))
     seen.clear()
     with jax.disable_jit():
