@@ -18,7 +18,8 @@ dense attention at every step (cuDNN on a GPU) against BA-Att under each recipe 
   dense warm-up of ``block_warmup`` (none by default); the selector is ``--selector`` when it takes
   query positions, else ``last_query``;
 - ``block_refresh``: as ``block``, re-estimated from the block's queries every ``refresh_every`` sparse
-  steps inside the block as well (the estimate then sees the answer tokens already written).
+  steps inside the block as well (the estimate then sees the answer tokens already written); under
+  both, ``block_context`` adds the positions just before the block to the estimate's queries.
 
 Timing: one generation compiles every program (not timed), then ``repeats`` generations are
 timed end to end (host loop, every step, the final copy of the tokens) and their median is
@@ -96,6 +97,8 @@ class Config:
                                               "(the recipes that reuse a selection)")
     block_warmup: float = harness.option(0.0, "share of the steps run dense before the first selection "
                                               "(the block recipe)")
+    block_context: int = harness.option(0, "positions before the decoding block added to its estimate's queries "
+                                           "under the block recipes (generate(block_context=...))")
     recipes: tuple[str, ...] = harness.option(RECIPE_NAMES, "rows, in this order", choices=RECIPE_NAMES)
     implementation: str = harness.option("auto", "baatt.attention implementation (auto: the best available)")
     repeats: int = harness.option(3, "timed generations per row (after one that compiles)")
@@ -132,7 +135,8 @@ def recipes(cfg: Config) -> dict[str, tuple[AttentionPlan, dict]]:
     reuse = dict(dense_warmup=cfg.dense_warmup, reuse_every=None)
     block_selector = cfg.selector if get_selector(cfg.selector).query_positions else "last_query"
     block_plan = AttentionPlan.ba(ba.replace(selector=block_selector), implementation=implementation)
-    block = dict(dense_warmup=cfg.block_warmup, reuse_every=None, estimate_from="block")
+    block = dict(dense_warmup=cfg.block_warmup, reuse_every=None, estimate_from="block",
+                 block_context=cfg.block_context)
     return {
         "dense": (AttentionPlan.dense(), {}),
         "every_step": (plan, dict(reuse_every=1)),

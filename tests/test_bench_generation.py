@@ -57,9 +57,9 @@ def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
 
 
 def test_block_refresh_is_the_block_recipe_re_estimated_every_refresh_every_steps():
-    cfg = bench_generation.get_config("cpu_smoke", refresh_every=3, block_warmup=1)
+    cfg = bench_generation.get_config("cpu_smoke", refresh_every=3, block_warmup=1, block_context=16)
     recipes = bench_generation.recipes(cfg)
     (block_plan, block), (refresh_plan, refresh) = recipes["block"], recipes["block_refresh"]
     assert refresh_plan == block_plan and block_plan.config.selector == "last_query"
-    assert block == dict(dense_warmup=1, reuse_every=None, estimate_from="block")
+    assert block == dict(dense_warmup=1, reuse_every=None, estimate_from="block", block_context=16)
     assert refresh == dict(block, reuse_every=3)

@@ -587,7 +587,20 @@ def test_recipe_estimates_from_the_block_being_decoded(model, monkeypatch):
     with jax.disable_jit():
         generate(shifted, x, steps=3, block_length=8, plan=plan, estimate_from="block")
     assert np.array_equal(np.asarray(seen[0][0]), np.tile(np.arange(39, 47), (2, 1)))
+    # block_context: the positions just before the block join its queries (shifted one left as well).
+    seen.clear()
+    with jax.disable_jit():
+        generate(shifted, x, steps=3, block_length=8, plan=plan, estimate_from="block", block_context=5)
+    for block in range(3):
+        want = np.concatenate([np.arange(35, 40), np.arange(40, 48)]) + 8 * block - 1
+        assert np.array_equal(np.asarray(seen[block * layers][0]), np.tile(want, (2, 1)))
 
+    with pytest.raises(ValueError, match="block_context must be smaller than the prompt"):
+        generate(model, x, steps=3, block_length=8, plan=plan, estimate_from="block", block_context=40)
+    with pytest.raises(ValueError, match="block_context must be an int >= 0"):
+        generate(model, x, steps=3, block_length=8, plan=plan, estimate_from="block", block_context=-1)
+    with pytest.raises(ValueError, match="it needs estimate_from='block'"):
+        generate(model, x, steps=3, block_length=8, plan=plan, block_context=4)
     with pytest.raises(ValueError, match="estimate_from must be 'canvas' or 'block'"):
         generate(model, x, steps=3, block_length=8, plan=plan, estimate_from="active")
     with pytest.raises(ValueError, match="estimate_from='block' needs a BA-Att plan"):

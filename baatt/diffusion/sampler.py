@@ -33,6 +33,8 @@ reads the last positions of the canvas, in generation the masked far end of the 
 ``estimate_from="block"`` gives it the positions of the block being decoded (the states that predict
 them: one to the left under ``ModelConfig.shift_logits``), through ``baatt.attention(query_positions=...)``,
 and a selection then serves one decoding block only: the first sparse step of every block estimates.
+``block_context=k`` adds the ``k`` positions just before the block to those queries (for the first
+block, the end of the prompt: where a question sits).
 
 ``prompt_sparsity`` / ``gen_sparsity`` give the keys of the prompt (the positions
 before the first one to generate) and those of the generation budgets of their own:
@@ -250,6 +252,7 @@ def generate(
     prompt_sparsity: float | None = None,
     gen_sparsity: float | None = None,
     estimate_from: str = "canvas",
+    block_context: int = 0,
     reference=None,
     key=None,
     mask_id: int | None = None,
@@ -264,8 +267,8 @@ def generate(
       temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
       remasking: "low_confidence" or "random".
       plan: attention plan (default: the model's own).
-      dense_warmup, reuse_every, refresh_drift, prompt_sparsity, gen_sparsity, estimate_from: the
-        sparse-attention recipe (module docstring); the budgets go together.
+      dense_warmup, reuse_every, refresh_drift, prompt_sparsity, gen_sparsity, estimate_from, block_context:
+        the sparse-attention recipe (module docstring); the budgets go together.
       reference: int [B, L] tokens to score: ``SampleResult.reference_logprob`` holds
         their log-probability (softmax of the logits at temperature 1, ids below
         ``vocab_limit``) at each generated position, under the step that commits it.
@@ -287,6 +290,11 @@ def generate(
         raise ValueError(f"temperature must be >= 0; got {temperature}")
     if estimate_from not in ("canvas", "block"):
         raise ValueError(f"estimate_from must be 'canvas' or 'block'; got {estimate_from!r}")
+    if isinstance(block_context, bool) or not isinstance(block_context, int) or block_context < 0:
+        raise ValueError(f"block_context must be an int >= 0; got {block_context!r}")
+    if block_context and estimate_from != "block":
+        raise ValueError(f"block_context adds queries to the block's estimate: it needs estimate_from='block'; "
+                         f"got estimate_from={estimate_from!r}")
     x = np.asarray(canvas)
     if x.ndim != 2:
         raise ValueError(f"canvas must have shape [batch, length]; got {x.shape}")
@@ -297,6 +305,10 @@ def generate(
     if reference is not None and np.shape(reference) != x.shape:
         raise ValueError(f"reference must have the canvas's shape {x.shape}; got {np.shape(reference)}")
     num_gen = int(per_row[0])
+    prompt_length = int(np.argmax(gen, axis=1).min())
+    if block_context >= max(prompt_length, 1):
+        raise ValueError(f"block_context must be smaller than the prompt (the positions before the first one to "
+                         f"generate: {prompt_length}); got {block_context}")
     block_length = num_gen if block_length is None else block_length
     spb, counts = schedule(num_gen, steps, block_length)
     dense_steps = _warmup_steps(dense_warmup, steps)
@@ -306,7 +318,7 @@ def generate(
     if estimate_from == "block":
         _check_block_estimates(plan, num_layers)
     if prompt_sparsity is not None:
-        plan = _with_region_budgets(plan, num_layers, prompt_length=int(np.argmax(gen, axis=1).min()),
+        plan = _with_region_budgets(plan, num_layers, prompt_length=prompt_length,
                                    prompt_sparsity=prompt_sparsity, gen_sparsity=gen_sparsity)
     drift_block = None
     if refresh_drift is not None and plan.kind == "ba":
@@ -337,8 +349,13 @@ def generate(
         positions = block_positions[step // spb]
         focus = None
         if kind == "estimate" and estimate_from == "block":
-            # The states that predict the block's tokens: one position to the left under shifted logits.
-            focus = jnp.maximum(positions - 1, 0) if model.cfg.shift_logits else positions
+            # The states that predict the block's tokens (one position to the left under shifted logits),
+            # after the block_context positions before the block.
+            focus = positions
+            if block_context:
+                before = positions[:, :1] - block_context + jnp.arange(block_context, dtype=jnp.int32)[None, :]
+                focus = jnp.concatenate([before, positions], axis=1)
+            focus = jnp.maximum(focus - 1, 0) if model.cfg.shift_logits else focus
         # The warm-up of a BA-Att plan compiles the program of the default dense plan, shared with dense runs.
         step_plan = AttentionPlan.dense() if kind == "dense" and plan.kind != "dense" else plan
         logits, made, density = _decode_forward(graphdef, step_plan, kind)(
