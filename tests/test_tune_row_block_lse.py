@@ -30,6 +30,14 @@ def test_tilings_are_rows_x_warps(text):
     assert tune_row_block_lse.parse_tiling("256x16") == (256, 16)
 
 
+def test_default_tilings_start_with_the_kernels_own_and_repeat_none():
+    from baatt.kernels.pallas_triton import row_block_lse
+
+    tilings = tune_row_block_lse.get_config().tilings
+    assert tilings[0] == (row_block_lse.ROW_TILE, row_block_lse.NUM_WARPS)
+    assert len(set(tilings)) == len(tilings) and {(64, 4), (128, 4), (256, 16)} <= set(tilings)
+
+
 def test_an_invalid_tiling_is_reported_not_fatal(tmp_path):
     result = tune_row_block_lse.main(["--preset", "cpu_smoke", "--tilings", "64x4", "48x4", "--causal", "false",
                                       "--out", str(tmp_path)])
