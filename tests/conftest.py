@@ -54,6 +54,10 @@ def pytest_collection_finish(session):
     """Each test module with a ``start_in_background(items)`` hook starts its children for its selected items."""
     if session.config.option.collectonly:
         return
+    if hasattr(session.config, "workerinput"):
+        # a pytest-xdist worker collects every test but runs only those it is sent: its children start
+        # when its first test asks for them (``in_background`` submits on first use), not for all
+        return
     by_module: dict = {}
     for item in session.items:
         module = getattr(item, "module", None)
