@@ -17,7 +17,7 @@ H=32, D=128, bf16, block 128 by default), already on the device:
   speedup over the dense forward; the share of block pairs kept (``density``, over every block
   pair: under the causal mask at most about half); the implementation that ran; and the
   estimator's FLOPs over bidirectional dense attention's ``4 L^2 d`` per query head, from the
-  formula each selector's docstring states (``selectors_real_qk.flop_fraction``; not measured).
+  formula each selector's docstring states (``experiments.selector_flops``; not measured).
 
 Every selector in ``baatt.SELECTORS`` is timed, except the exact oracles (``oracle``,
 ``max_oracle``), which cost a dense attention pass or more: they are listed with that note, and
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 import baatt
 from experiments import harness
-from experiments.selectors_real_qk import flop_fraction
+from experiments.selector_flops import flop_fraction
 
 # Exact oracles: a dense attention pass or more each. Listed, timed only when --selectors names them.
 ORACLES = {
@@ -105,8 +105,6 @@ def timed_selectors(cfg: Config) -> tuple[str, ...]:
 
 def estimator_flops(bcfg: baatt.BAConfig, cfg: Config, length: int) -> float | None:
     """The selector's FLOPs over bidirectional dense attention (its docstring's formula); None without one."""
-    if bcfg.selector == "dense":  # no estimator: every block
-        return 0.0
     try:
         return flop_fraction(bcfg, length=length, q_heads=cfg.heads, kv_heads=cfg.heads)
     except ValueError:  # a selector without a formula (a user's)

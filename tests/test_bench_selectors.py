@@ -85,3 +85,36 @@ def test_deadline_met_mid_group_skips_compiled_selectors():
                                                       pool=pool, tm=None, past_deadline=lambda: next(calls) >= 3)
     assert skipped == ["meanpool", "random"]
     assert [r["selector"] for r in rows] == ["broken"] and "selector must be one of" in rows[0]["error"]
+
+
+def test_every_built_in_selector_has_a_flop_formula(monkeypatch):
+    """The cost column covers every built-in selector, with the formulas of their docstrings; a user's
+    selector has none (its row shows no cost rather than a made-up one)."""
+    from baatt import BAConfig
+    from experiments.selector_flops import flop_fraction
+
+    for name in BUILT_IN + tuple(bench_selectors.ORACLES):
+        share = flop_fraction(BAConfig(selector=name, block_size=128), length=8192, q_heads=32, kv_heads=8)
+        assert 0.0 <= share <= 1.0, name
+    pooled = flop_fraction(BAConfig(selector="pooled_query", block_size=128), length=8192, q_heads=32, kv_heads=8)
+    assert pooled == pytest.approx(1 / 256)  # one mean query per 128-query block against every key
+    proxy = flop_fraction(BAConfig(selector="proxy", block_size=128), length=8192, q_heads=32, kv_heads=8)
+    assert proxy == pytest.approx(1 / (2 * 16 * 4))  # stride 16, one kv head per proxy, 4 query heads per kv head
+    monkeypatch.setitem(selector_registry._REGISTERED, "users_own",
+                        selector_registry.Selector("users_own", select=_broken, block_map=_broken))
+    with pytest.raises(ValueError, match="no FLOP formula"):
+        flop_fraction(BAConfig(selector="users_own", block_size=128), length=8192, q_heads=1, kv_heads=1)
+    assert bench_selectors.estimator_flops(BAConfig(selector="users_own", block_size=128),
+                                           bench_selectors.get_config("cpu_smoke"), 512) is None
+
+
+def test_runs_without_the_gguf_reader():
+    """The benchmark times synthetic Q/K/V: importing it must not need the GGUF reader of the real-model studies."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys; sys.modules['gguf'] = None; import experiments.bench_selectors"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
