@@ -220,7 +220,8 @@ def test_bench_estimator_cpu_smoke_with_parts(tmp_path, monkeypatch):
 
 
 def test_dlm_seeds_script_trains_each_seed_and_tabulates(tmp_path):
-    """scripts/dlm_seeds.sh on CPU: two seeds of the tiny preset side by side, one table of both."""
+    """scripts/dlm_seeds.sh on CPU: two seeds of the tiny preset side by side (sharing one GPU's place,
+    each with half of its memory), one table of both; too many seeds for the GPUs are refused."""
     import json
     import os
     import subprocess
@@ -228,20 +229,27 @@ def test_dlm_seeds_script_trains_each_seed_and_tabulates(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHON=sys.executable, NUM_GPUS="2", LENGTHS="256", CKPT_ROOT=str(tmp_path / "ck"),
+    env = dict(os.environ, PYTHON=sys.executable, NUM_GPUS="1", SEEDS_PER_GPU="2", LENGTHS="256",
+               CKPT_ROOT=str(tmp_path / "ck"),
                EVAL_ARGS="--only dense --num-examples 1 --nll-seqs 1 --batch 1 --block-size 64")
     script = str(root / "scripts/dlm_seeds.sh")
     r = subprocess.run(["bash", script, "cpu_tiny", str(tmp_path / "out"), "3 5", "--steps", "2"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    for seed in (3, 5):
+        assert f"seed {seed} on GPU 0 (memory shares: training 0.375, each evaluation 0.140)" in r.stderr
     summary = json.loads((tmp_path / "out" / "dlm_seeds_cpu_tiny.json").read_text())
     assert [row["seed"] for row in summary["seeds"]] == [3, 5]
     assert all(row["steps"] == 2 and set(row["dense"]) == {"256"} for row in summary["seeds"])
     assert "| 3 | 2 |" in (tmp_path / "out" / "dlm_seeds_cpu_tiny.md").read_text()
     assert (tmp_path / "out" / "dlm_seeds_cpu_tiny.png").stat().st_size > 10_000
-    refused = subprocess.run(["bash", script, "cpu_tiny", str(tmp_path / "o2"), "0 1 2"], env=env,
-                             capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "3 seeds need as many GPUs; 2 found" in refused.stderr
+    for per_gpu, gpus, message in (("1", "2", "3 seeds need 3 GPUs at SEEDS_PER_GPU=1; 2 found"),
+                                   ("2", "1", "3 seeds need 2 GPUs at SEEDS_PER_GPU=2; 1 found"),
+                                   ("0", "4", "SEEDS_PER_GPU must be a positive integer; got '0'")):
+        refused = subprocess.run(["bash", script, "cpu_tiny", str(tmp_path / "o2"), "0 1 2"],
+                                 env=dict(env, SEEDS_PER_GPU=per_gpu, NUM_GPUS=gpus),
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
 def test_dlm_seeds_table_of_committed_run():
