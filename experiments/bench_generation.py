@@ -228,22 +228,35 @@ def time_generation(model, canvas, reference, plan, options, cfg: Config):
 
 
 def passkey_accuracy(model, canvases, plan, options, cfg: Config, tokenizer=None,
-                     samples: int = 4) -> tuple[float, float, list[dict]]:
+                     samples: int = 4) -> tuple[float, float, list[dict], list[int]]:
     """(share of the examples whose first generated tokens are the answer, share of the answer positions of
     all examples committed at a sparse step: under a recipe with a dense warm-up, what the sparse steps
-    decided, and the answer beside the start of the generation for the first ``samples`` examples)."""
-    hits, sparse, total, shown = 0, 0, 0, []
+    decided, the answer beside the start of the generation for the first ``samples`` examples, and 1 / 0
+    per example: whether it was found)."""
+    hits, sparse, total, shown = [], 0, 0, []
     for canvas, answer in canvases:
         r = generate(model, canvas, steps=cfg.steps, block_length=cfg.block_length, plan=plan, **options)
         start = canvas.shape[1] - cfg.gen_tokens
-        hits += bool(np.array_equal(r.tokens[0, start: start + len(answer)], answer))
+        hits.append(int(np.array_equal(r.tokens[0, start: start + len(answer)], answer)))
         steps = r.unmask_step[0, start: start + len(answer)]
         sparse += sum(r.step_kind[int(t)] != "dense" for t in steps)
         total += len(answer)
         if tokenizer is not None and len(shown) < samples:
             shown.append(dict(answer=tokenizer.decode([int(t) for t in answer]),
                               generated=tokenizer.decode([int(t) for t in r.tokens[0, start: start + 16]])))
-    return hits / len(canvases), sparse / total, shown
+    return sum(hits) / len(canvases), sparse / total, shown, hits
+
+
+def paired_with_dense(hits: list[int], dense_hits: list[int]) -> dict:
+    """Per-prompt comparison of a recipe with dense generation on the same prompts: ``lost`` (dense found the
+    key, the recipe did not), ``gained`` (the reverse), and the difference in points (100 x (gained - lost)
+    / prompts). Two dense runs of the same prompts already differ by a prompt or two (bf16 on a GPU), so
+    lost and gained say whether a difference is a shift or noise."""
+    if len(hits) != len(dense_hits):
+        raise ValueError(f"hits: one per dense prompt ({len(dense_hits)}); got {len(hits)}")
+    lost = sum(d and not h for h, d in zip(hits, dense_hits, strict=True))
+    gained = sum(h and not d for h, d in zip(hits, dense_hits, strict=True))
+    return dict(lost=lost, gained=gained, points=100.0 * (gained - lost) / max(len(hits), 1))
 
 
 def markdown(result: dict) -> str:
@@ -257,8 +270,8 @@ def markdown(result: dict) -> str:
     head = "| prompt | recipe | time (s) | tokens/s | speedup vs dense | mean density | dense / estimate / reuse steps |"
     rule = "|---|---|---|---|---|---|---|"
     if quality:
-        head += " NLL | passkey acc | answer from sparse steps |"
-        rule += "---|---|---|"
+        head += " NLL | passkey acc | answer from sparse steps | passkey vs dense: lost / gained (points) |"
+        rule += "---|---|---|---|"
     lines += [head, rule]
     for row in result["rows"]:
         kinds = row["step_kinds"]
@@ -271,7 +284,9 @@ def markdown(result: dict) -> str:
         if quality:
             passkey = f"{row['passkey']:.2f}" if "passkey" in row else "-"
             share = f"{row['passkey_sparse_share']:.2f}" if "passkey" in row else "-"
-            line += f" {row['nll']:.3f} | {passkey} | {share} |"
+            paired = row.get("passkey_vs_dense")
+            versus = f"{paired['lost']} / {paired['gained']} ({paired['points']:+.1f})" if paired else "-"
+            line += f" {row['nll']:.3f} | {passkey} | {share} | {versus} |"
         lines.append(line)
     if result["notes"]:
         lines += ["", *[f"- {note}" for note in result["notes"]]]
@@ -311,10 +326,15 @@ def main(argv=None) -> dict:
                                                                 for k in ("dense", "estimate", "reuse")},
                        nll=r.reference_nll)
             if passkeys:
-                row["passkey"], row["passkey_sparse_share"], row["passkey_samples"] = passkey_accuracy(
-                    model, passkeys, plan, options, cfg, tokenizer)
+                row["passkey"], row["passkey_sparse_share"], row["passkey_samples"], row["passkey_hits"] = (
+                    passkey_accuracy(model, passkeys, plan, options, cfg, tokenizer))
+                dense_row = next((d for d in result["rows"] if d["recipe"] == "dense"
+                                  and d["prompt_length"] == prompt_length and "passkey_hits" in d), None)
+                if dense_row is not None and name != "dense":
+                    row["passkey_vs_dense"] = paired_with_dense(row["passkey_hits"], dense_row["passkey_hits"])
             result["rows"].append(row)
-            print({k: v for k, v in row.items() if k not in ("options", "passkey_samples")}, flush=True)
+            print({k: v for k, v in row.items() if k not in ("options", "passkey_samples", "passkey_hits")},
+                  flush=True)
             for sample in row.get("passkey_samples", []):
                 print(f"  answer {sample['answer']!r}: generated {sample['generated']!r}", flush=True)
             harness.write_results(cfg.out, {f"{cfg.name}.json": result, f"{cfg.name}.md": markdown(result)})

@@ -32,6 +32,8 @@ def test_bench_generation_smoke_random_init(tmp_path):
 
 
 def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
+    import pytest
+
     from baatt.data import corpus
     from baatt.train import TrainConfig, train
 
@@ -54,6 +56,27 @@ def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
     assert all(len(row["passkey_samples"]) == 2 and set(row["passkey_samples"][0]) == {"answer", "generated"}
                for row in rows.values())
     assert "answer from sparse steps" in (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
+    # Per-prompt hits, and each recipe against dense on the same prompts.
+    dense_hits = rows["dense"]["passkey_hits"]
+    assert "passkey_vs_dense" not in rows["dense"]
+    for row in rows.values():
+        assert len(row["passkey_hits"]) == len(dense_hits) > 0 and set(row["passkey_hits"]) <= {0, 1}
+        assert row["passkey"] == sum(row["passkey_hits"]) / len(row["passkey_hits"])
+    for name in ("split", "every_step"):
+        paired = rows[name]["passkey_vs_dense"]
+        assert paired == bench_generation.paired_with_dense(rows[name]["passkey_hits"], dense_hits)
+        assert paired["points"] == pytest.approx(100 * (rows[name]["passkey"] - rows["dense"]["passkey"]))
+    assert "passkey vs dense: lost / gained (points)" in (tmp_path / "out" / "bench_generation_cpu_smoke.md").read_text()
+
+
+def test_paired_with_dense_counts_each_prompt_once():
+    import pytest
+
+    paired = bench_generation.paired_with_dense([1, 0, 0, 1, 1], [1, 1, 0, 0, 1])
+    assert paired == dict(lost=1, gained=1, points=0.0)  # prompt 1 lost, prompt 3 gained: the same accuracy
+    assert bench_generation.paired_with_dense([0, 0, 0, 0], [1, 1, 0, 1]) == dict(lost=3, gained=0, points=-75.0)
+    with pytest.raises(ValueError, match="hits: one per dense prompt"):
+        bench_generation.paired_with_dense([1, 0], [1, 0, 1])
 
 
 def test_block_refresh_is_the_block_recipe_re_estimated_every_refresh_every_steps():
