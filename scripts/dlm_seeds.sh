@@ -4,8 +4,9 @@
 #
 #   bash scripts/dlm_seeds.sh gpu_passkey_conv OUT_DIR "0 1 2 3" [train_dlm args]
 #
-# Seed i of the list runs on GPU i (CUDA_VISIBLE_DEVICES; GPU i / k under SEEDS_PER_GPU=k), through scripts/dlm_experiment.sh into
-# OUT_DIR/seed<S>/ (its log in OUT_DIR/seed<S>/log), checkpoints in CKPT_ROOT/<preset>_seed<S>.
+# Seed i of the list runs on GPU i (CUDA_VISIBLE_DEVICES; GPU i / k under SEEDS_PER_GPU=k), through
+# scripts/dlm_experiment.sh into OUT_DIR/seed<S>/ (its log in OUT_DIR/seed<S>/log), checkpoints in
+# CKPT_ROOT/<preset>_seed<S>.
 # Environment: NUM_GPUS (default: what nvidia-smi lists), SEEDS_PER_GPU (default 1: seeds i*k ..
 # i*k+k-1 share GPU i, each training with 1/k of its memory and its evaluations with 1/k of
 # MEM_FRACTION; the presets train for a fixed wall-clock time, so a shared GPU trains each seed for
