@@ -254,8 +254,8 @@ def paired_with_dense(hits: list[int], dense_hits: list[int]) -> dict:
     lost and gained say whether a difference is a shift or noise."""
     if len(hits) != len(dense_hits):
         raise ValueError(f"hits: one per dense prompt ({len(dense_hits)}); got {len(hits)}")
-    lost = sum(d and not h for h, d in zip(hits, dense_hits, strict=True))
-    gained = sum(h and not d for h, d in zip(hits, dense_hits, strict=True))
+    lost = sum(d and not h for h, d in zip(hits, dense_hits))
+    gained = sum(h and not d for h, d in zip(hits, dense_hits))
     return dict(lost=lost, gained=gained, points=100.0 * (gained - lost) / max(len(hits), 1))
 
 
@@ -313,7 +313,7 @@ def main(argv=None) -> dict:
         canvas, text = text_canvas(stream, rng, cfg, prompt_length, mask_id)
         with_passkey = quality and (passkey_max is None or prompt_length + cfg.gen_tokens <= passkey_max)
         passkeys = passkey_canvases(stream, tokenizer, rng, cfg, prompt_length, mask_id) if with_passkey else []
-        dense_seconds = None
+        dense_seconds = dense_hits = None
         for name in sorted(cfg.recipes, key=lambda n: n != "dense"):  # dense first: the speedups' baseline
             plan, options = plans[name]
             seconds, r = time_generation(model, canvas, text, plan, options, cfg)
@@ -328,10 +328,10 @@ def main(argv=None) -> dict:
             if passkeys:
                 row["passkey"], row["passkey_sparse_share"], row["passkey_samples"], row["passkey_hits"] = (
                     passkey_accuracy(model, passkeys, plan, options, cfg, tokenizer))
-                dense_row = next((d for d in result["rows"] if d["recipe"] == "dense"
-                                  and d["prompt_length"] == prompt_length and "passkey_hits" in d), None)
-                if dense_row is not None and name != "dense":
-                    row["passkey_vs_dense"] = paired_with_dense(row["passkey_hits"], dense_row["passkey_hits"])
+                if name == "dense":
+                    dense_hits = row["passkey_hits"]
+                elif dense_hits is not None:
+                    row["passkey_vs_dense"] = paired_with_dense(row["passkey_hits"], dense_hits)
             result["rows"].append(row)
             print({k: v for k, v in row.items() if k not in ("options", "passkey_samples", "passkey_hits")},
                   flush=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments import bench_generation
 
 
@@ -32,8 +34,6 @@ def test_bench_generation_smoke_random_init(tmp_path):
 
 
 def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
-    import pytest
-
     from baatt.data import corpus
     from baatt.train import TrainConfig, train
 
@@ -70,8 +70,6 @@ def test_bench_generation_smoke_with_a_checkpoint(tmp_path):
 
 
 def test_paired_with_dense_counts_each_prompt_once():
-    import pytest
-
     paired = bench_generation.paired_with_dense([1, 0, 0, 1, 1], [1, 1, 0, 0, 1])
     assert paired == dict(lost=1, gained=1, points=0.0)  # prompt 1 lost, prompt 3 gained: the same accuracy
     assert bench_generation.paired_with_dense([0, 0, 0, 0], [1, 1, 0, 1]) == dict(lost=3, gained=0, points=-75.0)
