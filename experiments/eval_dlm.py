@@ -63,7 +63,7 @@ class Config:
         "sampler", "answer decoding for task accuracy: the LLaDA sampler (one token per step) or one forward pass",
         choices=("sampler", "oneshot"))
     implementation: str = harness.option("reference", "baatt.attention implementation (auto: the best available)")
-    only: tuple[str, ...] | None = harness.option(None, "variant name prefixes to run (none: all)")
+    only: tuple[str, ...] | None = harness.option(None, "variant name prefixes to run, in this order (none: all)")
     time_budget: float | None = harness.option(None, "skip remaining work after this many seconds")
     out: str = harness.option(harness.study_dir("dlm"), "output folder")
     name: str = harness.option("dlm_eval", "output file stem")
@@ -95,6 +95,15 @@ def variants(sparsities, block_size, implementation):
                 out[f"{name}@{s}"] = AttentionPlan.ba(BAConfig(block_size=block_size, sparsity=s, selector=name),
                                                       implementation=implementation)
     return out
+
+
+def only_variants(vs: dict, prefixes) -> dict:
+    """The variants whose names start with one of ``prefixes``, in the order the prefixes are given (so that
+    ``--time-budget`` skips the last named first); a prefix's matches keep their own order."""
+    picked = {}
+    for prefix in prefixes:
+        picked.update({k: v for k, v in vs.items() if k.startswith(prefix) and k not in picked})
+    return picked
 
 
 _CE = jax.jit(lambda logits, toks, masked: (jnp.sum(masked_ce(logits, toks, masked)), jnp.sum(masked)))
@@ -197,7 +206,7 @@ def main(argv=None) -> dict:
     val = corpus.load_tokens("val")
     vs = variants(cfg.sparsities, cfg.block_size, None if cfg.implementation == "auto" else cfg.implementation)
     if cfg.only:
-        vs = {k: v for k, v in vs.items() if any(k.startswith(o) for o in cfg.only)}
+        vs = only_variants(vs, cfg.only)
     result = dict(harness.run_metadata(__spec__.name, argv), model=meta["model"], step=meta["step"],
                   block_size=cfg.block_size, implementation=cfg.implementation, num_examples=cfg.num_examples,
                   task_decode=cfg.task_decode, rows=[], notes=[])
