@@ -102,7 +102,10 @@ def only_variants(vs: dict, prefixes) -> dict:
     ``--time-budget`` skips the last named first); a prefix's matches keep their own order."""
     picked = {}
     for prefix in prefixes:
-        picked.update({k: v for k, v in vs.items() if k.startswith(prefix) and k not in picked})
+        matches = [k for k in vs if k.startswith(prefix)]
+        if not matches:
+            raise ValueError(f"--only: {prefix!r} is the prefix of no variant; the variants are {', '.join(vs)}")
+        picked.update({k: vs[k] for k in matches if k not in picked})
     return picked
 
 

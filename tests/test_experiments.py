@@ -134,7 +134,7 @@ def test_eval_dlm_variants_cover_the_registry():
 
 def test_eval_dlm_only_runs_the_named_variants_in_the_order_named():
     """--only picks by prefix and orders by the prefixes (the time budget then skips the last named); a variant
-    two prefixes match comes once, at the first."""
+    two prefixes match comes once, at the first; a prefix of nothing (a typo) is refused, naming the variants."""
     from experiments import eval_dlm
 
     vs = eval_dlm.variants((0.5, 0.9), 64, None)
@@ -142,7 +142,8 @@ def test_eval_dlm_only_runs_the_named_variants_in_the_order_named():
     assert picked == ["dense", "last_query@0.5", "last_query@0.9", "oracle@0.5", "oracle@0.9",
                       "xattention@0.5", "xattention@0.9"]
     assert list(eval_dlm.only_variants(vs, ("meanpool@0.9", "dense"))) == ["meanpool@0.9", "dense"]
-    assert eval_dlm.only_variants(vs, ("no_such",)) == {}
+    with pytest.raises(ValueError, match="--only: 'last_querry@' is the prefix of no variant; the variants are dense, "):
+        eval_dlm.only_variants(vs, ("dense", "last_querry@"))
 
 
 def test_eval_dlm_merges_per_length_results(tmp_path):
