@@ -521,12 +521,14 @@ def train(cfg: TrainConfig, *, model: DiffusionLM | None = None, tokenizer=None,
         bar.close()
         if source is not None:
             source[1].close()
+    # The last step is saved before the final evaluation (the save is asynchronous and overlaps it), so a
+    # process stopped during that evaluation still leaves the trained weights.
+    if mngr is not None and mngr.latest_step() != step:
+        save_checkpoint(mngr, step, params, opt_state, extra=dict(stage=stage_idx, elapsed_s=time.time() - t0))
     final = evaluate(step)
     history.append(dict(final, elapsed_s=time.time() - t0, final=True))
     log_fn(json.dumps(final))
     if mngr is not None:
-        if mngr.latest_step() != step:
-            save_checkpoint(mngr, step, params, opt_state, extra=dict(stage=stage_idx, elapsed_s=time.time() - t0))
         mngr.wait_until_finished()
     model = nnx.merge(graphdef, params)
     return dict(history=history, model=model, steps=step, seconds=time.time() - t0)

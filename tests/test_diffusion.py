@@ -105,6 +105,28 @@ def test_train_loop_checkpoints_and_resumes(tmp_path):
         train(TrainConfig(model="tiny", stages=((1.0, 2048, 1),)), train_stream=val, val_stream=val)
 
 
+def test_train_saves_the_last_step_before_its_final_evaluation(tmp_path, monkeypatch):
+    """A run stopped during its final evaluation (a wall-clock limit) still leaves its last step on disk: the
+    save of that step is issued before the evaluation starts."""
+    from baatt import train as train_module
+    from baatt.data import corpus
+
+    events = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint",
+                        lambda mngr, step, *a, **k: (events.append(("save", step)), real_save(mngr, step, *a, **k)))
+    real_evaluate = train_module.masked_nll  # the first thing an evaluation computes
+    monkeypatch.setattr(train_module, "masked_nll",
+                        lambda *a, **k: (events.append(("evaluate",)), real_evaluate(*a, **k))[1])
+    val = corpus.load_tokens("val")
+    cfg = train_module.TrainConfig(model="tiny", model_overrides=(("max_len", 512),), stages=((1.0, 32, 2),),
+                                   steps=3, warmup_steps=1, eval_every=0, ckpt_dir=str(tmp_path / "ck"), ckpt_every=2,
+                                   progress=False)
+    train_module.train(cfg, train_stream=val, val_stream=val, log_fn=lambda s: None)
+    assert ("save", 3) in events and ("evaluate",) in events
+    assert events.index(("save", 3)) < events.index(("evaluate",)), events
+
+
 def test_train_stages_set_their_own_task_fraction():
     from baatt.data import corpus
     from baatt.train import TrainConfig, train
