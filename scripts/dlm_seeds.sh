@@ -11,9 +11,9 @@
 # i*k+k-1 share GPU i, each training with 1/k of its memory and its evaluations with 1/k of
 # MEM_FRACTION; the presets train for a fixed wall-clock time, so a shared GPU trains each seed for
 # fewer steps when it is busy; gpu_passkey_conv_niah's training ran out of memory in a quarter of an
-# 80 GB H100, so three of its seeds do not share one), SEED_TIMEOUT (seconds for all seeds, default 570: a seed still running
-# then is stopped and left out of the table), CKPT_ROOT (default .ckpt), and dlm_experiment.sh's own
-# variables (LENGTHS, EVAL_ARGS, PYTHON, MEM_FRACTION).
+# 80 GB H100, so three of its seeds do not share one), SEED_TIMEOUT (seconds for all seeds, default
+# 570: a seed still running then is stopped and left out of the table), CKPT_ROOT (default .ckpt), and
+# dlm_experiment.sh's own variables (LENGTHS, EVAL_ARGS, PYTHON, MEM_FRACTION).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
