@@ -117,9 +117,11 @@ def test_train_dlm_presets_are_valid():
 
 
 def test_eval_dlm_variants_cover_the_registry():
-    """The four named recipes, then every other registered selector (dense aside) once per sparsity."""
+    """The four named recipes, then every other registered selector (dense aside) once per sparsity, and
+    last_query with 32 queries."""
     import baatt
     from experiments import eval_dlm
+    from experiments.selector_flops import flop_fraction
 
     vs = eval_dlm.variants((0.5, 0.9), 64, None)
     others = [n for n in baatt.SELECTORS if n not in ("dense", "baatt", "meanpool", "xattention")]
@@ -129,7 +131,12 @@ def test_eval_dlm_variants_cover_the_registry():
             plan = vs[f"{name}@{s}"]
             assert plan.config.selector == name and plan.config.sparsity == s and plan.config.block_size == 64
     assert vs["baatt@0.5"].config.sort_q and vs["xattention@0.9"].config.selector == "xattention"
-    assert len(vs) == 1 + 2 * (4 + len(others))
+    for s in (0.5, 0.9):  # last_query with 32 queries: under 1% of dense FLOPs from 2K tokens on
+        cfg = vs[f"last_query_q32@{s}"].config
+        assert (cfg.selector, cfg.sparsity, cfg.last_query_size) == ("last_query", s, 32)
+        assert flop_fraction(cfg, length=2048, q_heads=8, kv_heads=8) < 0.01
+    assert flop_fraction(vs["last_query@0.5"].config, length=2048, q_heads=8, kv_heads=8) > 0.01
+    assert len(vs) == 1 + 2 * (4 + len(others)) + 2
 
 
 def test_eval_dlm_only_runs_the_named_variants_in_the_order_named():
