@@ -74,8 +74,14 @@ def markdown(s: dict) -> str:
     rows = s["seeds"]
     lengths = sorted({length for r in rows for length in r["dense"]}, key=int)
     first = rows[0]
-    lines = [f"# {first['preset']}: {len(rows)} seeds ({first['device']}, jax {first['jax_version']}, "
-             f"commit {first['commit'][:10]})", "",
+    # Seeds gathered from several runs (one per call) may differ in device, jax or commit: name each.
+    def distinct(values):
+        return ", ".join(dict.fromkeys(values))
+
+    devices, jaxes = distinct(r["device"] for r in rows), distinct(r["jax_version"] for r in rows)
+    commits = distinct(r["commit"][:10] for r in rows)
+    lines = [f"# {first['preset']}: {len(rows)} seeds ({devices}, jax {jaxes}, "
+             f"commit{'s' if ',' in commits else ''} {commits})", "",
              f"{len(s['retrieving'])} of {len(rows)} seeds retrieve (dense one-shot passkey >= {s['learnt']} at "
              f"{s['retrieval_length']} tokens): {s['retrieving']}.", "",
              "| seed | steps | in-training check >= {:.1f} at step | final check | ".format(s["learnt"])

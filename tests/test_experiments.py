@@ -300,6 +300,31 @@ def test_dlm_seeds_table_of_committed_run():
     assert "3 of 7 seeds retrieve" in md
 
 
+def test_dlm_seeds_table_names_every_commit_of_seeds_from_separate_runs():
+    """Seeds trained in separate calls (the committed NIAH seeds 0 and 1) keep apart in the header: both
+    commits are named, each once."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from experiments import dlm_seeds
+
+    results = Path(__file__).resolve().parents[1] / "experiments/results/dlm"
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = []
+        for seed, run in ((0, "dlm_run19_niah_seed0"), (1, "dlm_run18_niah_seed1")):
+            d = Path(tmp) / f"seed{seed}"
+            d.mkdir()
+            for kind in ("train", "eval"):
+                shutil.copy(results / run / f"seed{seed}_{kind}.json", d / f"dlm_{kind}_gpu_passkey_conv_niah.json")
+            dirs.append(d)
+        s = dlm_seeds.summarize(dirs)
+    header = dlm_seeds.markdown(s).splitlines()[0]
+    assert header == ("# gpu_passkey_conv_niah: 2 seeds (NVIDIA H100 80GB HBM3, jax 0.11.2, "
+                      "commits 4735f01f5e, 5bd73a6067)"), header
+    assert s["retrieving"] == [0, 1]
+
+
 def test_bench_sparse_mosaic_forward_tuning_runs_and_reports(tmp_path):
     """The Mosaic GPU forward-variant benchmark runs end to end off Hopper, reporting each variant's failure
     (a variant that cannot run is a row with its error, never a crash or a missing row)."""
