@@ -66,6 +66,11 @@ def summarize(run_dirs, learnt: float = 0.5, retrieval_length: int = 4096) -> di
                 retrieving=[r["seed"] for r in retrieving], share_retrieving=len(retrieving) / len(rows))
 
 
+def _distinct(values) -> str:
+    """The values, each once, in first-seen order, comma-separated."""
+    return ", ".join(dict.fromkeys(values))
+
+
 def _acc(x):
     return "-" if x is None else f"{x:.3f}"
 
@@ -75,11 +80,8 @@ def markdown(s: dict) -> str:
     lengths = sorted({length for r in rows for length in r["dense"]}, key=int)
     first = rows[0]
     # Seeds gathered from several runs (one per call) may differ in device, jax or commit: name each.
-    def distinct(values):
-        return ", ".join(dict.fromkeys(values))
-
-    devices, jaxes = distinct(r["device"] for r in rows), distinct(r["jax_version"] for r in rows)
-    commits = distinct(r["commit"][:10] for r in rows)
+    devices, jaxes = _distinct(r["device"] for r in rows), _distinct(r["jax_version"] for r in rows)
+    commits = _distinct(r["commit"][:10] for r in rows)
     lines = [f"# {first['preset']}: {len(rows)} seeds ({devices}, jax {jaxes}, "
              f"commit{'s' if ',' in commits else ''} {commits})", "",
              f"{len(s['retrieving'])} of {len(rows)} seeds retrieve (dense one-shot passkey >= {s['learnt']} at "
