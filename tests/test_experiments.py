@@ -273,25 +273,33 @@ def test_dlm_seeds_script_trains_each_seed_and_tabulates(tmp_path):
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
+def _committed_seed_dirs(tmp, preset, seeds_and_runs):
+    """One folder per (seed, committed run folder) under ``tmp``, laid out as scripts/dlm_experiment.sh writes
+    it (``dlm_train_<preset>.json``, ``dlm_eval_<preset>.json``) from the run's ``seed<S>_{train,eval}.json``."""
+    import shutil
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "experiments/results/dlm"
+    dirs = []
+    for seed, run in seeds_and_runs:
+        d = Path(tmp) / f"seed{seed}"
+        d.mkdir()
+        for kind in ("train", "eval"):
+            shutil.copy(results / run / f"seed{seed}_{kind}.json", d / f"dlm_{kind}_{preset}.json")
+        dirs.append(d)
+    return dirs
+
+
 def test_dlm_seeds_table_of_committed_run():
     """The seed table reproduces the committed multi-seed run's numbers (run 15: seeds 0, 1 and 6 retrieve)."""
     import json
-    import shutil
     import tempfile
-    from pathlib import Path
 
     from experiments import dlm_seeds
 
-    src = Path(__file__).resolve().parents[1] / "experiments/results/dlm/dlm_run15_seeds"
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = []
-        for seed in range(7):
-            d = Path(tmp) / f"seed{seed}"
-            d.mkdir()
-            for kind in ("train", "eval"):
-                shutil.copy(src / f"seed{seed}_{kind}.json", d / f"dlm_{kind}_gpu_passkey_middle.json")
-            dirs.append(d)
-        s = dlm_seeds.summarize(dirs)
+        s = dlm_seeds.summarize(_committed_seed_dirs(tmp, "gpu_passkey_middle",
+                                                     [(seed, "dlm_run15_seeds") for seed in range(7)]))
     assert s["retrieving"] == [0, 1, 6] and abs(s["share_retrieving"] - 3 / 7) < 1e-9
     by_seed = {r["seed"]: r for r in s["seeds"]}
     assert by_seed[6]["dense"][4096]["passkey"] == 0.875 and by_seed[6]["first_learnt_step"] == 2000
@@ -303,22 +311,13 @@ def test_dlm_seeds_table_of_committed_run():
 def test_dlm_seeds_table_names_every_commit_of_seeds_from_separate_runs():
     """Seeds trained in separate calls (the committed NIAH seeds 0 and 1) keep apart in the header: both
     commits are named, each once."""
-    import shutil
     import tempfile
-    from pathlib import Path
 
     from experiments import dlm_seeds
 
-    results = Path(__file__).resolve().parents[1] / "experiments/results/dlm"
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = []
-        for seed, run in ((0, "dlm_run19_niah_seed0"), (1, "dlm_run18_niah_seed1")):
-            d = Path(tmp) / f"seed{seed}"
-            d.mkdir()
-            for kind in ("train", "eval"):
-                shutil.copy(results / run / f"seed{seed}_{kind}.json", d / f"dlm_{kind}_gpu_passkey_conv_niah.json")
-            dirs.append(d)
-        s = dlm_seeds.summarize(dirs)
+        s = dlm_seeds.summarize(_committed_seed_dirs(tmp, "gpu_passkey_conv_niah",
+                                                     [(0, "dlm_run19_niah_seed0"), (1, "dlm_run18_niah_seed1")]))
     header = dlm_seeds.markdown(s).splitlines()[0]
     assert header == ("# gpu_passkey_conv_niah: 2 seeds (NVIDIA H100 80GB HBM3, jax 0.11.2, "
                       "commits 4735f01f5e, 5bd73a6067)"), header
