@@ -11,8 +11,9 @@ Selection beyond one budget and one block space, on the post-rotary Q/K/V of Smo
     keeps, and the output error, against one budget for every head at the same mean density.
 (b) clustered block spaces (``BAConfig(cluster_q=True, cluster_k=True)``, balanced k-means on the
     token directions) against positional blocks at ``--sparsity``: the oracle's and the estimators'
-    mass (meanpool in both spaces; mixed, which is positional only), and what clustering costs
-    (measured time of the permutations, and FLOPs over dense attention).
+    oracle mass, 5th-percentile query mass and output error (meanpool and pooled_query in both spaces;
+    mixed, which is positional only), and what clustering costs (measured time of the permutations,
+    and FLOPs over dense attention).
 (c) the accuracy guard (``BAConfig(guard_recall=...)``) at ``--sparsity``, at each of
     ``--guard-recalls``: how often it densifies a head, the density it leaves, and the output error
     with and without it.
@@ -59,6 +60,8 @@ SPACE_ROWS = {  # label -> config changes, for part (b)
     "oracle, clustered": dict(selector="oracle", cluster_q=True, cluster_k=True),
     "meanpool, positional": dict(selector="meanpool"),
     "meanpool, clustered": dict(selector="meanpool", cluster_q=True, cluster_k=True),
+    "pooled_query, positional": dict(selector="pooled_query"),
+    "pooled_query, clustered": dict(selector="pooled_query", cluster_q=True, cluster_k=True),
     "mixed, positional": dict(selector="mixed"),
 }
 
@@ -158,14 +161,13 @@ def part_b(cfg: Config, arrays, layers, row) -> dict:
     per_row = {label: [] for label in SPACE_ROWS}
     cluster_ms = []
     for layer in tqdm(layers, desc="(b) spaces", unit="layer", file=sys.stdout):
-        q, k = (jnp.asarray(arrays[layer][name][row: row + 1]) for name in ("q", "k"))
+        q, k, v = (jnp.asarray(arrays[layer][name][row: row + 1]) for name in ("q", "k", "v"))
+        dense = jax.nn.dot_product_attention(q, k, v)
         for label, changes in SPACE_ROWS.items():
             config = baatt.BAConfig(block_size=cfg.block_size, sparsity=cfg.sparsity,
                                     cluster_iters=cfg.cluster_iters, **changes)
             sel = baatt.select_blocks(q, k, config)
-            m_hat = reference.post_downsample_map(q, k, block_size=cfg.block_size, q_perm=sel.q_perm,
-                                                  k_perm=sel.k_perm)
-            per_row[label].append(float(jnp.mean(error.selected_mass(m_hat, sel))))
+            per_row[label].append(dict(layer=layer, **judge(q, k, v, sel, dense, implementation=cfg.implementation)))
         cluster = jax.jit(lambda q, k: (balanced_kmeans(q, cfg.block_size, iters=cfg.cluster_iters),
                                         balanced_kmeans(k, cfg.block_size, iters=cfg.cluster_iters)))
         cluster_ms.append(1e3 * harness.median_time(lambda: cluster(q, k), target_s=0.5, min_reps=3))
@@ -173,8 +175,9 @@ def part_b(cfg: Config, arrays, layers, row) -> dict:
     # the keys have kv heads only.
     q_heads, kv_heads = arrays[layers[0]]["q"].shape[2], arrays[layers[0]]["k"].shape[2]
     flops = cfg.cluster_iters / (2 * cfg.block_size) * (1 + kv_heads / q_heads)
-    return dict(sparsity=cfg.sparsity, mass={label: float(np.mean(v)) for label, v in per_row.items()},
-                per_layer={label: v for label, v in per_row.items()}, cluster_ms=float(np.median(cluster_ms)),
+    summary = {label: {key: float(np.mean([r[key] for r in rows])) for key in ("mass", "p05", "density", "output_error")}
+               for label, rows in per_row.items()}
+    return dict(sparsity=cfg.sparsity, summary=summary, per_layer=per_row, cluster_ms=float(np.median(cluster_ms)),
                 cluster_flops=flops)
 
 
@@ -251,9 +254,10 @@ def write_table(results: dict, cfg: Config) -> str:
             "", f"## (b) Block spaces at {pct}% sparsity", "",
             f"Clustering (balanced k-means, {cfg.cluster_iters} Lloyd iterations, Q and K): {b['cluster_ms']:.1f} ms "
             f"per layer (median, {meta['device']}), {100 * b['cluster_flops']:.2f}% of dense attention's FLOPs.",
-            "", "| selection | oracle mass |", "|---|---|",
+            "", "| selection | oracle mass | query mass p5 | density | out err |", "|---|---|---|---|---|",
         ]
-        lines += [f"| {label} | {mass:.3f} |" for label, mass in b["mass"].items()]
+        lines += [f"| {label} | {r['mass']:.3f} | {r['p05']:.3f} | {r['density']:.3f} | {r['output_error']:.3f} |"
+                  for label, r in b["summary"].items()]
     if c is not None:
         lines += [
             "", f"## (c) Accuracy guard at {pct}% sparsity", "",
