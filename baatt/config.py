@@ -16,7 +16,7 @@ import typing
 from collections.abc import Hashable
 
 from baatt.attention_mask import BIDIRECTIONAL, AttentionMask
-from baatt.selector_registry import SELECTORS, SelectorParamError, get_selector
+from baatt.selector_registry import SELECTORS, SWITCHES, SelectorParamError, get_selector
 
 # Estimates of the dropped key blocks (BAConfig.tail): none, or one pooled key and value per block or group.
 TAIL_MODES = ("none", "pooled")
@@ -34,6 +34,16 @@ SELECTOR_KEYWORDS = {
 
 def _fail(field: str, rule: str, value) -> None:
     raise ValueError(f"BAConfig.{field} {rule}; got {value!r}")
+
+
+def check_switches(config: BAConfig, selector: str) -> None:
+    """Refuse a switch of ``SWITCHES`` (sorting, clustering, compensation) that ``selector`` would ignore."""
+    honoured = get_selector(selector).switches
+    for name in SWITCHES:
+        if getattr(config, name) is True and name not in honoured:
+            rule = ", ".join(n for n in SWITCHES if n in honoured) or "none of " + ", ".join(SWITCHES)
+            _fail(name, f"is not applied by selector {selector!r} (it applies {rule}): set it False or pick a "
+                  "selector that applies it", True)
 
 
 def _is_int(value) -> bool:
@@ -232,6 +242,7 @@ class BAConfig:
         self._check_cluster_and_guard()
         if not isinstance(self.selector, str) or self.selector not in SELECTORS:
             _fail("selector", f"must be one of {tuple(SELECTORS)}", self.selector)
+        check_switches(self, self.selector)
         self._check_selector_keywords()
         if self.selector_params is not None:
             self._check_selector_params()

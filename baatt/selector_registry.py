@@ -34,6 +34,9 @@ class Selector:
       query_positions: whether ``select`` also takes ``query_positions`` [B or 1, m] (int):
         the queries to estimate from (``baatt.attention(query_positions=...)``), for a
         selector that reads a subset of the queries (``last_query``).
+      switches: the ``BAConfig`` switches of ``SWITCHES`` it honours (it orders its blocks
+        by them, or its selection does not depend on them); ``BAConfig`` refuses the others
+        for this selector rather than let it ignore them.
     """
 
     name: str
@@ -41,6 +44,7 @@ class Selector:
     block_map: Callable
     params: type | None = None
     query_positions: bool = False
+    switches: frozenset[str] = frozenset()
 
 
 class SelectorParamError(ValueError):
@@ -55,6 +59,9 @@ class SelectorParamError(ValueError):
         super().__init__(f"{type(params).__name__}.{field} {rule}; got {self.value!r}")
 
 
+# BAConfig switches that change the block space or the scores, which a selector may not apply.
+SWITCHES = ("sort_q", "sort_k", "cluster_q", "cluster_k", "compensate")
+
 _REGISTERED: dict[str, Selector] = {}
 
 # Live and read-only: name -> Selector, in registration order.
@@ -62,14 +69,16 @@ SELECTORS: Mapping[str, Selector] = types.MappingProxyType(_REGISTERED)
 
 
 def register_selector(name: str, *, select: Callable, block_map: Callable, params: type | None = None,
-                      query_positions: bool = False) -> Selector:
+                      query_positions: bool = False, switches=()) -> Selector:
     """Add a selector under ``name`` and return its record.
 
     ``select`` and ``block_map`` take ``(q, k, config, *, key_mask)``; ``params`` is the
     frozen dataclass of the selector's parameters (its fields need defaults: with
     ``selector_params=None`` the selector runs on ``params()``). With
     ``query_positions=True``, ``select`` also takes ``query_positions=None`` (the queries to
-    estimate from; ``Selector.query_positions``). A name can be registered once.
+    estimate from; ``Selector.query_positions``). ``switches``: the names of ``SWITCHES`` that
+    ``select`` honours (default none: ``BAConfig`` refuses ``sort_q=True`` and the others for it).
+    A name can be registered once.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"selector name must be a non-empty str; got {name!r}")
@@ -82,7 +91,10 @@ def register_selector(name: str, *, select: Callable, block_map: Callable, param
         raise ValueError(f"params of selector {name!r} must be a dataclass type or None; got {params!r}")
     if not isinstance(query_positions, bool):
         raise ValueError(f"query_positions of selector {name!r} must be a bool; got {query_positions!r}")
-    _REGISTERED[name] = Selector(name, select, block_map, params, query_positions)
+    if isinstance(switches, str) or not set(switches) <= set(SWITCHES):
+        raise ValueError(f"switches of selector {name!r} must be a collection of names from {SWITCHES}; "
+                         f"got {switches!r}")
+    _REGISTERED[name] = Selector(name, select, block_map, params, query_positions, frozenset(switches))
     return _REGISTERED[name]
 
 

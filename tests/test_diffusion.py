@@ -362,8 +362,9 @@ def test_separate_budgets_for_prompt_and_generation_keys(model, monkeypatch):
         PromptGenParams(base="prompt_gen")
     with pytest.raises(ValueError, match="takes its budgets from PromptGenParams"):
         select_blocks(q, k, cfg.replace(sparsity=0.5))
-    with pytest.raises(ValueError, match="splits keys by position: BAConfig.sort_k must be False"):
-        select_blocks(q, k, cfg.replace(sort_k=True))
+    for switch in ("sort_k", "cluster_k"):
+        with pytest.raises(ValueError, match="splits keys by position: BAConfig.sort_k and cluster_k must be False"):
+            select_blocks(q, k, cfg.replace(**{switch: True}))
 
 
 def test_reference_logprob_scores_each_position_under_the_step_that_commits_it(model):

@@ -34,6 +34,7 @@ from baatt.selection import (
     select_blocks,
     select_from_scores,
 )
+from baatt.selection.estimator import sort_permutations
 from tests import bruteforce as bf
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -605,6 +606,50 @@ def test_pooled_query_matches_numpy(name, rule):
     assert compare_selection(sel, priority, want, config, q.shape[1], k.shape[1]) > 0
     jq, jk, jm = jnp_args(q, k, key_mask)
     np.testing.assert_allclose(np.asarray(block_map(jq, jk, config, key_mask=jm)), want, atol=2e-6, rtol=1e-4)
+
+
+def np_pooled_query_ordered(q, k, key_mask, bq, bk, q_perm, k_perm):
+    """``np_pooled_query`` in an ordered block space: query block ``a`` holds the queries at
+    ``q_perm[b, h, a*bq:(a+1)*bq]``, key block ``j`` the keys at ``k_perm[b, g, j*bk:(j+1)*bk]`` (bidirectional)."""
+    batch, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    valid = np_valid_keys(key_mask, batch, lk)
+    out = np.zeros((batch, hq, -(-lq // bq), -(-lk // bk)))
+    for b in range(batch):
+        for h, g in enumerate(bf.heads_of(hq, hkv)):
+            kh = k[b, :, g].astype(np.float64)
+            for a in range(out.shape[2]):
+                qmean = q[b, q_perm[b, h, a * bq: (a + 1) * bq], h].astype(np.float64).mean(0)
+                p = np_softmax_rows(qmean[None], kh, valid[b], 1 / math.sqrt(d))[0]
+                out[b, h, a] = [p[k_perm[b, g, j * bk: (j + 1) * bk]].sum() for j in range(out.shape[3])]
+    return out
+
+
+@pytest.mark.parametrize("name,order", [("gqa_holes", "cluster"), ("mha_pad", "sort"), ("cross_ragged", "cluster"),
+                                        ("gqa_holes", "sort_k")])
+def test_pooled_query_in_an_ordered_block_space_matches_numpy(name, order):
+    """With sort_* or cluster_* the estimate runs over the ordered blocks (the same permutations as the oracle's
+    and BA-Att's), and the selection carries them."""
+    q, k, key_mask, bq, bk = problem(name)
+    switches = dict(sort=dict(sort_q=True, sort_k=True), sort_k=dict(sort_k=True),
+                    cluster=dict(cluster_q=True, cluster_k=True, cluster_iters=2))[order]
+    config = baatt.BAConfig(block_size=bq, block_size_k=bk, selector="pooled_query", sparsity=0.5, **switches)
+    jq, jk, jm = jnp_args(q, k, key_mask)
+    log_mass, sel = _pooled_query(jq, jk, jm, config)
+    q_perm, k_perm = (None if x is None else np.asarray(x) for x in sort_permutations(jq, jk, config, jm))
+    assert (sel.q_perm is None) == (q_perm is None) and sel.k_perm is not None
+    if q_perm is not None:
+        np.testing.assert_array_equal(np.asarray(sel.q_perm), q_perm)
+    np.testing.assert_array_equal(np.asarray(sel.k_perm), k_perm)
+    if q_perm is None:
+        q_perm = np.broadcast_to(np.arange(q.shape[1]), (q.shape[0], q.shape[2], q.shape[1]))
+    want = np_pooled_query_ordered(q, k, key_mask, bq, bk, q_perm, k_perm)
+    np.testing.assert_allclose(np.exp(np.asarray(log_mass)), want, atol=2e-6, rtol=1e-4)
+    positional = np_pooled_query(q, k, key_mask, bq, bk)
+    assert np.abs(want - positional).max() > 1e-3  # the order changes the estimate: a test that can fail
+    with np.errstate(divide="ignore"):
+        priority = np.log(want)
+    assert compare_selection(sel, priority, want, config, q.shape[1], k.shape[1]) > 0
 
 
 @pytest.mark.parametrize("stride,per_proxy,name,rule", [

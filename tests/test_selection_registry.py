@@ -3,12 +3,14 @@ built-in one does, its parameters reach it, and an unknown name is refused with 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import baatt
 from baatt.selection import XAttentionParams, block_map, register_selector, select_blocks
+from baatt.selector_registry import SWITCHES
 from tests import bruteforce as bf
 from tests import toy_selector
 
@@ -102,3 +104,40 @@ def test_register_refuses_a_taken_name_and_bad_arguments():
     with pytest.raises(ValueError, match="block_map of selector 'loose' must be callable"):
         register_selector("loose", select=toy_selector.select, block_map=None)
     assert "loose" not in baatt.SELECTORS
+
+
+def test_every_switch_is_applied_or_refused_never_ignored():
+    """Sorting, clustering and compensation: a selector that honours one orders its blocks by it (the selection
+    carries the permutation) or selects the same either way; any other selector is refused by name, in
+    BAConfig and in a select_blocks / block_map override, and a user's selector declares what it honours."""
+    q, k, v = _qkv(length=128)
+    for name, selector in baatt.SELECTORS.items():
+        for switch in SWITCHES:
+            changes = {switch: True, **(dict(cluster_iters=1) if switch.startswith("cluster") else {})}
+            if switch not in selector.switches:
+                rule = rf"BAConfig\.{switch} is not applied by selector '{name}'"
+                with pytest.raises(ValueError, match=rule):
+                    baatt.BAConfig(block_size=16, sparsity=0.5, selector=name, **changes)
+                with pytest.raises(ValueError, match=rule):
+                    select_blocks(q, k, baatt.BAConfig(block_size=16, sparsity=0.5, **changes), selector=name)
+                with pytest.raises(ValueError, match=rule):
+                    block_map(q, k, baatt.BAConfig(block_size=16, **changes), selector=name)
+                continue
+            if name in ("dense", "prompt_gen") or switch == "compensate":
+                continue  # checked below (dense) and in test_diffusion (prompt_gen); compensation keeps positions
+            sel = select_blocks(q, k, baatt.BAConfig(block_size=16, sparsity=0.5, selector=name, **changes))
+            ordered = sel.q_perm if switch.endswith("_q") else sel.k_perm
+            assert ordered is not None, (name, switch)
+    assert baatt.SELECTORS["every_other"].switches == frozenset()  # the toy declares none
+    assert {n for n, s in baatt.SELECTORS.items() if "cluster_q" in s.switches} >= {
+        "baatt", "meanpool", "oracle", "max_oracle", "pooled_query"}
+    # Every block kept: dense attention in any order.
+    dense = jnp.asarray(jax.nn.dot_product_attention(q, k, v))
+    for changes in (dict(sort_q=True, sort_k=True), dict(cluster_q=True, cluster_k=True), dict(compensate=True)):
+        out = baatt.attention(q, k, v, config=baatt.BAConfig(block_size=16, selector="dense", **changes))
+        np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="switches of selector 'loose' must be a collection of names from"):
+        register_selector("loose", select=toy_selector.select, block_map=toy_selector.block_map, switches="sort_q")
+    with pytest.raises(ValueError, match="switches of selector 'loose' must be a collection of names from"):
+        register_selector("loose", select=toy_selector.select, block_map=toy_selector.block_map,
+                          switches=("sort_v",))

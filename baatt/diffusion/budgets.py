@@ -63,7 +63,7 @@ def _base_config(config: BAConfig, params: PromptGenParams, **changes) -> BAConf
 def _check_config(config: BAConfig) -> None:
     rules = [(config.sparsity is not None or config.tau is not None or config.peak_margin is not None,
               "takes its budgets from PromptGenParams: BAConfig.sparsity, tau and peak_margin must be None"),
-             (config.sort_k, "splits keys by position: BAConfig.sort_k must be False"),
+             (config.sort_k or config.cluster_k, "splits keys by position: BAConfig.sort_k and cluster_k must be False"),
              (config.local_window > 0, "selects each region as a sequence of its own: BAConfig.local_window must be 0"),
              (not config.mask.is_bidirectional, f"needs a bidirectional mask; got {config.mask.describe()}")]
     for broken, rule in rules:
@@ -127,4 +127,7 @@ def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     return get_selector(params.base).block_map(q, k, _base_config(config, params), key_mask=key_mask)
 
 
-register_selector(NAME, select=select, block_map=block_map, params=PromptGenParams, query_positions=True)
+# The base selector runs on config.replace(selector=base): BAConfig checks the switches against it there
+# (sort_k and cluster_k are refused above: the regions split the keys by position).
+register_selector(NAME, select=select, block_map=block_map, params=PromptGenParams, query_positions=True,
+                  switches=("sort_q", "sort_k", "cluster_q", "cluster_k", "compensate"))

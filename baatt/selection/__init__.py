@@ -21,7 +21,7 @@ import jax
 
 from baatt import layout
 from baatt.attention_mask import with_is_causal
-from baatt.config import BAConfig
+from baatt.config import BAConfig, check_switches
 from baatt.selection.budget import forced_blocks, select_from_scores
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import SELECTORS, Selector, SelectorParamError, get_selector, register_selector
@@ -45,6 +45,7 @@ from baatt.selection.xattention import XAttentionParams
 def _selector_name(config: BAConfig, selector: str | None) -> str:
     name = config.selector if selector is None else selector
     get_selector(name)  # an unknown name raises here, naming the registered ones
+    check_switches(config, name)  # BAConfig checked its own selector; an override is checked here
     return name
 
 

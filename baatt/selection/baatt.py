@@ -21,4 +21,5 @@ def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     return jax.nn.softmax(estimate(q, k, config, key_mask=key_mask).scores, axis=-1)
 
 
-register_selector("baatt", select=select, block_map=block_map)
+register_selector("baatt", select=select, block_map=block_map,
+                  switches=("sort_q", "sort_k", "cluster_q", "cluster_k", "compensate"))

@@ -18,4 +18,6 @@ def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
     return finish(mask_empty(scores, kcount), q, k, dense)
 
 
-register_selector("dense", select=select, block_map=uniform_block_map)
+# Every block kept: the same attention in any block order, with or without a compensated estimate.
+register_selector("dense", select=select, block_map=uniform_block_map,
+                  switches=("sort_q", "sort_k", "cluster_q", "cluster_k", "compensate"))

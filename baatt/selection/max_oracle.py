@@ -81,4 +81,6 @@ def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     return jax.nn.softmax(block_scores(q, k, config, key_mask=key_mask), axis=-1)
 
 
-register_selector("max_oracle", select=select, block_map=block_map, params=None)
+# Compensation corrects an estimate; the max-oracle has none, so its selection is the same either way.
+register_selector("max_oracle", select=select, block_map=block_map, params=None,
+                  switches=("sort_q", "sort_k", "cluster_q", "cluster_k", "compensate"))

@@ -28,4 +28,4 @@ def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     return _baatt.block_map(q, k, _plain(config), key_mask=key_mask)
 
 
-register_selector("meanpool", select=select, block_map=block_map)
+register_selector("meanpool", select=select, block_map=block_map, switches=("cluster_q", "cluster_k"))

@@ -40,7 +40,7 @@ whole: a group the mask cuts (on the diagonal of a causal mask) is left to the p
 query group that sees no whole key group drops out of its block's average. No statistic of a
 future key enters either estimate.
 
-Blocks are positional (``sort_q`` / ``sort_k`` do not apply); ``group`` must divide both
+Blocks are positional (``BAConfig`` refuses sorting, clustering and compensation for it); ``group`` must divide both
 block sizes and ``probes`` may not exceed ``block_q``. GQA: query head ``h`` uses kv head
 ``h // (Hq // Hkv)``.
 

@@ -55,4 +55,6 @@ def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
                                key_mask=key_mask, q_perm=q_perm, k_perm=k_perm, mask=config.mask)
 
 
-register_selector("oracle", select=select, block_map=block_map)
+# Compensation corrects an estimate; the oracle has none, so its selection is the same either way.
+register_selector("oracle", select=select, block_map=block_map,
+                  switches=("sort_q", "sort_k", "cluster_q", "cluster_k", "compensate"))

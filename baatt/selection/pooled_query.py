@@ -26,8 +26,10 @@ prefix of it). Every off-diagonal block the mask allows is seen whole by all of 
 queries, and the diagonal block of a causal mask is always kept, so the ranking of the other
 blocks does not depend on this choice; no key past the block's last query enters a score.
 
-Blocks are positional (``sort_q`` / ``sort_k`` do not apply). GQA: query head ``h`` uses kv
-head ``h // (Hq // Hkv)``. No parameters.
+Blocks are positional, or ordered by ``sort_q`` / ``sort_k`` (norms) or ``cluster_q`` / ``cluster_k``
+(balanced k-means on directions): ``Qbar[a]`` is then the mean of query block ``a`` of that order and
+``P[a, b]`` sums over key block ``b`` of that order; the selection carries the permutations. GQA: query
+head ``h`` uses kv head ``h // (Hq // Hkv)``. No parameters.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import jax.numpy as jnp
 from baatt import layout, platform
 from baatt.config import BAConfig
 from baatt.kernels.pallas_triton import row_block_lse
-from baatt.selection.common import finish, positional_space
+from baatt.selection.common import finish
+from baatt.selection.estimator import sort_permutations
 from baatt.selection.query_token import HIGHEST, key_limits, map_query_blocks, masked_keys
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import register_selector
@@ -90,11 +93,19 @@ def use_kernel(space: layout.BlockSpace) -> bool:
 def log_mass(q, k, config: BAConfig, *, key_mask=None, kernel: bool | None = None,
              interpret: bool = False) -> jax.Array:
     """``log P`` [B, Hq, Nq, Nk] float32, rows summing to 1 in linear space (``-inf`` for key blocks
-    without a visible valid key, and for every block of a batch row whose keys are all masked).
+    without a visible valid key, and for every block of a batch row whose keys are all masked), in the
+    block space of ``config`` (positional, sorted or clustered).
 
     kernel: None picks the Pallas kernel on a GPU where it applies (``use_kernel``), the XLA path
     elsewhere; True / False force one (``interpret=True`` runs the kernel in interpret mode)."""
-    space = positional_space(q, k, config, key_mask)
+    return _log_mass(q, k, config, key_mask, kernel, interpret)[0]
+
+
+def _log_mass(q, k, config: BAConfig, key_mask, kernel, interpret):
+    """(``log P``, q_perm, k_perm): ``log_mass`` with the permutations of its block space."""
+    q_perm, k_perm = sort_permutations(q, k, config, key_mask)
+    space = layout.to_block_space(q, k, None, block_q=config.block_q, block_k=config.block_k, key_mask=key_mask,
+                                  q_perm=q_perm, k_perm=k_perm, mask=config.mask)
     rows, limits = pooled_rows(space)
     if use_kernel(space) if kernel is None else kernel:
         # The rows go to the tensor cores in the keys' dtype (a mean of bf16 queries rounded once to bf16).
@@ -104,12 +115,13 @@ def log_mass(q, k, config: BAConfig, *, key_mask=None, kernel: bool | None = Non
     else:
         blse = block_logsumexp_xla(rows, space, limits)
     lse = jax.nn.logsumexp(blse, axis=-1, keepdims=True)
-    return jnp.where(lse == -jnp.inf, -jnp.inf, blse - lse)  # NaN (or Inf) in q or a seen key stays visible
+    # NaN (or Inf) in q or a seen key stays visible.
+    return jnp.where(lse == -jnp.inf, -jnp.inf, blse - lse), q_perm, k_perm
 
 
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
-    scores = log_mass(q, k, config, key_mask=key_mask)
-    return finish(scores, q, k, config, probs=jnp.exp(scores))
+    scores, q_perm, k_perm = _log_mass(q, k, config, key_mask, None, False)
+    return finish(scores, q, k, config, q_perm=q_perm, k_perm=k_perm, probs=jnp.exp(scores))
 
 
 def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
@@ -117,4 +129,5 @@ def block_map(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     return jnp.exp(log_mass(q, k, config, key_mask=key_mask))
 
 
-register_selector("pooled_query", select=select, block_map=block_map)
+register_selector("pooled_query", select=select, block_map=block_map,
+                  switches=("sort_q", "sort_k", "cluster_q", "cluster_k"))
