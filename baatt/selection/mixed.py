@@ -40,9 +40,9 @@ whole: a group the mask cuts (on the diagonal of a causal mask) is left to the p
 query group that sees no whole key group drops out of its block's average. No statistic of a
 future key enters either estimate.
 
-Blocks are positional (``BAConfig`` refuses sorting, clustering and compensation for it); ``group`` must divide both
-block sizes and ``probes`` may not exceed ``block_q``. GQA: query head ``h`` uses kv head
-``h // (Hq // Hkv)``.
+Blocks are positional (``BAConfig`` refuses sorting, clustering and compensation for it);
+``group`` must divide both block sizes and ``probes`` may not exceed ``block_q``. GQA: query
+head ``h`` uses kv head ``h // (Hq // Hkv)``.
 
 Parameters: ``MixedParams`` (``BAConfig(selector="mixed", selector_params=MixedParams(...))``).
 """

@@ -20,8 +20,9 @@ here every head goes through the shared budget step (``common.finish``: sparsity
 peak rule, forced blocks) so that selectors compare at equal budgets. A max over keys does not
 grow with a block's size, so there is no count term (``count_correction`` does not apply).
 Under a causal or block-causal ``BAConfig.mask`` each strided query's softmax runs over the keys
-it may see. Blocks are positional (``BAConfig`` refuses sorting, clustering and compensation for it); ``stride`` must divide
-``block_q`` and ``kv_heads_per_proxy`` must divide the number of kv heads.
+it may see. Blocks are positional (``BAConfig`` refuses sorting, clustering and compensation
+for it); ``stride`` must divide ``block_q`` and ``kv_heads_per_proxy`` must divide the number
+of kv heads.
 
 Cost, as a fraction of dense attention's ``4 * Lq * Lk * d`` FLOPs per query head: each proxy
 takes ``2 * (Lq / stride) * Lk * d`` and serves ``kv_heads_per_proxy * G`` query heads

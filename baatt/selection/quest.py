@@ -22,7 +22,8 @@ blocks). Quest adds no count term (its pages are full); blocks here may be ragge
 Under a causal or block-causal ``BAConfig.mask`` a token's bound covers only the keys it may
 see: blocks wholly past its limit get ``-inf``, and the block the limit cuts uses the running
 extremes and count of the token's visible keys in it. Blocks are positional (``BAConfig``
-refuses sorting, clustering and compensation for it). GQA: query head ``h`` uses kv head ``h // (Hq // Hkv)``.
+refuses sorting, clustering and compensation for it). GQA: query head ``h`` uses kv head
+``h // (Hq // Hkv)``.
 
 Cost, as a fraction of dense attention's ``4 * Lq * Lk * d`` FLOPs: two products per query
 token and key block, ``4 * Lq * Nk * d``, i.e. ``1 / block_k`` (0.78% at block_k = 128,
