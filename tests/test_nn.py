@@ -104,6 +104,8 @@ def test_compensation_first_and_last_is_one_setting():
         per_layer.layer_config(0, 3)
     with pytest.raises(ValueError, match="compensate_layers entries must be"):
         AttentionPlan.ba(BAConfig(), compensate_layers=("middle",))
+    with pytest.raises(ValueError, match="compensate_layers needs a selector that applies compensation; 'xattention' does not"):
+        AttentionPlan.ba(BAConfig(sparsity=0.5, selector="xattention"), compensate_layers=("first",))
     with pytest.raises(ValueError, match="kind must be 'dense' or 'ba'"):
         AttentionPlan(kind="sparse")
 

@@ -35,6 +35,7 @@ from baatt.attention_mask import CAUSAL, AttentionMask
 from baatt.config import BAConfig
 from baatt.nn.config import CAUSALITIES
 from baatt.selection.calibrate import Budgets
+from baatt.selector_registry import get_selector
 from baatt.validation import is_concrete, nan_where
 
 
@@ -114,6 +115,9 @@ class AttentionPlan:
             for x in self.compensate_layers:
                 if x not in ("first", "last") and not (isinstance(x, int) and not isinstance(x, bool)):
                     raise ValueError(f"AttentionPlan.compensate_layers entries must be 'first', 'last' or ints; got {x!r}")
+            if self.config is not None and "compensate" not in get_selector(self.config.selector).switches:
+                raise ValueError(f"AttentionPlan.compensate_layers needs a selector that applies compensation; "
+                                 f"{self.config.selector!r} does not")
         if self.budgets is not None and not isinstance(self.budgets, Budgets):
             raise ValueError(f"AttentionPlan.budgets must be a baatt.selection.calibrate.Budgets or None; "
                              f"got {type(self.budgets).__name__}")
