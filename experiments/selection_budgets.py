@@ -157,9 +157,25 @@ def part_a(cfg: Config, arrays, layers, row) -> dict:
                 calibration_density=budgets.density, summary=summary, per_layer=per_layer), budgets
 
 
+def value_spread(v, order, block: int) -> np.ndarray:
+    """Per kv head, the share of V's variance that lies between key blocks when the keys are taken in
+    ``order`` [Hkv, L] and cut into blocks of ``block`` (the last one may be short): v [L, Hkv, D].
+
+    Dropping a key block removes its mean value; where blocks differ in value (a high share), a
+    selection that drops whole blocks shifts the output more than one that drops a mix."""
+    v = np.asarray(v, np.float64)
+    shares = []
+    for h in range(v.shape[1]):
+        vh = v[np.asarray(order[h]), h]
+        centred = vh - vh.mean(0)
+        between = sum(len(c) * np.sum(c.mean(0) ** 2) for c in np.split(centred, range(block, len(vh), block)))
+        shares.append(between / np.sum(centred ** 2))
+    return np.asarray(shares)
+
+
 def part_b(cfg: Config, arrays, layers, row) -> dict:
     per_row = {label: [] for label in SPACE_ROWS}
-    cluster_ms = []
+    cluster_ms, spread = [], []
     for layer in tqdm(layers, desc="(b) spaces", unit="layer", file=sys.stdout):
         q, k, v = (jnp.asarray(arrays[layer][name][row: row + 1]) for name in ("q", "k", "v"))
         dense = jax.nn.dot_product_attention(q, k, v)
@@ -168,6 +184,10 @@ def part_b(cfg: Config, arrays, layers, row) -> dict:
                                     cluster_iters=cfg.cluster_iters, **changes)
             sel = baatt.select_blocks(q, k, config)
             per_row[label].append(dict(layer=layer, **judge(q, k, v, sel, dense, implementation=cfg.implementation)))
+            if label == "oracle, clustered":
+                positional = np.broadcast_to(np.arange(k.shape[1]), (k.shape[2], k.shape[1]))
+                spread.append(dict(layer=layer, **{name: value_spread(v[0], order, cfg.block_size).tolist() for name, order
+                                                   in (("positional", positional), ("clustered", sel.k_perm[0]))}))
         cluster = jax.jit(lambda q, k: (balanced_kmeans(q, cfg.block_size, iters=cfg.cluster_iters),
                                         balanced_kmeans(k, cfg.block_size, iters=cfg.cluster_iters)))
         cluster_ms.append(1e3 * harness.median_time(lambda: cluster(q, k), target_s=0.5, min_reps=3))
@@ -178,7 +198,7 @@ def part_b(cfg: Config, arrays, layers, row) -> dict:
     summary = {label: {key: float(np.mean([r[key] for r in rows])) for key in ("mass", "p05", "density", "output_error")}
                for label, rows in per_row.items()}
     return dict(sparsity=cfg.sparsity, summary=summary, per_layer=per_row, cluster_ms=float(np.median(cluster_ms)),
-                cluster_flops=flops)
+                cluster_flops=flops, value_spread=spread)
 
 
 def part_c(cfg: Config, arrays, layers, row) -> dict:
@@ -258,6 +278,10 @@ def write_table(results: dict, cfg: Config) -> str:
         ]
         lines += [f"| {label} | {r['mass']:.3f} | {r['p05']:.3f} | {r['density']:.3f} | {r['output_error']:.3f} |"
                   for label, r in b["summary"].items()]
+        lines += ["", "Share of V's variance between key blocks (per kv head; high: dropping a block shifts the output "
+                  "more), positional / clustered:", ""]
+        lines += [f"- layer {r['layer']}: " + ", ".join(f"{p:.3f} / {c:.3f}" for p, c in zip(r["positional"], r["clustered"]))
+                  for r in b["value_spread"]]
     if c is not None:
         lines += [
             "", f"## (c) Accuracy guard at {pct}% sparsity", "",

@@ -273,3 +273,15 @@ def test_block_space_part_judges_every_space_like_a_brute_force():
         for estimator in ("meanpool", "pooled_query"):
             assert summary[f"oracle, {space}"]["mass"] >= summary[f"{estimator}, {space}"]["mass"] - 1e-6
     assert result["cluster_flops"] == pytest.approx(2 / (2 * BLOCK) * (1 + 2 / 4))
+    # The value spread: between-block share of V's variance, against a direct NumPy sum over blocks.
+    clustered = baatt.select_blocks(q, k, baatt.BAConfig(block_size=BLOCK, sparsity=0.75, cluster_iters=2,
+                                                         **selection_budgets.SPACE_ROWS["oracle, clustered"]))
+    (spread,) = result["value_spread"]
+    for name, order in (("positional", np.tile(np.arange(128), (2, 1))), ("clustered", np.asarray(clustered.k_perm[0]))):
+        for h in range(2):
+            vh = np.asarray(v, np.float64)[0, order[h], h]
+            blocks = vh.reshape(128 // BLOCK, BLOCK, -1)
+            want = BLOCK * np.sum((blocks.mean(1) - vh.mean(0)) ** 2) / np.sum((vh - vh.mean(0)) ** 2)
+            assert spread[name][h] == pytest.approx(want, rel=1e-9), (name, h)
+    assert selection_budgets.value_spread(np.repeat(np.eye(2)[:, None], 64, axis=0).reshape(128, 1, 2),
+                                          np.arange(128)[None], 64)[0] == pytest.approx(1.0)  # two constant halves
