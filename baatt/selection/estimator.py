@@ -152,6 +152,15 @@ def sort_permutations(q, k, config: BAConfig, key_mask=None):
     return q_perm, k_perm
 
 
+def ordered_space(q, k, config: BAConfig, key_mask=None) -> tuple[layout.BlockSpace, jax.Array | None, jax.Array | None]:
+    """(space, q_perm, k_perm): Q and K in the block space of ``config`` (positional, norm-sorted or
+    clustered, under its mask) and the permutations a selection made there carries."""
+    q_perm, k_perm = sort_permutations(q, k, config, key_mask)
+    space = layout.to_block_space(q, k, None, block_q=config.block_q, block_k=config.block_k, key_mask=key_mask,
+                                  q_perm=q_perm, k_perm=k_perm, mask=config.mask)
+    return space, q_perm, k_perm
+
+
 def pooled_scores(q_stats: BlockStats, k_stats: BlockStats, config: BAConfig, head_dim: int) -> jax.Array:
     """Block logits from pooled statistics, [B, Hq, Nq, Nk].
 

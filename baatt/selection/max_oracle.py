@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from baatt import layout
 from baatt.config import BAConfig
 from baatt.selection.common import finish
-from baatt.selection.estimator import sort_permutations
+from baatt.selection.estimator import ordered_space
 from baatt.selection.query_token import key_limits, map_query_blocks, masked_keys, query_blocks, visible_keys
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import register_selector
@@ -56,21 +56,14 @@ def log_max_mass(space: layout.BlockSpace, scale: float) -> jax.Array:
     return map_query_blocks(one_block, query_blocks(space), elements_per_block=per_block)
 
 
-def _space(q, k, config: BAConfig, key_mask):
-    q_perm, k_perm = sort_permutations(q, k, config, key_mask)
-    space = layout.to_block_space(q, k, None, block_q=config.block_q, block_k=config.block_k,
-                                  key_mask=key_mask, q_perm=q_perm, k_perm=k_perm, mask=config.mask)
-    return space, q_perm, k_perm
-
-
 def block_scores(q, k, config: BAConfig, *, key_mask=None) -> jax.Array:
     """``log M_max`` [B, Hq, Nq, Nk] in the (sorted) block space of the selection."""
-    space, _, _ = _space(q, k, config, key_mask)
+    space, _, _ = ordered_space(q, k, config, key_mask)
     return log_max_mass(space, 1.0 / math.sqrt(q.shape[-1]))
 
 
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
-    space, q_perm, k_perm = _space(q, k, config, key_mask)
+    space, q_perm, k_perm = ordered_space(q, k, config, key_mask)
     scores = log_max_mass(space, 1.0 / math.sqrt(q.shape[-1]))
     # softmax(log M_max), the budget step's default mass, is M_max with each row normalised.
     return finish(scores, q, k, config, q_perm=q_perm, k_perm=k_perm)

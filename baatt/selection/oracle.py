@@ -19,7 +19,7 @@ from baatt.config import BAConfig
 from baatt.kernels.pallas_triton import oracle as oracle_kernel
 from baatt.reference.downsample import post_downsample_blocked, post_downsample_map
 from baatt.selection.common import finish, key_block_counts, mask_empty, mask_hidden
-from baatt.selection.estimator import sort_permutations
+from baatt.selection.estimator import ordered_space, sort_permutations
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import register_selector
 
@@ -37,11 +37,7 @@ def oracle_map(space: layout.BlockSpace, scale: float, *, kernel: bool | None = 
 
 
 def select(q, k, config: BAConfig, *, key_mask=None) -> BlockSelection:
-    q_perm, k_perm = sort_permutations(q, k, config, key_mask)
-    space = layout.to_block_space(
-        q, k, None, block_q=config.block_q, block_k=config.block_k,
-        key_mask=key_mask, q_perm=q_perm, k_perm=k_perm, mask=config.mask,
-    )
+    space, q_perm, k_perm = ordered_space(q, k, config, key_mask)
     m_hat = oracle_map(space, 1.0 / math.sqrt(q.shape[-1]))
     kcount = key_block_counts(space.kv_valid, config.block_k, q.shape[2])
     scores = mask_hidden(mask_empty(jnp.log(jnp.maximum(m_hat, 1e-38)), kcount), q, k, config)

@@ -43,7 +43,7 @@ from baatt import layout, platform
 from baatt.config import BAConfig
 from baatt.kernels.pallas_triton import row_block_lse
 from baatt.selection.common import finish
-from baatt.selection.estimator import sort_permutations
+from baatt.selection.estimator import ordered_space
 from baatt.selection.query_token import HIGHEST, key_limits, map_query_blocks, masked_keys
 from baatt.selection.types import BlockSelection
 from baatt.selector_registry import register_selector
@@ -103,9 +103,7 @@ def log_mass(q, k, config: BAConfig, *, key_mask=None, kernel: bool | None = Non
 
 def _log_mass(q, k, config: BAConfig, key_mask, kernel, interpret):
     """(``log P``, q_perm, k_perm): ``log_mass`` with the permutations of its block space."""
-    q_perm, k_perm = sort_permutations(q, k, config, key_mask)
-    space = layout.to_block_space(q, k, None, block_q=config.block_q, block_k=config.block_k, key_mask=key_mask,
-                                  q_perm=q_perm, k_perm=k_perm, mask=config.mask)
+    space, q_perm, k_perm = ordered_space(q, k, config, key_mask)
     rows, limits = pooled_rows(space)
     if use_kernel(space) if kernel is None else kernel:
         # The rows go to the tensor cores in the keys' dtype (a mean of bf16 queries rounded once to bf16).
